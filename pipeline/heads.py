@@ -1,0 +1,227 @@
+"""Stage 2: heads over cached vectors. Poolings, the head modules, and the training loop.
+
+The training loop is plain code over whole-split tensors already on the device: no DataLoader, no
+per-sample Python, and validation every epoch is one matrix product.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+
+# Defaults, visible in one place.
+HEADS = ("linear", "mlp")
+EPOCHS = 200
+LR = 1e-3
+WEIGHT_DECAY = 0.01
+BATCH_SIZE = 256
+PATIENCE = 30
+HIDDEN = 256
+DROPOUT = 0.1
+SEED = 0
+VAL_FRACTION = 0.1  # held out of train when the cache has no labelled validation split
+
+_TERM = re.compile(r"^(cls|mean)(?:_(\d+)|-(avg|cat)(\d+))?$")
+
+
+# -- poolings -------------------------------------------------------------------------------------
+
+def pooling_features(spec: str, layers: list[int]) -> list[str]:
+    """Cached feature names a pooling spec reads, given the cached layer indices.
+
+    Grammar: terms joined by `+` (concatenated). A term is `cls` or `mean` (last layer), `cls_9` (a
+    given layer), or `mean-avg4` / `cls-cat2` (average or concatenation over the last k layers).
+    """
+    names = []
+    for term in _terms(spec):
+        names.extend(n for n in _term_features(term, layers) if n not in names)
+    return names
+
+
+def _terms(spec: str) -> list[str]:
+    terms = [t.strip() for t in str(spec).split("+")]
+    for t in terms:
+        if not _TERM.match(t):
+            raise UserError(f"unknown --pooling {spec!r}: use cls, mean, cls_<layer>, mean-avg<k>, mean-cat<k>, "
+                            "or terms joined with + (e.g. cls+mean)")
+    return terms
+
+
+def _feature_name(pool: str, layer: int, last: int) -> str:
+    return pool if layer == last else f"{pool}_{layer}"
+
+
+def _term_features(term: str, layers: list[int]) -> list[str]:
+    pool, layer, _, k = _TERM.match(term).groups()
+    last = max(layers)
+    if layer is not None:
+        if int(layer) not in layers:
+            raise UserError(f"pooling {term!r} needs layer {layer}, but the cache holds layers {layers}; "
+                            "extract with more --layers")
+        return [_feature_name(pool, int(layer), last)]
+    k = int(k or 1)
+    if k < 1 or k > len(layers):
+        raise UserError(f"pooling {term!r} needs the last {k} layers, but the cache holds {len(layers)}; "
+                        f"extract with --layers {k}")
+    return [_feature_name(pool, last - i, last) for i in range(k)]
+
+
+def build_features(arrays: dict[str, np.ndarray], spec: str, layers: list[int]) -> np.ndarray:
+    """The head's input matrix for a pooling spec, from cached (or freshly encoded) features."""
+    parts = []
+    for term in _terms(spec):
+        names = _term_features(term, layers)
+        mode = _TERM.match(term).group(3)
+        if mode == "avg":
+            parts.append(np.mean([arrays[n] for n in names], axis=0))
+        else:
+            parts.extend(arrays[n] for n in names)
+    return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+
+
+# -- heads ----------------------------------------------------------------------------------------
+
+class Head(nn.Module):
+    """Standardize with train statistics, then a linear layer or a one-hidden-layer MLP."""
+
+    def __init__(self, in_features: int, num_classes: int, kind: str = "linear", hidden: int = HIDDEN,
+                 dropout: float = DROPOUT):
+        super().__init__()
+        if kind not in HEADS:
+            raise UserError(f"unknown --head {kind!r}; use one of {', '.join(HEADS)}")
+        self.kind, self.in_features, self.num_classes, self.hidden = kind, in_features, num_classes, hidden
+        self.register_buffer("shift", torch.zeros(in_features))
+        self.register_buffer("scale", torch.ones(in_features))
+        if kind == "linear":
+            self.net = nn.Linear(in_features, num_classes)
+        else:
+            self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(hidden, num_classes))
+
+    def shape(self) -> dict:
+        return {"type": self.kind, "in_features": self.in_features, "num_classes": self.num_classes,
+                "hidden": self.hidden if self.kind == "mlp" else None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.shift) * self.scale)
+
+    @torch.no_grad()
+    def predict_proba(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        self.eval()
+        x = torch.as_tensor(x, dtype=torch.float32, device=self.shift.device)
+        return torch.softmax(self(x), dim=-1).cpu().numpy()
+
+
+# -- training -------------------------------------------------------------------------------------
+
+@dataclass
+class FitResult:
+    head: Head  # carries the best weights
+    best_state: dict
+    last_state: dict
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def class_weight_vector(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """'balanced' weights: n / (k * count), 0 for a class absent from train."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, len(y) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return w.astype(np.float32)
+
+
+def holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded train / validation index split of one labelled array."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def fit(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, num_classes: int, *,
+        head: str = "linear", hidden: int = HIDDEN, dropout: float = DROPOUT, epochs: int = EPOCHS,
+        lr: float = LR, weight_decay: float = WEIGHT_DECAY, batch_size: int = BATCH_SIZE, seed: int = SEED,
+        patience: int | None = PATIENCE, label_smoothing: float = 0.0, class_weights: np.ndarray | None = None,
+        device: str | torch.device = "cpu", log=None, log_every: int = 10) -> FitResult:
+    """Train a head with AdamW + cross-entropy; keep the best (validation accuracy, then loss) and last weights."""
+    if len(X) == 0:
+        raise UserError("the train split has no labelled rows to train on")
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise UserError("--epochs, --batch-size and --lr must be positive")
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    Xt = torch.as_tensor(X, dtype=torch.float32, device=device)
+    yt = torch.as_tensor(y, dtype=torch.long, device=device)
+    Xv = torch.as_tensor(X_val, dtype=torch.float32, device=device)
+    yv = torch.as_tensor(y_val, dtype=torch.long, device=device)
+    model = Head(X.shape[1], num_classes, head, hidden, dropout)
+    mean, std = X.mean(0), X.std(0)
+    model.shift.copy_(torch.from_numpy(mean))
+    model.scale.copy_(torch.from_numpy(1.0 / np.where(std > 1e-6, std, 1.0)).float())
+    model.to(device)
+    weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    val_loss_fn = nn.CrossEntropyLoss(weight=weight)
+    opt = _adamw(model.parameters(), lr, weight_decay)
+    n, history = len(Xt), []
+    best_key, best_state, best_epoch, since_best = None, None, 0, 0
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            logits = model(Xt[idx])
+            loss = loss_fn(logits, yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == yt[idx]).sum()
+        model.eval()
+        with torch.no_grad():
+            vlogits = model(Xv)
+            val_loss = val_loss_fn(vlogits, yv).item() if len(yv) else float("nan")
+            val_acc = (vlogits.argmax(1) == yv).float().mean().item() if len(yv) else float("nan")
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
+               "val_loss": val_loss, "val_acc": val_acc}
+        history.append(row)
+        key = (val_acc, -val_loss) if len(yv) else (epoch, 0.0)  # no validation: the last is the best
+        if best_key is None or key > best_key:
+            best_key = key
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_epoch, since_best = epoch, 0
+        else:
+            since_best += 1
+        if log and (epoch % log_every == 0 or epoch == 1):
+            log(f"epoch {epoch:4d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                f"val loss {val_loss:.4f} acc {val_acc:.4f}")
+        if patience and len(yv) and since_best >= patience:
+            break
+    seconds = time.perf_counter() - t0
+    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(model, best_state, last_state, history, best_epoch, seconds)
+
+
+def _adamw(params, lr, weight_decay):
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # fused AdamW is not built for every device
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)

@@ -1,0 +1,78 @@
+"""Prediction: the full encoder plus a trained head on raw text, and evaluation over a cache."""
+from __future__ import annotations
+
+import numpy as np
+
+from .checkpoint import load_checkpoint, read_config
+from .encoder import Encoder
+from .errors import UserError
+from .heads import build_features, pooling_features
+from .metrics import classification_report
+from .store import FeatureStore
+
+
+def check_same_encoder(checkpoint: dict, fingerprint: str, what: str) -> None:
+    want = checkpoint["encoder"].get("model_fingerprint")
+    if want and fingerprint and want != fingerprint:
+        raise UserError(f"this checkpoint was trained on features of model {checkpoint['encoder']['model']!r} "
+                        f"(fingerprint {want[:12]}), but {what} has fingerprint {fingerprint[:12]}: "
+                        "use the encoder the head was trained with")
+
+
+class Predictor:
+    """Encoder + head from a checkpoint folder. `predict_proba(texts)` -> [n, classes]."""
+
+    def __init__(self, checkpoint: str, *, model: str | None = None, device: str = "auto", weights: str = "best",
+                 batch_tokens: int | None = None, encoder: Encoder | None = None):
+        self.config = read_config(checkpoint)
+        enc = self.config["encoder"]
+        self.encoder = encoder or Encoder(model or enc["model"], device=device, precision=enc["precision"],
+                                          max_length=enc["max_length"], prefix=enc.get("prefix") or "",
+                                          layers=len(enc["layers"]), revision=enc.get("revision"),
+                                          batch_tokens=batch_tokens)
+        check_same_encoder(self.config, self.encoder.model_fingerprint, f"model {self.encoder.model_ref!r}")
+        _, self.head = load_checkpoint(checkpoint, weights, device=self.encoder.device)
+        self.label_names = self.config["label_names"]
+        self.pooling = self.config["pooling"]
+        self.layers = enc["layers"]
+        self._names = pooling_features(self.pooling, self.layers)
+
+    def predict_proba(self, texts: list[str], progress=None) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, len(self.label_names)), np.float32)
+        arrays = self.encoder.encode(list(texts), progress=progress)
+        return self.head.predict_proba(build_features(arrays, self.pooling, self.layers))
+
+    def predict(self, texts: list[str], progress=None) -> list[dict]:
+        """One dict per text, in order: text, label, label_id, probs (label name -> probability)."""
+        probs = self.predict_proba(texts, progress)
+        out = []
+        for text, p in zip(texts, probs):
+            i = int(p.argmax())
+            out.append({"text": text, "label": self.label_names[i], "label_id": i,
+                        "probs": {n: float(v) for n, v in zip(self.label_names, p)}})
+        return out
+
+
+def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best") -> dict:
+    """Metrics of a checkpoint's head on a cached split (labelled rows only)."""
+    config, head = load_checkpoint(checkpoint, weights)
+    features = features or config["features"]["path"]
+    with FeatureStore(features) as store:
+        check_same_encoder(config, store.settings.get("model_fingerprint"), f"the features file {features}")
+        if store.label_names != config["label_names"]:
+            raise UserError(f"{features} has labels {store.label_names}, the checkpoint {config['label_names']}")
+        layers = store.settings["layers"]
+        X = build_features(store.features(split, pooling_features(config["pooling"], layers)), config["pooling"],
+                           layers)
+        y = store.labels(split)
+    if X.shape[1] != head.in_features:
+        raise UserError(f"{features} gives {X.shape[1]} features for pooling {config['pooling']!r}, "
+                        f"the head expects {head.in_features}")
+    keep = y >= 0
+    if not keep.any():
+        raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
+    pred = head.predict_proba(X[keep]).argmax(1)
+    report = classification_report(y[keep], pred, config["label_names"])
+    report["split"] = split
+    return report

@@ -1,0 +1,109 @@
+"""Shared fixtures: a tiny random BERT saved with save_pretrained, and small labelled corpora.
+
+Everything runs the real transformers / datasets / h5py code; nothing is mocked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+POS = "好棒赞喜欢满意推荐快美"
+NEG = "差烂坏慢贵失望退糟破"
+FILLER = "这个东西我们买了一次觉得真的很还是不可以"
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_texts(n: int, num_classes: int = 2, seed: int = 0) -> list[tuple[str, int]]:
+    """Texts whose label shows in their characters, with varied lengths (1 to ~60 characters)."""
+    rng = random.Random(seed)
+    marks = [POS, NEG] if num_classes == 2 else [chr(0x4E00 + 40 * c + i) * 1 for c in range(num_classes) for i in [0]]
+    out = []
+    for i in range(n):
+        label = i % num_classes
+        length = rng.choice([2, 5, 9, 15, 30, 60])
+        chars = [rng.choice(FILLER) for _ in range(length)]
+        for _ in range(max(1, length // 4)):
+            mark = marks[label]
+            chars[rng.randrange(length)] = rng.choice(mark)
+        out.append(("".join(chars), label))
+    return out
+
+
+def vocab_chars(num_classes: int = 8) -> list[str]:
+    chars = set(POS + NEG + FILLER + "我爱北京天安门今天不错")
+    chars |= {chr(0x4E00 + 40 * c) for c in range(num_classes)}
+    return sorted(chars)
+
+
+def build_tiny_bert(folder: str, hidden: int = 32, layers: int = 3, seed: int = 0) -> str:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    vocab = SPECIAL + vocab_chars() + [c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizer(vocab=os.path.join(folder, "vocab.txt"), model_max_length=128)  # transformers 5: vocab=
+    assert tok.unk_token_id not in tok(vocab_chars()[0])["input_ids"]
+    tok.save_pretrained(folder)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=2 * hidden, max_position_embeddings=128, pad_token_id=0)
+    BertModel(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return build_tiny_bert(str(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory) -> str:
+    """Same shape as tiny_model, different weights."""
+    return build_tiny_bert(str(tmp_path_factory.mktemp("other-bert")), seed=1)
+
+
+def write_split_files(folder: str, fmt: str, splits: dict[str, list[tuple[str, int]]], label_fn=None) -> str:
+    os.makedirs(folder, exist_ok=True)
+    label_fn = label_fn or (lambda y: y)
+    for split, rows in splits.items():
+        if fmt in ("csv", "tsv"):
+            import csv
+            with open(os.path.join(folder, f"{split}.{fmt}"), "w", encoding="utf-8", newline="") as f:
+                w = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",")
+                w.writerow(["text", "label"])
+                for t, y in rows:
+                    w.writerow([t, label_fn(y)])
+        elif fmt in ("json", "jsonl"):
+            with open(os.path.join(folder, f"{split}.{fmt}"), "w", encoding="utf-8") as f:
+                for t, y in rows:
+                    f.write(json.dumps({"text": t, "label": label_fn(y)}, ensure_ascii=False) + "\n")
+        elif fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [label_fn(y) for _, y in rows]}),
+                           os.path.join(folder, f"{split}.parquet"))
+    return folder
+
+
+def default_splits(num_classes: int = 2, n_train: int = 160, n_val: int = 40, n_test: int = 40):
+    return {"train": make_texts(n_train, num_classes, seed=1), "validation": make_texts(n_val, num_classes, seed=2),
+            "test": make_texts(n_test, num_classes, seed=3)}
+
+
+@pytest.fixture(scope="session")
+def saved_dataset(tmp_path_factory) -> str:
+    """A DatasetDict with a ClassLabel feature, saved with save_to_disk."""
+    import datasets
+    folder = str(tmp_path_factory.mktemp("ds") / "chnsenticorp")
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["负向评价", "正向评价"])})
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]},
+                                                             features=features)
+                               for s, rows in default_splits().items()})
+    dd.save_to_disk(folder)
+    return folder
