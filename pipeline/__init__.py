@@ -5,19 +5,11 @@ Stages, one module each: data -> encoder -> store (extract) -> heads (train) -> 
 __version__ = "0.1.0"
 
 from .errors import UserError  # noqa: E402
+from .data import load_corpus  # noqa: E402
+from .encoder import Encoder  # noqa: E402
+from .store import FeatureStore  # noqa: E402
+from .extract import extract  # noqa: E402  (binds the function over the submodule of the same name)
+from .train import fit_head  # noqa: E402
+from .predict import Predictor, evaluate  # noqa: E402
 
-
-def __getattr__(name):
-    # The public API, imported lazily so `import pipeline` stays cheap (no torch until it is needed).
-    lazy = {"extract": (".extract", "extract"), "fit_head": (".train", "fit_head"),
-            "evaluate": (".predict", "evaluate"), "Predictor": (".predict", "Predictor"),
-            "Encoder": (".encoder", "Encoder"), "FeatureStore": (".store", "FeatureStore"),
-            "load_corpus": (".data", "load_corpus")}
-    if name in lazy:
-        import importlib
-        module, attr = lazy[name]
-        return getattr(importlib.import_module(module, __name__), attr)
-    raise AttributeError(name)
-
-
-__all__ = ["UserError", "extract", "fit_head", "evaluate", "Predictor", "Encoder", "FeatureStore", "load_corpus"]
+__all__ = ["UserError", "load_corpus", "Encoder", "FeatureStore", "extract", "fit_head", "Predictor", "evaluate"]

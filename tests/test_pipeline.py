@@ -1,0 +1,297 @@
+"""Issue 2: the two-stage pipeline end to end, on a tiny random BERT and small real files."""
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import pipeline as bc
+from pipeline.checkpoint import load_checkpoint
+from pipeline.cli import cli
+from pipeline.data import load_corpus
+from pipeline.encoder import Encoder
+from pipeline.heads import build_features, pooling_features
+from pipeline.store import FeatureStore
+from conftest import default_splits, make_texts, write_split_files
+
+
+def run(*args, input=None):
+    result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+    return result
+
+
+def ok(*args, input=None):
+    result = run(*args, input=input)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def one_line_error(result, *needles):
+    """Exit non-zero, one `error:` line naming the problem, no traceback."""
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory):
+    return write_split_files(str(tmp_path_factory.mktemp("csv")), "csv", default_splits())
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, csv_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("features") / "f.h5")
+    return bc.extract(tiny_model, csv_data, out, precision="fp32", layers=2, progress=False)
+
+
+# -- data sources --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "json", "jsonl", "parquet"])
+def test_every_file_format_loads_the_same_rows(tmp_path, fmt):
+    splits = default_splits(n_train=20, n_val=6, n_test=6)
+    corpus = load_corpus(write_split_files(str(tmp_path), fmt, splits))
+    assert list(corpus.splits) == ["train", "validation", "test"]
+    for name, rows in splits.items():
+        assert corpus.splits[name].texts == [t for t, _ in rows]
+        assert corpus.splits[name].labels.tolist() == [y for _, y in rows]
+    assert corpus.label_names == ["0", "1"]
+
+
+def test_save_to_disk_with_classlabel_names(saved_dataset):
+    corpus = load_corpus(saved_dataset)
+    assert corpus.label_names == ["负向评价", "正向评价"]
+    assert set(corpus.splits) == {"train", "validation", "test"}
+
+
+def test_single_dataset_file_and_dev_alias(tmp_path):
+    import datasets
+    rows = make_texts(10)
+    datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]}).save_to_disk(
+        str(tmp_path / "single"))
+    assert list(load_corpus(str(tmp_path / "single")).splits) == ["train"]
+    write_split_files(str(tmp_path / "dev"), "jsonl", {"train": rows, "dev": rows[:4]})
+    assert list(load_corpus(str(tmp_path / "dev")).splits) == ["train", "validation"]
+    one = write_split_files(str(tmp_path / "one"), "csv", {"reviews": rows})
+    assert list(load_corpus(os.path.join(one, "reviews.csv")).splits) == ["train"]
+
+
+def test_string_labels_sorted_or_fixed_by_label_names(tmp_path):
+    names = {0: "neg", 1: "pos"}
+    folder = write_split_files(str(tmp_path), "jsonl", default_splits(n_train=10, n_val=4, n_test=4),
+                               label_fn=lambda y: names[y])
+    assert load_corpus(folder).label_names == ["neg", "pos"]
+    corpus = load_corpus(folder, label_names=["pos", "neg"])
+    assert corpus.label_names == ["pos", "neg"]
+    raw = [y for _, y in default_splits(n_train=10, n_val=4, n_test=4)["train"]]
+    assert corpus.splits["train"].labels.tolist() == [1 - y for y in raw]
+
+
+def test_unlabelled_test_rows_are_cached_and_left_out_of_metrics(tiny_model, tmp_path):
+    splits = default_splits(n_train=40, n_val=10, n_test=10)
+    folder = write_split_files(str(tmp_path / "d"), "jsonl", splits)
+    with open(os.path.join(folder, "test.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "今天不错", "label": -1}) + "\n")
+        f.write(json.dumps({"text": "我爱北京", "label": None}) + "\n")
+    path = bc.extract(tiny_model, folder, str(tmp_path / "f.h5"), precision="fp32", progress=False)
+    with FeatureStore(path) as store:
+        assert store.rows("test") == 12
+        assert (store.labels("test") == -1).sum() == 2
+    ckpt, metrics = bc.fit_head(path, str(tmp_path / "ck"), epochs=5)
+    assert metrics["test"]["n"] == 10
+    assert bc.evaluate(ckpt)["n"] == 10
+
+
+# -- extraction ----------------------------------------------------------------------------------
+
+def test_cache_layout_and_metadata(cache, tiny_model):
+    with h5py.File(cache) as f:
+        assert f.attrs["format"] == "bertcache-features" and bool(f.attrs["complete"])
+        settings = json.loads(f.attrs["settings"])
+        assert settings["model"] == tiny_model and settings["precision"] == "fp32"
+        assert settings["max_length"] == 128  # capped by the tiny model's 128 positions
+        assert settings["layers"] == [2, 3] and len(settings["model_fingerprint"]) == 32
+        assert json.loads(f.attrs["feature_names"]) == ["cls", "mean", "cls_2", "mean_2"]
+        for split, n in [("train", 160), ("validation", 40), ("test", 40)]:
+            assert f[split]["cls"].shape == (n, 32) and f[split]["mean_2"].shape == (n, 32)
+            assert f[split]["label"].shape == (n,) and f[split].attrs["rows_done"] == n
+            assert f[split]["cls"].dtype == np.float32
+    assert not os.path.exists(cache + ".partial")
+
+
+def test_cached_vectors_match_a_plain_forward_pass(cache, tiny_model, csv_data):
+    """[CLS] is last_hidden_state[:, 0] and mean is the attention-masked mean, for one text alone."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(tiny_model), AutoModel.from_pretrained(tiny_model).eval()
+    text = load_corpus(csv_data).splits["train"].texts[5]
+    with torch.no_grad():
+        h = model(**tok(text, return_tensors="pt")).last_hidden_state[0]
+    with FeatureStore(cache) as store:
+        f = store.features("train", ["cls", "mean"])
+    np.testing.assert_allclose(f["cls"][5], h[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(f["mean"][5], h.mean(0).numpy(), atol=1e-5)
+
+
+def test_padding_independence(tiny_model):
+    """A text's vector does not depend on how long its batch neighbours are."""
+    enc = Encoder(tiny_model, precision="fp32", device="cpu", layers=2)
+    target = "好棒赞这个东西"
+    short_batch = [target, "好", "差"]
+    long_batch = [target, "这个东西我们买了一次觉得真的很" * 8, "差烂坏" * 30]
+    a, b = enc.encode(short_batch), enc.encode(long_batch)
+    alone = enc.encode([target])
+    for name in enc.feature_names():
+        np.testing.assert_allclose(a[name][0], b[name][0], atol=1e-5)
+        np.testing.assert_allclose(a[name][0], alone[name][0], atol=1e-5)
+    # and the long neighbours really were padded together with it: one batch of width > target
+    assert max(len(s) for s in enc.tokenize(long_batch)) > len(enc.tokenize([target])[0]) + 20
+
+
+def test_token_budget_batches_restore_order(tiny_model):
+    enc = Encoder(tiny_model, precision="fp32", device="cpu", batch_tokens=40)
+    texts = [t for t, _ in make_texts(30)]
+    together = enc.encode(texts)["mean"]
+    one_by_one = np.stack([enc.encode([t])["mean"][0] for t in texts])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_duplicate_texts_get_identical_vectors(tiny_model, tmp_path):
+    rows = make_texts(30)
+    splits = {"train": rows + rows[:5], "test": rows[:7]}
+    folder = write_split_files(str(tmp_path / "d"), "jsonl", splits)
+    path = bc.extract(tiny_model, folder, str(tmp_path / "f.h5"), precision="fp32", chunk_rows=8, progress=False)
+    with FeatureStore(path) as store:
+        train, test = store.features("train")["cls"], store.features("test")["cls"]
+    np.testing.assert_array_equal(train[30:35], train[:5])
+    np.testing.assert_array_equal(test, train[:7])
+
+
+# -- heads, parity, many classes -----------------------------------------------------------------
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "cls+mean-avg2"])
+def test_predict_matches_head_on_cached_vectors(cache, csv_data, tmp_path, pooling):
+    ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), pooling=pooling, epochs=20)
+    _, head = load_checkpoint(ckpt)
+    with FeatureStore(cache) as store:
+        layers = store.settings["layers"]
+        X = build_features(store.features("test", pooling_features(pooling, layers)), pooling, layers)
+    cached = head.predict_proba(X)
+    texts = load_corpus(csv_data).splits["test"].texts
+    live = bc.Predictor(ckpt, device="cpu").predict_proba(texts)
+    np.testing.assert_allclose(live, cached, atol=1e-4)
+
+
+def test_eight_classes(tiny_model, tmp_path):
+    folder = write_split_files(str(tmp_path / "d"), "parquet", default_splits(8, 320, 80, 80))
+    path = bc.extract(tiny_model, folder, str(tmp_path / "f.h5"), precision="fp32", progress=False)
+    ckpt, metrics = bc.fit_head(path, str(tmp_path / "ck"), pooling="mean", epochs=100)
+    report = bc.evaluate(ckpt)
+    assert len(report["confusion_matrix"]) == 8 and report["n"] == 80
+    assert report["accuracy"] > 0.5  # chance is 0.125: the head learned the class marks
+    probs = bc.Predictor(ckpt, device="cpu").predict_proba(["一一一"])
+    assert probs.shape == (1, 8)
+
+
+def test_checkpoint_files_and_metrics(cache, tmp_path):
+    ckpt, metrics = bc.fit_head(cache, str(tmp_path / "ck"), epochs=15, patience=None)
+    assert sorted(os.listdir(ckpt)) == ["best.safetensors", "config.json", "last.safetensors", "metrics.json"]
+    saved = json.load(open(os.path.join(ckpt, "metrics.json")))
+    assert len(saved["history"]) == 15 and 1 <= saved["best_epoch"] <= 15
+    best = saved["history"][saved["best_epoch"] - 1]["val_acc"]
+    assert best == max(h["val_acc"] for h in saved["history"])
+    config = json.load(open(os.path.join(ckpt, "config.json")))
+    assert config["head"] == {"type": "linear", "in_features": 32, "num_classes": 2, "hidden": None}
+    assert config["encoder"]["max_length"] == 128 and config["label_names"] == ["0", "1"]
+    assert not [p for p in os.listdir(tmp_path) if "partial" in p]
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+def test_cli_round_trip(tiny_model, saved_dataset, tmp_path):
+    feats, ckpt = str(tmp_path / "f.h5"), str(tmp_path / "ck")
+    out = ok("extract", "--model", tiny_model, "--data", saved_dataset, "--out", feats, "--precision", "fp32",
+             "--json")
+    info = json.loads(out.stdout)
+    assert info["splits"]["train"]["rows"] == 160 and info["label_names"] == ["负向评价", "正向评价"]
+    ok("fit-head", "--features", feats, "--out", ckpt, "--pooling", "mean", "--head", "mlp", "--epochs", 40)
+    report = json.loads(ok("evaluate", "--checkpoint", ckpt, "--json").stdout)
+    assert {"accuracy", "macro_f1", "confusion_matrix", "n", "per_class"} <= set(report)
+    assert report["n"] == 40 and sum(map(sum, report["confusion_matrix"])) == 40
+    lines = ok("predict", "--checkpoint", ckpt, "--json", "好棒赞", "差烂坏").stdout.splitlines()
+    results = [json.loads(line) for line in lines]
+    assert [r["text"] for r in results] == ["好棒赞", "差烂坏"]
+    for r in results:
+        assert r["label"] in ("负向评价", "正向评价") and r["label"] == ["负向评价", "正向评价"][r["label_id"]]
+        assert abs(sum(r["probs"].values()) - 1) < 1e-5
+    # the same texts through --file and through stdin give the same answers
+    (tmp_path / "texts.txt").write_text("好棒赞\n差烂坏\n", encoding="utf-8")
+    assert ok("predict", "-c", ckpt, "--json", "--file", tmp_path / "texts.txt").stdout.splitlines() == lines
+    assert ok("predict", "-c", ckpt, "--json", input="好棒赞\n差烂坏\n").stdout.splitlines() == lines
+    plain = ok("predict", "-c", ckpt, "好棒赞").stdout.strip().split("\t")
+    assert plain[0] == results[0]["label"] and plain[2] == "好棒赞"
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+def test_missing_model_path(csv_data, tmp_path):
+    result = run("extract", "--model", str(tmp_path / "no-such-model"), "--data", csv_data, "--out", tmp_path / "f.h5")
+    one_line_error(result, "no-such-model")
+    assert not os.listdir(tmp_path)
+
+
+def test_hub_model_unreachable_is_one_line(csv_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run("extract", "--model", "nobody-xyz/no-such-model", "--data", csv_data, "--out", tmp_path / "f.h5")
+    one_line_error(result, "nobody-xyz/no-such-model")
+
+
+def test_missing_column_lists_the_columns(tiny_model, csv_data, tmp_path):
+    result = run("extract", "-m", tiny_model, "-d", csv_data, "-o", tmp_path / "f.h5", "--text-column", "review")
+    one_line_error(result, "review", "text, label")
+    assert not os.path.exists(tmp_path / "f.h5")
+
+
+def test_missing_split(tiny_model, cache, tmp_path):
+    folder = tmp_path / "nosplits"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    one_line_error(run("extract", "-m", tiny_model, "-d", folder, "-o", tmp_path / "f.h5"), "train")
+    ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+    one_line_error(run("evaluate", "-c", ckpt, "--split", "holdout"), "holdout", "train, validation, test")
+
+
+def test_labels_that_are_not_integers_or_names(tiny_model, tmp_path):
+    rows = make_texts(10)
+    folder = write_split_files(str(tmp_path / "d"), "jsonl", {"train": rows}, label_fn=lambda y: [0.5, "pos"][y])
+    one_line_error(run("extract", "-m", tiny_model, "-d", folder, "-o", tmp_path / "f.h5"), "0.5")
+    mixed = write_split_files(str(tmp_path / "m"), "jsonl", {"train": rows}, label_fn=lambda y: [0, "pos"][y])
+    one_line_error(run("extract", "-m", tiny_model, "-d", mixed, "-o", tmp_path / "f.h5"), "mix")
+    assert not os.path.exists(tmp_path / "f.h5")
+
+
+def test_empty_dataset(tiny_model, tmp_path):
+    folder = write_split_files(str(tmp_path / "d"), "csv", {"train": [], "test": []})
+    one_line_error(run("extract", "-m", tiny_model, "-d", folder, "-o", tmp_path / "f.h5"), "empty")
+    assert not os.path.exists(tmp_path / "f.h5") and not os.path.exists(str(tmp_path / "f.h5") + ".partial")
+
+
+def test_checkpoint_with_features_of_another_model(cache, other_model, csv_data, tmp_path):
+    ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+    other = bc.extract(other_model, csv_data, str(tmp_path / "other.h5"), precision="fp32", layers=2,
+                       progress=False)
+    one_line_error(run("evaluate", "-c", ckpt, "--features", other), "fingerprint")
+    one_line_error(run("predict", "-c", ckpt, "--model", other_model, "好"), "fingerprint")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = CliRunner().invoke(cli, ["--debug", "evaluate", "-c", str(tmp_path / "nothing")])
+    assert result.exit_code != 0 and isinstance(result.exception, bc.UserError)
