@@ -295,3 +295,38 @@ def test_checkpoint_with_features_of_another_model(cache, other_model, csv_data,
 def test_debug_shows_the_traceback(tmp_path):
     result = CliRunner().invoke(cli, ["--debug", "evaluate", "-c", str(tmp_path / "nothing")])
     assert result.exit_code != 0 and isinstance(result.exception, bc.UserError)
+
+
+def test_interactive_predict_loop_quits_on_q(cache, tmp_path):
+    """With no texts on a terminal, predict reads lines at a prompt until `q`."""
+    import pty
+    import subprocess
+    import sys
+    import time
+    ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "predict", "-c", ckpt], stdin=slave, stdout=slave,
+                            stderr=slave, env={**os.environ, "PYTHONPATH": root}, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 120):
+        nonlocal seen
+        deadline = time.time() + timeout
+        while marker not in seen and time.time() < deadline:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+        return marker in seen
+
+    try:
+        assert read_until(b"> ")
+        os.write(master, "好棒赞\n".encode())
+        assert read_until("\t好棒赞".encode())
+        os.write(master, b"q\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(master)
