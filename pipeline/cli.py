@@ -81,9 +81,10 @@ def cli(debug):
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")
+@click.option("--chunk-rows", type=int, hidden=True, help="Rows per write, the most a killed run loses [2048].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, layers, device,
-            precision, batch_tokens, store_dtype, revision, restart, as_json):
+            precision, batch_tokens, store_dtype, revision, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from .extract import extract as run_extract
     from .store import FeatureStore
@@ -91,7 +92,8 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
     path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
                        label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
                        device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
-                       revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty())
+                       revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
+                       **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
     with FeatureStore(path) as store:
         info = store.info()
     if as_json:

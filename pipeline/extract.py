@@ -25,25 +25,37 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
             precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
-            progress: bool = True, encoder: Encoder | None = None) -> str:
+            progress: bool = True, encoder: Encoder | None = None, log=None) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an
-    interrupted run (or does nothing when the file is complete).
+    interrupted run (or does nothing when the file is complete). `log` (a callable) gets notes:
+    blank texts skipped, a run resumed or started over.
     """
+    log = log or (lambda msg: None)
     corpus = load_corpus(data, text_column, label_column, label_names)
+    for name, n in corpus.skipped.items():
+        if n:
+            log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (the `row` dataset keeps source rows)")
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
                                  prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens)
     out = out or default_features_path(model, data)
-    splits = {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels),
+    splits = {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels, s.rows),
                      "skipped": corpus.skipped.get(name, 0)} for name, s in corpus.splits.items()}
     writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,
                          feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size,
                          source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart)
-    if writer.already_complete:
+    if writer.status == "complete":
+        log(f"{out} is already complete")
         return out
+    if writer.discarded:
+        log(f"starting {writer.tmp} over: the unfinished file could not be resumed ({writer.discarded})")
+    done = sum(writer.rows_done(name) for name in corpus.splits)
+    total = sum(v["rows"] for v in splits.values())
+    log(f"resuming {writer.tmp}: {done} of {total} rows done" if writer.status == "resumed"
+        else f"writing {writer.tmp}: {total} rows")
     try:
-        _run(corpus, encoder, writer, chunk_rows, progress)
+        _run(corpus, encoder, writer, writer.chunk_rows, progress)
     except BaseException:
         writer.abort()
         raise

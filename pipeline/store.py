@@ -10,18 +10,35 @@ Layout (readable with plain h5py; see README):
 A file is written under `<name>.partial` in chunks of rows, each chunk followed by a flush and an
 update of `rows_done`; only a complete file is renamed to its final name, so a reader never sees a
 half-written cache there, and a killed run resumes from the last complete chunk.
+
+HDF5 itself is not crash-safe: a process killed while HDF5 updates its metadata can leave a file that
+does not open, or opens with a broken structure. So the layout is made so that, once created, writing
+rows changes no HDF5 metadata at all: the whole layout is written under a temporary name and renamed to
+`.partial` only when complete; datasets are contiguous and allocated (and the disk space reserved) at
+creation; rows go straight to their final bytes (no sieve buffer), and `rows_done` is overwritten in place.
+A `.partial` is still checked when reopened (readable, layout as expected, `rows_done` in range), and
+one that fails is started over. SWMR (`libver="latest"`) was not used: it cannot update attributes,
+and a writer killed under it leaves a flag that makes the file refuse to open until `h5clear` is run.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 
 import h5py
 import numpy as np
 
 from . import __version__
 from .errors import UserError
+
+try:
+    import resource
+except ImportError:  # Windows: no file size limits to check
+    resource = None
 
 FORMAT = "bertcache-features"
 FORMAT_VERSION = 1
@@ -32,13 +49,77 @@ def partial_path(path: str) -> str:
     return path + ".partial"
 
 
-def data_fingerprint(texts: list[str], labels: np.ndarray) -> str:
+def data_fingerprint(texts: list[str], labels: np.ndarray, rows: np.ndarray | None = None) -> str:
+    """Identity of a split's cached content: its texts, labels and (when given) source row numbers."""
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    if rows is not None:
+        h.update(b"rows")
+        h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
     return h.hexdigest()[:32]
+
+
+# Where the model was found, not what it is: ignored when the model fingerprints agree, so a moved
+# model folder (or a hub model copied to disk) does not invalidate a cache.
+LOCATION_KEYS = ("model", "revision", "commit")
+
+
+def settings_differences(old: dict, new: dict, keys=None) -> list[str]:
+    """`key: old -> new` for every setting that differs (of `keys`, default all)."""
+    same_model = bool(old.get("model_fingerprint")) and old.get("model_fingerprint") == new.get("model_fingerprint")
+    diffs = []
+    for key in keys or sorted(set(old) | set(new)):
+        if same_model and key in LOCATION_KEYS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def layout_problem(f: h5py.File, complete: bool) -> str | None:
+    """What is wrong with the structure of an open features file (None: nothing).
+
+    Every split must hold every feature as [rows, hidden] of the store dtype, `label` and `row` as
+    [rows] integers, and 0 <= rows_done <= rows (== rows when `complete`): splits cannot disagree on
+    the feature set or width, and a killed run's file is never taken for a finished one.
+    """
+    a = f.attrs
+    try:
+        feature_names = json.loads(a["feature_names"])
+        splits = json.loads(a["splits"])
+        hidden = int(json.loads(a["settings"])["hidden_size"])
+        dtype = np.dtype(str(a["store_dtype"]))
+        num_labels = len(json.loads(a["label_names"]))
+    except (KeyError, ValueError, TypeError) as e:
+        return f"its attributes are incomplete or invalid ({type(e).__name__}: {e})"
+    for s in splits:
+        g = f.get(s)
+        if not isinstance(g, h5py.Group):
+            return f"split {s!r} is missing"
+        try:
+            rows, done = int(g.attrs["rows"]), int(g.attrs["rows_done"])
+        except (KeyError, ValueError, TypeError):
+            return f"split {s!r} has no valid rows / rows_done attributes"
+        for name in feature_names + ["label", "row"]:
+            d = g.get(name)
+            shape, kind = ((rows, hidden), dtype) if name in feature_names else ((rows,), np.dtype("int64"))
+            if not isinstance(d, h5py.Dataset):
+                return f"split {s!r} has no {name!r} dataset"
+            if d.shape != shape or d.dtype != kind:
+                return f"split {s!r}: {name!r} is {d.dtype}{list(d.shape)}, expected {kind}{list(shape)}"
+        if not 0 <= done <= rows or (complete and done != rows):
+            return f"split {s!r} has {done} of {rows} rows written"
+        if complete and rows:
+            labels = g["label"][:]
+            bad = (labels < -1) | (labels >= num_labels)
+            if bad.any():
+                return (f"split {s!r} has label id {int(labels[bad][0])}, outside the {num_labels} label names "
+                        "(-1 = unlabelled)")
+    return None
 
 
 def _json_attr(value) -> str:
@@ -64,6 +145,13 @@ class FeatureStore:
         if not attrs.get("complete", False):
             self.file.close()
             raise UserError(f"{path} is an incomplete extraction; run extract again to finish it")
+        try:
+            problem = layout_problem(self.file, complete=True)
+        except OSError as e:  # a damaged file can open and still fail on the first read
+            problem = f"it cannot be read ({_first_line(e)})"
+        if problem:
+            self.file.close()
+            raise UserError(f"{path} is not a consistent features file: {problem}; extract it again")
         self.path = path
         self.settings = json.loads(attrs["settings"])
         self.label_names = json.loads(attrs["label_names"])
@@ -109,52 +197,112 @@ class FeatureStore:
 
 
 class StoreWriter:
-    """Write side: creates or resumes `<path>.partial`, renames it to `path` when complete."""
+    """Write side: creates or resumes `<path>.partial`, renames it to `path` when complete.
+
+    After construction: `status` is "new", "resumed" or "complete" (nothing to do), `chunk_rows` the
+    chunk size the file was started with (kept on resume, so chunks and their batches stay the same),
+    and `discarded` says why an unusable `.partial` was started over (None when none was).
+    """
 
     def __init__(self, path: str, *, settings: dict, splits: dict[str, dict], label_names: list[str],
                  feature_names: list[str], hidden_size: int, source: str, store_dtype: str = "float32",
                  chunk_rows: int = 2048, restart: bool = False):
         if store_dtype not in STORE_DTYPES:
             raise UserError(f"unknown --store-dtype {store_dtype!r}; use float32 or float16")
+        if int(chunk_rows) < 1:
+            raise UserError(f"--chunk-rows must be at least 1, not {chunk_rows}")
         self.path, self.tmp = path, partial_path(path)
         self.chunk_rows = int(chunk_rows)
+        self.discarded = None
         fingerprint = hashlib.sha256(_json_attr([settings, store_dtype, {s: v["fingerprint"]
                                                                          for s, v in splits.items()}]).encode()).hexdigest()[:32]
         expected = {"settings": settings, "store_dtype": store_dtype, "label_names": label_names,
                     "splits": {s: {"rows": v["rows"], "fingerprint": v["fingerprint"]} for s, v in splits.items()}}
         folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise _write_error(e, folder) from e
         if not os.access(folder, os.W_OK):
             raise UserError(f"cannot write to {folder}: the folder is read-only; choose another --out")
-        self.already_complete = False
+        self.status = "complete"
         if restart:
-            for p in (self.tmp,):
-                if os.path.exists(p):
-                    os.remove(p)
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
         elif os.path.exists(path):
-            diff = _differences(_describe(path), expected)
+            try:
+                with h5py.File(path, "r") as f:
+                    if f.attrs.get("format") != FORMAT:
+                        raise UserError(f"{path} exists and is not a bertcache features file; choose another --out")
+                    old = _describe(f)
+            except (OSError, KeyError, ValueError, TypeError) as e:
+                raise UserError(f"{path} exists but is not a readable features file ({_first_line(e)}); "
+                                "pass --restart to replace it, or choose another --out") from e
+            diff = _differences(old, expected)
             if diff:
                 raise UserError(f"{path} exists and was made with different settings or data ({diff}); "
                                 "pass --restart to overwrite it, or choose another --out")
-            self.already_complete = True
             return
         if os.path.exists(self.tmp):
-            try:
-                diff = _differences(_describe(self.tmp), expected)
-            except (OSError, KeyError, ValueError):
-                diff = None  # unreadable leftover of a killed run: start over
+            self.discarded = self._check_partial(expected)
+            if self.discarded:
                 os.remove(self.tmp)
-            if diff:
-                raise UserError(f"{self.tmp} is an unfinished extraction with different settings or data ({diff}); "
-                                "pass --restart to start over")
         if os.path.exists(self.tmp):
-            self.file = h5py.File(self.tmp, "r+")
+            self.status = "resumed"
+            self.file = _open_for_writing(self.tmp)
+            self.chunk_rows = int(self.file.attrs["chunk_rows"])
         else:
-            self.file = self._create(settings, splits, label_names, feature_names, hidden_size, source,
-                                     store_dtype, fingerprint)
+            self.status = "new"
+            self._create(settings, splits, label_names, feature_names, hidden_size, source, store_dtype, fingerprint)
+            self.file = _open_for_writing(self.tmp)
+
+    def _check_partial(self, expected: dict) -> str | None:
+        """Why the leftover `.partial` cannot be resumed (None: it can); refuses one made differently."""
+        try:
+            with h5py.File(self.tmp, "r") as f:
+                if f.attrs.get("format") != FORMAT:
+                    return "it is not a bertcache features file"
+                diff = _differences(_describe(f), expected)
+                if diff:
+                    raise UserError(f"{self.tmp} is an unfinished extraction with different settings or data "
+                                    f"({diff}); pass --restart to start over")
+                problem = layout_problem(f, complete=False)
+                if problem is None and int(f.attrs["chunk_rows"]) < 1:
+                    problem = "its chunk_rows is invalid"
+                for s in json.loads(f.attrs["splits"]) if problem is None else []:
+                    done = int(f[s].attrs["rows_done"])
+                    for d in f[s].values() if done else ():
+                        d[done - 1]  # the last row recorded as written must read back
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            return f"it cannot be read ({_first_line(e)})"
+        return problem
 
     def _create(self, settings, splits, label_names, feature_names, hidden_size, source, store_dtype, fingerprint):
-        f = h5py.File(self.tmp, "w")
+        """Write the whole layout under a temporary name, reserve its disk space, then rename it `.partial`."""
+        itemsize = np.dtype(store_dtype).itemsize
+        need = sum(int(v["rows"]) * (len(feature_names) * hidden_size * itemsize + 16) for v in splits.values())
+        folder = os.path.dirname(os.path.abspath(self.tmp))
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            raise UserError(f"not enough disk space for {self.path}: it needs {_size(need)}, {folder} has "
+                            f"{_size(free)} free; free some space or choose another --out")
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else -1
+        if limit not in (-1, getattr(resource, "RLIM_INFINITY", -1)) and need + (1 << 20) > limit:
+            raise UserError(f"{self.path} would need {_size(need)}, past the file size limit of {_size(limit)} "
+                            "(ulimit -f); raise it or choose another --out")
+        new = self.tmp + ".new"
+        try:
+            with h5py.File(new, "w") as f:
+                self._layout(f, settings, splits, label_names, feature_names, hidden_size, source, store_dtype,
+                             fingerprint)
+            _reserve(new)
+            os.replace(new, self.tmp)
+        except OSError as e:
+            if os.path.exists(new):
+                os.remove(new)
+            raise _write_error(e, self.tmp) from e
+
+    def _layout(self, f, settings, splits, label_names, feature_names, hidden_size, source, store_dtype, fingerprint):
         a = f.attrs
         a["format"] = FORMAT
         a["format_version"] = FORMAT_VERSION
@@ -173,18 +321,14 @@ class StoreWriter:
         for split, spec in splits.items():
             g = f.create_group(split)
             n = int(spec["rows"])
-            chunk = (max(1, min(n, self.chunk_rows)),)
             for name in feature_names:
-                g.create_dataset(name, shape=(n, hidden_size), dtype=store_dtype,
-                                 chunks=(chunk[0], hidden_size) if n else None)
-            g.create_dataset("label", shape=(n,), dtype="int64", chunks=chunk if n else None)
-            g.create_dataset("row", shape=(n,), dtype="int64", chunks=chunk if n else None)
+                g.create_dataset(name, shape=(n, hidden_size), dtype=store_dtype, dcpl=_allocated())
+            g.create_dataset("label", shape=(n,), dtype="int64", dcpl=_allocated())
+            g.create_dataset("row", shape=(n,), dtype="int64", dcpl=_allocated())
             g.attrs["rows"] = n
-            g.attrs["rows_done"] = 0
+            g.attrs["rows_done"] = np.int64(0)
             g.attrs["data_fingerprint"] = spec["fingerprint"]
             g.attrs["skipped"] = int(spec.get("skipped", 0))
-        f.flush()
-        return f
 
     def rows_done(self, split: str) -> int:
         return int(self.file[split].attrs["rows_done"])
@@ -193,13 +337,16 @@ class StoreWriter:
         """Write rows [start, start + len(labels)) of `split`, then record them as done."""
         g = self.file[split]
         stop = start + len(labels)
-        for name, values in features.items():
-            g[name][start:stop] = values
-        g["label"][start:stop] = labels
-        g["row"][start:stop] = rows
-        self.file.flush()
-        g.attrs["rows_done"] = stop
-        self.file.flush()
+        try:
+            for name, values in features.items():
+                g[name][start:stop] = values
+            g["label"][start:stop] = labels
+            g["row"][start:stop] = rows
+            self.file.flush()
+            g.attrs.modify("rows_done", np.int64(stop))  # in place: the one metadata change per chunk
+            self.file.flush()
+        except OSError as e:
+            raise _write_error(e, self.tmp, resumable=True) from e
 
     def read(self, split: str, index: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         """Rows already written (for texts seen earlier in the run), in the order of `index`."""
@@ -208,8 +355,11 @@ class StoreWriter:
         return {n: g[n][uniq][inverse].astype(np.float32) for n in names}
 
     def finish(self):
-        self.file.attrs["complete"] = True
-        self.file.close()
+        try:
+            self.file.attrs.modify("complete", True)
+            self.file.close()
+        except OSError as e:
+            raise _write_error(e, self.tmp, resumable=True) from e
         os.replace(self.tmp, self.path)
 
     def abort(self):
@@ -220,23 +370,86 @@ class StoreWriter:
             pass
 
 
-def _describe(path: str) -> dict:
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("format") != FORMAT:
-            raise UserError(f"{path} exists and is not a bertcache features file; choose another --out")
-        return {"settings": json.loads(f.attrs["settings"]), "store_dtype": f.attrs["store_dtype"],
-                "label_names": json.loads(f.attrs["label_names"]),
-                "splits": {s: {"rows": int(f[s].attrs["rows"]), "fingerprint": f[s].attrs["data_fingerprint"]}
-                           for s in json.loads(f.attrs["splits"])}}
+def _allocated():
+    """Contiguous storage allocated at creation and never filled: writing rows later moves no metadata."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _open_for_writing(path: str) -> h5py.File:
+    """Without HDF5's sieve buffer every write goes straight to the file, so a failed write (disk full)
+    leaves nothing dirty that HDF5 would retry when closing (which crashes the interpreter at exit)."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_sieve_buf_size(0)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    try:
+        return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR, fapl=fapl))
+    except OSError as e:
+        raise _write_error(e, path) from e
+
+
+def _reserve(path: str) -> None:
+    """Reserve the file's disk space now, so a full disk stops the run before hours of encoding."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # not supported here: go without
+            raise
+    finally:
+        os.close(fd)
+
+
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")
+
+
+def _write_error(e: OSError, path: str, resumable: bool = False) -> Exception:
+    """A UserError for what the user can fix (full disk, read-only folder, file in use); else `e` itself."""
+    code = e.errno
+    if code is None:  # h5py does not always set errno; HDF5 puts it in the message
+        m = _ERRNO_IN_TEXT.search(str(e))
+        code = int(m.group(1)) if m else None
+    then = " (the finished part is kept: run extract again to resume)" if resumable else ""
+    if code == errno.ENOSPC:
+        return UserError(f"the disk is full writing {path}; free some space or choose another --out{then}")
+    if code == errno.EFBIG:
+        return UserError(f"writing {path} went past the file size limit (ulimit -f); raise it or choose another "
+                         f"--out{then}")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write {path}: {os.strerror(code)}; choose a writable --out")
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return UserError(f"{path} is locked by another process (another extract writing it?); wait for it to "
+                         "finish or choose another --out")
+    return e
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _describe(f: h5py.File) -> dict:
+    return {"settings": json.loads(f.attrs["settings"]), "store_dtype": f.attrs["store_dtype"],
+            "label_names": json.loads(f.attrs["label_names"]),
+            "splits": {s: {"rows": int(f[s].attrs["rows"]), "fingerprint": f[s].attrs["data_fingerprint"]}
+                       for s in json.loads(f.attrs["splits"])}}
 
 
 def _differences(old: dict, new: dict) -> str:
     """Which settings differ, as `key: old -> new`, '' when none."""
-    diffs = []
-    for key in sorted(set(old["settings"]) | set(new["settings"])):
-        a, b = old["settings"].get(key), new["settings"].get(key)
-        if a != b:
-            diffs.append(f"{key}: {a!r} -> {b!r}")
+    diffs = settings_differences(old["settings"], new["settings"])
     if old["store_dtype"] != new["store_dtype"]:
         diffs.append(f"store_dtype: {old['store_dtype']} -> {new['store_dtype']}")
     if old["label_names"] != new["label_names"]:
