@@ -1,9 +1,15 @@
-"""Checkpoints: a folder of safetensors weights + JSON. Nothing here ever unpickles.
+"""Checkpoints: a folder of safetensors weights + JSON. Nothing here unpickles unless asked to.
 
     <folder>/best.safetensors   head weights with the best validation accuracy (+ standardization)
     <folder>/last.safetensors   head weights after the last epoch
     <folder>/config.json        all predict needs: encoder reference + fingerprint, pooling, head shape, labels
     <folder>/metrics.json       per-epoch history, best epoch, test metrics
+
+A pickle (.pt, .pth, .bin, ...) is refused with a message. Only with `allow_pickle` (`--allow-pickle`)
+it may stand in for the weights: `<folder>/best.pt` (or the file itself given as the checkpoint) is
+read with `torch.load(weights_only=True)`, which builds tensors and plain containers but never calls
+code, and must hold exactly the state_dict of the head that config.json (JSON, always required)
+describes, bare or as {"state_dict": ...}.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import uuid
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, write_error
 from .heads import Head
 
 FORMAT = "bertcache-head"
@@ -46,8 +52,12 @@ def save_checkpoint(folder: str, config: dict, states: dict[str, dict], metrics:
         os.replace(tmp, folder)
         if old:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception):
+            err = write_error(e, folder)
+            if err is not e:
+                raise err from e
         raise
     return folder
 
@@ -58,11 +68,28 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-def read_config(folder: str) -> dict:
-    if os.path.isfile(folder) and folder.endswith(PICKLE_ENDINGS):
-        raise UserError(f"{folder} is a pickle file; bertcache never unpickles checkpoints (they can run code). "
-                        "Use a checkpoint folder written by `bertcache fit-head` (safetensors + JSON)")
+_REFUSED = ("bertcache does not unpickle checkpoints unasked (unpickling can run code): use a checkpoint folder "
+            "written by `bertcache fit-head` (safetensors + JSON), or pass --allow-pickle to read only tensors "
+            "from it with torch.load(weights_only=True) next to the folder's config.json")
+
+
+def _pickles(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(PICKLE_ENDINGS))
+
+
+def read_config(folder: str, allow_pickle: bool = False) -> dict:
+    """config.json of a checkpoint folder (or, with allow_pickle, of the folder holding a given pickle)."""
+    if os.path.isfile(folder):
+        if not folder.lower().endswith(PICKLE_ENDINGS):
+            raise UserError(f"{folder} is a file; give the checkpoint folder written by `bertcache fit-head`")
+        if not allow_pickle:
+            raise UserError(f"{folder} is a pickle file; {_REFUSED}")
+        folder = os.path.dirname(os.path.abspath(folder))
     path = os.path.join(folder, "config.json")
+    if os.path.isdir(folder) and not os.path.exists(path) and _pickles(folder):
+        raise UserError(f"{folder} holds only pickle files ({', '.join(_pickles(folder))}) and no config.json; "
+                        "bertcache never unpickles a checkpoint without its JSON config: make one with "
+                        "`bertcache fit-head`")
     if not os.path.isdir(folder) or not os.path.exists(path):
         raise UserError(f"checkpoint not found: {folder} is not a folder with config.json "
                         "(make one with `bertcache fit-head`)")
@@ -76,19 +103,51 @@ def read_config(folder: str) -> dict:
     return config
 
 
-def load_checkpoint(folder: str, weights: str = "best", device="cpu") -> tuple[dict, Head]:
+def load_checkpoint(folder: str, weights: str = "best", device="cpu", allow_pickle: bool = False) -> tuple[dict, Head]:
     """The checkpoint's config and its head (best or last weights), ready for inference."""
     if weights not in WEIGHTS:
         raise UserError(f"unknown --weights {weights!r}; use best or last")
-    config = read_config(folder)
-    path = os.path.join(folder, f"{weights}.safetensors")
-    if not os.path.exists(path):
-        raise UserError(f"{folder} has no {weights}.safetensors")
+    config = read_config(folder, allow_pickle)
+    path = _weights_file(folder, weights, allow_pickle)
     shape = config["head"]
     head = Head(shape["in_features"], shape["num_classes"], shape["type"], shape.get("hidden") or 0)
     try:
-        state = load_file(path)
+        state = load_file(path) if path.endswith(".safetensors") else _load_pickled_state(path)
         head.load_state_dict(state)
+    except UserError:
+        raise
     except Exception as e:  # safetensors and torch both raise several types for corrupt / mismatched files
         raise UserError(f"{path} does not hold this head's weights: {str(e).splitlines()[0]}") from e
     return config, head.to(device).eval()
+
+
+def _weights_file(folder: str, weights: str, allow_pickle: bool) -> str:
+    if os.path.isfile(folder):  # a pickle given as the checkpoint (read_config allowed it)
+        return folder
+    path = os.path.join(folder, f"{weights}.safetensors")
+    if os.path.exists(path):
+        return path
+    pickles = [f for f in _pickles(folder) if os.path.splitext(f)[0] == weights]
+    if pickles and not allow_pickle:
+        raise UserError(f"{folder} has no {weights}.safetensors, only {pickles[0]}; {_REFUSED}")
+    if pickles:
+        return os.path.join(folder, pickles[0])
+    raise UserError(f"{folder} has no {weights}.safetensors")
+
+
+def _load_pickled_state(path: str) -> dict:
+    """Tensors from a pickle, with torch's restricted unpickler (no code runs); nothing but a state_dict."""
+    import pickle
+
+    import torch
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path} was refused by torch.load(weights_only=True) (it holds more than tensors, or is "
+                        f"not a torch file): {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    if isinstance(obj, dict) and set(obj) == {"state_dict"}:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise UserError(f"{path} must hold a state_dict (names -> tensors) of the head described by config.json, "
+                        f"not a {type(obj).__name__}")
+    return obj

@@ -150,12 +150,13 @@ def fit_head(features, out, pooling, head, hidden, dropout, epochs, lr, weight_d
 @click.option("--features", "-f", help="Features file [the one the head was trained on].")
 @click.option("--split", default="test", show_default=True)
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
+@click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(checkpoint, features, split, weights, as_json):
+def evaluate(checkpoint, features, split, weights, allow_pickle, as_json):
     """Accuracy, macro-F1, per-class precision / recall and the confusion matrix on a cached split."""
     from .predict import evaluate as run_evaluate
 
-    report = run_evaluate(checkpoint, features, split, weights)
+    report = run_evaluate(checkpoint, features, split, weights, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(report, ensure_ascii=False))
         return
@@ -177,8 +178,9 @@ def evaluate(checkpoint, features, split, weights, as_json):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
 @click.option("--batch-tokens", type=int, help="Padded tokens per batch.")
+@click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, as_json):
+def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allow_pickle, as_json):
     """Classify raw texts with the full encoder + head (arguments, --file, stdin, or an interactive loop)."""
     from .predict import Predictor
 
@@ -191,7 +193,8 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, as_j
             interactive = True
         else:
             texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
-    predictor = Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens)
+    predictor = Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens,
+                          allow_pickle=allow_pickle)
 
     def show(results):
         for r in results:

@@ -1,5 +1,30 @@
 """The one exception type a user can cause: the CLI prints it as a single line and exits non-zero."""
+import errno
+import os
+import re
 
 
 class UserError(Exception):
     """A problem with the user's input, named along with what to do about it."""
+
+
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|os error (\d+)")
+
+
+def write_error(e: Exception, path: str, then: str = "") -> Exception:
+    """A UserError for a failed write the user can fix (full disk, size limit, read-only folder, file in use),
+    else `e` itself. h5py and safetensors do not always set errno: the number is then read from the message."""
+    code = getattr(e, "errno", None)
+    m = None if code else _ERRNO_IN_TEXT.search(str(e))
+    code = code or (int(m.group(1) or m.group(2)) if m else None)
+    if code == errno.ENOSPC:
+        return UserError(f"the disk is full writing {path}; free some space or choose another --out{then}")
+    if code == errno.EFBIG:
+        return UserError(f"writing {path} went past the file size limit (ulimit -f); raise it or choose another "
+                         f"--out{then}")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write {path}: {os.strerror(code)}; choose a writable --out")
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return UserError(f"{path} is locked by another process (another extract writing it?); wait for it to "
+                         "finish or choose another --out")
+    return e

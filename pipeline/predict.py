@@ -8,30 +8,35 @@ from .encoder import Encoder
 from .errors import UserError
 from .heads import build_features, pooling_features
 from .metrics import classification_report
-from .store import FeatureStore
+from .store import FeatureStore, settings_differences
+
+# The encoder settings that decide what a vector means: a head is only valid on vectors made the same way.
+VECTOR_SETTINGS = ("model", "model_fingerprint", "max_length", "prefix", "precision", "hidden_size")
 
 
-def check_same_encoder(checkpoint: dict, fingerprint: str, what: str) -> None:
-    want = checkpoint["encoder"].get("model_fingerprint")
-    if want and fingerprint and want != fingerprint:
-        raise UserError(f"this checkpoint was trained on features of model {checkpoint['encoder']['model']!r} "
-                        f"(fingerprint {want[:12]}), but {what} has fingerprint {fingerprint[:12]}: "
-                        "use the encoder the head was trained with")
+def check_same_encoder(checkpoint: dict, settings: dict, what: str) -> None:
+    """Refuse an encoder (or a cache) whose vectors differ from those the head was trained on."""
+    trained = checkpoint["encoder"]
+    keys = [k for k in VECTOR_SETTINGS if k in trained]
+    diffs = settings_differences(trained, settings, keys)
+    if any(not d.startswith("model:") for d in diffs):  # a path alone is not a difference
+        raise UserError(f"this checkpoint's head was trained on vectors of model {trained.get('model')!r}, but {what} "
+                        f"differs ({'; '.join(diffs)}): use the encoder and settings the head was trained with")
 
 
 class Predictor:
     """Encoder + head from a checkpoint folder. `predict_proba(texts)` -> [n, classes]."""
 
     def __init__(self, checkpoint: str, *, model: str | None = None, device: str = "auto", weights: str = "best",
-                 batch_tokens: int | None = None, encoder: Encoder | None = None):
-        self.config = read_config(checkpoint)
+                 batch_tokens: int | None = None, encoder: Encoder | None = None, allow_pickle: bool = False):
+        self.config = read_config(checkpoint, allow_pickle)
         enc = self.config["encoder"]
         self.encoder = encoder or Encoder(model or enc["model"], device=device, precision=enc["precision"],
                                           max_length=enc["max_length"], prefix=enc.get("prefix") or "",
                                           layers=len(enc["layers"]), revision=enc.get("revision"),
                                           batch_tokens=batch_tokens)
-        check_same_encoder(self.config, self.encoder.model_fingerprint, f"model {self.encoder.model_ref!r}")
-        _, self.head = load_checkpoint(checkpoint, weights, device=self.encoder.device)
+        check_same_encoder(self.config, self.encoder.settings(), f"model {self.encoder.model_ref!r}")
+        _, self.head = load_checkpoint(checkpoint, weights, device=self.encoder.device, allow_pickle=allow_pickle)
         self.label_names = self.config["label_names"]
         self.pooling = self.config["pooling"]
         self.layers = enc["layers"]
@@ -54,12 +59,13 @@ class Predictor:
         return out
 
 
-def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best") -> dict:
+def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best",
+             allow_pickle: bool = False) -> dict:
     """Metrics of a checkpoint's head on a cached split (labelled rows only)."""
-    config, head = load_checkpoint(checkpoint, weights)
+    config, head = load_checkpoint(checkpoint, weights, allow_pickle=allow_pickle)
     features = features or config["features"]["path"]
     with FeatureStore(features) as store:
-        check_same_encoder(config, store.settings.get("model_fingerprint"), f"the features file {features}")
+        check_same_encoder(config, store.settings, f"the features file {features}")
         if store.label_names != config["label_names"]:
             raise UserError(f"{features} has labels {store.label_names}, the checkpoint {config['label_names']}")
         layers = store.settings["layers"]

@@ -26,14 +26,13 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 
 import h5py
 import numpy as np
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, write_error
 
 try:
     import resource
@@ -43,6 +42,7 @@ except ImportError:  # Windows: no file size limits to check
 FORMAT = "bertcache-features"
 FORMAT_VERSION = 1
 STORE_DTYPES = ("float32", "float16")
+_RESUMABLE = " (the rows written so far are kept: run extract again to resume)"
 
 
 def partial_path(path: str) -> str:
@@ -222,7 +222,7 @@ class StoreWriter:
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            raise _write_error(e, folder) from e
+            raise write_error(e, folder) from e
         if not os.access(folder, os.W_OK):
             raise UserError(f"cannot write to {folder}: the folder is read-only; choose another --out")
         self.status = "complete"
@@ -300,7 +300,7 @@ class StoreWriter:
         except OSError as e:
             if os.path.exists(new):
                 os.remove(new)
-            raise _write_error(e, self.tmp) from e
+            raise write_error(e, self.tmp) from e
 
     def _layout(self, f, settings, splits, label_names, feature_names, hidden_size, source, store_dtype, fingerprint):
         a = f.attrs
@@ -346,7 +346,7 @@ class StoreWriter:
             g.attrs.modify("rows_done", np.int64(stop))  # in place: the one metadata change per chunk
             self.file.flush()
         except OSError as e:
-            raise _write_error(e, self.tmp, resumable=True) from e
+            raise write_error(e, self.tmp, _RESUMABLE) from e
 
     def read(self, split: str, index: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         """Rows already written (for texts seen earlier in the run), in the order of `index`."""
@@ -359,7 +359,7 @@ class StoreWriter:
             self.file.attrs.modify("complete", True)
             self.file.close()
         except OSError as e:
-            raise _write_error(e, self.tmp, resumable=True) from e
+            raise write_error(e, self.tmp, _RESUMABLE) from e
         os.replace(self.tmp, self.path)
 
     def abort(self):
@@ -387,7 +387,7 @@ def _open_for_writing(path: str) -> h5py.File:
     try:
         return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR, fapl=fapl))
     except OSError as e:
-        raise _write_error(e, path) from e
+        raise write_error(e, path) from e
 
 
 def _reserve(path: str) -> None:
@@ -403,29 +403,6 @@ def _reserve(path: str) -> None:
             raise
     finally:
         os.close(fd)
-
-
-_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")
-
-
-def _write_error(e: OSError, path: str, resumable: bool = False) -> Exception:
-    """A UserError for what the user can fix (full disk, read-only folder, file in use); else `e` itself."""
-    code = e.errno
-    if code is None:  # h5py does not always set errno; HDF5 puts it in the message
-        m = _ERRNO_IN_TEXT.search(str(e))
-        code = int(m.group(1)) if m else None
-    then = " (the finished part is kept: run extract again to resume)" if resumable else ""
-    if code == errno.ENOSPC:
-        return UserError(f"the disk is full writing {path}; free some space or choose another --out{then}")
-    if code == errno.EFBIG:
-        return UserError(f"writing {path} went past the file size limit (ulimit -f); raise it or choose another "
-                         f"--out{then}")
-    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return UserError(f"cannot write {path}: {os.strerror(code)}; choose a writable --out")
-    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
-        return UserError(f"{path} is locked by another process (another extract writing it?); wait for it to "
-                         "finish or choose another --out")
-    return e
 
 
 def _size(n: int) -> str:

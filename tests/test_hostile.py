@@ -1,0 +1,406 @@
+"""Hostile and broken input, one test per row of the README's table "Bad input and what you see".
+
+Each refused input must give exit code 2, exactly one `error:` line naming the problem, no traceback,
+and nothing under the final file name; documented skips and acceptances are checked for what they keep.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import pipeline as bc
+from conftest import build_tiny_bert, default_splits, make_texts, write_split_files
+from pipeline.cli import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--device", "cpu", "--precision", "fp32"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def refused(result, *words):
+    """Exit 2, one `error:` line holding every word, no traceback; returns the line."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+    return lines[0]
+
+
+def extract_refused(tmp_path, model, data, *words, extra=()):
+    out = tmp_path / "out" / "f.h5"
+    line = refused(run("extract", "-m", model, "-d", data, "-o", out, *FAST, *extra), *words)
+    assert not out.exists()
+    return line
+
+
+def write_rows(folder, split_rows: dict, fmt="csv", encoding="utf-8"):
+    """Split files with raw (text, label) values, written exactly as given."""
+    os.makedirs(folder, exist_ok=True)
+    for split, rows in split_rows.items():
+        path = os.path.join(folder, f"{split}.{fmt}")
+        if fmt == "csv":
+            with open(path, "w", encoding=encoding, newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["text", "label"])
+                w.writerows(rows)
+        else:
+            with open(path, "w", encoding=encoding) as f:
+                for t, y in rows:
+                    f.write(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    data = write_split_files(str(folder / "data"), "jsonl", default_splits())
+    return bc.extract(tiny_model, data, str(folder / "f.h5"), precision="fp32", device="cpu", progress=False)
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str, readonly=False):
+    """A tiny (or read-only) file system mounted at `path`; the test is skipped where mounting is not allowed."""
+    os.makedirs(path, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here")
+    opts = f"size={size}" + (",ro" if readonly else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# -- texts ----------------------------------------------------------------------------------------
+
+def test_blank_texts_are_skipped_counted_on_stderr_and_rows_kept(tiny_model, tmp_path):
+    rows = [(t, y) for t, y in make_texts(12, seed=1)]
+    rows[3] = ("", 1)
+    rows[7] = ("  \t ", 0)
+    data = write_rows(tmp_path / "d", {"train": rows})
+    out = tmp_path / "f.h5"
+    r = run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST)
+    assert r.exit_code == 0, r.output
+    assert "split 'train': skipped 2 blank texts" in r.stderr
+    with h5py.File(out) as f:
+        assert f["train"].attrs["skipped"] == 2
+        assert f["train/row"][:].tolist() == [i for i in range(12) if i not in (3, 7)]
+
+
+def test_a_train_split_of_only_blank_texts_is_refused(tiny_model, tmp_path):
+    data = write_rows(tmp_path / "d", {"train": [(" ", 0), ("", 1)]})
+    extract_refused(tmp_path, tiny_model, data, "train", "empty")
+
+
+def test_texts_far_past_max_length_are_truncated(tiny_model, tmp_path):
+    long = "".join(t for t, _ in make_texts(400, seed=2))  # ~10k characters, one token each
+    assert len(long) > 5000
+    data = write_rows(tmp_path / "d", {"train": [(long, 0), ("好棒", 1)]})
+    out = tmp_path / "f.h5"
+    r = run("extract", "-m", tiny_model, "-d", data, "-o", out, "--max-length", 32, *FAST)
+    assert r.exit_code == 0, r.output
+    enc = bc.Encoder(tiny_model, device="cpu", precision="fp32", max_length=32)
+    ids_long, ids_cut = enc.tokenize([long, long[:30]])
+    assert len(ids_long) == 32 and ids_long == ids_cut
+    with h5py.File(out) as f:
+        cached = f["train/cls"][0]
+    np.testing.assert_allclose(cached, enc.encode([long[:30]])["cls"][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_non_utf8_file_is_refused(tiny_model, tmp_path, fmt):
+    data = write_rows(tmp_path / "d", {"train": [("这本书写得真好", 1), ("太差了", 0)]}, fmt=fmt, encoding="gbk")
+    extract_refused(tmp_path, tiny_model, data, "not UTF-8", f"train.{fmt}")
+
+
+def test_a_non_utf8_predict_file_is_refused(cache, tmp_path):
+    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("这本书写得真好\n".encode("gbk"))
+    refused(run("predict", "-c", ck, "--file", texts, "--device", "cpu"), "not UTF-8")
+
+
+# -- labels ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("label", ["2", "-5"])
+def test_labels_out_of_range_are_refused(tiny_model, tmp_path, label):
+    data = write_rows(tmp_path / "d", {"train": [("好棒", "0"), ("差烂", "1"), ("很好", label)]})
+    extract_refused(tmp_path, tiny_model, data, "out of range", f"label {label}", extra=["--label-names", "neg,pos"])
+
+
+def test_stray_whitespace_around_integer_labels_is_stripped(tiny_model, tmp_path):
+    rows = make_texts(20, seed=3)
+    clean = write_rows(tmp_path / "clean", {"train": rows})
+    spaced = write_rows(tmp_path / "spaced", {"train": [(t, f"  {y} ") for t, y in rows]})
+    for data, out in ((clean, "a.h5"), (spaced, "b.h5")):
+        assert run("extract", "-m", tiny_model, "-d", data, "-o", tmp_path / out, *FAST).exit_code == 0
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert a["train/label"][:].tolist() == b["train/label"][:].tolist() == [y for _, y in rows]
+        assert a.attrs["label_names"] == b.attrs["label_names"]
+
+
+@pytest.mark.parametrize("missing", [float("nan"), None, ""])
+def test_nan_or_missing_train_labels_are_refused(tiny_model, tmp_path, missing):
+    data = write_rows(tmp_path / "d", {"train": [("好棒", 1), ("差烂", 0), ("很好", missing)]}, fmt="jsonl")
+    extract_refused(tmp_path, tiny_model, data, "train", "without a label")
+
+
+def test_nan_labels_outside_train_mean_unlabelled(tiny_model, tmp_path):
+    rows = make_texts(10, seed=4)
+    data = write_rows(tmp_path / "d", {"train": rows, "test": [("好棒", 1), ("差烂", float("nan"))]}, fmt="jsonl")
+    out = tmp_path / "f.h5"
+    assert run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST).exit_code == 0
+    with h5py.File(out) as f:
+        assert f["test/label"][:].tolist() == [1, -1]
+
+
+def test_a_class_in_validation_but_not_in_train_is_refused(tiny_model, tmp_path):
+    train = [(t, 0) for t, _ in make_texts(20, seed=5)]
+    data = write_rows(tmp_path / "d", {"train": train, "validation": [("好棒", 0), ("差烂", 1)]})
+    features = tmp_path / "f.h5"
+    assert run("extract", "-m", tiny_model, "-d", data, "-o", features, *FAST).exit_code == 0
+    out = tmp_path / "ck"
+    refused(run("fit-head", "-f", features, "-o", out, "--epochs", 2), "class '1'", "validation", "never in train")
+    assert not out.exists()
+
+
+# -- features files -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "not-hdf5", "empty"])
+def test_a_broken_features_file_is_refused(cache, tmp_path, damage):
+    bad = tmp_path / "bad.h5"
+    raw = open(cache, "rb").read()
+    bad.write_bytes({"truncated": raw[:len(raw) // 2], "not-hdf5": b"text,label\nhello,1\n", "empty": b""}[damage])
+    out = tmp_path / "ck"
+    refused(run("fit-head", "-f", bad, "-o", out, "--epochs", 2), str(bad), "not a readable HDF5 file")
+    assert not out.exists()
+
+
+def test_a_features_file_from_another_tool_is_refused(tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["train/cls"] = np.zeros((4, 8), np.float32)
+        f["train/label"] = np.zeros(4, np.int64)
+    refused(run("fit-head", "-f", other, "-o", tmp_path / "ck"), "not a bertcache features file")
+    refused(run("evaluate", "-c", tmp_path / "nothing", "-f", other), "checkpoint not found")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_file_left_by_a_killed_run_is_refused(cache, tmp_path):
+    partial = tmp_path / "f.h5.partial"
+    shutil.copy(cache, partial)
+    with h5py.File(partial, "r+") as f:
+        f.attrs["complete"] = False
+        f["test"].attrs["rows_done"] = 3
+    refused(run("fit-head", "-f", tmp_path / "f.h5"), "not found", "did not finish")
+    refused(run("fit-head", "-f", partial), "incomplete extraction")
+
+
+@pytest.mark.parametrize("damage", ["narrow-split", "label-outside-names", "rows-missing"])
+def test_a_cache_whose_splits_disagree_is_refused(cache, tmp_path, damage):
+    bad = tmp_path / "bad.h5"
+    shutil.copy(cache, bad)
+    with h5py.File(bad, "r+") as f:
+        if damage == "narrow-split":  # another extraction's vectors pasted into one split
+            del f["test/cls"]
+            f["test/cls"] = np.zeros((f["test"].attrs["rows"], 16), np.float32)
+        elif damage == "label-outside-names":
+            labels = f["validation/label"][:]
+            labels[0] = 5
+            f["validation/label"][:] = labels
+        else:
+            f["train"].attrs["rows_done"] = 10
+    out = tmp_path / "ck"
+    refused(run("fit-head", "-f", bad, "-o", out, "--epochs", 2), "not a consistent features file")
+    assert not out.exists()
+
+
+# -- the output folder ----------------------------------------------------------------------------
+
+def test_a_full_disk_is_refused_before_encoding(tiny_model, cache, tmp_path):
+    data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
+    with tmpfs(tmp_path / "small", "32k") as small:
+        out = os.path.join(small, "f.h5")
+        refused(run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST), "not enough disk space", "free")
+        assert os.listdir(small) == []
+        ck = os.path.join(small, "ck")
+        with open(os.path.join(small, "filler"), "wb") as f:  # leave less room than a checkpoint needs
+            f.write(b"\0" * (32 * 1024 - 4096))
+        refused(run("fit-head", "-f", cache, "-o", ck, "--epochs", 2), "disk is full")
+        assert os.listdir(small) == ["filler"]
+
+
+def test_a_file_size_limit_is_refused(tiny_model, tmp_path):
+    """`ulimit -f`: the same refusal where no tmpfs can be mounted (RLIMIT_FSIZE in the child)."""
+    import resource
+
+    data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
+    out = tmp_path / "f.h5"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "-m", tiny_model, "-d", data, "-o", out, *FAST],
+                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, preexec_fn=limit,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "file size limit" in errors[0] and "Traceback" not in r.stderr
+    assert os.listdir(tmp_path) == ["data"]
+
+
+def test_a_read_only_output_folder_is_refused(tiny_model, cache, tmp_path):
+    data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
+    with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
+        refused(run("extract", "-m", tiny_model, "-d", data, "-o", os.path.join(ro, "f.h5"), *FAST),
+                "read-only", "--out")
+        refused(run("extract", "-m", tiny_model, "-d", data, "-o", os.path.join(ro, "sub", "f.h5"), *FAST),
+                "read-only file system", "--out")
+        refused(run("fit-head", "-f", cache, "-o", os.path.join(ro, "ck"), "--epochs", 2), "read-only", "--out")
+        assert os.listdir(ro) == []
+
+
+# -- options and models ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option, value, words", [("--pooling", "max", ["unknown --pooling 'max'"]),
+                                                  ("--pooling", "cls_9", ["layer 9"]),
+                                                  ("--head", "svm", ["unknown --head 'svm'", "linear, mlp"])])
+def test_an_unknown_pooling_or_head_is_refused(cache, tmp_path, option, value, words):
+    out = tmp_path / "ck"
+    refused(run("fit-head", "-f", cache, "-o", out, option, value), *words)
+    assert not out.exists()
+
+
+def test_a_model_folder_without_weights_is_refused(tiny_model, tmp_path):
+    model = tmp_path / "noweights"
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
+    extract_refused(tmp_path, str(model), data, "cannot load model", str(model))
+
+
+def test_a_tokenizer_that_does_not_match_the_vocabulary_is_refused(tmp_path):
+    from transformers import BertTokenizer
+
+    model = build_tiny_bert(str(tmp_path / "m"))
+    vocab = open(os.path.join(model, "vocab.txt"), encoding="utf-8").read().split()
+    extra = tmp_path / "vocab.txt"
+    extra.write_text("\n".join(vocab + [f"tok{i}" for i in range(50)]) + "\n", encoding="utf-8")
+    for name in os.listdir(model):
+        if name.startswith(("tokenizer", "vocab", "special_tokens")):
+            os.remove(os.path.join(model, name))
+    BertTokenizer(vocab=str(extra), model_max_length=128).save_pretrained(model)
+    data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
+    extract_refused(tmp_path, model, data, f"has {len(vocab) + 50} tokens", f"vocabulary has {len(vocab)}")
+
+
+def test_debug_shows_the_traceback(tiny_model, tmp_path):
+    data = write_rows(tmp_path / "d", {"train": [(" ", 0)]})
+    r = subprocess.run([sys.executable, "-m", "pipeline", "--debug", "extract", "-m", tiny_model, "-d", data,
+                        "-o", tmp_path / "f.h5"], env={**os.environ, "PYTHONPATH": ROOT},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "UserError" in r.stderr
+
+
+# -- mismatched caches, checkpoints and encoders --------------------------------------------------
+
+def test_extract_into_a_file_made_differently_says_what_differs(tiny_model, tmp_path):
+    data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits(n_train=40, n_val=10, n_test=10))
+    out = tmp_path / "f.h5"
+    assert run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST).exit_code == 0
+    before = out.read_bytes()
+    refused(run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST, "--max-length", 64),
+            "different settings", "max_length: 128 -> 64", "--restart")
+    refused(run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST, "--prefix", "query: "),
+            "prefix: '' -> 'query: '")
+    other = write_split_files(str(tmp_path / "other"), "jsonl", default_splits(n_train=41, n_val=10, n_test=10))
+    refused(run("extract", "-m", tiny_model, "-d", other, "-o", out, *FAST), "the data of split 'train'")
+    assert out.read_bytes() == before
+    r = run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST, "--max-length", 64, "--restart")
+    assert r.exit_code == 0, r.output
+    with bc.FeatureStore(str(out)) as store:
+        assert store.settings["max_length"] == 64
+
+
+def test_evaluate_refuses_a_cache_of_another_encoder(cache, other_model, tmp_path):
+    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+    data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
+    other = bc.extract(other_model, data, str(tmp_path / "other.h5"), precision="fp32", device="cpu", progress=False)
+    refused(run("evaluate", "-c", ck, "-f", other), "model_fingerprint", "trained with")
+
+
+def test_predict_refuses_another_encoder(cache, other_model, tmp_path):
+    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+    refused(run("predict", "-c", ck, "-m", other_model, "--device", "cpu", "好棒"), "model_fingerprint", "trained with")
+
+
+def _malicious_pickle(path, marker):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    with open(path, "wb") as f:
+        pickle.dump({"net.weight": Evil()}, f)
+
+
+@pytest.mark.parametrize("where", ["file", "folder-without-config", "weights-in-checkpoint"])
+def test_a_pickle_checkpoint_is_refused(cache, tmp_path, where):
+    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+    marker = tmp_path / "pwned"
+    if where == "file":
+        target = tmp_path / "head.pth"
+        _malicious_pickle(target, marker)
+    elif where == "folder-without-config":
+        target = tmp_path / "pickles"
+        target.mkdir()
+        _malicious_pickle(target / "best.pt", marker)
+    else:
+        target = tmp_path / "ck"
+        os.remove(target / "best.safetensors")
+        _malicious_pickle(target / "best.pt", marker)
+    refused(run("evaluate", "-c", target), "pickle")
+    refused(run("predict", "-c", target, "--device", "cpu", "好棒"), "pickle")
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_allow_pickle_reads_only_tensors(cache, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=3)
+    want = json.loads(run("evaluate", "-c", ck, "--json").stdout)
+    state = load_file(os.path.join(ck, "best.safetensors"))
+    torch.save(state, os.path.join(ck, "best.pt"))
+    os.remove(os.path.join(ck, "best.safetensors"))
+    refused(run("evaluate", "-c", ck), "only best.pt", "--allow-pickle")
+    got = run("evaluate", "-c", ck, "--allow-pickle", "--json")
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.stdout)["confusion_matrix"] == want["confusion_matrix"]
+    by_file = run("evaluate", "-c", os.path.join(ck, "best.pt"), "--allow-pickle", "--json")
+    assert json.loads(by_file.stdout)["accuracy"] == want["accuracy"]
+
+    marker = tmp_path / "pwned"
+    _malicious_pickle(os.path.join(ck, "best.pt"), marker)
+    refused(run("evaluate", "-c", ck, "--allow-pickle"), "weights_only=True")
+    assert not marker.exists()
+    torch.save({"weight": torch.zeros(2, 2)}, os.path.join(ck, "best.pt"))
+    refused(run("evaluate", "-c", ck, "--allow-pickle"), "does not hold this head's weights")
