@@ -1,0 +1,86 @@
+"""Determinism of fit-head, and fingerprints that follow what a model is, not where it lies."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import pipeline as bc
+from conftest import default_splits, write_split_files
+from pipeline.cli import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on the shared, oversubscribed test machine two spinning threads run ~100x slower."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trust")
+    data = write_split_files(str(folder / "data"), "jsonl", default_splits())
+    return bc.extract(tiny_model, data, str(folder / "f.h5"), precision="fp32", device="cpu", progress=False)
+
+
+def _weights(folder):
+    return {name: load_file(os.path.join(folder, f"{name}.safetensors")) for name in ("best", "last")}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(a[k].keys() == b[k].keys() and
+                                        all(a[k][t].numpy().tobytes() == b[k][t].numpy().tobytes() for t in a[k])
+                                        for k in a)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_same_cache_and_seed_give_bitwise_identical_heads(cache, tmp_path, head):
+    args = dict(head=head, pooling="cls+mean", epochs=15, patience=None, device="cpu")
+    one, _ = bc.fit_head(cache, str(tmp_path / "a"), seed=3, **args)
+    two, _ = bc.fit_head(cache, str(tmp_path / "b"), seed=3, **args)
+    other, _ = bc.fit_head(cache, str(tmp_path / "c"), seed=4, **args)
+    assert _same(_weights(one), _weights(two))
+    assert not _same(_weights(one), _weights(other))  # the seed does reach the weights
+
+
+def test_a_separate_process_gives_the_same_head(cache, tmp_path):
+    here, _ = bc.fit_head(cache, str(tmp_path / "here"), seed=5, epochs=10, device="cpu")
+    r = subprocess.run([sys.executable, "-m", "pipeline", "fit-head", "-f", cache, "-o", tmp_path / "there",
+                        "--seed", "5", "--epochs", "10", "--device", "cpu", "--json"],
+                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert _same(_weights(here), _weights(str(tmp_path / "there")))
+
+
+def test_a_moved_model_folder_keeps_its_cache_and_checkpoints(tiny_model, cache, tmp_path):
+    moved = str(tmp_path / "moved-model")
+    shutil.copytree(tiny_model, moved)
+    data = os.path.join(os.path.dirname(cache), "data")
+    before = open(cache, "rb").read()
+    r = CliRunner().invoke(cli, ["extract", "-m", moved, "-d", data, "-o", cache, "--device", "cpu",
+                                 "--precision", "fp32"])
+    assert r.exit_code == 0, r.output
+    assert "already complete" in r.stderr and open(cache, "rb").read() == before
+    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=3, device="cpu")
+    r = CliRunner().invoke(cli, ["predict", "-c", ck, "-m", moved, "--device", "cpu", "好棒"])
+    assert r.exit_code == 0, r.output
+
+    # The same folder with other weights is another model, wherever it lies.
+    with open(os.path.join(moved, "model.safetensors"), "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x11" * 8)  # the last weights change; the file still loads
+    r = CliRunner().invoke(cli, ["extract", "-m", moved, "-d", data, "-o", cache, "--device", "cpu",
+                                 "--precision", "fp32"])
+    assert r.exit_code == 2 and "model_fingerprint" in r.stderr and "--restart" in r.stderr, r.stderr
