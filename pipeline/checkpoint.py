@@ -113,11 +113,17 @@ def load_checkpoint(folder: str, weights: str = "best", device="cpu", allow_pick
     head = Head(shape["in_features"], shape["num_classes"], shape["type"], shape.get("hidden") or 0)
     try:
         state = load_file(path) if path.endswith(".safetensors") else _load_pickled_state(path)
-        head.load_state_dict(state)
     except UserError:
         raise
-    except Exception as e:  # safetensors and torch both raise several types for corrupt / mismatched files
+    except Exception as e:  # safetensors raises several types for corrupt files
         raise UserError(f"{path} does not hold this head's weights: {str(e).splitlines()[0]}") from e
+    want = {k: list(v.shape) for k, v in head.state_dict().items()}
+    got = {k: list(v.shape) for k, v in state.items()}
+    if want != got:
+        diff = [f"{k} {got.get(k, 'missing')} (expected {want.get(k, 'none')})" for k in sorted(set(want) | set(got))
+                if want.get(k) != got.get(k)]
+        raise UserError(f"{path} does not hold the weights of the head config.json describes: {'; '.join(diff[:4])}")
+    head.load_state_dict(state)
     return config, head.to(device).eval()
 
 
@@ -135,6 +141,9 @@ def _weights_file(folder: str, weights: str, allow_pickle: bool) -> str:
     raise UserError(f"{folder} has no {weights}.safetensors")
 
 
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+
+
 def _load_pickled_state(path: str) -> dict:
     """Tensors from a pickle, with torch's restricted unpickler (no code runs); nothing but a state_dict."""
     import pickle
@@ -143,8 +152,11 @@ def _load_pickled_state(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"{path} was refused by torch.load(weights_only=True) (it holds more than tensors, or is "
-                        f"not a torch file): {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        # torch's message advises weights_only=False: keep only the reason.
+        lines = [line.split("WeightsUnpickler error:")[-1].strip() for line in str(e).splitlines()]
+        reason = next((line for line in lines if line and not line.startswith(_TORCH_ADVICE)), type(e).__name__)
+        raise UserError(f"{path} was refused by torch.load(weights_only=True): it holds more than tensors, or is not "
+                        f"a torch file ({reason})") from e
     if isinstance(obj, dict) and set(obj) == {"state_dict"}:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):

@@ -76,6 +76,8 @@ def settings_differences(old: dict, new: dict, keys=None) -> list[str]:
             continue
         a, b = old.get(key), new.get(key)
         if a != b:
+            if key.endswith(("fingerprint", "hash")):  # enough hex digits to tell them apart
+                a, b = (v[:12] if isinstance(v, str) else v for v in (a, b))
             diffs.append(f"{key}: {a!r} -> {b!r}")
     return diffs
 
