@@ -36,7 +36,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     corpus = load_corpus(data, text_column, label_column, label_names)
     for name, n in corpus.skipped.items():
         if n:
-            log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (the `row` dataset keeps source rows)")
+            log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
                                  prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens)
     out = out or default_features_path(model, data)

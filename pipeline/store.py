@@ -276,6 +276,9 @@ class StoreWriter:
                     for d in f[s].values() if done else ():
                         d[done - 1]  # the last row recorded as written must read back
         except (OSError, KeyError, ValueError, TypeError) as e:
+            locked = write_error(e, self.tmp) if isinstance(e, OSError) else e
+            if isinstance(locked, UserError):  # another extract has it open: never remove it under its feet
+                raise locked from e
             return f"it cannot be read ({_first_line(e)})"
         return problem
 

@@ -107,3 +107,14 @@ def saved_dataset(tmp_path_factory) -> str:
                                for s, rows in default_splits().items()})
     dd.save_to_disk(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a shared,
+    oversubscribed machine torch's spinning worker threads make tiny models ~100x slower."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -25,15 +25,7 @@ from pipeline.cli import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--device", "cpu", "--precision", "fp32"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared, oversubscribed test machine two spinning threads run ~100x slower."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*args):
@@ -286,6 +278,25 @@ def test_a_read_only_output_folder_is_refused(tiny_model, cache, tmp_path):
                 "read-only file system", "--out")
         refused(run("fit-head", "-f", cache, "-o", os.path.join(ro, "ck"), "--epochs", 2), "read-only", "--out")
         assert os.listdir(ro) == []
+
+
+def test_a_file_another_extract_is_writing_is_left_alone(tiny_model, tmp_path):
+    out = tmp_path / "f.h5"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys
+from pipeline.store import StoreWriter
+w = StoreWriter({str(out)!r}, settings={{"hidden_size": 4}}, splits={{"train": {{"rows": 8, "fingerprint": "x"}}}},
+                label_names=["a"], feature_names=["cls"], hidden_size=4, source="t")
+print("ready", flush=True)
+sys.stdin.read()
+"""], env={**os.environ, "PYTHONPATH": ROOT}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
+        refused(run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST), "locked by another process")
+        assert os.path.exists(str(out) + ".partial") and not out.exists()
+    finally:
+        holder.communicate("", timeout=60)
 
 
 # -- options and models ---------------------------------------------------------------------------
