@@ -1,10 +1,10 @@
-"""What the crash-safe store layout costs: StoreWriter write + read-back speed, this branch vs main's.
+"""What the crash-safe store layout costs: StoreWriter write + read-back speed, now vs before issue 5.
 
 Writes a cache of ROWS x HIDDEN float32 vectors (cls and mean) in chunks of 2048 rows with this
-checkout's StoreWriter and with the one on git `main` (loaded from `git show main:pipeline/store.py`),
-alternating, REPEATS times each; prints the median seconds and the ratio. Usage:
+checkout's StoreWriter and with the chunked one of commit BASE (loaded with `git show`), alternating,
+REPEATS times each; prints the median seconds and the ratio. Usage:
 
-    python benchmarks/store_write.py [--rows 200000] [--hidden 384] [--repeats 5] [--dir /tmp]
+    python benchmarks/store_write.py [--rows 200000] [--hidden 384] [--repeats 5] [--dir /tmp] [--base 9d9593f]
 """
 from __future__ import annotations
 
@@ -21,20 +21,19 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import pipeline  # noqa: E402
 from pipeline import store as current  # noqa: E402
 
 CHUNK = 2048
 
 
-def main_store():
-    """main's store.py as the module pipeline._store_main (its relative imports resolve in pipeline)."""
-    code = subprocess.run(["git", "show", "main:pipeline/store.py"], capture_output=True, text=True, check=True,
+def old_store(commit: str):
+    """store.py of `commit` as the module pipeline._store_old (its relative imports resolve in pipeline)."""
+    code = subprocess.run(["git", "show", f"{commit}:pipeline/store.py"], capture_output=True, text=True, check=True,
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout
-    spec = importlib.util.spec_from_loader("pipeline._store_main", loader=None)
+    spec = importlib.util.spec_from_loader("pipeline._store_old", loader=None)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "pipeline"
-    exec(compile(code, "main:pipeline/store.py", "exec"), module.__dict__)
+    exec(compile(code, f"{commit}:pipeline/store.py", "exec"), module.__dict__)
     return module
 
 
@@ -64,10 +63,11 @@ def main():
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--base", default="9d9593f", help="A commit with the chunked store of before issue 5.")
     a = ap.parse_args()
     features = np.random.default_rng(0).standard_normal((a.rows, a.hidden)).astype(np.float32)
     folder = tempfile.mkdtemp(dir=a.dir, prefix="bc-bench-")
-    stores = {"main": main_store(), "this branch": current}
+    stores = {"before": old_store(a.base), "now": current}
     times = {k: [] for k in stores}
     try:
         for _ in range(a.repeats):
@@ -77,11 +77,11 @@ def main():
         shutil.rmtree(folder, ignore_errors=True)
     mb = a.rows * a.hidden * 4 * 2 / 2**20
     print(f"{a.rows} rows x {a.hidden} x 2 features float32 ({mb:.0f} MiB), chunks of {CHUNK}, "
-          f"median of {a.repeats} (bertcache {pipeline.__version__})")
+          f"median of {a.repeats}; before = store.py of {a.base}")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"  {name:12s} write + finish + read back: {m:.3f} s  ({mb / m:.0f} MiB/s)")
-    print(f"  ratio this branch / main: {statistics.median(times['this branch']) / statistics.median(times['main']):.2f}")
+        print(f"  {name:6s} write + finish + read back: {m:.3f} s  ({mb / m:.0f} MiB/s)")
+    print(f"  ratio now / before: {statistics.median(times['now']) / statistics.median(times['before']):.2f}")
 
 
 if __name__ == "__main__":
