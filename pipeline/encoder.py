@@ -149,7 +149,7 @@ class Encoder:
             files = os.listdir(path)
             weights = [f for f in files if f.endswith((".safetensors", ".bin")) and not f.startswith("training_args")]
             tok = [f for f in files if f.startswith(("tokenizer", "vocab", "special_tokens", "sentencepiece",
-                                                     "spiece", "merges"))]
+                                                     "spiece", "merges", "added_tokens")) or f.endswith((".model", ".spm"))]
             h.update(_hash_files(path, weights).encode())
             h.update(_hash_files(path, tok).encode())
         else:

@@ -69,10 +69,22 @@ def test_a_moved_model_folder_keeps_its_cache_and_checkpoints(tiny_model, cache,
     r = CliRunner().invoke(cli, ["predict", "-c", ck, "-m", moved, "--device", "cpu", "好棒"])
     assert r.exit_code == 0, r.output
 
-    # The same folder with other weights is another model, wherever it lies.
-    with open(os.path.join(moved, "model.safetensors"), "r+b") as f:
-        f.seek(-8, os.SEEK_END)
-        f.write(b"\x11" * 8)  # the last weights change; the file still loads
-    r = CliRunner().invoke(cli, ["extract", "-m", moved, "-d", data, "-o", cache, "--device", "cpu",
+
+
+@pytest.mark.parametrize("change", ["weights", "tokenizer"])
+def test_other_weights_or_tokenizer_in_the_same_folder_are_another_model(tiny_model, cache, tmp_path, change):
+    changed = str(tmp_path / "model")
+    shutil.copytree(tiny_model, changed)
+    if change == "weights":
+        with open(os.path.join(changed, "model.safetensors"), "r+b") as f:
+            f.seek(-8, os.SEEK_END)
+            f.write(b"\x11" * 8)  # the last weights change; the file still loads
+    else:
+        for name in ("tokenizer.json", "vocab.txt"):  # two characters swap ids
+            path = os.path.join(changed, name)
+            text = open(path, encoding="utf-8").read().replace("好", "\0").replace("差", "好").replace("\0", "差")
+            open(path, "w", encoding="utf-8").write(text)
+    data = os.path.join(os.path.dirname(cache), "data")
+    r = CliRunner().invoke(cli, ["extract", "-m", changed, "-d", data, "-o", cache, "--device", "cpu",
                                  "--precision", "fp32"])
     assert r.exit_code == 2 and "model_fingerprint" in r.stderr and "--restart" in r.stderr, r.stderr
