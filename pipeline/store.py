@@ -17,8 +17,9 @@ rows changes no HDF5 metadata at all: the whole layout is written under a tempor
 `.partial` only when complete; datasets are contiguous and allocated (and the disk space reserved) at
 creation; rows go straight to their final bytes (no sieve buffer), and `rows_done` is overwritten in place.
 A `.partial` is still checked when reopened (readable, layout as expected, `rows_done` in range), and
-one that fails is started over. SWMR (`libver="latest"`) was not used: it cannot update attributes,
-and a writer killed under it leaves a flag that makes the file refuse to open until `h5clear` is run.
+one that fails is started over. SWMR (`libver="latest"`) was not used: its writer may only write
+dataset data, and a writer killed under it leaves a flag that makes the file refuse to open until
+`h5clear` is run.
 """
 from __future__ import annotations
 
