@@ -103,6 +103,15 @@ def read_config(folder: str, allow_pickle: bool = False) -> dict:
     return config
 
 
+def read_metrics(folder: str) -> dict:
+    """The checkpoint's training metrics (empty when metrics.json is missing or unreadable)."""
+    try:
+        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def load_checkpoint(folder: str, weights: str = "best", device="cpu", allow_pickle: bool = False) -> tuple[dict, Head]:
     """The checkpoint's config and its head (best or last weights), ready for inference."""
     if weights not in WEIGHTS:

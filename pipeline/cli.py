@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from . import heads as H
+from . import serve as S
 from .errors import UserError
 
 
@@ -216,6 +217,31 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             break
         if line.strip():
             show(predictor.predict([line]))
+
+
+@cli.command()
+@click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
+@click.option("--host", default=S.HOST, show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=S.PORT, show_default=True, help="Port to listen on (0: any free port).")
+@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
+@click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--max-wait-ms", default=S.MAX_WAIT_MS, show_default=True,
+              help="How long a request waits to share an encoder call with concurrent ones.")
+@click.option("--batch-tokens", type=int, help="Token budget of one encoder batch [the encoder's default].")
+@click.option("--max-texts", default=S.MAX_TEXTS, show_default=True, help="Texts per request.")
+@click.option("--max-chars", default=S.MAX_CHARS, show_default=True,
+              help="Characters per text; longer texts are refused (422).")
+@click.option("--max-body-bytes", default=S.MAX_BODY_BYTES, show_default=True,
+              help="Request body size, checked before parsing (413).")
+@click.option("--no-batching", is_flag=True, help="Run every request alone (for comparison).")
+@click.option("--access-log", is_flag=True, help="Log every request on stderr.")
+def serve(checkpoint, host, port, weights, model, device, max_wait_ms, batch_tokens, max_texts, max_chars,
+          max_body_bytes, no_batching, access_log):
+    """Serve a trained head over HTTP: POST /predict {"texts": [...]}, GET /health, GET /info."""
+    S.serve(checkpoint, host=host, port=port, model=model, device=device, weights=weights,
+            batch_tokens=batch_tokens, access_log=access_log, log=_log, batching=not no_batching,
+            max_wait_ms=max_wait_ms, max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes)
 
 
 def _read_lines(path: str) -> list[str]:

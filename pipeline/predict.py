@@ -29,6 +29,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str, *, model: str | None = None, device: str = "auto", weights: str = "best",
                  batch_tokens: int | None = None, encoder: Encoder | None = None, allow_pickle: bool = False):
+        self.checkpoint, self.weights = checkpoint, weights
         self.config = read_config(checkpoint, allow_pickle)
         enc = self.config["encoder"]
         self.encoder = encoder or Encoder(model or enc["model"], device=device, precision=enc["precision"],
@@ -50,7 +51,10 @@ class Predictor:
 
     def predict(self, texts: list[str], progress=None) -> list[dict]:
         """One dict per text, in order: text, label, label_id, probs (label name -> probability)."""
-        probs = self.predict_proba(texts, progress)
+        return self.results(texts, self.predict_proba(texts, progress))
+
+    def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
+        """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""
         out = []
         for text, p in zip(texts, probs):
             i = int(p.argmax())

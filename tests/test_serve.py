@@ -1,0 +1,274 @@
+"""`bertcache serve`: the HTTP app on the tiny model, through FastAPI's TestClient (real torch, no mocks)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")  # TestClient needs it
+from fastapi.testclient import TestClient  # noqa: E402
+
+import pipeline as bc  # noqa: E402
+from conftest import default_splits, make_texts, write_split_files  # noqa: E402
+from pipeline.cli import cli  # noqa: E402
+from pipeline.serve import create_app  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = ["这本书写得真好", "太差了，失望", "好", "物流很慢，东西还是不错的，推荐", "好"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    data = write_split_files(str(tmp / "data"), "jsonl", default_splits(n_train=80, n_val=20, n_test=20))
+    path = bc.extract(tiny_model, data, str(tmp / "f.h5"), precision="fp32", progress=False)
+    ckpt, _ = bc.fit_head(path, str(tmp / "ck"), pooling="cls+mean", epochs=15)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    return bc.Predictor(checkpoint, device="cpu")
+
+
+def client_for(predictor, **options) -> TestClient:
+    return TestClient(create_app(predictor, **options))
+
+
+def assert_same(got: list[dict], want: list[dict], atol: float):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g["text"], g["label"], g["label_id"]) == (w["text"], w["label"], w["label_id"])
+        assert g["probs"].keys() == w["probs"].keys()
+        assert np.allclose([g["probs"][k] for k in w["probs"]], [w["probs"][k] for k in w["probs"]], atol=atol, rtol=0)
+
+
+def test_predict_matches_cli_predict_json(checkpoint, predictor):
+    result = CliRunner().invoke(cli, ["predict", "--checkpoint", checkpoint, "--device", "cpu", "--json", *TEXTS])
+    assert result.exit_code == 0, result.output
+    want = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    with client_for(predictor) as client:
+        r = client.post("/predict", json={"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    got = r.json()["predictions"]
+    assert [g["text"] for g in got] == TEXTS  # in order, duplicates kept
+    assert_same(got, want, atol=1e-6)
+
+
+def test_health_info_and_openapi(checkpoint, predictor):
+    metrics = json.load(open(os.path.join(checkpoint, "metrics.json")))
+    config = json.load(open(os.path.join(checkpoint, "config.json")))
+    with client_for(predictor, max_texts=7, max_chars=99, max_wait_ms=3) as client:
+        health = client.get("/health").json()
+        info = client.get("/info").json()
+        schema = client.get("/openapi.json").json()
+    assert health["status"] == "ok" and health["batching"] is True
+    assert info["labels"] == config["label_names"] and info["pooling"] == "cls+mean"
+    assert info["encoder"]["model"] == config["encoder"]["model"]
+    assert info["encoder"]["fingerprint"] == config["encoder"]["model_fingerprint"]
+    assert info["max_length"] == config["encoder"]["max_length"] and info["prefix"] == config["encoder"]["prefix"]
+    assert info["training"]["best_epoch"] == metrics["best_epoch"]
+    assert info["training"]["test"]["accuracy"] == metrics["test"]["accuracy"]
+    assert info["limits"]["max_texts_per_request"] == 7 and info["limits"]["max_chars_per_text"] == 99
+    assert info["limits"]["long_texts"].startswith("refused")
+    assert info["batching"] == {"enabled": True, "max_wait_ms": 3, "batch_tokens": predictor.encoder.batch_tokens,
+                                "max_batch_texts": info["batching"]["max_batch_texts"]}
+    op = schema["paths"]["/predict"]["post"]
+    assert {"200", "400", "413", "422"} <= set(op["responses"])
+    body = schema["components"]["schemas"]["PredictRequest"]["properties"]["texts"]
+    assert body["maxItems"] == 7 and body["minItems"] == 1 and body["items"]["maxLength"] == 99
+    assert {"/health", "/info"} <= set(schema["paths"])
+
+
+def test_info_has_no_nan_when_there_was_no_validation(predictor, checkpoint, tmp_path):
+    # A checkpoint whose metrics hold NaN (fit without validation rows) must still give valid JSON.
+    import shutil
+    ck = str(tmp_path / "ck")
+    shutil.copytree(checkpoint, ck)
+    metrics = json.load(open(os.path.join(ck, "metrics.json")))
+    metrics["best"]["val_loss"] = float("nan")
+    json.dump(metrics, open(os.path.join(ck, "metrics.json"), "w"))
+    p = bc.Predictor(ck, device="cpu", encoder=predictor.encoder)
+    with client_for(p) as client:
+        r = client.get("/info")
+    assert r.status_code == 200 and r.json()["training"]["best"]["val_loss"] is None
+
+
+LIMITED = {"max_texts": 4, "max_chars": 20, "max_body_bytes": 600}
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"texts": ["好"] * 5}, 422, ["too many texts (5)", "at most 4"]),
+    ({"texts": ["好" * 21]}, 422, ["texts[0] has 21 characters", "limit of 20", "refused"]),
+    ({"texts": []}, 422, ['"texts" is empty']),
+    ({"texts": ["好", ""]}, 422, ["texts[1] is empty or blank"]),
+    ({"texts": [" \t\n"]}, 422, ["texts[0] is empty or blank"]),
+    ({"texts": "好"}, 422, ['"texts" must be an array of strings, not a string']),
+    ({"texts": ["好", 3]}, 422, ["texts[1] must be a string, not a number"]),
+    ({"texts": [None]}, 422, ["texts[0] must be a string, not null"]),
+    ({"texts": [["好"]]}, 422, ["texts[0] must be a string, not an array"]),
+    (["好"], 422, ["the body must be a JSON object, not an array"]),
+    ("好", 422, ["the body must be a JSON object, not a string"]),
+    ({"text": ["好"]}, 422, ['no "texts" field']),
+    ({"texts": ["好"], "top_k": 3}, 422, ['unknown field "top_k"']),
+])
+def test_bad_bodies_get_clear_4xx(predictor, body, status, words):
+    with client_for(predictor, **LIMITED) as client:
+        r = client.post("/predict", json=body)
+        assert r.status_code == status, r.text
+        answer = r.json()
+        for w in words:
+            assert w in answer["detail"], answer
+        assert answer["errors"] and all("msg" in e and "loc" in e for e in answer["errors"])
+        # and the server still answers a good request afterwards
+        assert client.post("/predict", json={"texts": ["好"]}).status_code == 200
+
+
+@pytest.mark.parametrize("content, headers, status, words", [
+    (b'{"texts": ["\xe5\xa5\xbd"', {"content-type": "application/json"}, 400, ["not valid JSON"]),
+    (b"{texts: 1}", {"content-type": "application/json"}, 400, ["not valid JSON"]),
+    (b"", {"content-type": "application/json"}, 422, ["the body is empty"]),
+    (b'{"texts": ["\\ud800"]}', {"content-type": "application/json"}, 422, ["texts[0] is not valid Unicode"]),
+    (b'{"texts": ["a"]}', {"content-type": "text/plain"}, 422, ["must be a JSON object", "application/json"]),
+    (b'{"texts": ["a", NaN]}', {"content-type": "application/json"}, 422, ["texts[1] must be a string"]),
+])
+def test_malformed_bodies(predictor, content, headers, status, words):
+    with client_for(predictor, **LIMITED) as client:
+        r = client.post("/predict", content=content, headers=headers)
+    assert r.status_code == status, r.text
+    for w in words:
+        assert w in r.json()["detail"]
+
+
+def test_body_size_is_checked_before_parsing(predictor):
+    big = json.dumps({"texts": ["好"] * 200})  # 1.4 KB: over the 600-byte limit, and too many texts as well
+    with client_for(predictor, **LIMITED) as client:
+        declared = client.post("/predict", content=big, headers={"content-type": "application/json"})
+
+        def chunks():  # no Content-Length: the limit counts the bytes as they arrive
+            for i in range(0, len(big), 100):
+                yield big[i:i + 100].encode()
+        streamed = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+        calls = client.get("/health").json()["requests"]
+    for r in (declared, streamed):
+        assert r.status_code == 413, r.text  # 413, not the 422 that parsing would give
+        assert "larger than 600 bytes" in r.json()["detail"]
+    assert calls == 0
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answers(predictor):
+    rng = np.random.default_rng(0)
+    pool = [t for t, _ in make_texts(60, seed=7)]
+    requests = [[pool[j] for j in rng.choice(len(pool), size=int(rng.integers(1, 9)))] for _ in range(8)]
+    answers = [None] * len(requests)
+    with client_for(predictor, max_wait_ms=300) as client:
+        start = threading.Barrier(len(requests))
+
+        def post(i):
+            start.wait()
+            answers[i] = client.post("/predict", json={"texts": requests[i]})
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = client.get("/health").json()
+    assert stats["requests"] == len(requests) and stats["texts"] == sum(map(len, requests))
+    assert stats["encoder_calls"] < len(requests), stats  # some requests shared an encoder call
+    for texts, r in zip(requests, answers):
+        assert r.status_code == 200, r.text
+        # Each request's own texts, in its order; numbers as if predicted alone (padding differs: fp32 noise).
+        assert_same(r.json()["predictions"], predictor.predict(texts), atol=1e-5)
+
+
+def test_no_batching_runs_each_request_alone(predictor):
+    with client_for(predictor, batching=False) as client:
+        for texts in (TEXTS, TEXTS[:2]):
+            r = client.post("/predict", json={"texts": texts})
+            assert_same(r.json()["predictions"], predictor.predict(texts), atol=1e-6)
+        stats = client.get("/health").json()
+    assert stats["batching"] is False and stats["encoder_calls"] == stats["requests"] == 2
+
+
+def test_serve_without_fastapi_says_how_to_install(monkeypatch, checkpoint):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # `import fastapi` now raises ImportError
+    result = CliRunner().invoke(cli, ["serve", "--checkpoint", checkpoint])
+    assert result.exit_code == 2
+    assert "pip install 'bertcache[serve]'" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_taken_port(checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", "--checkpoint", checkpoint, "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+
+
+def test_serve_command_end_to_end(checkpoint, predictor):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--checkpoint", checkpoint, "--port", "0",
+                             "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url, deadline = None, time.time() + 120
+        while url is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "the server exited before it listened"
+            if " on http://127.0.0.1:" in line:
+                url = line.split(" on ")[1].split()[0]
+        rest = []  # keep the pipe drained
+        drain = threading.Thread(target=lambda: rest.append(proc.stderr.read()), daemon=True)
+        drain.start()
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.1)
+        req = urllib.request.Request(url + "/predict", data=json.dumps({"texts": TEXTS}).encode(),
+                                     headers={"content-type": "application/json"})
+        got = json.load(urllib.request.urlopen(req, timeout=30))["predictions"]
+        assert_same(got, predictor.predict(TEXTS), atol=1e-6)
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=30)
+    # SIGTERM: uvicorn shuts the app down cleanly, then re-raises the signal as the exit status.
+    drain.join(timeout=10)
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in "".join(rest)
+
+
+def test_schemathesis_finds_no_server_errors(predictor):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, settings
+
+    app = create_app(predictor, **LIMITED)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures = []
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @schema.given()
+    def check(case):
+        pass
+    del check
+    for op in schema.get_all_operations():
+        operation = op.ok()
+        strategy = operation.as_strategy()
+
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @__import__("hypothesis").given(strategy)
+        def run(case):
+            response = case.call()
+            if response.status_code >= 500:
+                failures.append((operation.label, case.body, response.status_code, response.text[:200]))
+        run()
+    assert not failures, failures[:3]
