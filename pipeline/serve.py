@@ -78,7 +78,8 @@ class MicroBatcher:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertcache-encoder")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertcache-encoder")
         if self.batching:
             self._wakeup = asyncio.Event()
             self._task = asyncio.create_task(self._gather_forever())
@@ -100,9 +101,10 @@ class MicroBatcher:
 
     async def predict_proba(self, texts: list):
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # an app run without its lifespan (or in a new loop) starts lazily
-            if self._loop is not None:
-                await self.stop()
+        if self._loop is not loop:
+            # First use without the app's lifespan, or a new event loop (TestClient without `with`): the
+            # old loop's task and waiters cannot be awaited from this one, so they are dropped.
+            self._pending.clear()
             await self.start()
         self.stats["requests"] += 1
         self.stats["texts"] += len(texts)

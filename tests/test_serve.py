@@ -22,6 +22,11 @@ from conftest import default_splits, make_texts, write_split_files  # noqa: E402
 from pipeline.cli import cli  # noqa: E402
 from pipeline.serve import create_app  # noqa: E402
 
+try:  # optional: a property-based run against the served OpenAPI schema
+    import schemathesis
+except ImportError:
+    schemathesis = None
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["这本书写得真好", "太差了，失望", "好", "物流很慢，东西还是不错的，推荐", "好"]
 
@@ -199,6 +204,13 @@ def test_no_batching_runs_each_request_alone(predictor):
     assert stats["batching"] is False and stats["encoder_calls"] == stats["requests"] == 2
 
 
+def test_app_works_without_its_lifespan(predictor):
+    client = TestClient(create_app(predictor))  # no `with`: every request runs in a new event loop
+    for texts in (TEXTS[:1], TEXTS):
+        r = client.post("/predict", json={"texts": texts})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == len(texts)
+
+
 def test_serve_without_fastapi_says_how_to_install(monkeypatch, checkpoint):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # `import fastapi` now raises ImportError
     result = CliRunner().invoke(cli, ["serve", "--checkpoint", checkpoint])
@@ -247,28 +259,27 @@ def test_serve_command_end_to_end(checkpoint, predictor):
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in "".join(rest)
 
 
-def test_schemathesis_finds_no_server_errors(predictor):
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, settings
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_schemathesis_finds_no_server_errors(predictor, mode):
+    """Bodies generated from the served OpenAPI schema (fitting it, and breaking it) never get a 5xx."""
+    if schemathesis is None:
+        pytest.skip("schemathesis is not installed (optional): pip install schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation import GenerationMode
 
-    app = create_app(predictor, **LIMITED)
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    failures = []
-
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-    @schema.given()
-    def check(case):
-        pass
-    del check
-    for op in schema.get_all_operations():
-        operation = op.ok()
-        strategy = operation.as_strategy()
-
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(predictor, **LIMITED))
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} >= {"POST /predict", "GET /health", "GET /info"}
+    statuses = set()
+    for op in operations:
+        if mode == "negative" and op.label != "POST /predict":
+            continue  # the GETs take no input to break
+        @given(case=op.as_strategy(generation_mode=GenerationMode(mode)))
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        @__import__("hypothesis").given(strategy)
         def run(case):
-            response = case.call()
-            if response.status_code >= 500:
-                failures.append((operation.label, case.body, response.status_code, response.text[:200]))
+            response = case.call_and_validate(checks=[not_a_server_error])
+            statuses.add(response.status_code)
         run()
-    assert not failures, failures[:3]
+    assert statuses and max(statuses) < 500
+    assert (200 in statuses) if mode == "positive" else (statuses & {400, 413, 422}), statuses
