@@ -228,7 +228,12 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-wait-ms", default=S.MAX_WAIT_MS, show_default=True,
               help="How long a request waits to share an encoder call with concurrent ones.")
-@click.option("--batch-tokens", type=int, help="Token budget of one encoder batch [the encoder's default].")
+@click.option("--max-batch-texts", default=S.MAX_BATCH_TEXTS, show_default=True,
+              help="Texts per gathered encoder call.")
+@click.option("--max-batch-tokens", default=S.MAX_BATCH_TOKENS, show_default=True,
+              help="Tokens (estimated) per gathered encoder call.")
+@click.option("--batch-tokens", type=int, help="Padded tokens per encoder forward pass [8192 on CPU, 65536 on GPU].")
+@click.option("--threads", type=int, help="Torch CPU threads [torch's default].")
 @click.option("--max-texts", default=S.MAX_TEXTS, show_default=True, help="Texts per request.")
 @click.option("--max-chars", default=S.MAX_CHARS, show_default=True,
               help="Characters per text; longer texts are refused (422).")
@@ -236,12 +241,14 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
               help="Request body size, checked before parsing (413).")
 @click.option("--no-batching", is_flag=True, help="Run every request alone (for comparison).")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
-def serve(checkpoint, host, port, weights, model, device, max_wait_ms, batch_tokens, max_texts, max_chars,
-          max_body_bytes, no_batching, access_log):
+def serve(checkpoint, host, port, weights, model, device, max_wait_ms, max_batch_texts, max_batch_tokens,
+          batch_tokens, threads, max_texts, max_chars, max_body_bytes, no_batching, access_log):
     """Serve a trained head over HTTP: POST /predict {"texts": [...]}, GET /health, GET /info."""
     S.serve(checkpoint, host=host, port=port, model=model, device=device, weights=weights,
-            batch_tokens=batch_tokens, access_log=access_log, log=_log, batching=not no_batching,
-            max_wait_ms=max_wait_ms, max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes)
+            batch_tokens=batch_tokens, threads=threads, access_log=access_log, log=_log,
+            batching=not no_batching, max_wait_ms=max_wait_ms, max_batch_texts=max_batch_texts,
+            max_batch_tokens=max_batch_tokens, max_texts=max_texts, max_chars=max_chars,
+            max_body_bytes=max_body_bytes)
 
 
 def _read_lines(path: str) -> list[str]:

@@ -32,7 +32,8 @@ MAX_WAIT_MS = 5.0          # how long the first request of a micro-batch waits f
 MAX_TEXTS = 64             # texts per request
 MAX_CHARS = 2000           # characters per text; longer texts are refused (422), not truncated
 MAX_BODY_BYTES = 1 << 20   # 64 texts x 2000 characters fit even written as \uXXXX escapes
-MAX_BATCH_TEXTS = 512      # texts per gathered encoder call (the token budget is the encoder's batch_tokens)
+MAX_BATCH_TEXTS = 256      # texts per gathered call to the encoder (which cuts it into batch_tokens batches)
+MAX_BATCH_TOKENS = 16384   # tokens (estimated from characters) per gathered call
 INSTALL_HINT = "pip install 'bertcache[serve]'"
 
 
@@ -60,18 +61,18 @@ class MicroBatcher:
     """Runs `predict_proba(texts) -> [n, classes]` on one worker thread, gathering concurrent calls.
 
     With `batching=False` every request is its own call (the same thread, for a fair comparison).
-    A gathered call holds at most `max_batch_texts` texts and about `batch_tokens` tokens (estimated
+    A gathered call holds at most `max_batch_texts` texts and `max_batch_tokens` tokens (estimated
     from characters), except that a single request is never split.
     """
 
     def __init__(self, predict_proba, estimate_tokens, *, batching: bool = True, max_wait_ms: float = MAX_WAIT_MS,
-                 batch_tokens: int = 8192, max_batch_texts: int = MAX_BATCH_TEXTS):
+                 max_batch_texts: int = MAX_BATCH_TEXTS, max_batch_tokens: int = MAX_BATCH_TOKENS):
         self._predict = predict_proba
         self._estimate = estimate_tokens
         self.batching = batching
         self.max_wait = max_wait_ms / 1000
-        self.batch_tokens = batch_tokens
         self.max_batch_texts = max_batch_texts
+        self.max_batch_tokens = max_batch_tokens
         self.stats = {"requests": 0, "texts": 0, "encoder_calls": 0, "largest_call": 0}
         self._pending: deque = deque()
         self._executor = self._task = self._wakeup = self._loop = None
@@ -125,7 +126,7 @@ class MicroBatcher:
         for job in self._pending:
             texts += len(job.texts)
             tokens += job.tokens
-            if texts >= self.max_batch_texts or tokens >= self.batch_tokens:
+            if texts >= self.max_batch_texts or tokens >= self.max_batch_tokens:
                 return True
         return False
 
@@ -137,7 +138,8 @@ class MicroBatcher:
             if job.future.done():  # the client went away
                 self._pending.popleft()
                 continue
-            if jobs and (texts + len(job.texts) > self.max_batch_texts or tokens + job.tokens > self.batch_tokens):
+            if jobs and (texts + len(job.texts) > self.max_batch_texts
+                         or tokens + job.tokens > self.max_batch_tokens):
                 break
             jobs.append(self._pending.popleft())
             texts += len(job.texts)
@@ -184,9 +186,9 @@ class MicroBatcher:
 
 # -- the app --------------------------------------------------------------------------------------
 
-def create_app(predictor, *, batching: bool = True, max_wait_ms: float = MAX_WAIT_MS, batch_tokens: int | None = None,
-               max_texts: int = MAX_TEXTS, max_chars: int = MAX_CHARS, max_body_bytes: int = MAX_BODY_BYTES,
-               max_batch_texts: int = MAX_BATCH_TEXTS):
+def create_app(predictor, *, batching: bool = True, max_wait_ms: float = MAX_WAIT_MS,
+               max_batch_texts: int = MAX_BATCH_TEXTS, max_batch_tokens: int = MAX_BATCH_TOKENS,
+               max_texts: int = MAX_TEXTS, max_chars: int = MAX_CHARS, max_body_bytes: int = MAX_BODY_BYTES):
     """A FastAPI app serving a `pipeline.predict.Predictor`: POST /predict, GET /health, GET /info."""
     require_server()
     from typing import Annotated
@@ -197,13 +199,12 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float = MAX_WAI
     from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
     for name, value in (("max_texts", max_texts), ("max_chars", max_chars), ("max_body_bytes", max_body_bytes),
-                        ("max_batch_texts", max_batch_texts), ("batch_tokens", batch_tokens or 1)):
+                        ("max_batch_texts", max_batch_texts), ("max_batch_tokens", max_batch_tokens)):
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
     if max_wait_ms < 0:
         raise UserError(f"--max-wait-ms must be 0 or more, not {max_wait_ms}")
     encoder = predictor.encoder
-    batch_tokens = int(batch_tokens or encoder.batch_tokens)
     prefix_chars = len(encoder.prefix or "")
 
     def estimate_tokens(text: str) -> int:
@@ -211,13 +212,14 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float = MAX_WAI
         return min(prefix_chars + len(text) + 2, encoder.max_length)
 
     batcher = MicroBatcher(predictor.predict_proba, estimate_tokens, batching=batching, max_wait_ms=max_wait_ms,
-                           batch_tokens=batch_tokens, max_batch_texts=max_batch_texts)
+                           max_batch_texts=max_batch_texts, max_batch_tokens=max_batch_tokens)
     limits = {"max_texts_per_request": max_texts, "max_chars_per_text": max_chars,
               "max_body_bytes": max_body_bytes,
               "long_texts": f"refused: a text over {max_chars} characters gets 422; a shorter text is truncated "
                             f"to {encoder.max_length} tokens by the encoder, as in `bertcache predict`"}
-    info = _info(predictor, limits, {"enabled": batching, "max_wait_ms": max_wait_ms, "batch_tokens": batch_tokens,
-                                     "max_batch_texts": max_batch_texts})
+    info = _info(predictor, limits, {"enabled": batching, "max_wait_ms": max_wait_ms,
+                                     "max_batch_texts": max_batch_texts, "max_batch_tokens": max_batch_tokens,
+                                     "encoder_batch_tokens": encoder.batch_tokens})
 
     # The constraints also make pydantic refuse lone surrogates ("\ud800"), which the tokenizer cannot take.
     Text = Annotated[str, StringConstraints(min_length=1, max_length=max_chars, pattern=r"\S")]
@@ -437,8 +439,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | None = None, device: str = "auto",
-          weights: str = "best", batch_tokens: int | None = None, access_log: bool = False, log=None,
-          **app_options) -> None:
+          weights: str = "best", batch_tokens: int | None = None, threads: int | None = None,
+          access_log: bool = False, log=None, **app_options) -> None:
     """Load the checkpoint and serve it until interrupted (Ctrl-C or SIGTERM)."""
     require_server()
     import uvicorn
@@ -446,8 +448,13 @@ def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | N
     from .predict import Predictor
 
     sock = bind(host, port)  # before loading the model: a taken port fails fast
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, not {threads}")
+        import torch
+        torch.set_num_threads(threads)
     predictor = Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens)
-    app = create_app(predictor, batch_tokens=batch_tokens, **app_options)
+    app = create_app(predictor, **app_options)
     bound_host, bound_port = sock.getsockname()[:2]
     if log:
         log(f"serving {checkpoint} on http://{bound_host}:{bound_port} "
