@@ -148,12 +148,14 @@ class MicroBatcher:
 
     async def _gather_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        free_since = 0.0  # when the encoder last finished a call
         while True:
             await self._wakeup.wait()
-            # Wait for company until the oldest request has waited max_wait (requests that queued up
-            # during the previous encoder call have waited already), or until the budget is full.
+            # Wait for company up to max_wait after the oldest request came in or the encoder came free,
+            # whichever is later: the clients just answered get that long to send their next request,
+            # so a steady load does not split into groups that take turns. A full budget stops the wait.
             while self._pending and not self._full():
-                delay = self._pending[0].arrived + self.max_wait - loop.time()
+                delay = max(self._pending[0].arrived, free_since) + self.max_wait - loop.time()
                 if delay <= 0:
                     break
                 self._wakeup.clear()
@@ -172,11 +174,17 @@ class MicroBatcher:
             self._count_call(len(texts))
             try:
                 probs = await loop.run_in_executor(self._executor, self._predict, texts)
-            except Exception as e:  # the encoder failed: every request of this call gets the error
+            except (Exception, asyncio.CancelledError) as e:
+                # The encoder failed (or the server is stopping): every request of this call gets the error.
                 for job in jobs:
                     if not job.future.done():
-                        job.future.set_exception(e)
+                        job.future.set_exception(e if isinstance(e, Exception)
+                                                 else RuntimeError("the server is shutting down"))
+                if isinstance(e, asyncio.CancelledError):
+                    raise
                 continue
+            finally:
+                free_since = loop.time()
             start = 0
             for job in jobs:
                 if not job.future.done():
