@@ -216,7 +216,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float = MAX_WAI
     prefix_chars = len(encoder.prefix or "")
 
     def estimate_tokens(text: str) -> int:
-        # At most one token per character for BERT/XLM-R vocabularies, plus [CLS] and [SEP].
+        # Roughly at most one token per character (BERT and XLM-R vocabularies), plus [CLS] and [SEP].
         return min(prefix_chars + len(text) + 2, encoder.max_length)
 
     batcher = MicroBatcher(predictor.predict_proba, estimate_tokens, batching=batching, max_wait_ms=max_wait_ms,
