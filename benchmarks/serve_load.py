@@ -264,12 +264,14 @@ def main():
         med["requests"] = sum(run["requests"] for run in runs)
         summary[mode] = med
     ratio = summary["on"]["texts_per_s"] / summary["off"]["texts_per_s"]
+    # Each round's own ratio too: load from other processes drifts between rounds more than within one.
+    round_ratios = [on["texts_per_s"] / off["texts_per_s"] for on, off in zip(results["on"], results["off"])]
     load = {"clients": args.clients, "requests_per_client": args.requests, "texts_per_request":
             [args.min_texts, args.max_texts], "rounds": args.rounds, "checkpoint": args.checkpoint,
             "device": args.device, "server_options": extra, "cpu_count": os.cpu_count()}
     if args.json:
         print(json.dumps({"load": load, "batching_on": summary["on"], "batching_off": summary["off"],
-                          "texts_per_s_ratio": ratio}))
+                          "texts_per_s_ratio": ratio, "round_ratios": round_ratios}))
         return
     print(f"load: {args.clients} clients x {args.requests} requests of {args.min_texts}-{args.max_texts} texts, "
           f"{args.rounds} round(s), medians; {args.checkpoint} on {args.device}")
@@ -281,7 +283,8 @@ def main():
               f"{s['errors']:6d} {s['texts_per_call']:10.1f}")
         for e in s["error_samples"]:
             print(f"  error: {e}")
-    print(f"texts/s with micro-batching / without: {ratio:.2f}x")
+    print(f"texts/s with micro-batching / without: {ratio:.2f}x (medians); per round: "
+          + ", ".join(f"{r:.2f}x" for r in round_ratios))
 
 
 if __name__ == "__main__":
