@@ -240,12 +240,13 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
 @click.option("--max-body-bytes", default=S.MAX_BODY_BYTES, show_default=True,
               help="Request body size, checked before parsing (413).")
 @click.option("--no-batching", is_flag=True, help="Run every request alone (for comparison).")
+@click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
 def serve(checkpoint, host, port, weights, model, device, max_wait_ms, max_batch_texts, max_batch_tokens,
-          batch_tokens, threads, max_texts, max_chars, max_body_bytes, no_batching, access_log):
+          batch_tokens, threads, max_texts, max_chars, max_body_bytes, no_batching, allow_pickle, access_log):
     """Serve a trained head over HTTP: POST /predict {"texts": [...]}, GET /health, GET /info."""
     S.serve(checkpoint, host=host, port=port, model=model, device=device, weights=weights,
-            batch_tokens=batch_tokens, threads=threads, access_log=access_log, log=_log,
+            batch_tokens=batch_tokens, threads=threads, allow_pickle=allow_pickle, access_log=access_log, log=_log,
             batching=not no_batching, max_wait_ms=max_wait_ms, max_batch_texts=max_batch_texts,
             max_batch_tokens=max_batch_tokens, max_texts=max_texts, max_chars=max_chars,
             max_body_bytes=max_body_bytes)

@@ -448,7 +448,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | None = None, device: str = "auto",
           weights: str = "best", batch_tokens: int | None = None, threads: int | None = None,
-          access_log: bool = False, log=None, **app_options) -> None:
+          allow_pickle: bool = False, access_log: bool = False, log=None, **app_options) -> None:
     """Load the checkpoint and serve it until interrupted (Ctrl-C or SIGTERM)."""
     require_server()
     import uvicorn
@@ -461,7 +461,8 @@ def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | N
             raise UserError(f"--threads must be at least 1, not {threads}")
         import torch
         torch.set_num_threads(threads)
-    predictor = Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens)
+    predictor = Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens,
+                          allow_pickle=allow_pickle)
     app = create_app(predictor, **app_options)
     bound_host, bound_port = sock.getsockname()[:2]
     if log:
