@@ -153,8 +153,12 @@ def fit(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, num_
         head: str = "linear", hidden: int = HIDDEN, dropout: float = DROPOUT, epochs: int = EPOCHS,
         lr: float = LR, weight_decay: float = WEIGHT_DECAY, batch_size: int = BATCH_SIZE, seed: int = SEED,
         patience: int | None = PATIENCE, label_smoothing: float = 0.0, class_weights: np.ndarray | None = None,
-        device: str | torch.device = "cpu", log=None, log_every: int = 10) -> FitResult:
-    """Train a head with AdamW + cross-entropy; keep the best (validation accuracy, then loss) and last weights."""
+        standardize: bool = True, device: str | torch.device = "cpu", log=None, log_every: int = 10) -> FitResult:
+    """Train a head with AdamW + cross-entropy; keep the best (validation accuracy, then loss) and last weights.
+
+    With `standardize`, the head first shifts and scales its input by the train split's mean and
+    standard deviation (buffers saved with the weights, so predict applies them identically).
+    """
     if len(X) == 0:
         raise UserError("the train split has no labelled rows to train on")
     if epochs < 1 or batch_size < 1 or lr <= 0:
@@ -167,9 +171,10 @@ def fit(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, num_
     Xv = torch.as_tensor(X_val, dtype=torch.float32, device=device)
     yv = torch.as_tensor(y_val, dtype=torch.long, device=device)
     model = Head(X.shape[1], num_classes, head, hidden, dropout)
-    mean, std = X.mean(0), X.std(0)
-    model.shift.copy_(torch.from_numpy(mean))
-    model.scale.copy_(torch.from_numpy(1.0 / np.where(std > 1e-6, std, 1.0)).float())
+    if standardize:
+        mean, std = X.mean(0), X.std(0)
+        model.shift.copy_(torch.from_numpy(mean))
+        model.scale.copy_(torch.from_numpy(1.0 / np.where(std > 1e-6, std, 1.0)).float())
     model.to(device)
     weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
