@@ -118,16 +118,17 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--batch-size", default=H.BATCH_SIZE, show_default=True)
 @click.option("--seed", default=H.SEED, show_default=True)
 @click.option("--patience", default=H.PATIENCE, show_default=True, help="Stop after this many epochs without "
-                                                                        "a better validation score (0: never).")
+                                                                        "a better validation score (0: never; "
+                                                                        "10 with --sweep).")
 @click.option("--label-smoothing", default=0.0, show_default=True)
 @click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
 @click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay; keep the best "
                                             "by validation accuracy (then loss).")
-@click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [cls, mean, cls+mean, and with K "
-                                       "cached layers mean-avgK, cls-catK+mean-catK].")
+@click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [mean, cls+mean, and with K cached "
+                                       "layers mean-avgK, cls-avgK+mean-avgK, mean-catK].")
 @click.option("--sweep-heads", help="Comma-separated heads for --sweep [linear,mlp].")
 @click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
-@click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01,0.1].")
+@click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.pass_context
@@ -146,6 +147,8 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
         if clash:
             raise UserError(f"{clash[0]} does not go with --sweep; give the grid with --sweep-poolings, --sweep-heads, "
                             "--sweep-lrs, --sweep-weight-decays")
+        if ctx.get_parameter_source("patience") != click.core.ParameterSource.COMMANDLINE:
+            del options["patience"]  # the sweep's own, shorter default
         path, metrics = _sweep(features, out, seed, options, sweep_poolings, sweep_heads, sweep_lrs,
                                sweep_weight_decays, as_json)
     else:
