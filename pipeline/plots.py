@@ -5,7 +5,7 @@ Without matplotlib the commands still run; they say how to get the pictures (`HI
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 
 HINT = "pictures need matplotlib: pip install 'bertcache[plots]' (or pip install matplotlib)"
 # Fonts with CJK glyphs, tried in order for label names matplotlib's default font cannot draw.
@@ -96,5 +96,6 @@ def _drawable(names: list[str]) -> list[str]:
         if font in installed:
             matplotlib.rcParams["font.sans-serif"] = [font] + list(matplotlib.rcParams["font.sans-serif"])
             return names
-    warnings.warn("no CJK font found for the label names in confusion.png; classes are shown by id")
+    print("confusion.png: no installed font draws the label names; classes are shown by id "
+          "(install e.g. fonts-noto-cjk)", file=sys.stderr)
     return [f"class {i}" for i in range(len(names))]

@@ -19,5 +19,5 @@ echo "== 3/4 evaluate on test" >&2
 bc evaluate --checkpoint "$ckpt" --confusion-png "$ckpt/confusion.png"
 echo "== 4/4 predict" >&2
 bc predict --checkpoint "$ckpt" "这本书写得真好，值得一读" "质量太差了，用了两天就坏" "物流很快，包装也不错" \
-  "客服态度恶劣，再也不买了"
+  "价格便宜，性价比很高" "屏幕有坏点，退货还很麻烦"
 echo "pictures: $ckpt/curves.png, $ckpt/confusion.png; table of the sweep: $ckpt/sweep.json" >&2
