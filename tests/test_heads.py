@@ -1,0 +1,216 @@
+"""Issue 3: poolings over cached layers, standardization parity, the sweep and the pictures (tiny model)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import pipeline as bc
+from pipeline import plots
+from pipeline.checkpoint import load_checkpoint
+from pipeline.cli import cli
+from pipeline.data import load_corpus
+from pipeline.errors import UserError
+from pipeline.heads import build_features, pooling_features
+from pipeline.store import FeatureStore
+from pipeline.sweep import sweep
+from conftest import default_splits, write_split_files
+
+PNG = b"\x89PNG\r\n\x1a\n"
+PREFIX = "这"  # stored in the cache, applied again by predict
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_split_files(str(tmp_path_factory.mktemp("data")), "jsonl", default_splits(n_train=120))
+
+
+@pytest.fixture(scope="module")
+def cache3(tiny_model, data, tmp_path_factory):
+    """All three layers of the tiny model cached."""
+    return bc.extract(tiny_model, data, str(tmp_path_factory.mktemp("f") / "f.h5"), precision="fp32", layers=3,
+                      prefix=PREFIX, progress=False)
+
+
+def cli_run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("spec, parts", [
+    ("cls", ["cls"]), ("mean", ["mean"]), ("cls_1", ["cls_1"]), ("mean_2", ["mean_2"]),
+    ("mean-avg2", [("mean", "mean_2")]), ("cls-avg3", [("cls", "cls_2", "cls_1")]),
+    ("cls-cat3", ["cls", "cls_2", "cls_1"]), ("mean-cat2", ["mean", "mean_2"]),
+    ("cls+mean", ["cls", "mean"]), ("cls_2+mean-avg3", ["cls_2", ("mean", "mean_2", "mean_1")]),
+    ("cls-cat2+mean-cat2", ["cls", "cls_2", "mean", "mean_2"]),
+])
+def test_pooling_shapes_and_values(cache3, spec, parts):
+    with FeatureStore(cache3) as store:
+        layers = store.settings["layers"]
+        assert layers == [1, 2, 3] and store.feature_names == ["cls", "mean", "cls_2", "mean_2", "cls_1", "mean_1"]
+        raw = store.features("train")
+    X = build_features({n: raw[n] for n in pooling_features(spec, layers)}, spec, layers)
+    expected = np.concatenate([np.mean([raw[n] for n in p], axis=0) if isinstance(p, tuple) else raw[p]
+                               for p in parts], axis=1)
+    assert X.shape == (120, 32 * len(parts)) and X.dtype == np.float32
+    np.testing.assert_allclose(X, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("spec, needle", [("cls-cat4", "--layers 4"), ("mean_0", "layer 0"), ("max", "unknown"),
+                                          ("cls+", "unknown")])
+def test_pooling_beyond_the_cache(cache3, spec, needle):
+    with pytest.raises(UserError, match=needle):
+        bc.fit_head(cache3, pooling=spec, epochs=1)
+
+
+@pytest.mark.parametrize("pooling, head", [("cls", "linear"), ("mean", "mlp"), ("cls_1", "linear"),
+                                           ("mean-avg3", "linear"), ("cls-cat2", "mlp"), ("cls+mean_2", "linear"),
+                                           ("mean-cat3+cls-avg2", "mlp")])
+def test_standardization_parity_fit_evaluate_predict(cache3, data, tmp_path, pooling, head):
+    """For every pooling kind: train statistics in the checkpoint, the same probabilities from cache and text."""
+    ckpt, metrics = bc.fit_head(cache3, str(tmp_path / "ck"), pooling=pooling, head=head, epochs=8)
+    config, loaded = load_checkpoint(ckpt)
+    assert config["encoder"]["prefix"] == PREFIX
+    with FeatureStore(cache3) as store:
+        layers = store.settings["layers"]
+        names = pooling_features(pooling, layers)
+        X_train = build_features(store.features("train", names), pooling, layers)
+        X_test = build_features(store.features("test", names), pooling, layers)
+        y_test = store.labels("test")
+    np.testing.assert_allclose(loaded.shift.numpy(), X_train.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loaded.scale.numpy(), 1 / X_train.std(0), rtol=1e-4)
+    cached = loaded.predict_proba(X_test)
+    assert metrics["test"]["accuracy"] == pytest.approx(float((cached.argmax(1) == y_test).mean()))
+    assert bc.evaluate(ckpt)["accuracy"] == metrics["test"]["accuracy"]
+    live = bc.Predictor(ckpt, device="cpu").predict_proba(load_corpus(data).splits["test"].texts)
+    np.testing.assert_allclose(live, cached, atol=1e-4)
+
+
+def test_prefix_reaches_the_encoder(cache3, data, tiny_model):
+    """The cached vectors are those of prefix + text (so the parity above covers the prefix too)."""
+    from pipeline.encoder import Encoder
+    texts = load_corpus(data).splits["test"].texts[:5]
+    with FeatureStore(cache3) as store:
+        cached = store.features("test", ["mean"])["mean"][:5]
+    enc = Encoder(tiny_model, device="cpu", precision="fp32")
+    np.testing.assert_allclose(enc.encode([PREFIX + t for t in texts])["mean"], cached, atol=1e-5)
+    assert not np.allclose(enc.encode(texts)["mean"], cached, atol=1e-3)
+
+
+def test_label_smoothing_and_class_weights_change_training():
+    from pipeline.heads import fit
+    rng = np.random.default_rng(0)
+    y = (rng.random(600) < 0.1).astype(np.int64)  # 10% minority class, overlapping with the majority
+    X = (rng.standard_normal((600, 8)) + 0.6 * y[:, None]).astype(np.float32)
+    Xs = X + 3.0 * (2 * y[:, None] - 1)  # separable copy
+    plain = fit(Xs, y, Xs, y, 2, lr=0.05, epochs=60, patience=None)
+    smooth = fit(Xs, y, Xs, y, 2, lr=0.05, epochs=60, patience=None, label_smoothing=0.2)
+    # cross-entropy against targets smoothed by 0.2 over 2 classes cannot fall below H(0.9, 0.1) = 0.325
+    assert plain.history[-1]["train_loss"] < 0.1 < 0.3 < smooth.history[-1]["train_loss"]
+    weights = np.array([0.5 / 0.9, 0.5 / 0.1], np.float32)
+    plain_w, balanced = (fit(X, y, X[:0], y[:0], 2, lr=0.05, epochs=40, class_weights=w).head.predict_proba(X)
+                         for w in (None, weights))  # no validation: the last epoch's weights
+    # plain training predicts the 9% class rarely; balanced weights move the prior towards uniform
+    assert plain_w[:, 1].mean() < 0.15 and balanced[:, 1].mean() > plain_w[:, 1].mean() + 0.1
+    recall = [float((p.argmax(1)[y == 1] == 1).mean()) for p in (plain_w, balanced)]
+    assert recall[1] > recall[0] + 0.2
+
+
+def test_class_weight_and_smoothing_options_reach_the_checkpoint(cache3, tmp_path):
+    ckpt, _ = bc.fit_head(cache3, str(tmp_path / "c"), pooling="mean", epochs=2, class_weights="balanced",
+                          label_smoothing=0.1)
+    training = json.load(open(os.path.join(ckpt, "config.json")))["training"]
+    assert training["class_weights"] == "balanced" and training["label_smoothing"] == 0.1
+
+
+# -- the sweep ---------------------------------------------------------------------------------------
+
+def test_sweep_ranks_by_validation_and_saves_the_winner(cache3, tmp_path, monkeypatch):
+    reads = []
+    original = FeatureStore.features
+
+    def counting(self, split, names=None):
+        reads.append(split)
+        return original(self, split, names)
+
+    monkeypatch.setattr(FeatureStore, "features", counting)
+    grid = dict(poolings=["cls", "mean+cls_2", "mean-avg3"], heads=["linear", "mlp"], lrs=[1e-2, 1e-3],
+                weight_decays=[0.01])
+    ckpt, ranked, metrics = sweep(cache3, str(tmp_path / "sw"), epochs=6, progress=False, **grid)
+    assert sorted(reads) == ["test", "train", "validation"]  # each split read once for all 12 heads
+    assert len(ranked) == 12 and [r["rank"] for r in ranked] == list(range(1, 13))
+    keys = [(-r["val_acc"], r["val_loss"]) for r in ranked]
+    assert keys == sorted(keys)
+    win = ranked[0]
+    config = json.load(open(os.path.join(ckpt, "config.json")))
+    assert (config["pooling"], config["head"]["type"], config["training"]["lr"],
+            config["training"]["weight_decay"]) == (win["pooling"], win["head"], win["lr"], win["weight_decay"])
+    assert metrics["best"]["val_acc"] == win["val_acc"] and "test" in metrics
+    saved = json.load(open(os.path.join(ckpt, "sweep.json")))
+    assert saved["ranked"] == json.loads(json.dumps(ranked)) and saved["grid"]["poolings"] == grid["poolings"]
+    # the sweep trains exactly as fit-head does: the same configuration alone gives the same result
+    monkeypatch.setattr(FeatureStore, "features", original)
+    _, alone = bc.fit_head(cache3, str(tmp_path / "alone"), pooling=win["pooling"], head=win["head"], lr=win["lr"],
+                           weight_decay=win["weight_decay"], epochs=6)
+    assert alone["best"] == metrics["best"]
+    assert bc.evaluate(ckpt)["accuracy"] == metrics["test"]["accuracy"]
+
+
+def test_sweep_cli_prints_the_table(cache3, tmp_path):
+    out = tmp_path / "sw"
+    result = cli_run("fit-head", "-f", cache3, "-o", out, "--sweep", "--sweep-poolings", "cls,mean",
+                     "--sweep-heads", "linear", "--sweep-lrs", "1e-2,1e-3", "--sweep-weight-decays", "0", "--epochs", 4)
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows[:4]] == ["1", "2", "3", "4"] and {r[1] for r in rows[:4]} == {"cls", "mean"}
+    assert "winner:" in result.stdout and "saved" in result.stdout
+    assert os.path.exists(out / "sweep.json") and os.path.exists(out / "best.safetensors")
+    as_json = cli_run("fit-head", "-f", cache3, "-o", out, "--sweep", "--sweep-poolings", "cls", "--sweep-heads",
+                      "mlp", "--sweep-lrs", "1e-2", "--sweep-weight-decays", "0.1", "--epochs", 3, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    assert len(json.loads(as_json.stdout)["ranked"]) == 1
+
+
+def test_default_sweep_grid_on_a_layered_cache(cache3, tmp_path):
+    ckpt, ranked, _ = sweep(cache3, str(tmp_path / "sw"), heads=["linear"], lrs=[1e-2], weight_decays=[0.0],
+                            epochs=2, progress=False)
+    assert [r["pooling"] for r in sorted(ranked, key=lambda r: r["pooling"])] == sorted(
+        ["mean", "cls+mean", "mean-avg3", "cls-avg3+mean-avg3", "mean-cat3"])
+
+
+@pytest.mark.parametrize("args, needle", [(["--sweep", "--pooling", "mean"], "--pooling does not go with --sweep"),
+                                          (["--sweep", "--sweep-lrs", "fast"], "--sweep-lrs"),
+                                          (["--sweep-heads", "mlp"], "need --sweep"),
+                                          (["--sweep", "--sweep-heads", "rnn"], "rnn")])
+def test_sweep_option_mistakes(cache3, tmp_path, args, needle):
+    result = cli_run("fit-head", "-f", cache3, "-o", tmp_path / "x", *args)
+    assert result.exit_code == 2
+    assert result.output.count("error:") == 1 and needle in result.output and "Traceback" not in result.output
+
+
+# -- pictures ----------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not plots.available(), reason="matplotlib (extra `plots`) not installed")
+def test_curves_and_confusion_pngs(cache3, tmp_path):
+    ckpt, _ = bc.fit_head(cache3, str(tmp_path / "ck"), epochs=3)
+    assert open(os.path.join(ckpt, "curves.png"), "rb").read(8) == PNG
+    png = tmp_path / "pics" / "confusion.png"
+    result = cli_run("evaluate", "-c", ckpt, "--confusion-png", png)
+    assert result.exit_code == 0, result.output
+    assert open(png, "rb").read(8) == PNG and "accuracy" in result.stdout
+    assert [p for p in os.listdir(png.parent)] == ["confusion.png"]
+
+
+def test_commands_work_without_matplotlib(cache3, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, as when not installed
+    assert not plots.available()
+    ck = tmp_path / "ck"
+    fit = cli_run("fit-head", "-f", cache3, "-o", ck, "--epochs", 3)
+    assert fit.exit_code == 0 and "saved" in fit.stdout
+    assert "pip install 'bertcache[plots]'" in fit.stderr and not os.path.exists(ck / "curves.png")
+    ev = cli_run("evaluate", "-c", ck, "--confusion-png", tmp_path / "c.png")
+    assert ev.exit_code == 0 and "accuracy" in ev.stdout
+    assert "bertcache[plots]" in ev.stderr and not os.path.exists(tmp_path / "c.png")
