@@ -78,7 +78,7 @@ def cli(debug):
 @click.option("--layers", default=1, show_default=True, help="Cache [CLS] and mean of the last K layers.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
-@click.option("--batch-tokens", type=int, help="Padded tokens per batch [8192 on CPU, 65536 on GPU].")
+@click.option("--batch-tokens", type=int, help="Padded tokens per batch [1024 on CPU, 65536 on GPU].")
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")

