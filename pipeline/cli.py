@@ -86,14 +86,20 @@ def cli(debug):
 def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, layers, device,
             precision, batch_tokens, store_dtype, revision, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
+    from . import distributed
     from .extract import extract as run_extract
     from .store import FeatureStore
 
-    path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
-                       label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
-                       device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
-                       revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
-                       **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
+    # Under torchrun every rank encodes its shard and rank 0 joins them; only rank 0 reports.
+    launched = distributed.launched()
+    run = distributed.extract if launched else run_extract
+    path = run(model, data, out, text_column=text_column, label_column=label_column,
+               label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
+               device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
+               revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
+               **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
+    if launched and distributed.world()[0] != 0:
+        return
     with FeatureStore(path) as store:
         info = store.info()
     if as_json:

@@ -148,6 +148,15 @@ class FeatureStore:
         if not attrs.get("complete", False):
             self.file.close()
             raise UserError(f"{path} is an incomplete extraction; run extract again to finish it")
+        # A file joined from the shards of a distributed extract reads them through virtual datasets;
+        # HDF5 would silently fill rows of a missing shard with zeros.
+        self.shards = json.loads(attrs.get("shards", "[]"))
+        folder = os.path.dirname(os.path.abspath(path))
+        missing = [s["file"] for s in self.shards if not os.path.exists(os.path.join(folder, s["file"]))]
+        if missing:
+            self.file.close()
+            raise UserError(f"{path} is joined from shard files that are missing ({', '.join(missing)}); "
+                            "keep the .shard-* files in the same folder as the joined file")
         try:
             problem = layout_problem(self.file, complete=True)
         except OSError as e:  # a damaged file can open and still fail on the first read
@@ -194,7 +203,7 @@ class FeatureStore:
     def info(self) -> dict:
         return {"path": self.path, "source": self.source, "label_names": self.label_names,
                 "features": self.feature_names, "settings": self.settings,
-                "fingerprint": self.file.attrs.get("fingerprint"),
+                "fingerprint": self.file.attrs.get("fingerprint"), "shards": [s["file"] for s in self.shards],
                 "splits": {s: {"rows": self.rows(s), "labelled": int((self.labels(s) >= 0).sum())}
                            for s in self.splits}}
 

@@ -1,0 +1,103 @@
+"""Issue 7: distributed extraction under torchrun (CPU, gloo), joined shards, streamed fit-head, `info`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import pipeline as bc
+from pipeline.distributed import shard_range
+from pipeline.store import FeatureStore
+from conftest import make_texts, write_split_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@given(st.integers(0, 50), st.integers(1, 9))
+def test_shards_cover_every_row_once_in_order_without_padding(n, size):
+    ranges = [shard_range(n, r, size) for r in range(size)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in rank order
+    sizes = [hi - lo for lo, hi in ranges]
+    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1  # nobody pads, nobody is more than one row ahead
+
+
+def _datasets(path):
+    with h5py.File(path, "r") as f:
+        return {f"{s}/{k}": f[s][k][:] for s in json.loads(f.attrs["splits"]) for k in f[s]}
+
+
+def _torchrun(args, cwd):
+    # One thread per process in both runs: CPU kernels may split reductions differently with more threads.
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "pipeline", "extract", *map(str, args)]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_torchrun_two_ranks_join_equals_single_process_extract(tiny_model, tmp_path):
+    # Uneven shards (7 rows of train on 2 ranks: 4 + 3), a split smaller than the number of ranks
+    # (1 row of validation: rank 1's shard of it is empty), repeats within and across splits and shards.
+    splits = {"train": make_texts(7, seed=11), "validation": make_texts(1, seed=12), "test": make_texts(5, seed=13)}
+    splits["train"][5] = splits["train"][1]
+    splits["test"][1] = splits["train"][0]
+    data = write_split_files(str(tmp_path / "data"), "jsonl", splits)
+    out = tmp_path / "out" / "f.h5"
+    # Exact equality holds because --batch-tokens 1 puts one text in each batch (no padding, so the
+    # float reductions are the same whichever rank, chunk or batch a text lands in), both runs use fp32
+    # on one CPU thread, and a repeated text gets the vector of an identical computation.
+    args = ["--model", tiny_model, "--data", data, "--out", out, "--precision", "fp32", "--batch-tokens", 1,
+            "--device", "cpu", "--layers", 2]
+    _torchrun(args, tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = bc.extract(tiny_model, data, str(tmp_path / "single.h5"), precision="fp32", batch_tokens=1,
+                            device="cpu", layers=2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    joined, expected = _datasets(out), _datasets(single)
+    assert sorted(joined) == sorted(expected)
+    for key in expected:
+        assert joined[key].dtype == expected[key].dtype
+        np.testing.assert_array_equal(joined[key], expected[key], err_msg=key)
+    assert list(joined["train/row"]) == list(range(7)) and list(joined["validation/row"]) == [0]
+    with h5py.File(out, "r") as f, h5py.File(single, "r") as g:
+        assert f["train/cls"].is_virtual
+        for key in ("fingerprint", "settings", "splits", "feature_names", "label_names", "store_dtype"):
+            assert f.attrs[key] == g.attrs[key], key
+        for split in ("train", "validation", "test"):
+            assert dict(f[split].attrs) == dict(g[split].attrs), split
+        shards = json.loads(f.attrs["shards"])
+    assert [s["rows"] for s in shards] == [{"train": [0, 4], "validation": [0, 1], "test": [0, 3]},
+                                           {"train": [4, 7], "validation": [1, 1], "test": [3, 5]}]
+    with h5py.File(tmp_path / "out" / shards[1]["file"], "r") as s:
+        assert s["validation/cls"].shape == (0, 32)  # the empty shard
+
+    # FeatureStore reads the joined file from another working directory like any cache.
+    with FeatureStore(str(out)) as store:
+        np.testing.assert_array_equal(store.features("test")["mean_2"], expected["test/mean_2"])
+
+    # A killed run resumes per shard: lose rank 1's shard and the joined file; rank 0's complete shard
+    # is kept untouched and only rank 1's rows are encoded again.
+    shard0, shard1 = (tmp_path / "out" / s["file"] for s in shards)
+    before = os.stat(shard0).st_mtime_ns
+    os.remove(shard1)
+    with pytest.raises(bc.UserError, match="missing"):  # rather than HDF5's silent zeros for its rows
+        FeatureStore(str(out))
+    os.remove(out)
+    _torchrun(args, tmp_path)
+    assert os.stat(shard0).st_mtime_ns == before
+    again = _datasets(out)
+    for key in expected:
+        np.testing.assert_array_equal(again[key], expected[key], err_msg=key)
