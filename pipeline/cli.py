@@ -127,9 +127,11 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--label-smoothing", default=0.0, show_default=True)
 @click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
 @click.option("--device", default="auto", show_default=True)
+@click.option("--max-memory", help="Hold the features in memory up to this size (e.g. 8G), else stream them from "
+                                   "the file [half the available memory].")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def fit_head(features, out, pooling, head, hidden, dropout, epochs, lr, weight_decay, batch_size, seed, patience,
-             label_smoothing, class_weights, device, as_json):
+             label_smoothing, class_weights, device, max_memory, as_json):
     """Train a head over cached features; keep the best and the last weights."""
     from .train import fit_head as run_fit
 
@@ -137,7 +139,7 @@ def fit_head(features, out, pooling, head, hidden, dropout, epochs, lr, weight_d
                             epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
                             patience=patience or None, label_smoothing=label_smoothing,
                             class_weights=None if class_weights == "none" else class_weights, device=device,
-                            log=None if as_json else _log)
+                            max_memory=max_memory, log=None if as_json else _log)
     if as_json:
         click.echo(json.dumps({"checkpoint": path, **{k: v for k, v in metrics.items() if k != "history"}},
                               ensure_ascii=False))
@@ -222,6 +224,21 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             break
         if line.strip():
             show(predictor.predict([line]))
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(path, as_json):
+    """Describe a features file (splits, rows, features, model, shards) or a checkpoint folder."""
+    from .info import as_text, describe
+
+    result = describe(path)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+        return
+    for line in as_text(result):
+        click.echo(line)
 
 
 def _read_lines(path: str) -> list[str]:

@@ -203,7 +203,7 @@ class FeatureStore:
     def info(self) -> dict:
         return {"path": self.path, "source": self.source, "label_names": self.label_names,
                 "features": self.feature_names, "settings": self.settings,
-                "fingerprint": self.file.attrs.get("fingerprint"), "shards": [s["file"] for s in self.shards],
+                "fingerprint": self.file.attrs.get("fingerprint"), "shards": self.shards,
                 "splits": {s: {"rows": self.rows(s), "labelled": int((self.labels(s) >= 0).sum())}
                            for s in self.splits}}
 
