@@ -93,11 +93,16 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         done = _broadcast(done)
         if done:
             return out
-        extract_one(model, data, shard_path(out, rank, size), corpus=shard_corpus(corpus, rank, size),
-                    encoder=encoder, store_dtype=store_dtype, restart=restart,
-                    progress=progress and rank == 0, **kwargs)
-        dist.barrier()
-        _agreed(lambda: _join(joined, out, size, corpus) if rank == 0 else None)
+        try:
+            extract_one(model, data, shard_path(out, rank, size), corpus=shard_corpus(corpus, rank, size),
+                        encoder=encoder, store_dtype=store_dtype, restart=restart,
+                        progress=progress and rank == 0, **kwargs)
+            dist.barrier()
+            _agreed(lambda: _join(joined, out, size, corpus) if rank == 0 else None)
+        except BaseException:
+            if joined is not None:
+                joined.abort()  # <out>.partial stays for the next run
+            raise
     finally:
         if own_group:
             dist.destroy_process_group()
