@@ -38,13 +38,13 @@ def _datasets(path):
         return {f"{s}/{k}": f[s][k][:] for s in json.loads(f.attrs["splits"]) for k in f[s]}
 
 
-def _torchrun(args, cwd):
+def _torchrun(args, cwd, ok=True):
     # One thread per process in both runs: CPU kernels may split reductions differently with more threads.
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "pipeline", "extract", *map(str, args)]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == ok, result.stderr[-3000:]
     return result
 
 
@@ -105,6 +105,11 @@ def test_torchrun_two_ranks_join_equals_single_process_extract(tiny_model, tmp_p
     again = _datasets(out)
     for key in expected:
         np.testing.assert_array_equal(again[key], expected[key], err_msg=key)
+
+    # Other settings over an existing cache: every rank stops with rank 0's one-line error (none hangs).
+    result = _torchrun([*args[:-1], 1], tmp_path, ok=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "different settings" in errors[0] and "--restart" in errors[0]
 
 
 # -- fit-head past memory ---------------------------------------------------------------------------
