@@ -63,19 +63,20 @@ class StoredRows:
     """Rows `index` (sorted row numbers) of a cached split, pooled on the fly, read in contiguous runs."""
 
     def __init__(self, store: FeatureStore, split: str, pooling: str, index: np.ndarray, labels: np.ndarray,
-                 device: torch.device, chunk_rows: int, window: int = H.SHUFFLE_WINDOW):
+                 device: torch.device, chunk_rows: int, window: int = H.SHUFFLE_WINDOW, block: int = H.SHUFFLE_BLOCK):
         self.group = store.require_split(split)
         self.pooling, self.layers = pooling, store.settings["layers"]
         self.names = H.pooling_features(pooling, self.layers)
         self.index, self.labels = np.asarray(index), np.asarray(labels)[index]  # labels: the whole split's
-        self.device, self.chunk_rows, self.window = device, max(1, int(chunk_rows)), int(window)
+        self.device, self.chunk_rows, self.window, self.block = device, max(1, int(chunk_rows)), int(window), int(block)
         self.n, self.dim = len(self.index), pooled_width(store, pooling)
 
     def read(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Features and labels of positions `pos` (into `index`), in that order."""
         order = np.sort(pos)
-        # Runs of consecutive positions: a window is made of whole shuffle blocks, so there are few.
-        breaks = np.flatnonzero(np.diff(order) != 1) + 1
+        # One slab read per shuffle block touched: few reads, and a bounded overread when the memory
+        # budget makes a read hold only part of a shuffle window (scattered rows of several blocks).
+        breaks = np.flatnonzero(np.diff(order // self.block)) + 1
         parts = {n: [] for n in self.names}
         for run in np.split(order, breaks):
             rows = self.index[run]

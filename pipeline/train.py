@@ -79,7 +79,7 @@ def fit_head(features: str, out: str | None = None, *, pooling: str = "cls", hea
         def source(split, index):
             if streamed:
                 return stream.StoredRows(store, split, pooling, index, labels[split], dev, chunk_rows=rows_at_once,
-                                         window=min(shuffle_window, rows_at_once))
+                                         window=min(shuffle_window, rows_at_once), block=shuffle_block)
             if split not in loaded:
                 loaded[split] = load_split(store, split, pooling, labelled_only=False)[0]
             return H.ArrayRows(loaded[split][index], labels[split][index], dev)
