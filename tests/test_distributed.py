@@ -146,7 +146,7 @@ def big_cache(tiny_model, tmp_path_factory):
 def test_streamed_fit_head_equals_in_memory_fit(big_cache, tmp_path, kw):
     # Small shuffle blocks / windows so that a streamed epoch reads many windows of a few blocks each;
     # the order depends on the seed only, so both paths train on the same batches.
-    common = dict(epochs=12, patience=None, batch_size=32, shuffle_block=16, shuffle_window=64, device="cpu", **kw)
+    common = dict(epochs=6, patience=None, batch_size=48, shuffle_block=16, shuffle_window=64, device="cpu", **kw)
     logs = []
     _, mem = bc.fit_head(big_cache, str(tmp_path / "mem"), **common)
     _, streamed = bc.fit_head(big_cache, str(tmp_path / "stream"), max_memory="64K", log=logs.append, **common)
