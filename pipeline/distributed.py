@@ -4,25 +4,22 @@ Under `torchrun` (WORLD_SIZE > 1 in the environment) every rank loads the corpus
 row range of every split (sizes differ by at most one row; no rank pads with duplicated rows), encodes
 it on its own device (cuda:LOCAL_RANK, else the CPU) and writes `<out>.shard-<rank>-of-<N>.h5` with
 the ordinary single-process `extract` (so each shard resumes from its own `.partial`). After a barrier,
-rank 0 turns `<out>.partial` into the joined cache: the usual layout and attributes, whose datasets
-are HDF5 virtual datasets mapping each shard's rows back to their place in the original order, and
-renames it to `<out>`. Every reader (FeatureStore, plain h5py) sees one file; the shard files must stay
+rank 0 checks the shards and writes the joined cache `<out>` (store.write_joined): the usual layout and
+attributes, whose datasets are HDF5 virtual datasets mapping each shard's rows back to their place in
+the original order. Every reader (FeatureStore, plain h5py) sees one file; the shard files must stay
 beside it (source paths are stored relative to the joined file's folder).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from datetime import timedelta
-
-import h5py
 
 from .data import Corpus, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
 from .errors import UserError
 from .extract import default_features_path, extract as extract_one
-from .store import StoreWriter, data_fingerprint
+from .store import FeatureStore, StoreWriter, cache_fingerprint, data_fingerprint, write_joined
 
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 # Ranks that finish early (or find their shard complete on a resume) wait at the barrier for the slowest.
@@ -80,29 +77,24 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             torch.cuda.set_device(encoder.device)
         dist.init_process_group(BACKENDS.get(encoder.device.type, "gloo"), timeout=BARRIER_TIMEOUT)
     try:
-        joined = None
-        if rank == 0:  # check an existing <out> before anyone spends hours encoding
-            joined = _agreed(lambda: StoreWriter(
-                out, settings=encoder.settings(), splits=_split_specs(corpus), label_names=corpus.label_names,
+        specs = _split_specs(corpus) if rank == 0 else None  # fingerprints of the whole corpus
+        done = False
+        if rank == 0 and os.path.exists(out) and not restart:
+            # Check an existing <out> before anyone spends hours encoding: StoreWriter refuses one made
+            # with other settings or data (and creates nothing when <out> exists).
+            done = _agreed(lambda: StoreWriter(
+                out, settings=encoder.settings(), splits=specs, label_names=corpus.label_names,
                 feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size, source=corpus.source,
-                store_dtype=store_dtype, restart=restart))
-            done = joined.already_complete
+                store_dtype=store_dtype).status == "complete")
         else:
             _agreed(lambda: None)
-            done = None
-        done = _broadcast(done)
-        if done:
+        if _broadcast(done):
             return out
-        try:
-            extract_one(model, data, shard_path(out, rank, size), corpus=shard_corpus(corpus, rank, size),
-                        encoder=encoder, store_dtype=store_dtype, restart=restart,
-                        progress=progress and rank == 0, **kwargs)
-            dist.barrier()
-            _agreed(lambda: _join(joined, out, size, corpus) if rank == 0 else None)
-        except BaseException:
-            if joined is not None:
-                joined.abort()  # <out>.partial stays for the next run
-            raise
+        extract_one(model, data, shard_path(out, rank, size), corpus=shard_corpus(corpus, rank, size),
+                    encoder=encoder, store_dtype=store_dtype, restart=restart,
+                    progress=progress and rank == 0, **kwargs)
+        dist.barrier()
+        _agreed(lambda: _join(out, size, corpus, specs, encoder.settings(), store_dtype) if rank == 0 else None)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -110,7 +102,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
 
 
 def _split_specs(corpus: Corpus) -> dict[str, dict]:
-    return {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels),
+    return {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels, s.rows),
                    "skipped": corpus.skipped.get(name, 0)} for name, s in corpus.splits.items()}
 
 
@@ -134,42 +126,23 @@ def _agreed(step):
     return result
 
 
-def _join(writer: StoreWriter, out: str, size: int, corpus: Corpus) -> None:
-    """Replace the datasets of rank 0's `<out>.partial` by virtual datasets over the shards; rename it to `out`."""
-    f = writer.file
-    settings = f.attrs["settings"]
+def _join(out: str, size: int, corpus: Corpus, specs: dict, settings: dict, store_dtype: str) -> None:
+    """Check every shard, then write `out` joining them (store.write_joined)."""
     shards = []
     for rank in range(size):
         path = shard_path(out, rank, size)
         if not os.path.exists(path):
             raise UserError(f"shard {path} is missing after every rank finished: on several nodes, --out must be "
                             "on a filesystem all nodes share")
-        with h5py.File(path, "r") as s:
-            if not s.attrs.get("complete", False) or s.attrs["settings"] != settings:
-                raise UserError(f"shard {path} is incomplete or was made with other settings; "
-                                "run again with --restart")
+        with FeatureStore(path) as shard:  # complete, consistent layout
+            if shard.settings != settings:
+                raise UserError(f"shard {path} was made with other settings; run again with --restart")
             ranges = {}
-            for split, spec in corpus.splits.items():
-                lo, hi = shard_range(len(spec.texts), rank, size)
-                if int(s[split].attrs["rows"]) != hi - lo:
-                    raise UserError(f"shard {path} holds {int(s[split].attrs['rows'])} rows of {split!r}, "
-                                    f"expected {hi - lo}; run again with --restart")
+            for split, s in corpus.splits.items():
+                lo, hi = shard_range(len(s.texts), rank, size)
+                if shard.rows(split) != hi - lo:
+                    raise UserError(f"shard {path} holds {shard.rows(split)} rows of {split!r}, expected {hi - lo}; "
+                                    "run again with --restart")
                 ranges[split] = [lo, hi]
         shards.append({"file": os.path.basename(path), "rows": ranges})
-    for split in corpus.splits:
-        g = f[split]
-        for name in list(g):
-            shape, dtype = g[name].shape, g[name].dtype
-            del g[name]
-            if shape[0] == 0:  # a virtual layout needs at least one row
-                g.create_dataset(name, shape=shape, dtype=dtype)
-                continue
-            layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
-            for shard in shards:
-                lo, hi = shard["rows"][split]
-                if hi > lo:
-                    layout[lo:hi] = h5py.VirtualSource(shard["file"], f"{split}/{name}", shape=(hi - lo, *shape[1:]))
-            g.create_virtual_dataset(name, layout)
-        g.attrs["rows_done"] = int(g.attrs["rows"])
-    f.attrs["shards"] = json.dumps(shards)
-    writer.finish()
+    write_joined(out, shards, specs, cache_fingerprint(settings, store_dtype, specs))
