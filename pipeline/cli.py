@@ -87,14 +87,20 @@ def cli(debug):
 def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, layers, device,
             precision, batch_tokens, store_dtype, revision, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
+    from . import distributed
     from .extract import extract as run_extract
     from .store import FeatureStore
 
-    path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
-                       label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
-                       device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
-                       revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
-                       **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
+    # Under torchrun every rank encodes its shard and rank 0 joins them; only rank 0 reports.
+    launched = distributed.launched()
+    run = distributed.extract if launched else run_extract
+    path = run(model, data, out, text_column=text_column, label_column=label_column,
+               label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
+               device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
+               revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
+               **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
+    if launched and distributed.world()[0] != 0:
+        return
     with FeatureStore(path) as store:
         info = store.info()
     if as_json:
@@ -131,17 +137,19 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
 @click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01].")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--max-memory", help="Hold the features in memory up to this size (e.g. 8G), else stream them from "
+                                   "the file [half the available memory].")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.pass_context
 def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, weight_decay, batch_size, seed, patience,
              label_smoothing, class_weights, sweep, sweep_poolings, sweep_heads, sweep_lrs, sweep_weight_decays,
-             device, as_json):
+             device, max_memory, as_json):
     """Train a head over cached features; keep the best and the last weights."""
     from . import plots
 
     options = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, patience=patience or None,
                    label_smoothing=label_smoothing, class_weights=None if class_weights == "none" else class_weights,
-                   device=device)
+                   device=device, max_memory=max_memory)
     if sweep:
         clash = [f"--{n.replace('_', '-')}" for n in ("pooling", "head", "lr", "weight_decay")
                  if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
@@ -293,7 +301,7 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
               help="Texts per gathered encoder call.")
 @click.option("--max-batch-tokens", default=S.MAX_BATCH_TOKENS, show_default=True,
               help="Tokens (estimated) per gathered encoder call.")
-@click.option("--batch-tokens", type=int, help="Padded tokens per encoder forward pass [8192 on CPU, 65536 on GPU].")
+@click.option("--batch-tokens", type=int, help="Padded tokens per encoder forward pass [1024 on CPU, 65536 on GPU].")
 @click.option("--threads", type=int, help="Torch CPU threads [torch's default].")
 @click.option("--max-texts", default=S.MAX_TEXTS, show_default=True, help="Texts per request.")
 @click.option("--max-chars", default=S.MAX_CHARS, show_default=True,
@@ -311,6 +319,21 @@ def serve(checkpoint, host, port, weights, model, device, max_wait_ms, max_batch
             batching=not no_batching, max_wait_ms=max_wait_ms, max_batch_texts=max_batch_texts,
             max_batch_tokens=max_batch_tokens, max_texts=max_texts, max_chars=max_chars,
             max_body_bytes=max_body_bytes)
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(path, as_json):
+    """Describe a features file (splits, rows, features, model, shards) or a checkpoint folder."""
+    from .info import as_text, describe
+
+    result = describe(path)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+        return
+    for line in as_text(result):
+        click.echo(line)
 
 
 def _read_lines(path: str) -> list[str]:

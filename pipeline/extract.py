@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .data import load_corpus
+from .data import Corpus, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
 from .store import StoreWriter, data_fingerprint
 
@@ -25,15 +25,16 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
             precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
-            progress: bool = True, encoder: Encoder | None = None, log=None) -> str:
+            progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an
     interrupted run (or does nothing when the file is complete). `log` (a callable) gets notes:
-    blank texts skipped, a run resumed or started over.
+    blank texts skipped, a run resumed or started over. `corpus`, when given, is used instead of
+    loading `data` (distributed extraction passes each rank's shard of it).
     """
     log = log or (lambda msg: None)
-    corpus = load_corpus(data, text_column, label_column, label_names)
+    corpus = corpus or load_corpus(data, text_column, label_column, label_names)
     for name, n in corpus.skipped.items():
         if n:
             log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")

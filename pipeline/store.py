@@ -125,6 +125,12 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
     return None
 
 
+def cache_fingerprint(settings: dict, store_dtype: str, splits: dict[str, dict]) -> str:
+    """Identity of a whole cache: settings, store dtype and every split's data fingerprint."""
+    return hashlib.sha256(_json_attr([settings, store_dtype, {s: v["fingerprint"] for s, v in splits.items()}])
+                          .encode()).hexdigest()[:32]
+
+
 def _json_attr(value) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
@@ -148,6 +154,15 @@ class FeatureStore:
         if not attrs.get("complete", False):
             self.file.close()
             raise UserError(f"{path} is an incomplete extraction; run extract again to finish it")
+        # A file joined from the shards of a distributed extract reads them through virtual datasets;
+        # HDF5 would silently fill rows of a missing shard with zeros.
+        self.shards = json.loads(attrs.get("shards", "[]"))
+        folder = os.path.dirname(os.path.abspath(path))
+        missing = [s["file"] for s in self.shards if not os.path.exists(os.path.join(folder, s["file"]))]
+        if missing:
+            self.file.close()
+            raise UserError(f"{path} is joined from shard files that are missing ({', '.join(missing)}); "
+                            "keep the .shard-* files in the same folder as the joined file")
         try:
             problem = layout_problem(self.file, complete=True)
         except OSError as e:  # a damaged file can open and still fail on the first read
@@ -194,7 +209,7 @@ class FeatureStore:
     def info(self) -> dict:
         return {"path": self.path, "source": self.source, "label_names": self.label_names,
                 "features": self.feature_names, "settings": self.settings,
-                "fingerprint": self.file.attrs.get("fingerprint"),
+                "fingerprint": self.file.attrs.get("fingerprint"), "shards": self.shards,
                 "splits": {s: {"rows": self.rows(s), "labelled": int((self.labels(s) >= 0).sum())}
                            for s in self.splits}}
 
@@ -217,8 +232,7 @@ class StoreWriter:
         self.path, self.tmp = path, partial_path(path)
         self.chunk_rows = int(chunk_rows)
         self.discarded = None
-        fingerprint = hashlib.sha256(_json_attr([settings, store_dtype, {s: v["fingerprint"]
-                                                                         for s, v in splits.items()}]).encode()).hexdigest()[:32]
+        fingerprint = cache_fingerprint(settings, store_dtype, splits)
         expected = {"settings": settings, "store_dtype": store_dtype, "label_names": label_names,
                     "splits": {s: {"rows": v["rows"], "fingerprint": v["fingerprint"]} for s, v in splits.items()}}
         folder = os.path.dirname(os.path.abspath(path))
@@ -444,3 +458,45 @@ def _differences(old: dict, new: dict) -> str:
             if old["splits"][s] != new["splits"][s]:
                 diffs.append(f"the data of split {s!r}")
     return "; ".join(diffs)
+
+
+def write_joined(path: str, shards: list[dict], splits: dict[str, dict], fingerprint: str) -> None:
+    """Write `path` as one cache over complete shard caches in its folder (a distributed extract).
+
+    `shards`: [{"file": name beside `path`, "rows": {split: [lo, hi]}}] covering every split in order;
+    `splits`: split -> rows, fingerprint, skipped of the whole corpus. The root attributes are the first
+    shard's (all shards share the settings) plus `fingerprint` and `shards`; every dataset is a virtual
+    dataset mapping the shards' rows into place. Source files are named relative to `path`'s folder, so
+    the shard files must stay beside it. Written under a temporary name, then renamed.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = path + ".joining"
+    try:
+        with h5py.File(os.path.join(folder, shards[0]["file"]), "r") as first, h5py.File(tmp, "w") as f:
+            for key, value in first.attrs.items():
+                f.attrs[key] = value
+            f.attrs["fingerprint"] = fingerprint
+            f.attrs["shards"] = json.dumps(shards)
+            for split, spec in splits.items():
+                g, n = f.create_group(split), int(spec["rows"])
+                for name, source in first[split].items():
+                    shape = (n, *source.shape[1:])
+                    if n == 0:  # a virtual layout needs at least one row
+                        g.create_dataset(name, shape=shape, dtype=source.dtype)
+                        continue
+                    layout = h5py.VirtualLayout(shape=shape, dtype=source.dtype)
+                    for shard in shards:
+                        lo, hi = shard["rows"][split]
+                        if hi > lo:
+                            layout[lo:hi] = h5py.VirtualSource(shard["file"], f"{split}/{name}",
+                                                               shape=(hi - lo, *shape[1:]))
+                    g.create_virtual_dataset(name, layout)
+                g.attrs["rows"] = n
+                g.attrs["rows_done"] = np.int64(n)
+                g.attrs["data_fingerprint"] = spec["fingerprint"]
+                g.attrs["skipped"] = int(spec.get("skipped", 0))
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise write_error(e, path) from e

@@ -47,14 +47,13 @@ def default_checkpoint_path(features: str) -> str:
 
 def sweep(features: str, out: str | None = None, *, poolings: list[str] | None = None,
           heads: list[str] | None = None, lrs: list[float] | None = None, weight_decays: list[float] | None = None,
-          seed: int = H.SEED, patience: int | None = PATIENCE, progress: bool = True, log=None, **options) -> tuple[str, list[dict], dict]:
+          seed: int = H.SEED, patience: int | None = PATIENCE, progress: bool = True,
+          max_memory: int | str | None = None, log=None, **options) -> tuple[str, list[dict], dict]:
     """Fit every configuration of the grid; returns (winner's checkpoint folder, ranked table, winner's metrics).
 
     `options` go to every fit (epochs, batch_size, patience, hidden, dropout, label_smoothing,
-    class_weights, device).
+    class_weights, device). Past `max_memory` the features are streamed from the file (see train.load_cache).
     """
-    from tqdm.auto import tqdm
-
     heads = list(heads or HEADS)
     lrs, weight_decays = list(lrs or LRS), list(weight_decays or WEIGHT_DECAYS)
     bad = [h for h in heads if h not in H.HEADS]
@@ -63,7 +62,13 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | None =
     if poolings is None:
         with FeatureStore(features) as store:
             poolings = default_poolings(store.settings["layers"])
-    data = T.load_cache(features, poolings, seed)
+    with T.load_cache(features, poolings, seed, max_memory, options.get("device", "auto"), log) as data:
+        return _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, progress, log, options)
+
+
+def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, progress, log, options):
+    from tqdm.auto import tqdm
+
     grid = list(itertools.product(poolings, heads, lrs, weight_decays))
     rows, best = [], None
     t0 = time.perf_counter()

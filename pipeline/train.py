@@ -1,7 +1,8 @@
 """fit-head: feature store -> head -> checkpoint, with validation every epoch.
 
-`load_cache` reads a features file's arrays once; `train` fits one head over them; `save` writes the
-checkpoint. `fit_head` is the three in a row; the sweep (sweep.py) calls `train` once per configuration.
+`load_cache` reads a features file's arrays once (or, past the memory budget, leaves them in the file
+to be streamed); `train` fits one head over them; `save` writes the checkpoint. `fit_head` is the three
+in a row; the sweep (sweep.py) calls `train` once per configuration.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from . import heads as H
 from . import plots
+from . import stream
 from .checkpoint import save_checkpoint
 from .encoder import resolve_device
 from .errors import UserError
@@ -20,6 +22,7 @@ from .metrics import classification_report
 from .store import FeatureStore
 
 CLASS_WEIGHTS = (None, "none", "balanced")
+SPLITS = ("train", "validation", "test")
 
 
 def default_checkpoint_path(features: str, pooling: str, head: str) -> str:
@@ -29,55 +32,112 @@ def default_checkpoint_path(features: str, pooling: str, head: str) -> str:
 
 @dataclass
 class CachedSplits:
-    """The labelled rows of a features file's train / validation / test splits, in memory.
+    """The labelled rows of a features file's train / validation / test splits.
 
-    `arrays[split]` holds every cached feature a set of poolings needs; `xy(split, pooling)` pools
-    them. Without a labelled validation split, a seeded stratified 10% of train stands in for it.
+    `index[split]` is (the cached split the rows come from, their row numbers): without a labelled
+    validation split, a seeded stratified 10% of train stands in for it. In memory, `arrays[split]`
+    holds every cached feature the poolings need, for those rows; streamed (`store` open), the rows
+    are read from the file `rows_at_once` at a time. `rows(split, pooling, device)` gives either as a
+    row source for heads.fit_rows; `xy(split, pooling)` the in-memory arrays.
     """
     path: str
     settings: dict
     label_names: list[str]
     fingerprint: str
-    arrays: dict[str, dict[str, np.ndarray]]
     labels: dict[str, np.ndarray]
+    index: dict[str, tuple[str, np.ndarray]]
     val_note: str
+    arrays: dict[str, dict[str, np.ndarray]] | None = None
+    store: FeatureStore | None = None
+    rows_at_once: int = 0
 
     @property
     def layers(self) -> list[int]:
         return self.settings["layers"]
 
+    @property
+    def streamed(self) -> bool:
+        return self.store is not None
+
     def xy(self, split: str, pooling: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.streamed:
+            raise UserError(f"{self.path} does not fit the memory budget; raise --max-memory")
         return H.build_features(self.arrays[split], pooling, self.layers), self.labels[split]
 
+    def rows(self, split: str, pooling: str, device, shuffle_block: int = H.SHUFFLE_BLOCK,
+             shuffle_window: int = H.SHUFFLE_WINDOW):
+        if not self.streamed:
+            return H.ArrayRows(*self.xy(split, pooling), device)
+        source, index = self.index[split]
+        return stream.StoredRows(self.store, source, pooling, index, self.labels[split], device,
+                                 chunk_rows=self.rows_at_once, window=min(shuffle_window, self.rows_at_once),
+                                 block=shuffle_block)
 
-def load_cache(features: str, poolings: list[str], seed: int = H.SEED) -> CachedSplits:
-    """Read, once, what the given poolings need from a features file."""
-    with FeatureStore(features) as store:
-        if "train" not in store.splits:
-            raise UserError(f"{features} has no train split; it has: {', '.join(store.splits)}")
-        layers = store.settings["layers"]
-        names = []
-        for pooling in poolings:
-            names += [n for n in H.pooling_features(pooling, layers) if n not in names]
-        arrays, labels = {}, {}
-        for split in ("train", "validation", "test"):
-            if split in store.splits:
-                y = store.labels(split)
-                keep = y >= 0
-                arrays[split] = {n: v[keep] for n, v in store.features(split, names).items()}
-                labels[split] = y[keep]
-        data = CachedSplits(features, store.settings, store.label_names, store.file.attrs["fingerprint"],
-                            arrays, labels, "validation")
-    if len(labels.get("validation", ())) == 0:
-        tr, va = H.holdout(labels["train"], H.VAL_FRACTION, seed)
-        arrays["validation"] = {n: v[va] for n, v in arrays["train"].items()}
-        arrays["train"] = {n: v[tr] for n, v in arrays["train"].items()}
-        labels["validation"], labels["train"] = labels["train"][va], labels["train"][tr]
-        data.val_note = f"{int(H.VAL_FRACTION * 100)}% of train held out (no labelled validation split)"
+    def close(self):
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_cache(features: str, poolings: list[str], seed: int = H.SEED, max_memory: int | str | None = None,
+               device: str = "auto", log=None) -> CachedSplits:
+    """Read, once, what the given poolings need from a features file, or leave it there to stream.
+
+    The arrays are held in memory when they fit `max_memory` (bytes or '4G'; default: a share of the
+    available memory), else streamed from the file: both give the same batches in the same order.
+    """
+    store = FeatureStore(features)
+    try:
+        data = _load(store, features, poolings, seed, max_memory, resolve_device(device), log)
+    except BaseException:
+        store.close()
+        raise
+    if not data.streamed:
+        store.close()
+    return data
+
+
+def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSplits:
+    if "train" not in store.splits:
+        raise UserError(f"{features} has no train split; it has: {', '.join(store.splits)}")
+    layers = store.settings["layers"]
+    names = []
+    for pooling in poolings:
+        names += [n for n in H.pooling_features(pooling, layers) if n not in names]
+    # Which rows train, validate and test, from the labels alone; the features are read below.
+    cached = {s: store.labels(s) for s in SPLITS if s in store.splits}
+    index = {s: (s, np.flatnonzero(y >= 0)) for s, y in cached.items()}
+    val_note = "validation"
+    if len(index.get("validation", ("", ()))[1]) == 0:
+        labelled = index["train"][1]
+        tr, va = H.holdout(cached["train"][labelled], H.VAL_FRACTION, seed)
+        index["train"], index["validation"] = ("train", labelled[tr]), ("train", labelled[va])
+        val_note = f"{int(H.VAL_FRACTION * 100)}% of train held out (no labelled validation split)"
+    labels = {s: cached[source][rows] for s, (source, rows) in index.items()}
+    data = CachedSplits(features, store.settings, store.label_names, store.file.attrs["fingerprint"], labels,
+                        index, val_note)
     unseen = sorted(set(np.unique(labels["validation"])) - set(np.unique(labels["train"])))
     if unseen:
         raise UserError(f"class {data.label_names[unseen[0]]!r} appears in validation but never in train; "
                         "the head cannot learn it: fix the split or drop that class")
+
+    width = max([len(names) * store.settings["hidden_size"]] + [stream.pooled_width(store, p) for p in poolings])
+    row_bytes = stream.IN_MEMORY_COPIES * 4 * width
+    need = row_bytes * sum(store.rows(s) for s in {source for source, _ in index.values()})
+    budget = stream.memory_budget(max_memory, device)
+    if need > budget:
+        if log:
+            log(f"the features need about {need / 2**20:.0f} MiB in memory, more than the {budget / 2**20:.0f} MiB "
+                "allowed (--max-memory): streaming them from the file")
+        data.store, data.rows_at_once = store, max(1, budget // row_bytes)
+        return data
+    read = {source: store.features(source, names) for source in {source for source, _ in index.values()}}
+    data.arrays = {s: {n: v[rows] for n, v in read[source].items()} for s, (source, rows) in index.items()}
     return data
 
 
@@ -85,21 +145,23 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
           dropout: float = H.DROPOUT, epochs: int = H.EPOCHS, lr: float = H.LR, weight_decay: float = H.WEIGHT_DECAY,
           batch_size: int = H.BATCH_SIZE, seed: int = H.SEED, patience: int | None = H.PATIENCE,
           label_smoothing: float = 0.0, class_weights: str | None = None, device: str = "auto",
+          shuffle_block: int = H.SHUFFLE_BLOCK, shuffle_window: int = H.SHUFFLE_WINDOW,
           log=None) -> tuple[H.FitResult, dict, dict]:
     """One head over cached splits: (fit result, metrics, checkpoint config)."""
     if head not in H.HEADS:
         raise UserError(f"unknown --head {head!r}; use one of {', '.join(H.HEADS)}")
     if class_weights not in CLASS_WEIGHTS:
         raise UserError(f"unknown --class-weights {class_weights!r}; use none or balanced")
-    k = len(data.label_names)
-    X, y = data.xy("train", pooling)
-    Xv, yv = data.xy("validation", pooling)
-    weights = H.class_weight_vector(y, k) if class_weights == "balanced" else None
-    result = H.fit(X, y, Xv, yv, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
-                   weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
-                   label_smoothing=label_smoothing, class_weights=weights, device=resolve_device(device), log=log)
+    k, dev = len(data.label_names), resolve_device(device)
+    train_rows, val_rows = (data.rows(s, pooling, dev, shuffle_block, shuffle_window) for s in ("train", "validation"))
+    weights = H.class_weight_vector(data.labels["train"], k) if class_weights == "balanced" else None
+    result = H.fit_rows(train_rows, val_rows, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
+                        weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
+                        label_smoothing=label_smoothing, class_weights=weights, device=dev, log=log,
+                        shuffle_block=shuffle_block, shuffle_window=shuffle_window)
     metrics = {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "seconds": result.seconds,
-               "validation": data.val_note, "best": result.history[result.best_epoch - 1], "history": result.history}
+               "validation": data.val_note, "streamed": data.streamed,
+               "best": result.history[result.best_epoch - 1], "history": result.history}
     config = {
         "encoder": {k_: data.settings.get(k_) for k_ in ("model", "revision", "commit", "model_fingerprint",
                                                          "config_hash", "max_length", "prefix", "precision",
@@ -117,8 +179,9 @@ def save(out: str, data: CachedSplits, result: H.FitResult, metrics: dict, confi
          files: dict | None = None) -> str:
     """Test metrics (when the cache has a labelled test split), then the checkpoint folder with curves.png."""
     if len(data.labels.get("test", ())):
-        X, y = data.xy("test", config["pooling"])
-        metrics["test"] = classification_report(y, result.head.predict_proba(X).argmax(1), data.label_names)
+        rows = data.rows("test", config["pooling"], result.head.shift.device)
+        pred = H.predict_rows(result.head, rows).argmax(1)
+        metrics["test"] = classification_report(data.labels["test"], pred, data.label_names)
     files = dict(files or {})
     if plots.available():
         files["curves.png"] = lambda path: plots.curves_png(metrics["history"], metrics["best_epoch"], path)
@@ -126,13 +189,16 @@ def save(out: str, data: CachedSplits, result: H.FitResult, metrics: dict, confi
 
 
 def fit_head(features: str, out: str | None = None, *, pooling: str = "cls", head: str = "linear",
-             seed: int = H.SEED, log=None, **options) -> tuple[str, dict]:
+             seed: int = H.SEED, device: str = "auto", max_memory: int | str | None = None, log=None,
+             **options) -> tuple[str, dict]:
     """Train a head on a features file; returns (checkpoint folder, metrics).
 
-    `options`: hidden, dropout, epochs, lr, weight_decay, batch_size, patience, label_smoothing,
-    class_weights, device (see `train`).
+    The features are held in memory when they fit `max_memory`, else streamed from the file (see
+    `load_cache`). `options`: hidden, dropout, epochs, lr, weight_decay, batch_size, patience,
+    label_smoothing, class_weights, shuffle_block, shuffle_window (see `train`).
     """
-    data = load_cache(features, [pooling], seed)
-    result, metrics, config = train(data, pooling=pooling, head=head, seed=seed, log=log, **options)
-    out = save(out or default_checkpoint_path(features, pooling, head), data, result, metrics, config)
+    with load_cache(features, [pooling], seed, max_memory, device, log) as data:
+        result, metrics, config = train(data, pooling=pooling, head=head, seed=seed, device=device, log=log,
+                                        **options)
+        out = save(out or default_checkpoint_path(features, pooling, head), data, result, metrics, config)
     return out, metrics

@@ -1,0 +1,148 @@
+"""Extraction past one process: torchrun ranks each encode a shard, rank 0 joins the shards.
+
+Under `torchrun` (WORLD_SIZE > 1 in the environment) every rank loads the corpus, takes its contiguous
+row range of every split (sizes differ by at most one row; no rank pads with duplicated rows), encodes
+it on its own device (cuda:LOCAL_RANK, else the CPU) and writes `<out>.shard-<rank>-of-<N>.h5` with
+the ordinary single-process `extract` (so each shard resumes from its own `.partial`). After a barrier,
+rank 0 checks the shards and writes the joined cache `<out>` (store.write_joined): the usual layout and
+attributes, whose datasets are HDF5 virtual datasets mapping each shard's rows back to their place in
+the original order. Every reader (FeatureStore, plain h5py) sees one file; the shard files must stay
+beside it (source paths are stored relative to the joined file's folder).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import timedelta
+
+from .data import Corpus, load_corpus
+from .encoder import DEFAULT_MAX_LENGTH, Encoder
+from .errors import UserError
+from .extract import default_features_path, extract as extract_one
+from .store import FeatureStore, StoreWriter, cache_fingerprint, data_fingerprint, write_joined
+
+BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
+# Ranks that finish early (or find their shard complete on a resume) wait at the barrier for the slowest.
+BARRIER_TIMEOUT = timedelta(days=7)
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment; (0, 1, 0) outside torchrun."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def launched() -> bool:
+    return world()[1] > 1
+
+
+def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows [lo, hi) of `n` that `rank` of `size` encodes: contiguous, the first n % size ranks take one more."""
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def shard_path(out: str, rank: int, size: int) -> str:
+    return f"{out}.shard-{rank}-of-{size}.h5"
+
+
+def shard_corpus(corpus: Corpus, rank: int, size: int) -> Corpus:
+    splits = {}
+    for name, s in corpus.splits.items():
+        lo, hi = shard_range(len(s.texts), rank, size)
+        splits[name] = dataclasses.replace(s, texts=s.texts[lo:hi], labels=s.labels[lo:hi], rows=s.rows[lo:hi])
+    return dataclasses.replace(corpus, splits=splits, skipped={})
+
+
+def extract(model: str, data: str, out: str | None = None, *, text_column: str = "text",
+            label_column: str = "label", label_names: list[str] | None = None,
+            max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
+            precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
+            restart: bool = False, revision: str | None = None, progress: bool = True, **kwargs) -> str:
+    """`pipeline.extract` for one rank of a torchrun job; every rank returns the joined file's path."""
+    import torch
+    import torch.distributed as dist
+
+    rank, size, local = world()
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local}"
+    corpus = load_corpus(data, text_column, label_column, label_names)
+    encoder = Encoder(model, device=device, precision=precision, max_length=max_length, prefix=prefix,
+                      layers=layers, revision=revision, batch_tokens=batch_tokens)
+    out = out or default_features_path(model, data)
+    own_group = not dist.is_initialized()
+    if own_group:
+        if encoder.device.type == "cuda":
+            torch.cuda.set_device(encoder.device)
+        dist.init_process_group(BACKENDS.get(encoder.device.type, "gloo"), timeout=BARRIER_TIMEOUT)
+    try:
+        specs = _split_specs(corpus) if rank == 0 else None  # fingerprints of the whole corpus
+        done = False
+        if rank == 0 and os.path.exists(out) and not restart:
+            # Check an existing <out> before anyone spends hours encoding: StoreWriter refuses one made
+            # with other settings or data (and creates nothing when <out> exists).
+            done = _agreed(lambda: StoreWriter(
+                out, settings=encoder.settings(), splits=specs, label_names=corpus.label_names,
+                feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size, source=corpus.source,
+                store_dtype=store_dtype).status == "complete")
+        else:
+            _agreed(lambda: None)
+        if _broadcast(done):
+            return out
+        extract_one(model, data, shard_path(out, rank, size), corpus=shard_corpus(corpus, rank, size),
+                    encoder=encoder, store_dtype=store_dtype, restart=restart,
+                    progress=progress and rank == 0, **kwargs)
+        dist.barrier()
+        _agreed(lambda: _join(out, size, corpus, specs, encoder.settings(), store_dtype) if rank == 0 else None)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    return out
+
+
+def _split_specs(corpus: Corpus) -> dict[str, dict]:
+    return {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels, s.rows),
+                   "skipped": corpus.skipped.get(name, 0)} for name, s in corpus.splits.items()}
+
+
+def _broadcast(value):
+    import torch.distributed as dist
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _agreed(step):
+    """Run `step` on every rank; if it fails on rank 0 with a UserError, every rank raises it (no rank hangs)."""
+    error, result = None, None
+    try:
+        result = step()
+    except UserError as e:
+        error = str(e)
+    error = _broadcast(error)
+    if error:
+        raise UserError(error)
+    return result
+
+
+def _join(out: str, size: int, corpus: Corpus, specs: dict, settings: dict, store_dtype: str) -> None:
+    """Check every shard, then write `out` joining them (store.write_joined)."""
+    shards = []
+    for rank in range(size):
+        path = shard_path(out, rank, size)
+        if not os.path.exists(path):
+            raise UserError(f"shard {path} is missing after every rank finished: on several nodes, --out must be "
+                            "on a filesystem all nodes share")
+        with FeatureStore(path) as shard:  # complete, consistent layout
+            if shard.settings != settings:
+                raise UserError(f"shard {path} was made with other settings; run again with --restart")
+            ranges = {}
+            for split, s in corpus.splits.items():
+                lo, hi = shard_range(len(s.texts), rank, size)
+                if shard.rows(split) != hi - lo:
+                    raise UserError(f"shard {path} holds {shard.rows(split)} rows of {split!r}, expected {hi - lo}; "
+                                    "run again with --restart")
+                ranges[split] = [lo, hi]
+        shards.append({"file": os.path.basename(path), "rows": ranges})
+    write_joined(out, shards, specs, cache_fingerprint(settings, store_dtype, specs))

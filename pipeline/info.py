@@ -1,0 +1,74 @@
+"""`bertcache info`: what a features file or a checkpoint folder holds, as one dict (and as text)."""
+from __future__ import annotations
+
+import json
+import os
+
+from .checkpoint import read_config
+from .errors import UserError
+from .store import FeatureStore
+
+
+def describe(path: str) -> dict:
+    if os.path.isdir(path):
+        return describe_checkpoint(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; give a features file (.h5) or a checkpoint folder")
+    return describe_features(path)
+
+
+def describe_features(path: str) -> dict:
+    with FeatureStore(path) as store:
+        info = store.info()
+        f = store.file
+        info.update(kind="features", store_dtype=f.attrs.get("store_dtype"), model=store.settings.get("model"),
+                    model_fingerprint=store.settings.get("model_fingerprint"),
+                    poolings=store.settings.get("poolings"), layers=store.settings.get("layers"),
+                    dims={n: int(f[s][n].shape[1]) for s in store.splits[:1] for n in store.feature_names})
+    return info
+
+
+def describe_checkpoint(path: str) -> dict:
+    config = read_config(path)
+    metrics = {}
+    if os.path.exists(os.path.join(path, "metrics.json")):
+        with open(os.path.join(path, "metrics.json"), encoding="utf-8") as f:
+            metrics = json.load(f)
+    enc = config["encoder"]
+    return {"kind": "checkpoint", "path": path, "model": enc.get("model"), "model_fingerprint": enc.get("model_fingerprint"),
+            "pooling": config["pooling"], "head": config["head"], "label_names": config["label_names"],
+            "features": config.get("features"), "layers": enc.get("layers"), "max_length": enc.get("max_length"),
+            "precision": enc.get("precision"), "weights": sorted(n[:-12] for n in os.listdir(path)
+                                                                  if n.endswith(".safetensors")),
+            "best_epoch": metrics.get("best_epoch"), "best": metrics.get("best"),
+            "test": {k: metrics["test"][k] for k in ("accuracy", "macro_f1", "n")} if "test" in metrics else None}
+
+
+def as_text(info: dict) -> list[str]:
+    if info["kind"] == "checkpoint":
+        head = info["head"]
+        lines = [f"{info['path']}: checkpoint, {head['type']} head {head['in_features']} -> {head['num_classes']}"
+                 + (f" (hidden {head['hidden']})" if head.get("hidden") else ""),
+                 f"  model        {info['model']} (fingerprint {info['model_fingerprint']})",
+                 f"  pooling      {info['pooling']}; layers {info['layers']}; max_length {info['max_length']}; "
+                 f"precision {info['precision']}",
+                 f"  labels       {', '.join(info['label_names'])}",
+                 f"  features     {(info['features'] or {}).get('path')} "
+                 f"(fingerprint {(info['features'] or {}).get('fingerprint')})",
+                 f"  weights      {', '.join(info['weights'])}"]
+        if info["best"]:
+            lines.append(f"  best epoch   {info['best_epoch']}: val acc {info['best']['val_acc']:.4f}")
+        if info["test"]:
+            lines.append(f"  test         accuracy {info['test']['accuracy']:.4f}, macro-F1 "
+                         f"{info['test']['macro_f1']:.4f}, n {info['test']['n']}")
+        return lines
+    lines = [f"{info['path']}: features, {info['store_dtype']}, fingerprint {info['fingerprint']}",
+             f"  model        {info['model']} (fingerprint {info['model_fingerprint']})",
+             f"  features     {', '.join(f'{n} [{d}]' for n, d in info['dims'].items())}; layers {info['layers']}",
+             f"  labels       {', '.join(info['label_names'])}"]
+    for split, v in info["splits"].items():
+        lines.append(f"  {split:<12} {v['rows']} rows, {v['labelled']} labelled")
+    for shard in info["shards"]:
+        rows = ", ".join(f"{s} {lo}:{hi}" for s, (lo, hi) in shard["rows"].items())
+        lines.append(f"  shard        {shard['file']} ({rows})")
+    return lines

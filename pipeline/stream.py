@@ -1,0 +1,122 @@
+"""Out-of-core rows for fit-head: a cached split read from HDF5 a window of blocks at a time.
+
+fit-head holds the train / validation / test matrices in memory when they fit `--max-memory` (default:
+half the memory the machine has available), and otherwise trains on `StoredRows`, which give the
+training loop (heads.fit_rows) exactly the batches the in-memory path would, in the same order.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from . import heads as H
+from .errors import UserError
+from .store import FeatureStore
+
+MEMORY_FRACTION = 0.5  # of MemAvailable, the default --max-memory
+GPU_MEMORY_FRACTION = 0.8  # of free GPU memory, for the in-memory path's tensors on the GPU
+IN_MEMORY_COPIES = 3  # peak copies while loading: float32 features, the pooled concatenation, the kept rows
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value) -> int:
+    """Bytes from 123, '512M', '4G', '1.5T' (powers of 1024)."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(?:I?B)?\s*", str(value).upper())
+    if not m:
+        raise UserError(f"cannot read --max-memory {value!r}; give bytes or a size like 512M, 4G")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget(max_memory=None, device: torch.device | None = None) -> int:
+    if max_memory is not None:
+        return parse_size(max_memory)
+    budget = int(available_memory() * MEMORY_FRACTION)
+    if device is not None and device.type == "cuda":
+        budget = min(budget, int(torch.cuda.mem_get_info(device)[0] * GPU_MEMORY_FRACTION))
+    return budget
+
+
+def pooled_width(store: FeatureStore, pooling: str) -> int:
+    layers = store.settings["layers"]
+    empty = {n: np.zeros((0, store.settings["hidden_size"]), np.float32) for n in H.pooling_features(pooling, layers)}
+    return H.build_features(empty, pooling, layers).shape[1]
+
+
+class StoredRows:
+    """Rows `index` (sorted row numbers) of a cached split, pooled on the fly, read in contiguous runs."""
+
+    def __init__(self, store: FeatureStore, split: str, pooling: str, index: np.ndarray, labels: np.ndarray,
+                 device: torch.device, chunk_rows: int, window: int = H.SHUFFLE_WINDOW, block: int = H.SHUFFLE_BLOCK):
+        self.group = store.require_split(split)
+        self.pooling, self.layers = pooling, store.settings["layers"]
+        self.names = H.pooling_features(pooling, self.layers)
+        self.index, self.labels = np.asarray(index), np.asarray(labels)  # labels: those of `index`
+        self.device, self.chunk_rows, self.window, self.block = device, max(1, int(chunk_rows)), int(window), int(block)
+        self.n, self.dim = len(self.index), pooled_width(store, pooling)
+        self.shift = self.scale = None
+
+    def standardize(self, shift: torch.Tensor, scale: torch.Tensor):
+        """Give (x - shift) * scale from now on (applied to each batch as it is read)."""
+        self.shift, self.scale = shift, scale
+
+    def read(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of positions `pos` (into `index`), in that order."""
+        order = np.sort(pos)
+        # One slab read per shuffle block touched: few reads, and a bounded overread when the memory
+        # budget makes a read hold only part of a shuffle window (scattered rows of several blocks).
+        breaks = np.flatnonzero(np.diff(order // self.block)) + 1
+        parts = {n: [] for n in self.names}
+        for run in np.split(order, breaks):
+            rows = self.index[run]
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            for n in self.names:
+                parts[n].append(self.group[n][lo:hi][rows - lo].astype(np.float32, copy=False))
+        X = H.build_features({n: np.concatenate(v) for n, v in parts.items()}, self.pooling, self.layers)
+        where = np.searchsorted(order, pos)
+        return X[where], self.labels[pos]
+
+    def _tensors(self, X, y):
+        x = torch.as_tensor(X, device=self.device)
+        if self.shift is not None:
+            x = (x - self.shift) * self.scale
+        return x, torch.as_tensor(y, dtype=torch.long, device=self.device)
+
+    def moments(self):
+        return H.moments(self.read(np.arange(a, min(a + self.chunk_rows, self.n)))[0]
+                         for a in range(0, self.n, self.chunk_rows))
+
+    def batches(self, order: torch.Tensor, batch_size: int):
+        """The batches ArrayRows.batches gives for `order`: consecutive slices of it, read a window at a time."""
+        order = order.numpy()
+        carry_x, carry_y = None, None
+        for start in range(0, self.n, self.window):
+            X, y = self.read(order[start:start + self.window])
+            if carry_x is not None:
+                X, y = np.concatenate([carry_x, X]), np.concatenate([carry_y, y])
+            full = len(X) // batch_size * batch_size
+            for a in range(0, full, batch_size):
+                yield self._tensors(X[a:a + batch_size], y[a:a + batch_size])
+            carry_x, carry_y = X[full:], y[full:]
+        if carry_x is not None and len(carry_x):
+            yield self._tensors(carry_x, carry_y)
+
+    def chunks(self):
+        for a in range(0, self.n, self.chunk_rows):
+            yield self._tensors(*self.read(np.arange(a, min(a + self.chunk_rows, self.n))))
