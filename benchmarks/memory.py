@@ -33,13 +33,13 @@ def synthetic(n: int, seed: int = 0):
         yield "".join(rng.choice(CHARS) for _ in range(rng.randint(4, 24))), i % 2
 
 
-def run_extract(model: str, data: str, out: str) -> tuple[float, float]:
+def run_extract(model: str, data: str, out: str, precision: str = "auto") -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of one extract subprocess."""
     # One thread: memory does not depend on it, and on a shared machine two-thread tiny batches crawl.
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--model", model, "--data", data, "--out", out,
-                             "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                             "--precision", precision, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -53,8 +53,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,10000,100000")
     p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--precision", default="auto", help="extract --precision (auto is bf16 on CPUs that have it)")
     args = p.parse_args(argv)
-    print(f"load {load()}")
+    print(f"load {load()}; extract --precision {args.precision}")
     print(f"{'texts':>8s} {'peak RSS MiB':>13s} {'vs first':>9s} {'cached arrays MiB':>18s} {'texts file MiB':>15s} "
           f"{'h5 MiB':>7s} {'seconds':>8s}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +68,7 @@ def main(argv=None):
                 for text, label in synthetic(n):
                     f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
             out = os.path.join(tmp, f"f-{n}.h5")
-            rss, seconds = run_extract(model, data, out)
+            rss, seconds = run_extract(model, data, out, args.precision)
             first = first if first is not None else rss
             arrays = n * (2 * args.hidden * 4 + 16) / 2 ** 20  # cls + mean float32, label + row int64
             print(f"{n:8d} {rss:13.0f} {rss - first:+9.0f} {arrays:18.1f} {os.path.getsize(data) / 2 ** 20:15.1f} "

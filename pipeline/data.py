@@ -184,47 +184,79 @@ def _read_split_files(folder: str) -> dict[str, dict[str, list]]:
 
 
 def read_file(path: str, fmt: str) -> dict[str, list]:
-    """Columns of one data file, as lists."""
+    """Columns of one data file, as lists. Rows are read one at a time into the columns: no copy of the
+    file, its lines or its records is held, so memory grows with the texts only."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
         try:
             return pq.read_table(path).to_pydict()
         except Exception as e:  # pyarrow raises several types for a bad file
             raise UserError(f"{path}: not a readable parquet file ({e})") from e
+    columns: dict[str, list] = {}
+    rows = 0
+
+    def add(record: dict):
+        nonlocal rows
+        for k in record:
+            if k not in columns:
+                columns[k] = [None] * rows
+        for k, values in columns.items():
+            values.append(record.get(k))
+        rows += 1
+
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            content = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from e
-    if fmt in ("csv", "tsv"):
-        reader = csv.DictReader(content.splitlines(), delimiter="\t" if fmt == "tsv" else ",")
-        records = list(reader)
-    else:
-        records = _json_records(path, content, fmt)
-    columns: dict[str, list] = {}
-    for r in records:
-        for k in r:
-            columns.setdefault(k, [])
-    for k in columns:
-        columns[k] = [r.get(k) for r in records]
-    if fmt in ("csv", "tsv") and reader.fieldnames:
-        for k in reader.fieldnames:
-            columns.setdefault(k, [])
+            if fmt in ("csv", "tsv"):
+                reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+                for record in reader:
+                    add(record)
+                for k in reader.fieldnames or ():
+                    columns.setdefault(k, [None] * rows)
+            elif fmt == "json" and _first_char(f) == "[":
+                for record in _json_array(path, f):
+                    add(record)
+            else:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        add(_json_record(path, line, lineno))
+    except UnicodeDecodeError:
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            raw.decode("utf-8")
+            at = "?"
+        except UnicodeDecodeError as e:
+            at = e.start
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {at}); re-save it as UTF-8") from None
     return columns
 
 
-def _json_records(path: str, content: str, fmt: str) -> list[dict]:
-    stripped = content.lstrip()
+def _first_char(f) -> str:
+    """The first non-blank character of a text file, which is then rewound."""
+    while (c := f.read(1)) and c.isspace():
+        pass
+    f.seek(0)
+    return c
+
+
+def _json_array(path: str, f) -> list[dict]:
     try:
-        if fmt == "json" and stripped.startswith("["):
-            records = json.loads(content)
-        else:
-            records = [json.loads(line) for line in content.splitlines() if line.strip()]
+        records = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); use JSON lines or one JSON array") from e
     if not all(isinstance(r, dict) for r in records):
         raise UserError(f"{path}: every JSON record must be an object with named fields")
     return records
+
+
+def _json_record(path: str, line: str, lineno: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg} at line {lineno}); use JSON lines or one JSON array") from e
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: every JSON record must be an object with named fields (line {lineno})")
+    return record
 
 
 def _read_saved_dataset(folder: str):

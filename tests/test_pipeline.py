@@ -176,6 +176,31 @@ def test_duplicate_texts_get_identical_vectors(tiny_model, tmp_path):
     np.testing.assert_array_equal(test, train[:7])
 
 
+
+def test_first_occurrence_points_every_repeat_at_its_first_text():
+    from pipeline.extract import first_occurrence
+    splits = [["a", "b", "a", "c"], ["b", "d", "a"], [], ["d"]]
+    flat = [t for texts in splits for t in texts]
+    expected = [flat.index(t) for t in flat]
+    assert first_occurrence(splits).tolist() == expected
+    assert first_occurrence([[]]).tolist() == []
+
+
+def test_files_are_read_row_by_row(tmp_path):
+    from pipeline.data import read_file
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text('text,label\n"two\nlines, and a comma",1\nplain,0\n', encoding="utf-8")
+    assert read_file(str(csv_path), "csv") == {"text": ["two\nlines, and a comma", "plain"], "label": ["1", "0"]}
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text('{"text": "a", "label": 1}\n\n{"text": "b", "extra": 2}\n', encoding="utf-8")
+    assert read_file(str(jsonl), "jsonl") == {"text": ["a", "b"], "label": [1, None], "extra": [None, 2]}
+    array = tmp_path / "train.json"
+    array.write_text('\ufeff  [{"text": "a", "label": 0}]', encoding="utf-8")
+    assert read_file(str(array), "json") == {"text": ["a"], "label": [0]}
+    jsonl.write_text('{"text": "a", "label": 1}\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(bc.UserError, match="line 2"):
+        read_file(str(jsonl), "jsonl")
+
 # -- heads, parity, many classes -----------------------------------------------------------------
 
 @pytest.mark.parametrize("pooling", ["cls", "mean", "cls+mean-avg2"])
