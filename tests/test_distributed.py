@@ -169,7 +169,7 @@ def test_streamed_fit_head_from_the_cli_and_a_bad_size(big_cache, tmp_path):
     result = CliRunner().invoke(cli, ["fit-head", "-f", big_cache, "-o", str(out), "--epochs", "3",
                                       "--max-memory", "64K", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["streamed"] is True
+    assert json.loads(result.stdout)["streamed"] is True
     result = CliRunner().invoke(cli, ["fit-head", "-f", big_cache, "--max-memory", "lots"])
     assert result.exit_code == 2 and "error: cannot read --max-memory 'lots'" in result.output
 
@@ -180,7 +180,7 @@ def test_info_describes_a_cache_and_a_checkpoint(big_cache, tmp_path):
     ckpt, _ = bc.fit_head(big_cache, str(tmp_path / "ck"), epochs=2, pooling="cls_2")
     result = CliRunner().invoke(cli, ["info", big_cache, "--json"])
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     with h5py.File(big_cache, "r") as f:
         assert info["fingerprint"] == f.attrs["fingerprint"]
         assert info["splits"] == {s: {"rows": len(f[s]["label"]), "labelled": int((f[s]["label"][:] >= 0).sum())}
