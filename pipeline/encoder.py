@@ -19,6 +19,9 @@ from .errors import UserError
 POOLINGS = ("cls", "mean")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MAX_LENGTH = 512
+# Batches are padded to a multiple of this many tokens: few distinct shapes, so the kernels' per-shape
+# caches (oneDNN primitives under CPU bf16) stop growing over a long run; aligned shapes suit GPUs too.
+PAD_MULTIPLE = 8
 # Padded tokens per batch. On a CPU small batches win: a 1024-token batch keeps its activations and
 # attention scores in cache, and measured 2-2.7x the tokens/s of 8192 (benchmarks/speed.py, README).
 BATCH_TOKENS = {"cpu": 1024, "cuda": 65536, "mps": 16384}
@@ -199,10 +202,11 @@ class Encoder:
         for seq, j in keys.items():
             uniq[j] = seq
         lengths = np.fromiter((len(s) for s in uniq), dtype=np.int64, count=len(uniq))
+        widths = np.minimum(-(-lengths // PAD_MULTIPLE) * PAD_MULTIPLE, max(self.max_length, lengths.max()))
         out = {k: torch.empty((len(uniq), self.hidden_size), dtype=torch.float32, device=self.device) for k in names}
         with torch.inference_mode(), self._autocast():
-            for batch in plan_batches(lengths, self.batch_tokens):
-                pooled = self._forward([uniq[j] for j in batch], int(lengths[batch[0]]))
+            for batch in plan_batches(widths, self.batch_tokens):
+                pooled = self._forward([uniq[j] for j in batch], int(widths[batch[0]]))
                 idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
