@@ -206,7 +206,9 @@ class Encoder:
         out = {k: torch.empty((len(uniq), self.hidden_size), dtype=torch.float32, device=self.device) for k in names}
         with torch.inference_mode(), self._autocast():
             for batch in plan_batches(widths, self.batch_tokens):
-                pooled = self._forward([uniq[j] for j in batch], int(widths[batch[0]]))
+                # A lone text (predict's one sentence) needs no padding at all.
+                width = int(lengths[batch[0]] if len(batch) == 1 else widths[batch[0]])
+                pooled = self._forward([uniq[j] for j in batch], width)
                 idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
