@@ -77,8 +77,8 @@ def main():
     win = ranked[0]
     rows.append(("(c) fit-head --sweep winner", win["val_acc"], metrics["test"]["accuracy"],
                  f"{win['pooling']} {win['head']} lr {win['lr']:g}", time.perf_counter() - t0))
-    print(f"| method | validation acc | test acc | chosen | seconds |")
-    print(f"|---|---|---|---|---|")
+    print("| method | validation acc | test acc | chosen | seconds |")
+    print("|---|---|---|---|---|")
     for name, val, test, note, sec in rows:
         print(f"| {name} | {val:.4f} | {test:.4f} | {note} | {sec:.1f} |")
     a, b, c = (r[2] for r in rows)

@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch

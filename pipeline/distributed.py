@@ -18,8 +18,8 @@ from datetime import timedelta
 from .data import Corpus, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
 from .errors import UserError
-from .extract import default_features_path, extract as extract_one
-from .store import FeatureStore, StoreWriter, cache_fingerprint, data_fingerprint, write_joined
+from .extract import default_features_path, extract as extract_one, split_specs
+from .store import FeatureStore, StoreWriter, cache_fingerprint, write_joined
 
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 # Ranks that finish early (or find their shard complete on a resume) wait at the barrier for the slowest.
@@ -77,7 +77,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             torch.cuda.set_device(encoder.device)
         dist.init_process_group(BACKENDS.get(encoder.device.type, "gloo"), timeout=BARRIER_TIMEOUT)
     try:
-        specs = _split_specs(corpus) if rank == 0 else None  # fingerprints of the whole corpus
+        specs = split_specs(corpus) if rank == 0 else None  # fingerprints of the whole corpus
         done = False
         if rank == 0 and os.path.exists(out) and not restart:
             # Check an existing <out> before anyone spends hours encoding: StoreWriter refuses one made
@@ -99,11 +99,6 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         if own_group:
             dist.destroy_process_group()
     return out
-
-
-def _split_specs(corpus: Corpus) -> dict[str, dict]:
-    return {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels, s.rows),
-                   "skipped": corpus.skipped.get(name, 0)} for name, s in corpus.splits.items()}
 
 
 def _broadcast(value):

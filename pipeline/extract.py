@@ -41,8 +41,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
                                  prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens)
     out = out or default_features_path(model, data)
-    splits = {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels, s.rows),
-                     "skipped": corpus.skipped.get(name, 0)} for name, s in corpus.splits.items()}
+    splits = split_specs(corpus)
     writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,
                          feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size,
                          source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart)
@@ -62,6 +61,12 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         raise
     writer.finish()
     return out
+
+
+def split_specs(corpus: Corpus) -> dict[str, dict]:
+    """What the store records per split: rows, the fingerprint of its content, blank texts skipped."""
+    return {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels, s.rows),
+                   "skipped": corpus.skipped.get(name, 0)} for name, s in corpus.splits.items()}
 
 
 def first_occurrence(texts_per_split) -> np.ndarray:
