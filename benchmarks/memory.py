@@ -54,8 +54,10 @@ def main(argv=None):
     p.add_argument("--sizes", default="1000,10000,100000")
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--precision", default="auto", help="extract --precision (auto is bf16 on CPUs that have it)")
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "saved"],
+                   help="the data as a JSON lines file, or a datasets save_to_disk folder (texts stay in Arrow)")
     args = p.parse_args(argv)
-    print(f"load {load()}; extract --precision {args.precision}")
+    print(f"load {load()}; extract --precision {args.precision}, data as {args.format}")
     print(f"{'texts':>8s} {'peak RSS MiB':>13s} {'vs first':>9s} {'cached arrays MiB':>18s} {'texts file MiB':>15s} "
           f"{'h5 MiB':>7s} {'seconds':>8s}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,11 +69,18 @@ def main(argv=None):
             with open(data, "w", encoding="utf-8") as f:
                 for text, label in synthetic(n):
                     f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
+            size = os.path.getsize(data)
+            if args.format == "saved":
+                import datasets
+                rows = list(synthetic(n))
+                saved = os.path.join(tmp, f"saved-{n}")
+                datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]}).save_to_disk(saved)
+                data = saved
             out = os.path.join(tmp, f"f-{n}.h5")
             rss, seconds = run_extract(model, data, out, args.precision)
             first = first if first is not None else rss
             arrays = n * (2 * args.hidden * 4 + 16) / 2 ** 20  # cls + mean float32, label + row int64
-            print(f"{n:8d} {rss:13.0f} {rss - first:+9.0f} {arrays:18.1f} {os.path.getsize(data) / 2 ** 20:15.1f} "
+            print(f"{n:8d} {rss:13.0f} {rss - first:+9.0f} {arrays:18.1f} {size / 2 ** 20:15.1f} "
                   f"{os.path.getsize(out) / 2 ** 20:7.1f} {seconds:8.1f}", flush=True)
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,9 +25,48 @@ UNLABELLED = -1
 _INT = re.compile(r"[+-]?\d+")
 
 
+class TextColumn(Sequence):
+    """Texts kept as an Arrow string array (memory-mapped from a save_to_disk folder): a corpus of
+    millions costs its bytes, not a Python object per text. Items are str; slices are TextColumns
+    (no copy); iteration decodes a block at a time."""
+
+    BLOCK = 8192
+
+    def __init__(self, array):
+        self.array = array  # a pyarrow Array or ChunkedArray of strings
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            return TextColumn(self.array.slice(start, max(0, stop - start)))
+        i = int(i) + (len(self) if i < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.array[i].as_py()
+
+    def __iter__(self):
+        for start in range(0, len(self), self.BLOCK):
+            yield from self.array.slice(start, self.BLOCK).to_pylist()
+
+    def nonblank(self) -> np.ndarray:
+        """Positions of the texts that are neither missing nor whitespace only."""
+        import pyarrow.compute as pc
+        length = pc.utf8_length(pc.utf8_trim_whitespace(self.array))
+        return np.flatnonzero(pc.fill_null(pc.greater(length, 0), False).to_numpy(zero_copy_only=False))
+
+    def take(self, index: np.ndarray) -> "TextColumn":
+        import pyarrow as pa
+        return TextColumn(self.array.take(pa.array(index, type=pa.int64())))
+
+
 @dataclass
 class Split:
-    texts: list[str]
+    texts: Sequence[str]  # a list, or a TextColumn for Arrow-backed sources
     labels: np.ndarray  # int64, UNLABELLED (-1) where the row has no label
     rows: np.ndarray  # each text's row number in the source split (blank texts are skipped)
 
@@ -57,8 +97,13 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
                             f"columns are: {', '.join(columns)}; pass --label-column")
         col = columns[text_column]
         labels = columns.get(label_column, [None] * len(col))
-        keep = [i for i, t in enumerate(col) if t is not None and str(t).strip()]
-        texts[split] = [str(col[i]) for i in keep]
+        labels = list(labels) if isinstance(labels, TextColumn) else labels
+        if isinstance(col, TextColumn):
+            keep = col.nonblank()
+            texts[split] = col if len(keep) == len(col) else col.take(keep)
+        else:
+            keep = [i for i, t in enumerate(col) if t is not None and str(t).strip()]
+            texts[split] = [str(col[i]) for i in keep]
         label_values[split] = [labels[i] for i in keep]
         rows[split] = np.asarray(keep, dtype=np.int64)
         skipped[split] = len(col) - len(keep)
@@ -278,13 +323,22 @@ def _read_hub_dataset(name: str):
     return _from_datasets(ds)
 
 
+def _column(array):
+    """String columns stay in Arrow (texts: see TextColumn); others become Python lists."""
+    import pyarrow as pa
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return TextColumn(array)
+    return array.to_pylist()
+
+
 def _from_datasets(ds):
     import datasets
     parts = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
     raw, class_names = {}, {}
     for name, part in parts.items():
         split = SPLIT_ALIASES.get(name.lower(), name)
-        raw[split] = {c: list(part[c]) for c in part.column_names}
+        arrow = part.with_format("arrow")  # columns as Arrow arrays, select / shuffle indices applied
+        raw[split] = {c: _column(arrow[c]) for c in part.column_names}
         for column, feature in part.features.items():
             if isinstance(feature, datasets.ClassLabel):
                 class_names.setdefault(column, list(feature.names))

@@ -104,7 +104,7 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
     def plan(job):
         """Which rows of a chunk to encode (tokenized here, in a worker thread) and which to copy."""
         split, start, stop = job
-        texts = corpus.splits[split].texts[start:stop]
+        texts = list(corpus.splits[split].texts[start:stop])
         base = offsets[splits.index(split)] + start
         encode_rows, copy_rows, copy_from = [], [], []
         for i, text in enumerate(texts):

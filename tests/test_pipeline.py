@@ -73,6 +73,35 @@ def test_save_to_disk_with_classlabel_names(saved_dataset):
     assert set(corpus.splits) == {"train", "validation", "test"}
 
 
+def test_save_to_disk_texts_stay_in_arrow_and_match_the_same_rows_as_jsonl(tmp_path, tiny_model):
+    import datasets
+    from pipeline.data import TextColumn
+    from pipeline.store import data_fingerprint
+    rows = make_texts(40, seed=5)
+    texts = [t for t, _ in rows]
+    texts[3], texts[17], texts[30] = "   ", None, "\t\n"  # blank or missing: skipped either way
+    labels = [y for _, y in rows]
+    # A shuffled selection: the folder keeps an indices mapping that reading must honour.
+    order = list(range(40))[::-1]
+    ds = datasets.Dataset.from_dict({"text": texts, "label": labels}).select(order)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    with open(tmp_path / "train.jsonl", "w", encoding="utf-8") as f:
+        for i in order:
+            f.write(json.dumps({"text": texts[i], "label": labels[i]}, ensure_ascii=False) + "\n")
+    arrow, plain = (load_corpus(str(p)).splits["train"] for p in (tmp_path / "saved", tmp_path / "train.jsonl"))
+    assert isinstance(arrow.texts, TextColumn) and isinstance(plain.texts, list)
+    assert list(arrow.texts) == plain.texts and len(plain.texts) == 37
+    assert arrow.texts[5] == plain.texts[5] and arrow.texts[-1] == plain.texts[-1]
+    assert list(arrow.texts[10:20]) == plain.texts[10:20]
+    assert arrow.labels.tolist() == plain.labels.tolist() and arrow.rows.tolist() == plain.rows.tolist()
+    assert data_fingerprint(arrow.texts, arrow.labels, arrow.rows) == data_fingerprint(plain.texts, plain.labels,
+                                                                                        plain.rows)
+    a = bc.extract(tiny_model, str(tmp_path / "saved"), str(tmp_path / "a.h5"), precision="fp32", progress=False,
+                   chunk_rows=8)
+    with FeatureStore(a) as store:
+        assert store.rows("train") == 37
+
+
 def test_single_dataset_file_and_dev_alias(tmp_path):
     import datasets
     rows = make_texts(10)
