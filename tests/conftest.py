@@ -16,6 +16,14 @@ FILLER = "这个东西我们买了一次觉得真的很还是不可以"
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def child_env(**extra: str) -> dict:
+    """The environment for a `python -m pipeline` child: this checkout first on PYTHONPATH (keeping the
+    caller's entries: optional packages may live there), plus `extra`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def make_texts(n: int, num_classes: int = 2, seed: int = 0) -> list[tuple[str, int]]:
     """Texts whose label shows in their characters, with varied lengths (1 to ~60 characters)."""
     rng = random.Random(seed)

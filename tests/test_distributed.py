@@ -19,9 +19,8 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
 from pipeline.distributed import shard_range
 from pipeline.store import FeatureStore
-from conftest import make_texts, write_split_files
+from conftest import child_env, make_texts, write_split_files
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @given(st.integers(0, 50), st.integers(1, 9))
@@ -40,7 +39,7 @@ def _datasets(path):
 
 def _torchrun(args, cwd, ok=True):
     # One thread per process in both runs: CPU kernels may split reductions differently with more threads.
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "pipeline", "extract", *map(str, args)]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)

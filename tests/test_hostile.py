@@ -19,10 +19,9 @@ import pytest
 from click.testing import CliRunner
 
 import pipeline as bc
-from conftest import build_tiny_bert, default_splits, make_texts, write_split_files
+from conftest import child_env, build_tiny_bert, default_splits, make_texts, write_split_files
 from pipeline.cli import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--device", "cpu", "--precision", "fp32"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -298,7 +297,7 @@ def test_a_disk_that_fills_up_while_writing_is_refused_and_resumable(tmp_path):
     cleanly (HDF5's sieve buffer, left on, makes the interpreter segfault at exit here), and extract resumes."""
     with tmpfs(tmp_path / "small", "2m") as small:
         r = subprocess.run([sys.executable, "-c", FILLS_UP, os.path.join(small, "f.h5")], capture_output=True,
-                           text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+                           text=True, env=child_env(), timeout=300)
     if r.returncode == 77:
         pytest.skip("this file system cannot punch holes to undo the reservation")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -318,7 +317,7 @@ def test_a_file_size_limit_is_refused(tiny_model, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
 
     r = subprocess.run([sys.executable, "-m", "pipeline", "extract", "-m", tiny_model, "-d", data, "-o", out, *FAST],
-                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, preexec_fn=limit,
+                       env=child_env(OMP_NUM_THREADS="1"), preexec_fn=limit,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -346,7 +345,7 @@ w = StoreWriter({str(out)!r}, settings={{"hidden_size": 4}}, splits={{"train": {
                 label_names=["a"], feature_names=["cls"], hidden_size=4, source="t")
 print("ready", flush=True)
 sys.stdin.read()
-"""], env={**os.environ, "PYTHONPATH": ROOT}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+"""], env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
         data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())

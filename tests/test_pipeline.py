@@ -17,7 +17,7 @@ from pipeline.data import load_corpus
 from pipeline.encoder import Encoder
 from pipeline.heads import build_features, pooling_features
 from pipeline.store import FeatureStore
-from conftest import default_splits, make_texts, write_split_files
+from conftest import child_env, default_splits, make_texts, write_split_files
 
 
 def run(*args, input=None):
@@ -361,10 +361,9 @@ def test_interactive_predict_loop_quits_on_q(cache, tmp_path):
     import sys
     import time
     ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "predict", "-c", ckpt], stdin=slave, stdout=slave,
-                            stderr=slave, env={**os.environ, "PYTHONPATH": root}, close_fds=True)
+                            stderr=slave, env=child_env(), close_fds=True)
     os.close(slave)
     seen = b""
 

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 
 import pipeline as bc
-from conftest import make_texts, write_split_files
+from conftest import child_env, make_texts, write_split_files
 from pipeline.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 48
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _env():
     # One thread: the same kernels in every run (bitwise equality), and no spinning on shared cores.
-    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 def _args(model, data, out):

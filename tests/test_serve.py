@@ -18,7 +18,7 @@ pytest.importorskip("httpx")  # TestClient needs it
 from fastapi.testclient import TestClient  # noqa: E402
 
 import pipeline as bc  # noqa: E402
-from conftest import default_splits, make_texts, write_split_files  # noqa: E402
+from conftest import child_env, default_splits, make_texts, write_split_files  # noqa: E402
 from pipeline.cli import cli  # noqa: E402
 from pipeline.serve import create_app  # noqa: E402
 
@@ -27,7 +27,6 @@ try:  # optional: a property-based run against the served OpenAPI schema
 except ImportError:
     schemathesis = None
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["这本书写得真好", "太差了，失望", "好", "物流很慢，东西还是不错的，推荐", "好"]
 
 
@@ -246,7 +245,7 @@ def test_serve_refuses_a_taken_port(checkpoint):
 
 
 def test_serve_command_end_to_end(checkpoint, predictor):
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = child_env()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--checkpoint", checkpoint, "--port", "0",
                              "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
     try:

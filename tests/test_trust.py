@@ -11,10 +11,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import pipeline as bc
-from conftest import default_splits, write_split_files
+from conftest import child_env, default_splits, write_split_files
 from pipeline.cli import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +49,7 @@ def test_a_separate_process_gives_the_same_head(cache, tmp_path):
     here, _ = bc.fit_head(cache, str(tmp_path / "here"), seed=5, epochs=10, device="cpu")
     r = subprocess.run([sys.executable, "-m", "pipeline", "fit-head", "-f", cache, "-o", tmp_path / "there",
                         "--seed", "5", "--epochs", "10", "--device", "cpu", "--json"],
-                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert _same(_weights(here), _weights(str(tmp_path / "there")))
