@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import time
 
 from . import heads as H
@@ -38,11 +37,6 @@ def default_poolings(layers: list[int]) -> list[str]:
     if k > 1:
         out += [f"mean-avg{k}", f"cls-avg{k}+mean-avg{k}", f"mean-cat{k}"]
     return out
-
-
-def default_checkpoint_path(features: str) -> str:
-    stem = os.path.splitext(os.path.basename(features))[0]
-    return os.path.join("checkpoints", re.sub(r"[^\w.-]+", "_", f"{stem}-sweep"))
 
 
 def sweep(features: str, out: str | None = None, *, poolings: list[str] | None = None,
@@ -96,7 +90,7 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
     table = {"features": os.path.abspath(features), "selection": SELECTION, "validation": data.val_note,
              "grid": {"poolings": poolings, "heads": heads, "lrs": lrs, "weight_decays": weight_decays},
              "options": {"patience": patience, **{k: v for k, v in options.items() if k != "device"}}, "seed": seed, "ranked": ranked}
-    path = T.save(out or default_checkpoint_path(features), data, result, metrics, config,
+    path = T.save(out or T.default_checkpoint_path(features, "sweep"), data, result, metrics, config,
                   files={"sweep.json": lambda p: write_json(p, table)})
     return path, ranked, metrics
 

@@ -25,9 +25,10 @@ CLASS_WEIGHTS = (None, "none", "balanced")
 SPLITS = ("train", "validation", "test")
 
 
-def default_checkpoint_path(features: str, pooling: str, head: str) -> str:
+def default_checkpoint_path(features: str, *suffix: str) -> str:
+    """checkpoints/<features file's stem>-<suffix...>, e.g. (pooling, head) or ("sweep",)."""
     stem = os.path.splitext(os.path.basename(features))[0]
-    return os.path.join("checkpoints", re.sub(r"[^\w.-]+", "_", f"{stem}-{pooling}-{head}"))
+    return os.path.join("checkpoints", re.sub(r"[^\w.-]+", "_", "-".join((stem, *suffix))))
 
 
 @dataclass
