@@ -212,6 +212,39 @@ def test_a_gathered_call_keeps_to_its_text_budget(predictor):
     assert stats["largest_call"] <= 5 and stats["encoder_calls"] >= 4  # 16 texts, at most 2 requests a call
 
 
+def test_requests_that_queue_while_the_encoder_is_busy_share_the_next_call():
+    """The batcher on its own, over a plain function: what arrives during a call is the next call, whole."""
+    import asyncio
+
+    from pipeline.serve import MicroBatcher
+
+    calls, release = [], threading.Event()
+
+    def predict_proba(texts):
+        calls.append(list(texts))
+        if len(calls) == 1:
+            release.wait(10)  # the first call holds the encoder until the others are queued
+        return np.array([[len(t), 0.0] for t in texts])
+
+    async def scenario():
+        batcher = MicroBatcher(predict_proba, len, max_wait_ms=0)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.predict_proba(["a"]))
+        while not calls:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(batcher.predict_proba(["b" * i] * i)) for i in range(1, 6)]
+        await asyncio.sleep(0.05)
+        release.set()
+        answers = await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return answers, batcher.stats
+
+    answers, stats = asyncio.run(scenario())
+    assert calls == [["a"], [t for i in range(1, 6) for t in ["b" * i] * i]]
+    assert stats["encoder_calls"] == 2 and stats["largest_call"] == 15
+    assert [a[:, 0].tolist() for a in answers] == [[1.0]] + [[float(i)] * i for i in range(1, 6)]
+
+
 def test_no_batching_runs_each_request_alone(predictor):
     with client_for(predictor, batching=False) as client:
         for texts in (TEXTS, TEXTS[:2]):
