@@ -215,6 +215,8 @@ def main():
     ap.add_argument("--min-texts", type=int, default=1)
     ap.add_argument("--max-texts", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=1, help="Repeat both modes; medians are reported.")
+    ap.add_argument("--warmup", type=int, default=10, help="Requests per client before measuring (each server): "
+                    "the first calls of each batch shape are slow, on a GPU most of all.")
     ap.add_argument("--max-seconds", type=float, default=900, help="Per mode and round; then the load stops.")
     ap.add_argument("--max-wait-ms", type=float, help="Passed to serve.")
     ap.add_argument("--batch-tokens", type=int, help="Passed to serve (both modes).")
@@ -245,7 +247,7 @@ def main():
             servers[mode] = Server(args.checkpoint, mode == "on", extra, logdir)
         for server in servers.values():
             server.wait_ready()
-            warm = plan_load(texts, args.clients, 2, args.min_texts, args.max_texts, args.seed + 1)
+            warm = plan_load(texts, args.clients, args.warmup, args.min_texts, args.max_texts, args.seed + 1)
             run_load(server, warm, args.max_seconds)
         results = {"on": [], "off": []}
         for r in range(args.rounds):
@@ -270,7 +272,7 @@ def main():
     # Each round's own ratio too: load from other processes drifts between rounds more than within one.
     round_ratios = [on["texts_per_s"] / off["texts_per_s"] for on, off in zip(results["on"], results["off"])]
     load = {"clients": args.clients, "requests_per_client": args.requests, "texts_per_request":
-            [args.min_texts, args.max_texts], "rounds": args.rounds, "checkpoint": args.checkpoint,
+            [args.min_texts, args.max_texts], "rounds": args.rounds, "warmup": args.warmup, "checkpoint": args.checkpoint,
             "device": args.device, "server_options": extra, "cpu_count": os.cpu_count()}
     if args.json:
         print(json.dumps({"load": load, "batching_on": summary["on"], "batching_off": summary["off"],

@@ -295,8 +295,8 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
 @click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--max-wait-ms", default=S.MAX_WAIT_MS, show_default=True,
-              help="How long a request waits to share an encoder call with concurrent ones.")
+@click.option("--max-wait-ms", type=float, help="How long a request waits to share an encoder call with "
+              f"concurrent ones [{S.MAX_WAIT_MS['cpu']:g} on CPU, {S.MAX_WAIT_MS['gpu']:g} on GPU].")
 @click.option("--max-batch-texts", default=S.MAX_BATCH_TEXTS, show_default=True,
               help="Texts per gathered encoder call.")
 @click.option("--max-batch-tokens", default=S.MAX_BATCH_TOKENS, show_default=True,

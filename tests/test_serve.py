@@ -245,6 +245,13 @@ def test_requests_that_queue_while_the_encoder_is_busy_share_the_next_call():
     assert [a[:, 0].tolist() for a in answers] == [[1.0]] + [[float(i)] * i for i in range(1, 6)]
 
 
+def test_the_default_wait_follows_the_device(predictor):
+    from pipeline.serve import MAX_WAIT_MS
+
+    with client_for(predictor) as client:
+        assert client.get("/info").json()["batching"]["max_wait_ms"] == MAX_WAIT_MS["cpu"] < MAX_WAIT_MS["gpu"]
+
+
 def test_no_batching_runs_each_request_alone(predictor):
     with client_for(predictor, batching=False) as client:
         for texts in (TEXTS, TEXTS[:2]):
