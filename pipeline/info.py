@@ -1,10 +1,9 @@
 """`bertcache info`: what a features file or a checkpoint folder holds, as one dict (and as text)."""
 from __future__ import annotations
 
-import json
 import os
 
-from .checkpoint import read_config
+from .checkpoint import read_config, read_metrics
 from .errors import UserError
 from .store import FeatureStore
 
@@ -30,10 +29,7 @@ def describe_features(path: str) -> dict:
 
 def describe_checkpoint(path: str) -> dict:
     config = read_config(path)
-    metrics = {}
-    if os.path.exists(os.path.join(path, "metrics.json")):
-        with open(os.path.join(path, "metrics.json"), encoding="utf-8") as f:
-            metrics = json.load(f)
+    metrics = read_metrics(path)
     enc = config["encoder"]
     return {"kind": "checkpoint", "path": path, "model": enc.get("model"), "model_fingerprint": enc.get("model_fingerprint"),
             "pooling": config["pooling"], "head": config["head"], "label_names": config["label_names"],

@@ -98,9 +98,13 @@ class StoredRows:
             x = (x - self.shift) * self.scale
         return x, torch.as_tensor(y, dtype=torch.long, device=self.device)
 
+    def _read_chunks(self):
+        """(features, labels) of every row in order, `chunk_rows` at a time."""
+        for a in range(0, self.n, self.chunk_rows):
+            yield self.read(np.arange(a, min(a + self.chunk_rows, self.n)))
+
     def moments(self):
-        return H.moments(self.read(np.arange(a, min(a + self.chunk_rows, self.n)))[0]
-                         for a in range(0, self.n, self.chunk_rows))
+        return H.moments(X for X, _ in self._read_chunks())
 
     def batches(self, order: torch.Tensor, batch_size: int):
         """The batches ArrayRows.batches gives for `order`: consecutive slices of it, read a window at a time."""
@@ -118,5 +122,5 @@ class StoredRows:
             yield self._tensors(carry_x, carry_y)
 
     def chunks(self):
-        for a in range(0, self.n, self.chunk_rows):
-            yield self._tensors(*self.read(np.arange(a, min(a + self.chunk_rows, self.n))))
+        for X, y in self._read_chunks():
+            yield self._tensors(X, y)
