@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-
-POOLINGS = ("cls", "mean")
+from .poolings import POOLS as POOLINGS, feature_name, feature_names
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MAX_LENGTH = 512
 # Batches are padded to a multiple of this many tokens: few distinct shapes, so the kernels' per-shape
@@ -173,7 +172,7 @@ class Encoder:
                 "tokenizer": type(self.tokenizer).__name__}
 
     def feature_names(self) -> list[str]:
-        return [p if layer == self.num_layers else f"{p}_{layer}" for layer in reversed(self.layers) for p in POOLINGS]
+        return feature_names(self.layers, self.num_layers)
 
     # -- encoding ---------------------------------------------------------------------------------
 
@@ -252,9 +251,8 @@ class Encoder:
         pooled = {}
         for layer in self.layers:
             h = hidden[layer].float()
-            suffix = "" if layer == self.num_layers else f"_{layer}"
-            pooled["cls" + suffix] = h[:, 0]
-            pooled["mean" + suffix] = (h * m).sum(1) / denom
+            pooled[feature_name("cls", layer, self.num_layers)] = h[:, 0]
+            pooled[feature_name("mean", layer, self.num_layers)] = (h * m).sum(1) / denom
         return pooled
 
 

@@ -9,7 +9,8 @@ import numpy as np
 
 from .data import Corpus, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
-from .store import StoreWriter, data_fingerprint
+from .fingerprints import data_fingerprint
+from .store import StoreWriter
 
 CHUNK_ROWS = 2048  # rows per write; also the most work a killed run loses
 

@@ -6,23 +6,10 @@ import numpy as np
 from .checkpoint import load_checkpoint, read_config
 from .encoder import Encoder
 from .errors import UserError
-from .heads import build_features, pooling_features
+from .poolings import build_features, pooling_features
 from .metrics import classification_report
-from .store import FeatureStore, settings_differences
-
-# The encoder settings that decide what a vector means: a head is only valid on vectors made the same way.
-VECTOR_SETTINGS = ("model", "model_fingerprint", "max_length", "prefix", "precision", "hidden_size")
-
-
-def check_same_encoder(checkpoint: dict, settings: dict, what: str) -> None:
-    """Refuse an encoder (or a cache) whose vectors differ from those the head was trained on."""
-    trained = checkpoint["encoder"]
-    keys = [k for k in VECTOR_SETTINGS if k in trained]
-    diffs = settings_differences(trained, settings, keys)
-    if any(not d.startswith("model:") for d in diffs):  # a path alone is not a difference
-        raise UserError(f"this checkpoint's head was trained on vectors of model {trained.get('model')!r}, but {what} "
-                        f"differs ({'; '.join(diffs)}): use the encoder and settings the head was trained with")
-
+from .fingerprints import check_same_encoder
+from .store import FeatureStore
 
 class Predictor:
     """Encoder + head from a checkpoint folder. `predict_proba(texts)` -> [n, classes]."""

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from hypothesis import given, strategies as st
 
 import pipeline as bc
-from pipeline import heads as H
+from pipeline import rows as R, training as T
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
 from pipeline.distributed import shard_range
@@ -115,20 +115,20 @@ def test_torchrun_two_ranks_join_equals_single_process_extract(tiny_model, tmp_p
 
 def test_moments_of_chunks_equal_whole_array_statistics():
     X = np.random.default_rng(0).normal(5.0, 0.1, size=(2500, 7)).astype(np.float32)
-    mean, std = H.moments([X[:3], X[3:1800], X[1800:1800], X[1800:]])
+    mean, std = R.moments([X[:3], X[3:1800], X[1800:1800], X[1800:]])
     np.testing.assert_allclose(mean, X.astype(np.float64).mean(0), rtol=1e-12)
     np.testing.assert_allclose(std, X.astype(np.float64).std(0), rtol=1e-9)
 
 
 def test_epoch_order_is_a_permutation_that_keeps_blocks_within_windows():
     gen = torch.Generator().manual_seed(0)
-    order = H.epoch_order(103, gen, block=10, window=40).numpy()
+    order = T.epoch_order(103, gen, block=10, window=40).numpy()
     assert sorted(order) == list(range(103))
     windows = [set(order[start:start + 40] // 10) for start in range(0, 103, 40)]
     # A window draws from a few blocks (it may cut one at each end), so a streamed read is a few runs.
     assert all(len(blocks) <= 40 // 10 + 2 for blocks in windows)
     assert set.union(*windows) == set(range(11))
-    assert H.epoch_order(30, torch.Generator().manual_seed(1), 10, 40).tolist() != list(range(30))
+    assert T.epoch_order(30, torch.Generator().manual_seed(1), 10, 40).tolist() != list(range(30))
 
 
 @pytest.fixture(scope="module")

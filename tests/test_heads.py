@@ -15,7 +15,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
 from pipeline.data import load_corpus
 from pipeline.errors import UserError
-from pipeline.heads import build_features, pooling_features
+from pipeline.poolings import build_features, pooling_features
 from pipeline.store import FeatureStore
 from pipeline.sweep import sweep
 from conftest import default_splits, write_split_files
@@ -101,7 +101,7 @@ def test_prefix_reaches_the_encoder(cache3, data, tiny_model):
 
 
 def test_label_smoothing_and_class_weights_change_training():
-    from pipeline.heads import fit
+    from pipeline.training import fit
     rng = np.random.default_rng(0)
     y = (rng.random(600) < 0.1).astype(np.int64)  # 10% minority class, overlapping with the majority
     X = (rng.standard_normal((600, 8)) + 0.6 * y[:, None]).astype(np.float32)

@@ -15,7 +15,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
 from pipeline.data import load_corpus
 from pipeline.encoder import Encoder
-from pipeline.heads import build_features, pooling_features
+from pipeline.poolings import build_features, pooling_features
 from pipeline.store import FeatureStore
 from conftest import child_env, default_splits, make_texts, write_split_files
 
@@ -76,7 +76,7 @@ def test_save_to_disk_with_classlabel_names(saved_dataset):
 def test_save_to_disk_texts_stay_in_arrow_and_match_the_same_rows_as_jsonl(tmp_path, tiny_model):
     import datasets
     from pipeline.data import TextColumn
-    from pipeline.store import data_fingerprint
+    from pipeline.fingerprints import data_fingerprint
     rows = make_texts(40, seed=5)
     texts = [t for t, _ in rows]
     texts[3], texts[17], texts[30] = "   ", None, "\t\n"  # blank or missing: skipped either way
