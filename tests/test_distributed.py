@@ -10,16 +10,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import given, strategies as st
 
 import pipeline as bc
 from pipeline import rows as R, training as T
 from pipeline.checkpoint import load_checkpoint
-from pipeline.cli import cli
 from pipeline.distributed import shard_range
 from pipeline.store import FeatureStore
-from conftest import child_env, make_texts, write_split_files
+from conftest import make_texts, write_split_files
+from helpers import child_env, run
 
 
 
@@ -47,6 +46,7 @@ def _torchrun(args, cwd, ok=True):
     return result
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_join_equals_single_process_extract(tiny_model, tmp_path):
     # Uneven shards (7 rows of train on 2 ranks: 4 + 3), a split smaller than the number of ranks
     # (1 row of validation: rank 1's shard of it is empty), repeats within and across splits and shards.
@@ -165,11 +165,11 @@ def test_streamed_fit_head_equals_in_memory_fit(big_cache, tmp_path, kw):
 
 def test_streamed_fit_head_from_the_cli_and_a_bad_size(big_cache, tmp_path):
     out = tmp_path / "ck"
-    result = CliRunner().invoke(cli, ["fit-head", "-f", big_cache, "-o", str(out), "--epochs", "3",
-                                      "--max-memory", "64K", "--json"])
+    result = run("fit-head", "-f", big_cache, "-o", str(out), "--epochs", "3",
+                                      "--max-memory", "64K", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["streamed"] is True
-    result = CliRunner().invoke(cli, ["fit-head", "-f", big_cache, "--max-memory", "lots"])
+    result = run("fit-head", "-f", big_cache, "--max-memory", "lots")
     assert result.exit_code == 2 and "error: cannot read --max-memory 'lots'" in result.output
 
 
@@ -177,7 +177,7 @@ def test_streamed_fit_head_from_the_cli_and_a_bad_size(big_cache, tmp_path):
 
 def test_info_describes_a_cache_and_a_checkpoint(big_cache, tmp_path):
     ckpt, _ = bc.fit_head(big_cache, str(tmp_path / "ck"), epochs=2, pooling="cls_2")
-    result = CliRunner().invoke(cli, ["info", big_cache, "--json"])
+    result = run("info", big_cache, "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     with h5py.File(big_cache, "r") as f:
@@ -185,7 +185,7 @@ def test_info_describes_a_cache_and_a_checkpoint(big_cache, tmp_path):
         assert info["splits"] == {s: {"rows": len(f[s]["label"]), "labelled": int((f[s]["label"][:] >= 0).sum())}
                                   for s in ("train", "test")}
     assert info["dims"] == {"cls": 32, "mean": 32, "cls_2": 32, "mean_2": 32} and info["shards"] == []
-    text = CliRunner().invoke(cli, ["info", ckpt]).output
+    text = run("info", ckpt).output
     assert "checkpoint, linear head 32 -> 2" in text and "pooling      cls_2" in text
-    result = CliRunner().invoke(cli, ["info", str(tmp_path / "nothing.h5")])
+    result = run("info", str(tmp_path / "nothing.h5"))
     assert result.exit_code == 2 and result.output.startswith("error: ")

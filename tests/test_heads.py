@@ -7,18 +7,17 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import pipeline as bc
 from pipeline import plots
 from pipeline.checkpoint import load_checkpoint
-from pipeline.cli import cli
 from pipeline.data import load_corpus
 from pipeline.errors import UserError
 from pipeline.poolings import build_features, pooling_features
 from pipeline.store import FeatureStore
 from pipeline.sweep import sweep
 from conftest import default_splits, write_split_files
+from helpers import run as cli_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PREFIX = "这"  # stored in the cache, applied again by predict
@@ -34,10 +33,6 @@ def cache3(tiny_model, data, tmp_path_factory):
     """All three layers of the tiny model cached."""
     return bc.extract(tiny_model, data, str(tmp_path_factory.mktemp("f") / "f.h5"), precision="fp32", layers=3,
                       prefix=PREFIX, progress=False)
-
-
-def cli_run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("spec, parts", [

@@ -7,40 +7,16 @@ import os
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import pipeline as bc
 from pipeline import plots
 from pipeline.checkpoint import load_checkpoint
-from pipeline.cli import cli
 from pipeline.data import load_corpus
 from pipeline.encoder import Encoder
 from pipeline.poolings import build_features, pooling_features
 from pipeline.store import FeatureStore
-from conftest import child_env, default_splits, make_texts, write_split_files
-
-
-def run(*args, input=None):
-    result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
-    return result
-
-
-def ok(*args, input=None):
-    result = run(*args, input=input)
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
-
-
-def one_line_error(result, *needles):
-    """Exit non-zero, one `error:` line naming the problem, no traceback."""
-    assert result.exit_code != 0
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
+from conftest import default_splits, make_texts, write_split_files
+from helpers import child_env, ok, one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -350,10 +326,11 @@ def test_checkpoint_with_features_of_another_model(cache, other_model, csv_data,
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = CliRunner().invoke(cli, ["--debug", "evaluate", "-c", str(tmp_path / "nothing")])
+    result = run("--debug", "evaluate", "-c", tmp_path / "nothing")
     assert result.exit_code != 0 and isinstance(result.exception, bc.UserError)
 
 
+@pytest.mark.slow
 def test_interactive_predict_loop_quits_on_q(cache, tmp_path):
     """With no texts on a terminal, predict reads lines at a prompt until `q`."""
     import pty

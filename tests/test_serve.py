@@ -11,15 +11,14 @@ import urllib.request
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")  # TestClient needs it
 from fastapi.testclient import TestClient  # noqa: E402
 
 import pipeline as bc  # noqa: E402
-from conftest import child_env, default_splits, make_texts, write_split_files  # noqa: E402
-from pipeline.cli import cli  # noqa: E402
+from conftest import default_splits, make_texts, write_split_files  # noqa: E402
+from helpers import child_env, run  # noqa: E402
 from pipeline.info import describe_checkpoint  # noqa: E402
 from pipeline.serve import create_app  # noqa: E402
 
@@ -60,7 +59,7 @@ def assert_same(got: list[dict], want: list[dict], atol: float):
 
 
 def test_predict_matches_cli_predict_json(checkpoint, predictor):
-    result = CliRunner().invoke(cli, ["predict", "--checkpoint", checkpoint, "--device", "cpu", "--json", *TEXTS])
+    result = run("predict", "--checkpoint", checkpoint, "--device", "cpu", "--json", *TEXTS)
     assert result.exit_code == 0, result.output
     want = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     with client_for(predictor) as client:
@@ -275,7 +274,7 @@ def test_app_works_without_its_lifespan(predictor):
 
 def test_serve_without_fastapi_says_how_to_install(monkeypatch, checkpoint):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # `import fastapi` now raises ImportError
-    result = CliRunner().invoke(cli, ["serve", "--checkpoint", checkpoint])
+    result = run("serve", "--checkpoint", checkpoint)
     assert result.exit_code == 2
     assert "pip install 'bertcache[serve]'" in result.output and len(result.output.strip().splitlines()) == 1
 
@@ -285,10 +284,11 @@ def test_serve_refuses_a_taken_port(checkpoint):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = CliRunner().invoke(cli, ["serve", "--checkpoint", checkpoint, "--port", str(port)])
+        result = run("serve", "--checkpoint", checkpoint, "--port", str(port))
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
 
 
+@pytest.mark.slow
 def test_serve_command_end_to_end(checkpoint, predictor):
     env = child_env()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--checkpoint", checkpoint, "--port", "0",
