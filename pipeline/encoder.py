@@ -183,11 +183,11 @@ class Encoder:
                              add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False)
         return enc["input_ids"]
 
-    def encode(self, texts: list[str], progress=None) -> dict[str, np.ndarray]:
+    def encode(self, texts: list[str], on_progress=None) -> dict[str, np.ndarray]:
         """Pooled float32 vectors for `texts`, in their order: feature name -> [len(texts), hidden]."""
-        return self.encode_ids(self.tokenize(texts), progress)
+        return self.encode_ids(self.tokenize(texts), on_progress)
 
-    def encode_ids(self, ids: list[list[int]], progress=None) -> dict[str, np.ndarray]:
+    def encode_ids(self, ids: list[list[int]], on_progress=None) -> dict[str, np.ndarray]:
         names = self.feature_names()
         n = len(ids)
         if n == 0:
@@ -211,8 +211,8 @@ class Encoder:
                 idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
-                if progress is not None:
-                    progress(len(batch))  # counts distinct inputs
+                if on_progress is not None:
+                    on_progress(len(batch))  # counts distinct inputs
         take = torch.from_numpy(first).to(self.device)
         return {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
 

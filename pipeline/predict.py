@@ -30,15 +30,15 @@ class Predictor:
         self.layers = enc["layers"]
         self._names = pooling_features(self.pooling, self.layers)
 
-    def predict_proba(self, texts: list[str], progress=None) -> np.ndarray:
+    def predict_proba(self, texts: list[str], on_progress=None) -> np.ndarray:
         if not texts:
             return np.zeros((0, len(self.label_names)), np.float32)
-        arrays = self.encoder.encode(list(texts), progress=progress)
+        arrays = self.encoder.encode(list(texts), on_progress=on_progress)
         return self.head.predict_proba(build_features(arrays, self.pooling, self.layers))
 
-    def predict(self, texts: list[str], progress=None) -> list[dict]:
+    def predict(self, texts: list[str], on_progress=None) -> list[dict]:
         """One dict per text, in order: text, label, label_id, probs (label name -> probability)."""
-        return self.results(texts, self.predict_proba(texts, progress))
+        return self.results(texts, self.predict_proba(texts, on_progress))
 
     def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""

@@ -162,8 +162,8 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
                         weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
                         label_smoothing=label_smoothing, class_weights=weights, device=dev, log=log,
                         shuffle_block=shuffle_block, shuffle_window=shuffle_window)
-    metrics = {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "seconds": result.seconds,
-               "validation": data.val_note, "streamed": data.streamed,
+    metrics = {"label_names": data.label_names, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+               "seconds": result.seconds, "validation": data.val_note, "streamed": data.streamed,
                "best": result.history[result.best_epoch - 1], "history": result.history}
     config = {
         "encoder": {k_: data.settings.get(k_) for k_ in ("model", "revision", "commit", "model_fingerprint",

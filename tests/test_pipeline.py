@@ -255,9 +255,13 @@ def test_cli_round_trip(tiny_model, saved_dataset, tmp_path):
              "--json")
     info = json.loads(out.stdout)
     assert info["splits"]["train"]["rows"] == 160 and info["label_names"] == ["负向评价", "正向评价"]
-    ok("fit-head", "--features", feats, "--out", ckpt, "--pooling", "mean", "--head", "mlp", "--epochs", 40)
+    fit = json.loads(ok("fit-head", "--features", feats, "--out", ckpt, "--pooling", "mean", "--head", "mlp",
+                        "--epochs", 40, "--json").stdout)
     report = json.loads(ok("evaluate", "--checkpoint", ckpt, "--json").stdout)
     assert {"accuracy", "macro_f1", "confusion_matrix", "n", "per_class"} <= set(report)
+    about = json.loads(ok("info", ckpt, "--json").stdout)
+    # One word for the class names in every JSON output.
+    assert fit["label_names"] == report["label_names"] == about["label_names"] == info["label_names"]
     assert report["n"] == 40 and sum(map(sum, report["confusion_matrix"])) == 40
     lines = ok("predict", "--checkpoint", ckpt, "--json", "好棒赞", "差烂坏").stdout.splitlines()
     results = [json.loads(line) for line in lines]

@@ -167,6 +167,7 @@ def test_sweep_cli_prints_the_table(cache3, tmp_path):
                       "mlp", "--sweep-lrs", "1e-2", "--sweep-weight-decays", "0.1", "--epochs", 3, "--json")
     assert as_json.exit_code == 0, as_json.output
     assert len(json.loads(as_json.stdout)["ranked"]) == 1
+    assert json.loads(as_json.stdout)["label_names"] == ["0", "1"]
 
 
 def test_default_sweep_grid_on_a_layered_cache(cache3, tmp_path):
