@@ -6,10 +6,11 @@ import numpy as np
 from .checkpoint import load_checkpoint, read_config
 from .encoder import Encoder
 from .errors import UserError
-from .poolings import build_features, pooling_features
-from .metrics import classification_report
 from .fingerprints import check_same_encoder
+from .metrics import classification_report
+from .poolings import build_features, pooling_features
 from .store import FeatureStore
+
 
 class Predictor:
     """Encoder + head from a checkpoint folder. `predict_proba(texts)` -> [n, classes]."""

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
 import pipeline as bc
-from helpers import child_env, run
+from helpers import run, run_module
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,10 +37,8 @@ def test_same_cache_and_seed_give_bitwise_identical_heads(tiny_cache, tmp_path, 
 @pytest.mark.slow
 def test_a_separate_process_gives_the_same_head(tiny_cache, tmp_path):
     here, _ = bc.fit_head(tiny_cache, str(tmp_path / "here"), seed=5, epochs=10, device="cpu")
-    r = subprocess.run([sys.executable, "-m", "pipeline", "fit-head", "-f", tiny_cache, "-o", tmp_path / "there",
-                        "--seed", "5", "--epochs", "10", "--device", "cpu", "--json"],
-                       env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=300)
+    r = run_module("fit-head", "-f", tiny_cache, "-o", tmp_path / "there", "--seed", 5, "--epochs", 10,
+                   "--device", "cpu", "--json", OMP_NUM_THREADS="1")
     assert r.returncode == 0, r.stderr
     assert _same(_weights(here), _weights(str(tmp_path / "there")))
 
