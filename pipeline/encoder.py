@@ -33,6 +33,7 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Models whose position ids start after the padding index, so two positions are never used.
 PACKINGS = ("auto", "off")
 _told = set()  # fallback notes already printed: once per process
+LONG_TEXTS = ("truncate", "chunk")
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text", "xlm-roberta-xl"}
 
 
@@ -98,7 +99,7 @@ class Encoder:
     def __init__(self, model: str, *, device: str | None = "auto", precision: str = "auto",
                  max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1,
                  revision: str | None = None, batch_tokens: int | None = None, packing: str = "auto",
-                 workers: int | None = None):
+                 workers: int | None = None, long_texts: str = "truncate", stride: int | None = None):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -141,6 +142,18 @@ class Encoder:
         if self.max_length < 2:
             raise UserError(f"--max-length {max_length} is too small; use at least 8")
         self.prefix = prefix
+        if long_texts not in LONG_TEXTS:
+            raise UserError(f"unknown --long-texts {long_texts!r}; use truncate or chunk")
+        self.long_texts = long_texts
+        # Windows overlap by `stride` tokens (HF's meaning of stride); default a quarter of a window.
+        self.stride = int(stride if stride is not None else self.max_length // 4) if long_texts == "chunk" else 0
+        if long_texts == "chunk":
+            if not getattr(self.tokenizer, "is_fast", False):
+                raise UserError("--long-texts chunk needs a fast (Rust) tokenizer; this model's is not")
+            if not 0 <= self.stride < self.max_length // 2:
+                raise UserError(f"--stride must be between 0 and {self.max_length // 2 - 1} for --max-length "
+                                f"{self.max_length}, not {self.stride}")
+        self.truncated = 0  # texts (or pairs) cut at max_length so far, for the caller to report
         self.batch_tokens = int(batch_tokens or BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cpu"]))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.commit = getattr(cfg, "_commit_hash", None)
@@ -180,26 +193,59 @@ class Encoder:
                 "model_fingerprint": self.model_fingerprint, "config_hash": self.config_hash,
                 "max_length": self.max_length, "prefix": self.prefix, "precision": self.precision,
                 "layers": self.layers, "poolings": list(POOLINGS), "hidden_size": self.hidden_size,
-                "tokenizer": type(self.tokenizer).__name__}
+                "tokenizer": type(self.tokenizer).__name__,
+                # Only when not the default: caches made before these settings existed stay valid.
+                **({"long_texts": self.long_texts, "stride": self.stride} if self.long_texts != "truncate" else {})}
 
     def feature_names(self) -> list[str]:
         return feature_names(self.layers, self.num_layers)
 
     # -- encoding ---------------------------------------------------------------------------------
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> list[list[int]]:
+        """Token ids per text (with `pairs`: per pair, the tokenizer's pair encoding, token types folded
+        in, see `_fold_types`). Texts past max_length are cut (counted in `truncated`) or, with
+        long_texts="chunk", split into overlapping windows: a `Windows` list that `encode_ids` pools back."""
         if not texts:
             return []
-        enc = self.tokenizer([self.prefix + t for t in texts], truncation=True, max_length=self.max_length,
-                             add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False)
-        return enc["input_ids"]
+        second = None if pairs is None else [self.prefix + t for t in pairs]
+        chunk = self.long_texts == "chunk"
+        enc = self.tokenizer([self.prefix + t for t in texts], second, truncation=True, max_length=self.max_length,
+                             add_special_tokens=True, return_attention_mask=False,
+                             return_token_type_ids=pairs is not None, return_overflowing_tokens=chunk,
+                             stride=self.stride if chunk else 0)
+        ids = enc["input_ids"]
+        if pairs is not None:
+            ids = [_fold_types(seq, types, self.model.config.vocab_size)
+                   for seq, types in zip(ids, enc["token_type_ids"])]
+        if chunk:
+            return Windows(ids, np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64), len(texts))
+        encodings = getattr(enc, "encodings", None)
+        if encodings:
+            self.truncated += sum(1 for e in encodings if e.overflowing)
+        else:  # a slow tokenizer does not say: a text that fills max_length exactly counts too
+            self.truncated += sum(1 for seq in ids if len(seq) >= self.max_length)
+        return ids
 
-    def encode(self, texts: list[str], on_progress=None) -> dict[str, np.ndarray]:
-        """Pooled float32 vectors for `texts`, in their order: feature name -> [len(texts), hidden]."""
-        return self.encode_ids(self.tokenize(texts), on_progress)
+    def encode(self, texts: list[str], on_progress=None, pairs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Pooled float32 vectors for `texts` (or text pairs, one vector per pair), in their order:
+        feature name -> [len(texts), hidden]."""
+        return self.encode_ids(self.tokenize(texts, pairs), on_progress)
 
     def encode_ids(self, ids: list[list[int]], on_progress=None) -> dict[str, np.ndarray]:
-        """Pooled float32 vectors for already tokenized texts (`tokenize`'s output), in their order."""
+        """Pooled float32 vectors for already tokenized texts (`tokenize`'s output), in their order.
+        For `Windows`, the mean of each text's window vectors, per feature."""
+        if isinstance(ids, Windows):
+            per_window = self.encode_ids(list(ids))
+            if on_progress is not None:
+                on_progress(ids.texts)
+            counts = np.bincount(ids.owner, minlength=ids.texts).astype(np.float32)[:, None]
+            out = {}
+            for k, v in per_window.items():
+                total = np.zeros((ids.texts, v.shape[1]), np.float32)
+                np.add.at(total, ids.owner, v)
+                out[k] = total / np.maximum(counts, 1)
+            return out
         names = self.feature_names()
         n = len(ids)
         if n == 0:
@@ -291,7 +337,9 @@ class Encoder:
         ids_t = ids_t.to(self.device, non_blocking=True)
         mask_t = mask_t.to(self.device, non_blocking=True)
         need_all = len(self.layers) > 1
-        result = self.model(input_ids=ids_t, attention_mask=mask_t, output_hidden_states=need_all)
+        vocab = self.model.config.vocab_size
+        types = {"token_type_ids": ids_t // vocab} if int(ids.max()) >= vocab else {}  # pairs: see _fold_types
+        result = self.model(input_ids=ids_t % vocab, attention_mask=mask_t, output_hidden_states=need_all, **types)
         hidden = result.hidden_states if need_all else {self.num_layers: result.last_hidden_state}
         m = mask_t.unsqueeze(-1).float()
         denom = m.sum(1)
@@ -313,6 +361,22 @@ class Encoder:
             suffix = "" if layer == self.num_layers else f"_{layer}"
             pooled["cls" + suffix], pooled["mean" + suffix] = pool(hidden[layer], p)
         return pooled
+
+
+class Windows(list):
+    """Token ids of the windows of long texts (`Encoder.tokenize` with long_texts="chunk"): `owner[i]` is
+    the text window i belongs to, `texts` how many texts there are."""
+
+    def __init__(self, ids, owner: np.ndarray, texts: int):
+        super().__init__(ids)
+        self.owner, self.texts = owner, texts
+
+
+def _fold_types(ids: list[int], types: list[int], vocab_size: int) -> list[int]:
+    """Pair encodings carry token type ids; folded into the ids (id + type * vocab_size) they stay one list
+    of ints per input, so deduplication, length sorting and batching need no second array. The forward
+    passes unfold them (ids % vocab, ids // vocab). Type 0 tokens are unchanged."""
+    return [i + t * vocab_size for i, t in zip(ids, types)]
 
 
 @contextlib.contextmanager

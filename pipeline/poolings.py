@@ -7,6 +7,10 @@ from 0 = embeddings, as HF's `hidden_states` tuple does).
 A *pooling* is the spec a head reads: terms joined by `+` (concatenated). A term is `cls` or `mean`
 (last layer), `cls_9` (a given layer), or `mean-avg4` / `cls-cat2` (average or concatenation over the
 last k cached layers).
+
+Sentence pairs cached apart (`--pair-mode bi`) hold two vectors per row, u and v (arrays [N, 2, hidden]);
+their terms say how the two meet: `pair:<term>` is [u, v, |u-v|, u*v] (SBERT / InferSent) and
+`cos:<term>` the cosine of u and v alone (one column), e.g. `cos:mean+pair:mean`.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .errors import UserError
 
 POOLS = ("cls", "mean")  # how each cached layer is reduced to a vector (the settings' "poolings")
 _TERM = re.compile(r"^(cls|mean)(?:_(\d+)|-(avg|cat)(\d+))?$")
+PAIR_COMBINES = ("pair", "cos")  # how a pair term joins u and v: [u, v, |u-v|, u*v], or their cosine
 
 
 def feature_name(pool: str, layer: int, last: int) -> str:
@@ -38,7 +43,7 @@ def pooling_features(spec: str, layers: list[int]) -> list[str]:
     """
     names = []
     for term in _terms(spec):
-        names.extend(n for n in _term_features(term, layers) if n not in names)
+        names.extend(n for n in _term_features(_split_term(term)[1], layers) if n not in names)
     return names
 
 
@@ -51,12 +56,37 @@ def build_features(arrays: dict[str, np.ndarray], spec: str, layers: list[int]) 
     """
     parts = []
     for term in _terms(spec):
+        combine, term = _split_term(term)
         names = _term_features(term, layers)
+        paired = arrays[names[0]].ndim == 3
+        if paired != bool(combine):
+            raise UserError(f"pooling term {term!r} " + (
+                f"reads a pair cache (--pair-mode bi): write pair:{term} or cos:{term}" if paired else
+                f"{combine}:... needs a cache of sentence pairs made with --pair-mode bi"))
         if _TERM.match(term).group(3) == "avg":
-            parts.append(np.mean([arrays[n] for n in names], axis=0))
+            got = [np.mean([arrays[n] for n in names], axis=0)]
         else:
-            parts.extend(arrays[n] for n in names)
+            got = [arrays[n] for n in names]
+        if not combine:
+            parts.extend(got)
+            continue
+        u, v = (np.concatenate([g[:, i] for g in got], axis=1).astype(np.float32) for i in (0, 1))
+        if combine == "cos":
+            norms = np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1)
+            parts.append(((u * v).sum(1) / np.maximum(norms, 1e-12))[:, None])
+        else:
+            parts.extend([u, v, np.abs(u - v), u * v])
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+
+
+def is_pair_pooling(spec: str) -> bool:
+    """Whether a pooling reads u and v of a pair cache (every term has pair: or cos:)."""
+    return all(_split_term(t)[0] for t in _terms(spec))
+
+
+def starts_with_cosine(spec: str) -> bool:
+    """Whether a pooling's first column is a cosine (a head can then start from it: training.fit_rows)."""
+    return _split_term(_terms(spec)[0])[0] == "cos"
 
 
 def pooled_width(spec: str, layers: list[int], hidden_size: int) -> int:
@@ -65,16 +95,27 @@ def pooled_width(spec: str, layers: list[int], hidden_size: int) -> int:
     >>> pooled_width("cls-cat2+mean", [11, 12], 384)
     1152
     """
-    return sum(hidden_size * (1 if _TERM.match(t).group(3) == "avg" else len(_term_features(t, layers)))
-               for t in _terms(spec))
+    width = 0
+    for t in _terms(spec):
+        combine, t = _split_term(t)
+        w = hidden_size * (1 if _TERM.match(t).group(3) == "avg" else len(_term_features(t, layers)))
+        width += {"": w, "pair": 4 * w, "cos": 1}[combine]
+    return width
+
+
+def _split_term(term: str) -> tuple[str, str]:
+    """("pair" / "cos" / "", the single-text term)."""
+    combine, _, rest = term.rpartition(":")
+    return combine, rest
 
 
 def _terms(spec: str) -> list[str]:
     terms = [t.strip() for t in str(spec).split("+")]
     for t in terms:
-        if not _TERM.match(t):
+        combine, rest = _split_term(t)
+        if not _TERM.match(rest) or combine not in ("", *PAIR_COMBINES):
             raise UserError(f"unknown --pooling {spec!r}: use cls, mean, cls_<layer>, mean-avg<k>, mean-cat<k>, "
-                            "or terms joined with + (e.g. cls+mean)")
+                            "or terms joined with + (e.g. cls+mean); for a pair cache pair:<term> or cos:<term>")
     return terms
 
 
