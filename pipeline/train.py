@@ -21,7 +21,7 @@ from .metrics import report
 from .poolings import build_features, pooled_width, pooling_features, starts_with_cosine
 from .rows import IN_MEMORY_COPIES, ArrayRows, StoredRows, memory_budget
 from .store import FeatureStore
-from .tasks import labelled, outputs, task_of, tune_thresholds
+from .tasks import SCORE, labelled, outputs, task_of, tune_thresholds
 from .training import FitResult, class_weight_vector, fit_rows, holdout, predict_rows
 
 CLASS_WEIGHTS = (None, "none", "balanced")
@@ -212,7 +212,8 @@ def save(out: str, data: CachedSplits, result: FitResult, metrics: dict, config:
         metrics["test"] = report(config, data.labels["test"], predict_rows(result.head, rows))
     files = dict(files or {})
     if plots.available():
-        files["curves.png"] = lambda path: plots.curves_png(metrics["history"], metrics["best_epoch"], path)
+        files["curves.png"] = lambda path: plots.curves_png(metrics["history"], metrics["best_epoch"], path,
+                                                            SCORE[data.task])
     return save_checkpoint(out, config, {"best": result.best_state, "last": result.last_state}, metrics, files)
 
 
