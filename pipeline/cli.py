@@ -87,19 +87,17 @@ def cli(debug):
 def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, layers, device,
             precision, batch_tokens, store_dtype, revision, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
-    from . import distributed
+    from .distributed import world
     from .extract import extract as run_extract
     from .store import FeatureStore
 
-    # Under torchrun every rank encodes its shard and rank 0 joins them; only rank 0 reports.
-    launched = distributed.launched()
-    run = distributed.extract if launched else run_extract
-    path = run(model, data, out, text_column=text_column, label_column=label_column,
-               label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
-               device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
-               revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
-               **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
-    if launched and distributed.world()[0] != 0:
+    # Under torchrun every rank encodes its shard and rank 0 joins them (extract sees to it); rank 0 reports.
+    path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
+                       label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
+                       device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
+                       revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
+                       **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
+    if world()[0] != 0:
         return
     with FeatureStore(path) as store:
         info = store.info()
@@ -184,10 +182,8 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
 def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, as_json):
     from .sweep import sweep
 
-    path, ranked, metrics = sweep(features, out, poolings=_names(poolings), heads=_names(heads),
-                                  lrs=_numbers(lrs, "--sweep-lrs"),
-                                  weight_decays=_numbers(weight_decays, "--sweep-weight-decays"), seed=seed,
-                                  progress=not as_json or sys.stderr.isatty(), **options)
+    path, ranked, metrics = sweep(features, out, poolings=poolings, heads=heads, lrs=lrs, weight_decays=weight_decays,
+                                  seed=seed, progress=not as_json or sys.stderr.isatty(), **options)
     if as_json:
         metrics["ranked"] = ranked
         return path, metrics
@@ -200,13 +196,6 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, as
                f"winner: {ranked[0]['pooling']} {ranked[0]['head']} lr {ranked[0]['lr']:g} "
                f"wd {ranked[0]['weight_decay']:g} (table in {os.path.join(path, 'sweep.json')})")
     return path, metrics
-
-
-def _numbers(value: str | None, option: str) -> list[float] | None:
-    try:
-        return [float(v) for v in _names(value)] if value else None
-    except ValueError as e:
-        raise UserError(f"{option} takes comma-separated numbers, e.g. 1e-3,3e-4; not {value!r}") from e
 
 
 @cli.command()

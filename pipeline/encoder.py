@@ -188,7 +188,9 @@ class Encoder:
         """Pooled float32 vectors for `texts`, in their order: feature name -> [len(texts), hidden]."""
         return self.encode_ids(self.tokenize(texts), progress)
 
-    def encode_ids(self, ids: list[list[int]], progress=None) -> dict[str, np.ndarray]:
+    def encode_ids(self, ids: list[list[int]], progress=None, *, count: str = "texts") -> dict[str, np.ndarray]:
+        """`encode` for tokenized texts. `progress(n)` is called per batch with its distinct texts, or with
+        its tokens (unpadded) when `count="tokens"`: texts come longest first, so only tokens give a true ETA."""
         names = self.feature_names()
         n = len(ids)
         if n == 0:
@@ -213,7 +215,7 @@ class Encoder:
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
                 if progress is not None:
-                    progress(len(batch))  # counts distinct inputs
+                    progress(len(batch) if count == "texts" else int(lengths[batch].sum()))
         take = torch.from_numpy(first).to(self.device)
         return {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
 
