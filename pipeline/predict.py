@@ -113,7 +113,7 @@ def as_texts(texts) -> tuple[bool, list[str]]:
     """(whether one string was given, the texts as a list): a str is one text, not its characters."""
     if isinstance(texts, str):
         return True, [texts]
-    if texts is None or isinstance(texts, (bytes, dict)):
+    if texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
         raise UserError(f"give a text or a list of texts, not {type(texts).__name__}")
     texts = list(texts)
     bad = next((t for t in texts if not isinstance(t, str)), None)
