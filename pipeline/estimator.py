@@ -6,7 +6,7 @@
 cache of this process keyed by (the encoder's settings, the text), so refitting with other head
 settings, a clone made by `GridSearchCV`, or a later fold never encodes a text twice. With
 `cache_dir`, the vectors also go to disk (for `n_jobs > 1`, whose workers are other processes, and
-for the next session). Encoding and training are the package's own: `Encoder`, and heads' training
+for the next session). Encoding and training are the package's own: `Encoder`, and training.py's
 loop with early stopping on a stratified hold-out of the training texts.
 """
 from __future__ import annotations
@@ -27,10 +27,13 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("pipeline.estimator needs scikit-learn: pip install 'bertcache[sklearn]' "
                       "(or pip install scikit-learn)") from e
 
-from . import heads as H
+from . import defaults as D
 from .encoder import DEFAULT_MAX_LENGTH, Encoder, resolve_device
 from .errors import UserError
+from .poolings import build_features
 from .predict import as_texts
+from .training import class_weight_vector, holdout
+from .training import fit as fit_arrays
 
 # Process-wide caches: loaded encoders by their arguments, vectors by (encoder fingerprint, text digest).
 _LOCK = threading.RLock()
@@ -86,10 +89,10 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, model: str = "e5-small", *, pooling: str = "mean", head: str = "linear",
-                 hidden: int = H.HIDDEN, dropout: float = H.DROPOUT, epochs: int = H.EPOCHS, lr: float = H.LR,
-                 weight_decay: float = H.WEIGHT_DECAY, batch_size: int = H.BATCH_SIZE,
-                 patience: int | None = H.PATIENCE, validation_fraction: float = H.VAL_FRACTION,
-                 label_smoothing: float = 0.0, class_weights: str | None = None, seed: int = H.SEED,
+                 hidden: int = D.HIDDEN, dropout: float = D.DROPOUT, epochs: int = D.EPOCHS, lr: float = D.LR,
+                 weight_decay: float = D.WEIGHT_DECAY, batch_size: int = D.BATCH_SIZE,
+                 patience: int | None = D.PATIENCE, validation_fraction: float = D.VAL_FRACTION,
+                 label_smoothing: float = 0.0, class_weights: str | None = None, seed: int = D.SEED,
                  layers: int = 1, max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", precision: str = "auto",
                  batch_tokens: int | None = None, revision: str | None = None, device: str = "auto",
                  cache_dir: str | None = None, progress: bool = False):
@@ -137,11 +140,11 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         k = len(self.classes_)
         X_all = self._features(texts)
         if self.validation_fraction and self.validation_fraction > 0:
-            train, val = H.holdout(y_ids, self.validation_fraction, self.seed)
+            train, val = holdout(y_ids, self.validation_fraction, self.seed)
         else:
             train, val = np.arange(len(texts)), np.arange(0)
-        weights = (H.class_weight_vector(y_ids[train], k) if self.class_weights == "balanced" else None)
-        result = H.fit(X_all[train], y_ids[train], X_all[val], y_ids[val], k, device=resolve_device(self.device),
+        weights = (class_weight_vector(y_ids[train], k) if self.class_weights == "balanced" else None)
+        result = fit_arrays(X_all[train], y_ids[train], X_all[val], y_ids[val], k, device=resolve_device(self.device),
                        head=self.head, hidden=self.hidden, dropout=self.dropout, epochs=self.epochs, lr=self.lr,
                        weight_decay=self.weight_decay, batch_size=self.batch_size, seed=self.seed,
                        patience=self.patience, label_smoothing=self.label_smoothing, class_weights=weights)
@@ -183,7 +186,7 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         """The head's input matrix for `texts`, encoding only the texts not cached yet."""
         encoder = self._encoder()
         arrays = _cached_vectors(encoder, texts, self.cache_dir, self.progress)
-        return H.build_features(arrays, self.pooling, encoder.layers)
+        return build_features(arrays, self.pooling, encoder.layers)
 
     def _encoder(self) -> Encoder:
         key = (self.model, self.layers, self.max_length, self.prefix, self.precision, self.batch_tokens,
@@ -234,7 +237,7 @@ def _cached_vectors(encoder: Encoder, texts: list[str], cache_dir: str | None,
         if todo:
             from tqdm.auto import tqdm
             with tqdm(total=len(todo), unit="text", desc="encode", disable=not progress, dynamic_ncols=True) as bar:
-                arrays = encoder.encode(list(todo.values()), progress=bar.update)
+                arrays = encoder.encode(list(todo.values()), on_progress=bar.update)
             rows = np.concatenate([arrays[n] for n in names], axis=1)
             table.update(zip(todo, rows))
             if cache_dir:

@@ -6,22 +6,10 @@ import numpy as np
 from .checkpoint import load_checkpoint, read_config
 from .encoder import Encoder
 from .errors import UserError
-from .heads import build_features, pooling_features
+from .fingerprints import check_same_encoder
 from .metrics import classification_report
-from .store import FeatureStore, settings_differences
-
-# The encoder settings that decide what a vector means: a head is only valid on vectors made the same way.
-VECTOR_SETTINGS = ("model", "model_fingerprint", "max_length", "prefix", "precision", "hidden_size")
-
-
-def check_same_encoder(checkpoint: dict, settings: dict, what: str) -> None:
-    """Refuse an encoder (or a cache) whose vectors differ from those the head was trained on."""
-    trained = checkpoint["encoder"]
-    keys = [k for k in VECTOR_SETTINGS if k in trained]
-    diffs = settings_differences(trained, settings, keys)
-    if any(not d.startswith("model:") for d in diffs):  # a path alone is not a difference
-        raise UserError(f"this checkpoint's head was trained on vectors of model {trained.get('model')!r}, but {what} "
-                        f"differs ({'; '.join(diffs)}): use the encoder and settings the head was trained with")
+from .poolings import build_features, pooling_features
+from .store import FeatureStore
 
 
 class Predictor:
@@ -63,12 +51,12 @@ class Predictor:
         self.layers = enc["layers"]
         self._names = pooling_features(self.pooling, self.layers)
 
-    def predict_proba(self, texts: str | list[str], progress=None) -> np.ndarray:
+    def predict_proba(self, texts: str | list[str], on_progress=None) -> np.ndarray:
         """Class probabilities: [n, classes] for a list of texts, [classes] for one string.
 
         Args:
             texts: one text, or a list (any iterable) of texts.
-            progress: optional callback, called with the number of texts in each encoded batch.
+            on_progress: optional callback, called with the number of texts in each encoded batch.
 
         Example:
 
@@ -77,18 +65,18 @@ class Predictor:
         one, texts = as_texts(texts)
         if not texts:
             return np.zeros((0, len(self.label_names)), np.float32)
-        arrays = self.encoder.encode(texts, progress=progress)
+        arrays = self.encoder.encode(texts, on_progress=on_progress)
         probs = self.head.predict_proba(build_features(arrays, self.pooling, self.layers))
         return probs[0] if one else probs
 
-    def predict(self, texts: str | list[str], progress=None) -> dict | list[dict]:
+    def predict(self, texts: str | list[str], on_progress=None) -> dict | list[dict]:
         """The predicted label: a dict for one string, a list of dicts (in order) for a list of texts.
 
         Each dict: text, label (name), label_id, probs (label name -> probability).
 
         Args:
             texts: one text, or a list (any iterable) of texts.
-            progress: optional callback, called with the number of texts in each encoded batch.
+            on_progress: optional callback, called with the number of texts in each encoded batch.
 
         Example:
 
@@ -96,7 +84,7 @@ class Predictor:
             # {'text': '这本书写得真好', 'label': '正向评价', 'label_id': 1, 'probs': {'负向评价': 0.37, '正向评价': 0.63}}
         """
         one, texts = as_texts(texts)
-        results = self.results(texts, self.predict_proba(texts, progress))
+        results = self.results(texts, self.predict_proba(texts, on_progress))
         return results[0] if one else results
 
     def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:

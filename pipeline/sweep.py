@@ -10,7 +10,7 @@ import itertools
 import os
 import time
 
-from . import heads as H
+from . import defaults as D
 from . import train as T
 from .checkpoint import write_json
 from .errors import UserError
@@ -21,7 +21,7 @@ from .store import FeatureStore
 # --sweep-weight-decays); a shorter patience than fit-head's keeps the default sweep within ~2 minutes.
 HEADS = ("linear", "mlp")
 LRS = (1e-3, 3e-4)
-WEIGHT_DECAYS = (H.WEIGHT_DECAY,)
+WEIGHT_DECAYS = (D.WEIGHT_DECAY,)
 PATIENCE = 10
 SELECTION = "validation accuracy, then validation loss"
 
@@ -41,8 +41,8 @@ def default_poolings(layers: list[int]) -> list[str]:
 
 def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | None = None,
           heads: list[str] | str | None = None, lrs: list[float] | str | None = None,
-          weight_decays: list[float] | str | None = None, hidden: int = H.HIDDEN, dropout: float = H.DROPOUT,
-          epochs: int = H.EPOCHS, batch_size: int = H.BATCH_SIZE, seed: int = H.SEED,
+          weight_decays: list[float] | str | None = None, hidden: int = D.HIDDEN, dropout: float = D.DROPOUT,
+          epochs: int = D.EPOCHS, batch_size: int = D.BATCH_SIZE, seed: int = D.SEED,
           patience: int | None = PATIENCE, label_smoothing: float = 0.0, class_weights: str | None = None,
           device: str = "auto", max_memory: int | str | None = None, progress: bool = True,
           log=None) -> tuple[str, list[dict], dict]:
@@ -75,9 +75,9 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
     poolings, heads = grid_values(poolings, "poolings", str), list(grid_values(heads, "heads", str) or HEADS)
     lrs = list(grid_values(lrs, "lrs", float) or LRS)
     weight_decays = list(grid_values(weight_decays, "weight_decays", float) or WEIGHT_DECAYS)
-    bad = [h for h in heads if h not in H.HEADS]
+    bad = [h for h in heads if h not in D.HEADS]
     if bad:
-        raise UserError(f"unknown head {bad[0]!r} in --sweep-heads; use {', '.join(H.HEADS)}")
+        raise UserError(f"unknown head {bad[0]!r} in --sweep-heads; use {', '.join(D.HEADS)}")
     if any(v <= 0 for v in lrs) or any(v < 0 for v in weight_decays):
         raise UserError("learning rates must be positive and weight decays not negative (--sweep-lrs, "
                         "--sweep-weight-decays)")

@@ -6,15 +6,15 @@ import re
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import QUICKSTART_TEXTS, cli
+from pipeline.cli import QUICKSTART_TEXTS
 from pipeline.errors import UserError
 from pipeline.extract import extract
 from pipeline.predict import Predictor
 from pipeline.sweep import sweep
 from pipeline.train import fit_head
 from conftest import default_splits, write_split_files
+from helpers import ok
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,9 +80,8 @@ def test_extract_bar_counts_tokens(tiny_model, data, tmp_path, capfd):
 
 def test_quickstart_runs_its_steps(tiny_model, data, tmp_path):
     features, ckpt = tmp_path / "f.h5", tmp_path / "sweep"
-    result = CliRunner().invoke(cli, ["quickstart", "--model", tiny_model, "--data", data, "--prefix", "这",
-                                      "--layers", "2", "--features", str(features), "--checkpoint", str(ckpt)])
-    assert result.exit_code == 0, result.output
+    result = ok("quickstart", "--model", tiny_model, "--data", data, "--prefix", "这", "--layers", 2,
+                "--features", features, "--checkpoint", ckpt)
     out, err = result.stdout, result.stderr
     assert [line for line in err.splitlines() if line.startswith("== ")] == [
         f"== 1/4 extract: {tiny_model} over the {data} texts (once; a rerun resumes or skips)",

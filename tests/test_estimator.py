@@ -30,9 +30,9 @@ def encoded(monkeypatch):
     seen = []
     original = Encoder.encode
 
-    def counting(self, texts, progress=None):
+    def counting(self, texts, on_progress=None):
         seen.extend(texts)
-        return original(self, texts, progress)
+        return original(self, texts, on_progress)
 
     monkeypatch.setattr(Encoder, "encode", counting)
     yield seen

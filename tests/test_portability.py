@@ -12,10 +12,11 @@ import sys
 
 import pytest
 
-from pipeline import store, stream
+from pipeline import rows, store
 from pipeline.extract import extract
 from pipeline.store import FeatureStore
-from conftest import child_env, default_splits, write_split_files
+from conftest import default_splits, write_split_files
+from helpers import child_env
 
 # Modules that exist on POSIX only, and os functions missing on Windows (posix_fallocate on macOS too).
 POSIX_MODULES = ("fcntl", "resource", "termios", "pwd", "grp")
@@ -42,21 +43,22 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_every_module_imports_without_posix_only_modules():
     code = IMPORT_ALL.format(modules=POSIX_MODULES, functions=POSIX_FUNCTIONS)
     proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"cli", "store", "stream", "extract", "train", "predict", "estimator"} <= set(result)
+    assert {"cli", "store", "rows", "extract", "train", "predict", "estimator"} <= set(result)
     assert not [name for name, how in result.items() if how.startswith("hidden")], result
-    assert result["store"] == result["stream"] == result["cli"] == "ok"
+    assert result["store"] == result["rows"] == result["cli"] == "ok"
 
 
 def test_available_memory_without_proc_sysconf_or_psutil(monkeypatch):
     def no_proc(path, *args, **kwargs):
         raise FileNotFoundError(path)
 
-    monkeypatch.setattr(stream, "open", no_proc, raising=False)
+    monkeypatch.setattr(rows, "open", no_proc, raising=False)
     monkeypatch.setitem(sys.modules, "psutil", None)
     real = os.sysconf
 
@@ -66,11 +68,11 @@ def test_available_memory_without_proc_sysconf_or_psutil(monkeypatch):
         return real(name)
 
     monkeypatch.setattr(os, "sysconf", macos_sysconf)
-    assert stream.available_memory() == real("SC_PHYS_PAGES") * real("SC_PAGE_SIZE") // 2
+    assert rows.available_memory() == real("SC_PHYS_PAGES") * real("SC_PAGE_SIZE") // 2
     monkeypatch.delattr(os, "sysconf")  # Windows has no os.sysconf (and there asks the kernel, via ctypes)
     if os.name != "nt":
-        assert stream.available_memory() == stream.FALLBACK_MEMORY
-    assert stream.memory_budget() > 0
+        assert rows.available_memory() == rows.FALLBACK_MEMORY
+    assert rows.memory_budget() > 0
 
 
 @pytest.mark.usefixtures("one_thread")
