@@ -350,3 +350,28 @@ def test_bad_task_input(tiny_model, tmp_path, rows, options, words):
     one_line_error(run("extract", "-m", tiny_model, "-d", path.parent, "-o", tmp_path / "f.h5", *options), *words)
     assert not os.path.exists(tmp_path / "f.h5")
     assert not os.path.exists(str(tmp_path / "f.h5") + ".partial")
+
+
+# -- the scikit-learn estimators ---------------------------------------------------------------------
+
+def test_estimators_for_regression_and_multilabel(tiny_model):
+    pytest.importorskip("sklearn")
+    from sklearn.base import clone
+
+    from pipeline.estimator import TextClassifier, TextRegressor
+    rows = scored_texts(80, 1)
+    texts, y = [r["text"] for r in rows], np.array([r["label"] for r in rows])
+    reg = TextRegressor(tiny_model, pooling="cls+mean", epochs=40, lr=3e-3, device="cpu", precision="fp32")
+    reg.fit(texts, y)
+    pred = reg.predict(texts)
+    assert pred.shape == (80,) and spearman(pred, y) > 0.3 and abs(pred.mean() - y.mean()) < 1.0
+    assert "val_spearman" in reg.history_[-1] and clone(reg).get_params()["lr"] == 3e-3
+    one_line = pytest.raises(bc.UserError, match="finite")
+    with one_line:
+        TextRegressor(tiny_model, device="cpu").fit(texts[:2], [1.0, float("nan")])
+    tagged = tagged_texts(80, 1)
+    Y = np.array([[int("neg" in r["label"]), int("pos" in r["label"])] for r in tagged])
+    clf = TextClassifier(tiny_model, epochs=40, device="cpu", precision="fp32").fit([r["text"] for r in tagged], Y)
+    got = clf.predict([r["text"] for r in tagged])
+    assert got.shape == (80, 2) and set(np.unique(got)) <= {0, 1} and clf.thresholds_.shape == (2,)
+    assert (got == Y).mean() > 0.6
