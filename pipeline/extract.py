@@ -103,6 +103,9 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
                                  long_texts=long_texts, stride=stride)
     out = out or default_features_path(model, data)
     paired = _paired(corpus)
+    if paired and pair_mode == "cross" and encoder.long_texts == "chunk":
+        raise UserError("--long-texts chunk does not go with --pair-mode cross (a pair cut into windows has no "
+                        "meaning); use --pair-mode bi, which chunks each text on its own, or --long-texts truncate")
     if paired and pair_mode == "bi":
         corpus, splits = bi_layout(corpus)
     else:

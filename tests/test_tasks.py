@@ -161,6 +161,19 @@ def test_multilabel_end_to_end(multilabel_cache, tmp_path):
     assert lines[0].endswith("\t好棒赞喜欢")
     for name in results[0]["labels"]:
         assert f"{name} {results[0]['probs'][name]:.4f}" in lines[0]
+    with served(predictor) as client:
+        got = client.post("/predict", json={"texts": ["好棒赞喜欢", "差烂坏糟", "这个东西"]}).json()["predictions"]
+        assert [g["labels"] for g in got] == [r["labels"] for r in results]
+        assert set(got[0]) == {"text", "labels", "probs"}
+        assert client.get("/info").json()["thresholds"] == config["thresholds"]
+
+
+def served(predictor):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+    from pipeline.serve import create_app
+    return TestClient(create_app(predictor))
 
 
 def test_multilabel_from_separated_strings(tiny_model, tmp_path):
@@ -236,6 +249,8 @@ def test_bi_sweep_starts_from_the_cosine(bi_cache, tmp_path):
     assert by["cos:mean"]["val_spearman"] >= cosine - 1e-6
     assert by["cos:mean+pair:mean"]["val_spearman"] >= cosine - 1e-6
     assert ranked[0]["val_spearman"] >= cosine - 1e-6
+    assert "val spearman" in ok("fit-head", "-f", bi_cache, "--sweep", "--sweep-heads", "linear", "--sweep-lrs", "1e-3",
+                                "-o", tmp_path / "sw2", "--epochs", "3", "--device", "cpu").stdout
     fit, metrics = bc.fit_head(bi_cache, str(tmp_path / "c"), pooling="cos:mean", epochs=3, device="cpu")
     assert metrics["history"][0]["epoch"] == 0 and metrics["history"][0]["val_spearman"] == pytest.approx(cosine)
 
@@ -248,11 +263,7 @@ def test_bi_predict_and_serve(bi_cache, tmp_path):
     lines = ok("predict", "-c", ckpt, "--device", "cpu", "好棒赞\t喜欢满意").stdout.splitlines()
     assert lines == [f"{got[0]['score']:.4f}\t好棒赞\t喜欢满意"]
     one_line_error(run("predict", "-c", ckpt, "--device", "cpu", "好棒赞"), "pairs", "tab")
-    pytest.importorskip("fastapi")
-    pytest.importorskip("httpx")
-    from fastapi.testclient import TestClient
-    from pipeline.serve import create_app
-    with TestClient(create_app(predictor)) as client:
+    with served(predictor) as client:
         r = client.post("/predict", json={"pairs": [["好棒赞", "喜欢满意"], ["差烂坏", "好棒赞"]]})
         assert r.status_code == 200, r.text
         assert [p["score"] for p in r.json()["predictions"]] == pytest.approx([g["score"] for g in got], abs=1e-4)
@@ -280,8 +291,13 @@ def test_cross_pairs_use_token_types(tiny_model, tmp_path):
     padded = bc.Encoder(tiny_model, device="cpu", precision="fp32", packing="off")
     assert np.allclose(padded.encode([row["a"]], pairs=[row["b"]])["mean"], pair, atol=1e-5)
     ckpt, metrics = bc.fit_head(out, str(tmp_path / "ck"), pooling="mean", epochs=3, device="cpu")
-    got = bc.Predictor(ckpt, device="cpu").predict([row["a"]], pairs=[row["b"]])
+    predictor = bc.Predictor(ckpt, device="cpu")
+    got = predictor.predict([row["a"]], pairs=[row["b"]])
     assert got[0]["text_pair"] == row["b"] and got[0]["label"] in ("0", "1")
+    assert predictor.predict(row["a"], pairs=row["b"]) == got[0]  # one pair, one dict
+    with served(predictor) as client:
+        r = client.post("/predict", json={"pairs": [[row["a"], row["b"]]]}).json()["predictions"]
+        assert r[0]["label"] == got[0]["label"] and r[0]["probs"] == pytest.approx(got[0]["probs"], abs=1e-4)
 
 
 # -- long texts --------------------------------------------------------------------------------------
@@ -340,6 +356,8 @@ def test_too_few_rows_to_hold_out_validation(tiny_model, tmp_path):
     ([{"text": "好", "label": 1.5}, {"text": "坏", "label": float("inf")}], (), ("finite",)),
     ([{"text": "好", "label": "pos"}], ("--task", "regression"), ("regression", "'pos'", "not a number")),
     ([{"text": "好", "label": 1}], ("--text-pair-column", "b"), ("no text pair column",)),
+    ([{"a": "好", "b": "坏", "label": 1}], ("--text-column", "a", "--text-pair-column", "b", "--pair-mode", "cross",
+                                          "--long-texts", "chunk"), ("chunk", "cross")),
 ])
 def test_bad_task_input(tiny_model, tmp_path, rows, options, words):
     path = tmp_path / "data" / "train.jsonl"
