@@ -23,7 +23,8 @@ def default_features_path(model: str, data: str) -> str:
 def extract(model: str, data: str, out: str | None = None, *, text_column: str = "text",
             label_column: str = "label", label_names: list[str] | None = None,
             max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
-            precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
+            precision: str = "auto", batch_tokens: int | None = None, workers: int | None = None,
+            packing: str = "auto", store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
             progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
@@ -31,7 +32,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     Returns the path of the complete file. Re-running with the same arguments resumes an
     interrupted run (or does nothing when the file is complete). `log` (a callable) gets notes:
     blank texts skipped, a run resumed or started over. `corpus`, when given, is used instead of
-    loading `data` (distributed extraction passes each rank's shard of it).
+    loading `data` (distributed extraction passes each rank's shard of it). `workers` and `packing`: see
+    `Encoder` (they change the speed, not the vectors beyond the precision's last bits).
     """
     log = log or (lambda msg: None)
     corpus = corpus or load_corpus(data, text_column, label_column, label_names)
@@ -39,7 +41,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         if n:
             log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
-                                 prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens)
+                                 prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens,
+                                 workers=workers, packing=packing)
     out = out or default_features_path(model, data)
     splits = split_specs(corpus)
     writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,
