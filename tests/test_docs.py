@@ -82,6 +82,14 @@ def test_readme_is_short():
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail to docs/ (limit {README_MAX_LINES})"
 
 
+def test_readme_gives_the_two_commands_ci_and_newcomers_run():
+    text = README.read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "bash scripts/test.sh" in ci  # CI runs exactly the README's test command
+    for command in ("bash scripts/quickstart.sh", "bash scripts/test.sh", "source .venv/bin/activate"):
+        assert command in text, f"README.md no longer shows `{command}`"
+
+
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
