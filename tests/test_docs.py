@@ -122,3 +122,42 @@ def test_every_relative_link_points_at_something_that_exists():
                 broken.append(f"{page.relative_to(ROOT)}: {link} (no such heading)")
     assert not broken, "broken links:\n" + "\n".join(broken)
     assert checked > 20
+
+
+def _code_spans(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return re.findall(r"`([^`\n]+)`", text) + re.findall(r"^```\w*\n(.*?)^```", text, flags=re.M | re.S)
+
+
+FILE_ENDINGS = {"json", "png", "txt", "h5", "safetensors", "bin", "py", "md", "whl", "csv", "tsv", "jsonl",
+                "parquet", "partial", "new", "pt", "pth", "pkl", "pickle", "ckpt", "sh", "charsmap"}
+
+
+def test_code_the_docs_name_still_exists():
+    """Files, test functions and `module.name`s the docs cite: a moved module or renamed test shows here."""
+    import importlib
+
+    import pipeline
+
+    tests_source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").rglob("*.py"))
+    places = [ROOT / d for d in ("pipeline", "tests", "benchmarks", "scripts")]
+    missing = []
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        for span in _code_spans(page):
+            for name in re.findall(r"(?<![\w/.])((?:[\w-]+/)*[\w-]+\.py)\b", span):
+                found = (ROOT / name).exists() if "/" in name else any(next(p.rglob(name), None) for p in places)
+                if not found:
+                    missing.append(f"{page.name}: file {name}")
+            for test in re.findall(r"\b(test_\w+)\b", span):
+                if not test.endswith("_py") and not re.search(rf"^\s*def {test}\(", tests_source, flags=re.M) \
+                        and not (ROOT / "tests" / f"{test}.py").exists():
+                    missing.append(f"{page.name}: test {test}")
+            for mod, attr in re.findall(r"^(?:pipeline\.)?([a-z_0-9]+)\.([A-Za-z_]\w*)", span):
+                if attr in FILE_ENDINGS or not (ROOT / "pipeline" / f"{mod}.py").exists():
+                    continue
+                if not hasattr(importlib.import_module(f"pipeline.{mod}"), attr):
+                    missing.append(f"{page.name}: {mod}.{attr}")
+            for cls, attr in re.findall(r"^([A-Z]\w+)\.([a-z_]\w*)", span):
+                if hasattr(pipeline, cls) and not hasattr(getattr(pipeline, cls), attr):
+                    missing.append(f"{page.name}: {cls}.{attr}")
+    assert not missing, "the docs name code that is not there (update the docs):\n" + "\n".join(missing)
