@@ -121,7 +121,9 @@ def main(argv=None):
             for t, y in zip(texts, labels):
                 f.write(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n")
         for busy in (int(b) for b in args.busy.split(",")):
-            procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+            # The loop ends by itself when this process dies (even killed, when `finally` does not run).
+            spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+            procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(busy)]
             try:
                 times, loads = {v: [] for v in variants}, []
                 for r in range(args.repeats):
