@@ -79,6 +79,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
                          label_sep=kwargs.pop("label_sep", None))
     encoder = Encoder(model, device=device, precision=precision, max_length=max_length, prefix=prefix,
                       layers=layers, revision=revision, batch_tokens=batch_tokens,
+                      workers=kwargs.pop("workers", None), packing=kwargs.pop("packing", "auto"),
                       long_texts=kwargs.pop("long_texts", "truncate"), stride=kwargs.pop("stride", None))
     settings = cache_settings(encoder, corpus.task, None)
     out = out or default_features_path(model, data)

@@ -354,7 +354,6 @@ class Encoder:
             pooled[feature_name("mean", layer, self.num_layers)] = (h * m).sum(1) / denom
         return pooled
 
-
     def _forward_packed(self, seqs: list) -> dict[str, torch.Tensor]:
         from .packed import Packing, pool
 
@@ -362,8 +361,9 @@ class Encoder:
         hidden = self.packed.forward(p, self.layers)
         pooled = {}
         for layer in self.layers:
-            suffix = "" if layer == self.num_layers else f"_{layer}"
-            pooled["cls" + suffix], pooled["mean" + suffix] = pool(hidden[layer], p)
+            cls, mean = pool(hidden[layer], p)
+            pooled[feature_name("cls", layer, self.num_layers)] = cls
+            pooled[feature_name("mean", layer, self.num_layers)] = mean
         return pooled
 
 
@@ -403,7 +403,8 @@ _threads_lock = threading.Lock()
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Indices of `lengths` grouped longest first into batches of at most `batch_tokens` padded tokens."""
+    """Indices of `lengths` grouped longest first into batches of at most `batch_tokens` tokens (padded
+    widths for padded batches, real lengths for packed ones)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches, start = [], 0
     while start < len(order):
