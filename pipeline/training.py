@@ -255,8 +255,10 @@ def _loop_threads(device: torch.device, step_flops: int):
 @torch.no_grad()
 def _start_from_first_column(model: Head, train, task: str, num_classes: int) -> None:
     """Weights that read the (standardized) first column alone, as its best fit would: regression,
-    the correlation (the least-squares slope on standardized data); classification, each class's mean
-    of the column (a threshold on it between the classes) plus its log prior. Everything else 0."""
+    the correlation (the least-squares slope on standardized data); classification, linear discriminant
+    analysis on the column (class c: mean_c / var * x - mean_c^2 / (2 var) + log prior_c, var the
+    pooled within-class variance), whose thresholds sit where the classes' densities cross. Everything
+    else 0."""
     x, y = zip(*[(xb[:, 0], yb) for xb, yb in train.chunks()])
     x, y = torch.cat(x).double(), torch.cat(y)
     lin = model.net
@@ -265,11 +267,16 @@ def _start_from_first_column(model: Head, train, task: str, num_classes: int) ->
     if task == "regression":
         lin.weight[0, 0] = float(pearson(x.cpu().numpy(), y.cpu().numpy()))
         return
+    means = {c: x[y == c].mean() for c in range(num_classes) if (y == c).any()}
+    var = float(sum(((x[y == c] - m) ** 2).sum() for c, m in means.items()) / max(1, len(x) - len(means)))
+    var = var if var > 1e-12 else 1.0
     for c in range(num_classes):
-        members = y == c
-        if members.any():
-            lin.weight[c, 0] = float(x[members].mean())
-            lin.bias[c] = float(np.log(float(members.float().mean())))
+        if c in means:
+            m = float(means[c])
+            lin.weight[c, 0] = m / var
+            lin.bias[c] = -m * m / (2 * var) + float(np.log(float((y == c).float().mean())))
+        else:
+            lin.bias[c] = -30.0  # a class train never shows: never predicted at the start
 
 
 @torch.no_grad()

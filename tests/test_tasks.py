@@ -393,3 +393,19 @@ def test_estimators_for_regression_and_multilabel(tiny_model):
     got = clf.predict([r["text"] for r in tagged])
     assert got.shape == (80, 2) and set(np.unique(got)) <= {0, 1} and clf.thresholds_.shape == (2,)
     assert (got == Y).mean() > 0.6
+
+
+def test_bi_classification_starts_from_the_cosine(tiny_model, tmp_path):
+    data = tmp_path / "data"
+    for split, n, seed in (("train", 80, 1), ("validation", 30, 2)):
+        write_jsonl(str(data / f"{split}.jsonl"), paired_texts(n, seed))
+    out = bc.extract(tiny_model, str(data), str(tmp_path / "f.h5"), text_column="a", text_pair_column="b",
+                     precision="fp32", device="cpu", progress=False)
+    _, metrics = bc.fit_head(out, str(tmp_path / "ck"), pooling="cos:mean", epochs=3, device="cpu")
+    start = metrics["history"][0]
+    with bc.FeatureStore(out) as store:
+        uv, y = store.features("validation", ["mean"])["mean"], store.labels("validation")
+    # epoch 0 is the cosine alone through linear discriminant analysis: a threshold between the classes
+    assert start["epoch"] == 0 and start["val_acc"] >= max(np.mean(y == 0), np.mean(y == 1)) - 1e-9
+    assert metrics["best"]["val_acc"] >= start["val_acc"]
+    assert uv.shape == (31, 2, 32)
