@@ -23,16 +23,19 @@ def default_features_path(model: str, data: str) -> str:
 
 def extract(model: str, data: str, out: str | None = None, *, text_column: str = "text",
             label_column: str = "label", label_names: list[str] | None = None,
-            max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
+            max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, layers: int = 1, device: str = "auto",
             precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
-            progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None) -> str:
+            progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None,
+            instruction: str | None = None) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an
     interrupted run (or does nothing when the file is complete). `log` (a callable) gets notes:
     blank texts skipped, a run resumed or started over. `corpus`, when given, is used instead of
-    loading `data` (distributed extraction passes each rank's shard of it).
+    loading `data` (distributed extraction passes each rank's shard of it). `prefix` None takes the
+    model's own prompt (sentence-transformers folders); `instruction` is put in the model's
+    instruction format (Qwen3-Embedding's `Instruct: ...\nQuery:`); both are stored in the cache settings.
     """
     log = log or (lambda msg: None)
     corpus = corpus or load_corpus(data, text_column, label_column, label_names)
@@ -40,7 +43,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         if n:
             log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
-                                 prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens)
+                                 prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens,
+                                 instruction=instruction, log=log)
     out = out or default_features_path(model, data)
     splits = split_specs(corpus)
     writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,

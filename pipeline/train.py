@@ -18,7 +18,7 @@ from .checkpoint import save_checkpoint
 from .encoder import resolve_device
 from .errors import UserError
 from .metrics import classification_report
-from .poolings import build_features, pooled_width, pooling_features
+from .poolings import build_features, default_pooling, feature_dim, pooled_width, pooling_features
 from .rows import IN_MEMORY_COPIES, ArrayRows, StoredRows, memory_budget
 from .store import FeatureStore
 from .training import FitResult, class_weight_vector, fit_rows, holdout, predict_rows
@@ -129,7 +129,9 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
         raise UserError(f"class {data.label_names[unseen[0]]!r} appears in validation but never in train; "
                         "the head cannot learn it: fix the split or drop that class")
 
-    width = max([len(names) * store.settings["hidden_size"]] + [pooled_width(p, layers, store.settings["hidden_size"]) for p in poolings])
+    dims = store.settings.get("feature_dims")
+    width = max([sum(feature_dim(store.settings, n) for n in names)]
+                + [pooled_width(p, layers, store.settings["hidden_size"], dims) for p in poolings])
     row_bytes = IN_MEMORY_COPIES * 4 * width
     need = row_bytes * sum(store.rows(s) for s in {source for source, _ in index.values()})
     budget = memory_budget(max_memory, device)
@@ -166,9 +168,10 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
                "seconds": result.seconds, "validation": data.val_note, "streamed": data.streamed,
                "best": result.history[result.best_epoch - 1], "history": result.history}
     config = {
-        "encoder": {k_: data.settings.get(k_) for k_ in ("model", "revision", "commit", "model_fingerprint",
-                                                         "config_hash", "max_length", "prefix", "precision",
-                                                         "layers", "hidden_size")},
+        "encoder": {k_: data.settings.get(k_) for k_ in ("model", "model_path", "revision", "commit",
+                                                         "model_fingerprint", "config_hash", "max_length", "prefix",
+                                                         "instruction", "precision", "layers", "hidden_size",
+                                                         "family", "poolings")},
         "pooling": pooling, "head": result.head.shape(), "label_names": data.label_names,
         "features": {"path": os.path.abspath(data.path), "fingerprint": data.fingerprint},
         "training": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
@@ -191,15 +194,19 @@ def save(out: str, data: CachedSplits, result: FitResult, metrics: dict, config:
     return save_checkpoint(out, config, {"best": result.best_state, "last": result.last_state}, metrics, files)
 
 
-def fit_head(features: str, out: str | None = None, *, pooling: str = "cls", head: str = "linear",
+def fit_head(features: str, out: str | None = None, *, pooling: str | None = None, head: str = "linear",
              seed: int = D.SEED, device: str = "auto", max_memory: int | str | None = None, log=None,
              **options) -> tuple[str, dict]:
     """Train a head on a features file; returns (checkpoint folder, metrics).
 
     The features are held in memory when they fit `max_memory`, else streamed from the file (see
     `load_cache`). `options`: hidden, dropout, epochs, lr, weight_decay, batch_size, patience,
-    label_smoothing, class_weights, shuffle_block, shuffle_window (see `train`).
+    label_smoothing, class_weights, shuffle_block, shuffle_window (see `train`). `pooling` None: the
+    cache's default (poolings.default_pooling).
     """
+    if pooling is None:
+        with FeatureStore(features) as store:
+            pooling = default_pooling(store.settings)
     with load_cache(features, [pooling], seed, max_memory, device, log) as data:
         result, metrics, config = train(data, pooling=pooling, head=head, seed=seed, device=device, log=log,
                                         **options)
