@@ -131,7 +131,8 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
             if k + 1 < len(jobs):  # tokenize the next chunk while this one runs through the model
                 pending = pool.submit(plan, jobs[k + 1])
             n = stop - start
-            chunk = {name: np.empty((n, encoder.hidden_size), np.float32) for name in names}
+            chunk = {name: np.empty((n, encoder.feature_dims.get(name, encoder.hidden_size)), np.float32)
+                     for name in names}
             done_before = bar.n
             encoded = encoder.encode_ids(ids, on_progress=bar.update)
             for name in names:

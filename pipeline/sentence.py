@@ -147,7 +147,8 @@ class SentenceModules:
                 out.append(h.index_select(0, starts + lengths - 1))
             elif mode == "max":
                 masked = h if keep is None else h.masked_fill(~keep[:, None], -1e9)
-                out.append(h.new_full((batch, h.shape[1]), -1e9).index_reduce_(0, segment, masked, "amax"))
+                out.append(h.new_full((batch, h.shape[1]), -1e9).scatter_reduce_(
+                    0, segment[:, None].expand_as(masked), masked, "amax"))
             else:
                 w = (positions + 1).to(h.dtype) if mode == "weightedmean" else torch.ones_like(positions, dtype=h.dtype)
                 if keep is not None:
