@@ -263,8 +263,11 @@ class Encoder:
         """Pooled float32 vectors for `texts`, in their order: feature name -> [len(texts), hidden]."""
         return self.encode_ids(self.tokenize(texts), on_progress)
 
-    def encode_ids(self, ids: list[list[int]], on_progress=None) -> dict[str, np.ndarray]:
-        """Pooled float32 vectors for already tokenized texts (`tokenize`'s output), in their order."""
+    def encode_ids(self, ids: list[list[int]], on_progress=None, *, count: str = "texts") -> dict[str, np.ndarray]:
+        """Pooled float32 vectors for already tokenized texts (`tokenize`'s output), in their order.
+
+        `on_progress(n)` is called per batch with its distinct texts, or with its tokens (unpadded) when
+        `count="tokens"`: texts come longest first, so only tokens give a true ETA."""
         names = self.feature_names()
         n = len(ids)
         dims = {k: self.feature_dims.get(k, self.hidden_size) for k in names}
@@ -299,7 +302,7 @@ class Encoder:
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
                 if on_progress is not None:
-                    on_progress(len(batch))  # counts distinct inputs
+                    on_progress(len(batch) if count == "texts" else int(lengths[batch].sum()))
         take = torch.from_numpy(first).to(self.device)
         return {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
 
