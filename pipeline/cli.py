@@ -82,14 +82,19 @@ def cli(debug):
 @click.option("--layers", default=1, show_default=True, help="Cache [CLS] and mean of the last K layers.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
-@click.option("--batch-tokens", type=int, help="Padded tokens per batch [1024 on CPU, 65536 on GPU].")
+@click.option("--batch-tokens", type=int, help="Tokens per batch [1024 on CPU, 65536 on GPU].")
+@click.option("--workers", type=int, help="CPU: batches run side by side on this many threads, one torch thread "
+                                          "each [torch's thread count, when there are batches enough]; 1 = one "
+                                          "batch at a time on all torch threads.")
+@click.option("--packing", default="auto", show_default=True, type=click.Choice(["auto", "off"]),
+              help="auto: BERT/RoBERTa/XLM-R batches without padding; off: padded batches.")
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")
 @click.option("--chunk-rows", type=int, hidden=True, help="Rows per write, the most a killed run loses [2048].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, instruction, layers, device,
-            precision, batch_tokens, store_dtype, revision, restart, chunk_rows, as_json):
+            precision, batch_tokens, workers, packing, store_dtype, revision, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from .distributed import world
     from .extract import extract as run_extract
@@ -101,7 +106,7 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
     path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
                        label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
                        instruction=instruction, device=device, precision=precision, batch_tokens=batch_tokens,
-                       store_dtype=store_dtype,
+                       workers=workers, packing=packing, store_dtype=store_dtype,
                        revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
                        **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
     if world()[0] != 0:

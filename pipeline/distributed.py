@@ -76,6 +76,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     corpus = load_corpus(data, text_column, label_column, label_names)
     encoder = Encoder(model, device=device, precision=precision, max_length=max_length, prefix=prefix,
                       layers=layers, revision=revision, batch_tokens=batch_tokens, instruction=instruction,
+                      workers=kwargs.pop("workers", None), packing=kwargs.pop("packing", "auto"),
                       log=kwargs.get("log"))
     out = out or default_features_path(model, data)
     own_group = not dist.is_initialized()

@@ -392,7 +392,6 @@ class Encoder:
     def _sentence(self, tokens: torch.Tensor, p) -> torch.Tensor:
         return self.sentence.apply(tokens, p.starts, p.lengths, p.segment, skip=self.prompt_tokens)
 
-
     def _forward_packed(self, seqs: list) -> dict[str, torch.Tensor]:
         from .packed import Packing, pool
 
@@ -401,9 +400,10 @@ class Encoder:
         pooled = {}
         ends = p.starts + p.lengths - 1
         for layer in self.layers:
-            suffix = "" if layer == self.num_layers else f"_{layer}"
-            pooled["cls" + suffix], pooled["mean" + suffix] = pool(hidden[layer], p)
-            pooled["last" + suffix] = hidden[layer].float().index_select(0, ends)
+            cls, mean = pool(hidden[layer], p)
+            pooled[feature_name("cls", layer, self.num_layers)] = cls
+            pooled[feature_name("mean", layer, self.num_layers)] = mean
+            pooled[feature_name("last", layer, self.num_layers)] = hidden[layer].float().index_select(0, ends)
         if self.sentence:
             pooled[SENTENCE] = self._sentence(hidden[self.num_layers], p)
         return pooled
@@ -429,7 +429,8 @@ _threads_lock = threading.Lock()
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Indices of `lengths` grouped longest first into batches of at most `batch_tokens` padded tokens."""
+    """Indices of `lengths` grouped longest first into batches of at most `batch_tokens` tokens (padded
+    widths for padded batches, real lengths for packed ones)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches, start = [], 0
     while start < len(order):

@@ -24,7 +24,8 @@ def default_features_path(model: str, data: str) -> str:
 def extract(model: str, data: str, out: str | None = None, *, text_column: str = "text",
             label_column: str = "label", label_names: list[str] | None = None,
             max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, layers: int = 1, device: str = "auto",
-            precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
+            precision: str = "auto", batch_tokens: int | None = None, workers: int | None = None,
+            packing: str = "auto", store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
             progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None,
             instruction: str | None = None) -> str:
@@ -50,7 +51,9 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         layers: cache [CLS] and mean vectors of the last `layers` layers.
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         precision: "auto" (bf16 where the hardware has it), "fp32", "bf16" or "fp16".
-        batch_tokens: padded tokens per forward pass [1024 on CPU, 65536 on GPU].
+        batch_tokens: tokens per forward pass [1024 on CPU, 65536 on GPU].
+        workers: CPU threads running batches side by side, one torch thread each [chosen by the Encoder].
+        packing: "auto" (BERT/RoBERTa/XLM-R batches without padding) or "off" (padded batches).
         store_dtype: "float32" or "float16" (half the file).
         chunk_rows: rows per write, the most work a killed run loses.
         restart: start over instead of resuming (or refusing) an existing file.
@@ -72,7 +75,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             return distributed.extract(model, data, out, text_column=text_column, label_column=label_column,
                                        label_names=label_names, max_length=max_length, prefix=prefix,
                                        layers=layers, device=device, precision=precision,
-                                       batch_tokens=batch_tokens, store_dtype=store_dtype, restart=restart,
+                                       batch_tokens=batch_tokens, workers=workers, packing=packing,
+                                       store_dtype=store_dtype, restart=restart,
                                        revision=revision, progress=progress, log=log, chunk_rows=chunk_rows,
                                        instruction=instruction)
     log = log or (lambda msg: None)
@@ -82,7 +86,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
                                  prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens,
-                                 instruction=instruction, log=log)
+                                 workers=workers, packing=packing, instruction=instruction, log=log)
     out = out or default_features_path(model, data)
     splits = split_specs(corpus)
     writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,
