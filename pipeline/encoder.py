@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 from .errors import UserError
 from . import models as M
 from .poolings import DECODER_POOLS, POOLS as POOLINGS, SENTENCE, feature_name, feature_names
+from .threads import torch_threads
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MAX_LENGTH = 512
 # Batches are padded to a multiple of this many tokens: few distinct shapes, so the kernels' per-shape
@@ -296,7 +296,7 @@ class Encoder:
                 return batch, self._forward([uniq[j] for j in batch], width)
 
         workers = self.resolve_workers(len(batches))
-        with _one_thread_each(workers), ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        with torch_threads(1, when=workers > 1), ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
             for batch, pooled in (pool.map(run, batches) if pool else map(run, batches)):
                 idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 for k in names:
@@ -407,25 +407,6 @@ class Encoder:
         if self.sentence:
             pooled[SENTENCE] = self._sentence(hidden[self.num_layers], p)
         return pooled
-
-
-@contextlib.contextmanager
-def _one_thread_each(workers: int):
-    """While `workers` > 1 threads run batches: one torch thread each (set in the calling thread, which
-    new threads inherit, and in each worker); the caller's setting comes back afterwards."""
-    if workers <= 1:
-        yield
-        return
-    with _threads_lock:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-
-_threads_lock = threading.Lock()
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
