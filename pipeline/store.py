@@ -2,7 +2,8 @@
 
 Layout (readable with plain h5py; see README):
     /                 attrs: format="bertcache-features", complete, settings (JSON), label_names (JSON), ...
-    /<split>/<feature>  float32 or float16 [N, hidden]   feature = cls, mean, cls_<layer>, mean_<layer>
+    /<split>/<feature>  float32 or float16 [N, hidden]   feature = cls, mean, last, cls_<layer>, ..., sentence
+                                     (a width other than hidden is named in settings' feature_dims)
     /<split>/label      by task (settings' "task", tasks.py): classification int64 [N] (-1 = unlabelled),
                         regression float64 [N] (NaN = unlabelled), multilabel int8 [N, labels] (-1 rows)
     /<split>/row        int64 [N]    row number in the source split
@@ -40,6 +41,7 @@ import numpy as np
 from ._version import __version__
 from .errors import UserError, write_error
 from .fingerprints import cache_fingerprint, describe_differences, json_attr
+from .poolings import feature_dim
 from .tasks import label_layout, labelled, task_of
 
 try:
@@ -70,7 +72,7 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
         feature_names = json.loads(a["feature_names"])
         splits = json.loads(a["splits"])
         settings = json.loads(a["settings"])
-        hidden = int(settings["hidden_size"])
+        dims = {n: feature_dim(settings, n) for n in feature_names}
         dtype = np.dtype(str(a["store_dtype"]))
         num_labels = len(json.loads(a["label_names"]))
         task = task_of(settings)
@@ -90,7 +92,7 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
         names = feature_names + ["label", "row"] if not bi or is_texts else ["label", "row", "pair"]
         for name in names:
             d = g.get(name)
-            shape, kind = ((rows, hidden), dtype) if name in feature_names else ((rows,), np.dtype("int64"))
+            shape, kind = ((rows, dims[name]), dtype) if name in feature_names else ((rows,), np.dtype("int64"))
             if name == "label" and not is_texts:
                 shape, kind = (rows, *label_tail), np.dtype(label_dtype)
             if name == "pair":
@@ -283,7 +285,8 @@ class StoreWriter:
     def _create(self, settings, splits, label_names, feature_names, hidden_size, source, store_dtype, fingerprint):
         """Write the whole layout under a temporary name, reserve its disk space, then rename it `.partial`."""
         itemsize = np.dtype(store_dtype).itemsize
-        need = sum(int(v["rows"]) * (len(feature_names) * hidden_size * itemsize + 16) for v in splits.values())
+        width = sum(feature_dim(settings, n) for n in feature_names)
+        need = sum(int(v["rows"]) * (width * itemsize + 16) for v in splits.values())
         folder = os.path.dirname(os.path.abspath(self.tmp))
         free = shutil.disk_usage(folder).free
         if need > free:
@@ -327,7 +330,7 @@ class StoreWriter:
             n = int(spec["rows"])
             written = spec.get("written")  # a pair split of a bi cache: label, row and pair, known up front
             for name in feature_names if written is None else ():
-                g.create_dataset(name, shape=(n, hidden_size), dtype=store_dtype, dcpl=_allocated())
+                g.create_dataset(name, shape=(n, feature_dim(settings, name)), dtype=store_dtype, dcpl=_allocated())
             tail, label_dtype = label_layout(task_of(settings), len(label_names))
             if bi and split == TEXTS:
                 tail, label_dtype = (), "int64"

@@ -34,19 +34,28 @@ def selection(task: str) -> str:
     return f"validation {SCORE[task][4:].replace('_', '-')}, then validation loss"
 
 
-def default_poolings(layers: list[int], pair_mode: str | None = None) -> list[str]:
+def default_poolings(layers: list[int], settings: dict | None = None) -> list[str]:
     """Last-layer mean, and [CLS] + mean; with K > 1 cached layers, averages and the concatenation of means.
-    On a pair cache: the cosine of the means, the pair features of the means, and both.
+    Decoders (no `cls`) take `last` where encoders take `cls`, and `last` alone; a cache with the model's
+    own `sentence` vector tries it first. On a pair cache (pair_mode bi): the cosine of the means, the
+    pair features of the means, and both.
 
     (Last-layer [CLS] alone never won on the caches tried, and [CLS] concatenated over layers costs
-    twice the time of mean-catK for no better validation score.)
+    twice the time of mean-catK for no better validation score. An encoder's `last` is its [SEP] token:
+    cached, but left out of the default grid.)
+
+    >>> default_poolings([11, 12], {"poolings": ["mean", "last"]})
+    ['mean', 'last', 'last+mean', 'mean-avg2', 'last-avg2+mean-avg2', 'mean-cat2']
     """
-    if pair_mode == "bi":
+    settings = settings or {}
+    if settings.get("pair_mode") == "bi":
         return ["cos:mean", "pair:mean", "cos:mean+pair:mean"]
-    out = ["mean", "cls+mean"]
+    first = "cls" if "cls" in (settings.get("poolings") or ["cls"]) else "last"
+    out = ["sentence"] if "sentence" in settings else []
+    out += ["mean", "cls+mean"] if first == "cls" else ["mean", "last", "last+mean"]
     k = len(layers)
     if k > 1:
-        out += [f"mean-avg{k}", f"cls-avg{k}+mean-avg{k}", f"mean-cat{k}"]
+        out += [f"mean-avg{k}", f"{first}-avg{k}+mean-avg{k}", f"mean-cat{k}"]
     return out
 
 
@@ -94,7 +103,7 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
                         "--sweep-weight-decays)")
     if poolings is None:
         with FeatureStore(features) as store:
-            poolings = default_poolings(store.settings["layers"], store.pair_mode)
+            poolings = default_poolings(store.settings["layers"], store.settings)
     options = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size,
                    label_smoothing=label_smoothing, class_weights=class_weights, device=device)
     with T.load_cache(features, poolings, seed, max_memory, device, log) as data:

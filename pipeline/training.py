@@ -11,7 +11,6 @@ and class weights.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from .defaults import (BATCH_SIZE, DROPOUT, EPOCHS, HIDDEN, LR, PATIENCE, SEED, 
                        WEIGHT_DECAY)
 from .errors import UserError
 from .heads import Head
+from .threads import torch_threads
 from .rows import ArrayRows
 from .tasks import SCORE, pearson, spearman
 
@@ -187,7 +187,10 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
             since_best += 1
 
     t0 = time.perf_counter()
-    with _loop_threads(device, batch_size * train.dim * (hidden if head == "mlp" else num_classes)):
+    # One CPU thread for small heads: their per-step ops are too small to split, and on a shared machine every
+    # op of a two-thread loop waits for the thread the scheduler put aside (10x slower).
+    step_flops = batch_size * train.dim * (hidden if head == "mlp" else num_classes)
+    with torch_threads(1, when=device.type == "cpu" and step_flops <= SMALL_STEP_FLOPS):
         if from_first_column and has_val:  # epoch 0: the cosine alone, which training has to beat
             model.eval()
             with torch.no_grad():
@@ -235,21 +238,6 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     model.load_state_dict(best_state)
     model.eval()
     return FitResult(model, best_state, last_state, history, best_epoch, seconds)
-
-
-@contextlib.contextmanager
-def _loop_threads(device: torch.device, step_flops: int):
-    """One CPU thread for small heads: their per-step ops are too small to split, and on a shared
-    machine every op of a two-thread loop waits for the thread the scheduler put aside (10x slower)."""
-    if device.type != "cpu" or step_flops > SMALL_STEP_FLOPS:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.no_grad()
