@@ -249,10 +249,11 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
 @click.option("--batch-tokens", type=int, help="Padded tokens per batch.")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
+              help="onnx: run a `bertcache export` folder (given as --checkpoint) with onnxruntime.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allow_pickle, as_json):
+def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allow_pickle, backend, as_json):
     """Classify raw texts with the full encoder + head (arguments, --file, stdin, or an interactive loop)."""
-    from .predict import Predictor
 
     texts = list(texts)
     interactive = False
@@ -263,8 +264,8 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             interactive = True
         else:
             texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
-    predictor = Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens,
-                          allow_pickle=allow_pickle)
+    predictor = load_predictor(checkpoint, backend, model=model, device=device, weights=weights,
+                               batch_tokens=batch_tokens, allow_pickle=allow_pickle)
 
     def show(results):
         for r in results:
@@ -334,6 +335,42 @@ def info(path, as_json):
         return
     for line in as_text(result):
         click.echo(line)
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.argument("out")
+@click.option("--format", "format_", default="onnx", show_default=True, type=click.Choice(["onnx"]),
+              help="What to write: onnx = encoder + pooling + head as one graph, tokenizer files beside it.")
+@click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
+@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
+@click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
+def export(checkpoint, out, format_, model, weights, allow_pickle):
+    """Write a checkpoint as one ONNX graph (dynamic batch and length) plus tokenizer, for runtimes without
+    torch: `bertcache predict/serve --backend onnx -c OUT` runs it with onnxruntime."""
+    from .export import export as run_export
+
+    path = run_export(checkpoint, out, format=format_, model=model, weights=weights, allow_pickle=allow_pickle,
+                      log=_log)
+    click.echo(f"saved {path}")
+
+
+def load_predictor(checkpoint: str, backend: str, *, model=None, device="auto", weights="best", batch_tokens=None,
+                   allow_pickle=False, threads=None):
+    """A `Predictor` (torch) or an `OnnxPredictor` (onnxruntime, `checkpoint` being an export folder)."""
+    if backend == "onnx":
+        from .onnx_runner import OnnxPredictor
+
+        asked = [f"--{n}" for n, v in (("model", model), ("allow-pickle", allow_pickle), ("weights", weights != "best"),
+                                        ("device", device not in ("auto", "cpu"))) if v]
+        if asked:
+            raise UserError(f"{asked[0]} does not go with --backend onnx: the export folder holds its encoder and "
+                            "head; pass it to `bertcache export` instead")
+        return OnnxPredictor(checkpoint, threads=threads, batch_tokens=batch_tokens)
+    from .predict import Predictor
+
+    return Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens,
+                     allow_pickle=allow_pickle)
 
 
 def _read_lines(path: str) -> list[str]:

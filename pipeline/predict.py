@@ -7,6 +7,7 @@ from .checkpoint import load_checkpoint, read_config
 from .encoder import Encoder
 from .errors import UserError
 from .heads import build_features, pooling_features
+from .labels import prediction_dicts
 from .metrics import classification_report
 from .store import FeatureStore, settings_differences
 
@@ -55,12 +56,7 @@ class Predictor:
 
     def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""
-        out = []
-        for text, p in zip(texts, probs):
-            i = int(p.argmax())
-            out.append({"text": text, "label": self.label_names[i], "label_id": i,
-                        "probs": {n: float(v) for n, v in zip(self.label_names, p)}})
-        return out
+        return prediction_dicts(texts, probs, self.label_names)
 
 
 def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best",
