@@ -17,6 +17,7 @@ onnxruntime and the `tokenizers` library only (no torch).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -184,9 +185,15 @@ def _opset(path: str) -> int | None:
 def _quiet_exporter():
     """torch.onnx prints its steps on stdout: stdout is for results, so they go to stderr; its warnings
     (torchvision absent, axis renames) say nothing to a user."""
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _version() -> str:
