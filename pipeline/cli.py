@@ -12,8 +12,8 @@ import sys
 
 import click
 
-from . import __version__
-from . import heads as H
+from ._version import __version__
+from . import defaults as D
 from . import serve as S
 from .errors import UserError
 
@@ -117,14 +117,14 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--pooling", default="cls", show_default=True, help="cls, mean, cls_<layer>, mean-avg<k>, "
                                                                    "cls-cat<k>, or terms joined by +.")
 @click.option("--head", default="linear", show_default=True, help="linear or mlp.")
-@click.option("--hidden", default=H.HIDDEN, show_default=True, help="Hidden units of the mlp head.")
-@click.option("--dropout", default=H.DROPOUT, show_default=True)
-@click.option("--epochs", default=H.EPOCHS, show_default=True)
-@click.option("--lr", default=H.LR, show_default=True)
-@click.option("--weight-decay", default=H.WEIGHT_DECAY, show_default=True)
-@click.option("--batch-size", default=H.BATCH_SIZE, show_default=True)
-@click.option("--seed", default=H.SEED, show_default=True)
-@click.option("--patience", default=H.PATIENCE, show_default=True, help="Stop after this many epochs without "
+@click.option("--hidden", default=D.HIDDEN, show_default=True, help="Hidden units of the mlp head.")
+@click.option("--dropout", default=D.DROPOUT, show_default=True)
+@click.option("--epochs", default=D.EPOCHS, show_default=True)
+@click.option("--lr", default=D.LR, show_default=True)
+@click.option("--weight-decay", default=D.WEIGHT_DECAY, show_default=True)
+@click.option("--batch-size", default=D.BATCH_SIZE, show_default=True)
+@click.option("--seed", default=D.SEED, show_default=True)
+@click.option("--patience", default=D.PATIENCE, show_default=True, help="Stop after this many epochs without "
                                                                         "a better validation score (0: never; "
                                                                         "10 with --sweep).")
 @click.option("--label-smoothing", default=0.0, show_default=True)

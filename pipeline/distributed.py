@@ -4,7 +4,7 @@ Under `torchrun` (WORLD_SIZE > 1 in the environment) every rank loads the corpus
 row range of every split (sizes differ by at most one row; no rank pads with duplicated rows), encodes
 it on its own device (cuda:LOCAL_RANK, else the CPU) and writes `<out>.shard-<rank>-of-<N>.h5` with
 the ordinary single-process `extract` (so each shard resumes from its own `.partial`). After a barrier,
-rank 0 checks the shards and writes the joined cache `<out>` (store.write_joined): the usual layout and
+rank 0 checks the shards and writes the joined cache `<out>` (write_joined): the usual layout and
 attributes, whose datasets are HDF5 virtual datasets mapping each shard's rows back to their place in
 the original order. Every reader (FeatureStore, plain h5py) sees one file; the shard files must stay
 beside it (source paths are stored relative to the joined file's folder).
@@ -12,14 +12,19 @@ beside it (source paths are stored relative to the joined file's folder).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from datetime import timedelta
 
+import h5py
+import numpy as np
+
 from .data import Corpus, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
-from .errors import UserError
+from .errors import UserError, write_error
 from .extract import default_features_path, extract as extract_one, split_specs
-from .store import FeatureStore, StoreWriter, cache_fingerprint, write_joined
+from .fingerprints import cache_fingerprint
+from .store import FeatureStore, StoreWriter
 
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 # Ranks that finish early (or find their shard complete on a resume) wait at the barrier for the slowest.
@@ -122,7 +127,7 @@ def _agreed(step):
 
 
 def _join(out: str, size: int, corpus: Corpus, specs: dict, settings: dict, store_dtype: str) -> None:
-    """Check every shard, then write `out` joining them (store.write_joined)."""
+    """Check every shard, then write `out` joining them (write_joined)."""
     shards = []
     for rank in range(size):
         path = shard_path(out, rank, size)
@@ -141,3 +146,45 @@ def _join(out: str, size: int, corpus: Corpus, specs: dict, settings: dict, stor
                 ranges[split] = [lo, hi]
         shards.append({"file": os.path.basename(path), "rows": ranges})
     write_joined(out, shards, specs, cache_fingerprint(settings, store_dtype, specs))
+
+
+def write_joined(path: str, shards: list[dict], splits: dict[str, dict], fingerprint: str) -> None:
+    """Write `path` as one cache over complete shard caches in its folder (a distributed extract).
+
+    `shards`: [{"file": name beside `path`, "rows": {split: [lo, hi]}}] covering every split in order;
+    `splits`: split -> rows, fingerprint, skipped of the whole corpus. The root attributes are the first
+    shard's (all shards share the settings) plus `fingerprint` and `shards`; every dataset is a virtual
+    dataset mapping the shards' rows into place. Source files are named relative to `path`'s folder, so
+    the shard files must stay beside it. Written under a temporary name, then renamed.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = path + ".joining"
+    try:
+        with h5py.File(os.path.join(folder, shards[0]["file"]), "r") as first, h5py.File(tmp, "w") as f:
+            for key, value in first.attrs.items():
+                f.attrs[key] = value
+            f.attrs["fingerprint"] = fingerprint
+            f.attrs["shards"] = json.dumps(shards)
+            for split, spec in splits.items():
+                g, n = f.create_group(split), int(spec["rows"])
+                for name, source in first[split].items():
+                    shape = (n, *source.shape[1:])
+                    if n == 0:  # a virtual layout needs at least one row
+                        g.create_dataset(name, shape=shape, dtype=source.dtype)
+                        continue
+                    layout = h5py.VirtualLayout(shape=shape, dtype=source.dtype)
+                    for shard in shards:
+                        lo, hi = shard["rows"][split]
+                        if hi > lo:
+                            layout[lo:hi] = h5py.VirtualSource(shard["file"], f"{split}/{name}",
+                                                               shape=(hi - lo, *shape[1:]))
+                    g.create_virtual_dataset(name, layout)
+                g.attrs["rows"] = n
+                g.attrs["rows_done"] = np.int64(n)
+                g.attrs["data_fingerprint"] = spec["fingerprint"]
+                g.attrs["skipped"] = int(spec.get("skipped", 0))
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise write_error(e, path) from e

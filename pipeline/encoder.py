@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-
-POOLINGS = ("cls", "mean")
+from .poolings import POOLS as POOLINGS, feature_name, feature_names
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MAX_LENGTH = 512
 # Batches are padded to a multiple of this many tokens: few distinct shapes, so the kernels' per-shape
@@ -173,7 +172,7 @@ class Encoder:
                 "tokenizer": type(self.tokenizer).__name__}
 
     def feature_names(self) -> list[str]:
-        return [p if layer == self.num_layers else f"{p}_{layer}" for layer in reversed(self.layers) for p in POOLINGS]
+        return feature_names(self.layers, self.num_layers)
 
     # -- encoding ---------------------------------------------------------------------------------
 
@@ -184,11 +183,11 @@ class Encoder:
                              add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False)
         return enc["input_ids"]
 
-    def encode(self, texts: list[str], progress=None) -> dict[str, np.ndarray]:
+    def encode(self, texts: list[str], on_progress=None) -> dict[str, np.ndarray]:
         """Pooled float32 vectors for `texts`, in their order: feature name -> [len(texts), hidden]."""
-        return self.encode_ids(self.tokenize(texts), progress)
+        return self.encode_ids(self.tokenize(texts), on_progress)
 
-    def encode_ids(self, ids: list[list[int]], progress=None) -> dict[str, np.ndarray]:
+    def encode_ids(self, ids: list[list[int]], on_progress=None) -> dict[str, np.ndarray]:
         names = self.feature_names()
         n = len(ids)
         if n == 0:
@@ -212,8 +211,8 @@ class Encoder:
                 idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
-                if progress is not None:
-                    progress(len(batch))  # counts distinct inputs
+                if on_progress is not None:
+                    on_progress(len(batch))  # counts distinct inputs
         take = torch.from_numpy(first).to(self.device)
         return {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
 
@@ -252,9 +251,8 @@ class Encoder:
         pooled = {}
         for layer in self.layers:
             h = hidden[layer].float()
-            suffix = "" if layer == self.num_layers else f"_{layer}"
-            pooled["cls" + suffix] = h[:, 0]
-            pooled["mean" + suffix] = (h * m).sum(1) / denom
+            pooled[feature_name("cls", layer, self.num_layers)] = h[:, 0]
+            pooled[feature_name("mean", layer, self.num_layers)] = (h * m).sum(1) / denom
         return pooled
 
 

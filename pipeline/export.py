@@ -71,7 +71,7 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
         raise UserError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
     require_exporter()
     from .encoder import Encoder
-    from .predict import check_same_encoder
+    from .fingerprints import check_same_encoder
 
     config = read_config(checkpoint, allow_pickle)
     enc = config["encoder"]
@@ -133,7 +133,7 @@ class ExportGraph(torch.nn.Module):
     """
 
     def __init__(self, model, layers: list[int], pooling: str, head):
-        from .heads import build_features, pooling_features
+        from .poolings import build_features, pooling_features
 
         super().__init__()
         self.model, self.head = model, head

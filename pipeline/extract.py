@@ -9,7 +9,8 @@ import numpy as np
 
 from .data import Corpus, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
-from .store import StoreWriter, data_fingerprint
+from .fingerprints import data_fingerprint
+from .store import StoreWriter
 
 CHUNK_ROWS = 2048  # rows per write; also the most work a killed run loses
 
@@ -128,7 +129,7 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
             n = stop - start
             chunk = {name: np.empty((n, encoder.hidden_size), np.float32) for name in names}
             done_before = bar.n
-            encoded = encoder.encode_ids(ids, progress=bar.update)
+            encoded = encoder.encode_ids(ids, on_progress=bar.update)
             for name in names:
                 chunk[name][encode_rows] = encoded[name]
             for src_split in {s for s, _ in copy_from}:

@@ -1,6 +1,7 @@
 """`bertcache info`: what a features file or a checkpoint folder holds, as one dict (and as text)."""
 from __future__ import annotations
 
+import math
 import os
 
 from .checkpoint import read_config, read_metrics
@@ -9,11 +10,23 @@ from .store import FeatureStore
 
 
 def describe(path: str) -> dict:
+    """A features file's or a checkpoint folder's description (JSON-ready: NaN / inf as None)."""
     if os.path.isdir(path):
-        return describe_checkpoint(path)
+        return finite(describe_checkpoint(path))
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; give a features file (.h5) or a checkpoint folder")
-    return describe_features(path)
+    return finite(describe_features(path))
+
+
+def finite(obj):
+    """NaN / inf (e.g. a validation loss without validation rows) as None: JSON has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def describe_features(path: str) -> dict:
@@ -34,9 +47,10 @@ def describe_checkpoint(path: str) -> dict:
     return {"kind": "checkpoint", "path": path, "model": enc.get("model"), "model_fingerprint": enc.get("model_fingerprint"),
             "pooling": config["pooling"], "head": config["head"], "label_names": config["label_names"],
             "features": config.get("features"), "layers": enc.get("layers"), "max_length": enc.get("max_length"),
-            "precision": enc.get("precision"), "weights": sorted(n[:-12] for n in os.listdir(path)
+            "prefix": enc.get("prefix"), "precision": enc.get("precision"), "weights": sorted(n[:-12] for n in os.listdir(path)
                                                                   if n.endswith(".safetensors")),
-            "best_epoch": metrics.get("best_epoch"), "best": metrics.get("best"),
+            "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
+            "seconds": metrics.get("seconds"), "validation": metrics.get("validation"), "best": metrics.get("best"),
             "test": {k: metrics["test"][k] for k in ("accuracy", "macro_f1", "n")} if "test" in metrics else None}
 
 

@@ -6,23 +6,11 @@ import numpy as np
 from .checkpoint import load_checkpoint, read_config
 from .encoder import Encoder
 from .errors import UserError
-from .heads import build_features, pooling_features
+from .fingerprints import check_same_encoder
 from .labels import prediction_dicts
 from .metrics import classification_report
-from .store import FeatureStore, settings_differences
-
-# The encoder settings that decide what a vector means: a head is only valid on vectors made the same way.
-VECTOR_SETTINGS = ("model", "model_fingerprint", "max_length", "prefix", "precision", "hidden_size")
-
-
-def check_same_encoder(checkpoint: dict, settings: dict, what: str) -> None:
-    """Refuse an encoder (or a cache) whose vectors differ from those the head was trained on."""
-    trained = checkpoint["encoder"]
-    keys = [k for k in VECTOR_SETTINGS if k in trained]
-    diffs = settings_differences(trained, settings, keys)
-    if any(not d.startswith("model:") for d in diffs):  # a path alone is not a difference
-        raise UserError(f"this checkpoint's head was trained on vectors of model {trained.get('model')!r}, but {what} "
-                        f"differs ({'; '.join(diffs)}): use the encoder and settings the head was trained with")
+from .poolings import build_features, pooling_features
+from .store import FeatureStore
 
 
 class Predictor:
@@ -44,15 +32,15 @@ class Predictor:
         self.layers = enc["layers"]
         self._names = pooling_features(self.pooling, self.layers)
 
-    def predict_proba(self, texts: list[str], progress=None) -> np.ndarray:
+    def predict_proba(self, texts: list[str], on_progress=None) -> np.ndarray:
         if not texts:
             return np.zeros((0, len(self.label_names)), np.float32)
-        arrays = self.encoder.encode(list(texts), progress=progress)
+        arrays = self.encoder.encode(list(texts), on_progress=on_progress)
         return self.head.predict_proba(build_features(arrays, self.pooling, self.layers))
 
-    def predict(self, texts: list[str], progress=None) -> list[dict]:
+    def predict(self, texts: list[str], on_progress=None) -> list[dict]:
         """One dict per text, in order: text, label, label_id, probs (label name -> probability)."""
-        return self.results(texts, self.predict_proba(texts, progress))
+        return self.results(texts, self.predict_proba(texts, on_progress))
 
     def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""

@@ -14,29 +14,19 @@ as in `bertcache predict`).
 No `from __future__ import annotations` here: FastAPI reads the endpoint's annotations, and the request
 model is built per app (its limits come from the arguments).
 """
-import asyncio
-import math
 import socket
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
-from .checkpoint import read_metrics
+from ._version import __version__
+from .batching import MAX_BATCH_TEXTS, MAX_BATCH_TOKENS, MAX_WAIT_MS, MicroBatcher
 from .errors import UserError
 
 # Defaults, visible in one place.
 HOST = "127.0.0.1"
 PORT = 8000
-# How long a micro-batch waits for company, by device (README, "Micro-batching"): on a CPU the encoder
-# is the busy part and a wait only idles it; on a GPU a call's fixed cost (Python, kernel launches)
-# dominates, and waiting for bigger calls pays.
-MAX_WAIT_MS = {"cpu": 1.0, "gpu": 5.0}
 MAX_TEXTS = 64             # texts per request
 MAX_CHARS = 2000           # characters per text; longer texts are refused (422), not truncated
 MAX_BODY_BYTES = 1 << 20   # 64 texts x 2000 characters fit even written as \uXXXX escapes
-MAX_BATCH_TEXTS = 256      # texts per gathered call to the encoder (which cuts it into batch_tokens batches)
-MAX_BATCH_TOKENS = 16384   # tokens (estimated from characters) per gathered call
 INSTALL_HINT = "pip install 'bertcache[serve]'"
 
 
@@ -48,152 +38,6 @@ def require_server() -> None:
     except ImportError as e:
         raise UserError(f"bertcache serve needs FastAPI and uvicorn ({e.name} is not installed): "
                         f"{INSTALL_HINT}") from e
-
-
-# -- micro-batching -------------------------------------------------------------------------------
-
-@dataclass
-class _Job:
-    texts: list
-    tokens: int
-    future: asyncio.Future
-    arrived: float
-
-
-class MicroBatcher:
-    """Runs `predict_proba(texts) -> [n, classes]` on one worker thread, gathering concurrent calls.
-
-    With `batching=False` every request is its own call (the same thread, for a fair comparison).
-    A gathered call holds at most `max_batch_texts` texts and `max_batch_tokens` tokens (estimated
-    from characters), except that a single request is never split.
-    """
-
-    def __init__(self, predict_proba, estimate_tokens, *, batching: bool = True,
-                 max_wait_ms: float = MAX_WAIT_MS["cpu"],
-                 max_batch_texts: int = MAX_BATCH_TEXTS, max_batch_tokens: int = MAX_BATCH_TOKENS):
-        self._predict = predict_proba
-        self._estimate = estimate_tokens
-        self.batching = batching
-        self.max_wait = max_wait_ms / 1000
-        self.max_batch_texts = max_batch_texts
-        self.max_batch_tokens = max_batch_tokens
-        self.stats = {"requests": 0, "texts": 0, "encoder_calls": 0, "largest_call": 0}
-        self._pending: deque = deque()
-        self._executor = self._task = self._wakeup = self._loop = None
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertcache-encoder")
-        if self.batching:
-            self._wakeup = asyncio.Event()
-            self._task = asyncio.create_task(self._gather_forever())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        while self._pending:
-            job = self._pending.popleft()
-            if not job.future.done():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-        self._executor = self._task = self._wakeup = self._loop = None
-
-    async def predict_proba(self, texts: list):
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # First use without the app's lifespan, or a new event loop (TestClient without `with`): the
-            # old loop's task and waiters cannot be awaited from this one, so they are dropped.
-            self._pending.clear()
-            await self.start()
-        self.stats["requests"] += 1
-        self.stats["texts"] += len(texts)
-        if not self.batching:
-            self._count_call(len(texts))
-            return await loop.run_in_executor(self._executor, self._predict, texts)
-        job = _Job(texts, sum(self._estimate(t) for t in texts), loop.create_future(), loop.time())
-        self._pending.append(job)
-        self._wakeup.set()
-        return await job.future
-
-    def _count_call(self, n: int) -> None:
-        self.stats["encoder_calls"] += 1
-        self.stats["largest_call"] = max(self.stats["largest_call"], n)
-
-    def _full(self) -> bool:
-        texts = tokens = 0
-        for job in self._pending:
-            texts += len(job.texts)
-            tokens += job.tokens
-            if texts >= self.max_batch_texts or tokens >= self.max_batch_tokens:
-                return True
-        return False
-
-    def _take(self) -> list:
-        """The oldest pending jobs that fit the budget (always at least one); cancelled ones are dropped."""
-        jobs, texts, tokens = [], 0, 0
-        while self._pending:
-            job = self._pending[0]
-            if job.future.done():  # the client went away
-                self._pending.popleft()
-                continue
-            if jobs and (texts + len(job.texts) > self.max_batch_texts
-                         or tokens + job.tokens > self.max_batch_tokens):
-                break
-            jobs.append(self._pending.popleft())
-            texts += len(job.texts)
-            tokens += job.tokens
-        return jobs
-
-    async def _gather_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        free_since = 0.0  # when the encoder last finished a call
-        while True:
-            await self._wakeup.wait()
-            # Wait for company up to max_wait after the oldest request came in or the encoder came free,
-            # whichever is later: the clients just answered get that long to send their next request,
-            # so a steady load does not split into groups that take turns. A full budget stops the wait.
-            while self._pending and not self._full():
-                delay = max(self._pending[0].arrived, free_since) + self.max_wait - loop.time()
-                if delay <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), delay)
-                except asyncio.TimeoutError:
-                    break
-            jobs = self._take()
-            if self._pending:
-                self._wakeup.set()
-            else:
-                self._wakeup.clear()
-            if not jobs:
-                continue
-            texts = [t for job in jobs for t in job.texts]
-            self._count_call(len(texts))
-            try:
-                probs = await loop.run_in_executor(self._executor, self._predict, texts)
-            except (Exception, asyncio.CancelledError) as e:
-                # The encoder failed (or the server is stopping): every request of this call gets the error.
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(e if isinstance(e, Exception)
-                                                 else RuntimeError("the server is shutting down"))
-                if isinstance(e, asyncio.CancelledError):
-                    raise
-                continue
-            finally:
-                free_since = loop.time()
-            start = 0
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_result(probs[start:start + len(job.texts)])
-                start += len(job.texts)
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -268,7 +112,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         finally:
             await batcher.stop()
 
-    app = FastAPI(title="bertcache", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="bertcache", version=__version__, lifespan=lifespan,
                   description=f"Classifier head {predictor.checkpoint} over the frozen encoder "
                               f"{encoder.model_ref}.")
     app.state.batcher = batcher
@@ -407,37 +251,18 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int) -> tuple[
 
 
 def _info(predictor, limits: dict, batching: dict) -> dict:
-    enc, config = predictor.encoder, predictor.config
-    metrics = read_metrics(predictor.checkpoint)
-    training = {k: metrics[k] for k in ("best_epoch", "epochs_run", "seconds", "validation", "best") if k in metrics}
-    if "test" in metrics:
-        training["test"] = {k: metrics["test"].get(k) for k in ("n", "accuracy", "macro_f1")}
-    return _finite({
-        "checkpoint": str(predictor.checkpoint), "weights": predictor.weights,
-        "encoder": {"model": enc.model_ref, "trained_with": config["encoder"].get("model"),
+    """info.py's description of the checkpoint, plus what this server runs: encoder, weights, limits."""
+    from .info import describe_checkpoint, finite
+
+    enc = predictor.encoder
+    return finite({
+        **describe_checkpoint(str(predictor.checkpoint)), "weights_served": predictor.weights,
+        "encoder": {"model": enc.model_ref, "trained_with": predictor.config["encoder"].get("model"),
                     "revision": enc.revision, "fingerprint": enc.model_fingerprint, "device": str(enc.device),
                     "precision": enc.precision, "max_length": enc.max_length, "prefix": enc.prefix,
                     "hidden_size": enc.hidden_size},
-        "labels": predictor.label_names, "pooling": predictor.pooling, "head": config.get("head"),
-        "max_length": enc.max_length, "prefix": enc.prefix, "training": training,
-        "limits": limits, "batching": batching, "version": _version(),
+        "limits": limits, "batching": batching, "version": __version__,
     })
-
-
-def _finite(obj):
-    """NaN / inf (e.g. a validation loss without validation rows) as null: JSON has no NaN."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _version() -> str:
-    from . import __version__
-    return __version__
 
 
 # -- running it -----------------------------------------------------------------------------------

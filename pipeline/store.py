@@ -24,7 +24,6 @@ dataset data, and a writer killed under it leaves a flag that makes the file ref
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -32,8 +31,9 @@ import shutil
 import h5py
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .errors import UserError, write_error
+from .fingerprints import cache_fingerprint, describe_differences, json_attr
 
 try:
     import resource
@@ -48,39 +48,6 @@ _RESUMABLE = " (the rows written so far are kept: run extract again to resume)"
 
 def partial_path(path: str) -> str:
     return path + ".partial"
-
-
-def data_fingerprint(texts: list[str], labels: np.ndarray, rows: np.ndarray | None = None) -> str:
-    """Identity of a split's cached content: its texts, labels and (when given) source row numbers."""
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-    if rows is not None:
-        h.update(b"rows")
-        h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
-    return h.hexdigest()[:32]
-
-
-# Where the model was found, not what it is: ignored when the model fingerprints agree, so a moved
-# model folder (or a hub model copied to disk) does not invalidate a cache.
-LOCATION_KEYS = ("model", "revision", "commit")
-
-
-def settings_differences(old: dict, new: dict, keys=None) -> list[str]:
-    """`key: old -> new` for every setting that differs (of `keys`, default all)."""
-    same_model = bool(old.get("model_fingerprint")) and old.get("model_fingerprint") == new.get("model_fingerprint")
-    diffs = []
-    for key in keys or sorted(set(old) | set(new)):
-        if same_model and key in LOCATION_KEYS:
-            continue
-        a, b = old.get(key), new.get(key)
-        if a != b:
-            if key.endswith(("fingerprint", "hash")):  # enough hex digits to tell them apart
-                a, b = (v[:12] if isinstance(v, str) else v for v in (a, b))
-            diffs.append(f"{key}: {a!r} -> {b!r}")
-    return diffs
 
 
 def layout_problem(f: h5py.File, complete: bool) -> str | None:
@@ -123,16 +90,6 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
                 return (f"split {s!r} has label id {int(labels[bad][0])}, outside the {num_labels} label names "
                         "(-1 = unlabelled)")
     return None
-
-
-def cache_fingerprint(settings: dict, store_dtype: str, splits: dict[str, dict]) -> str:
-    """Identity of a whole cache: settings, store dtype and every split's data fingerprint."""
-    return hashlib.sha256(_json_attr([settings, store_dtype, {s: v["fingerprint"] for s, v in splits.items()}])
-                          .encode()).hexdigest()[:32]
-
-
-def _json_attr(value) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 class FeatureStore:
@@ -255,7 +212,7 @@ class StoreWriter:
             except (OSError, KeyError, ValueError, TypeError) as e:
                 raise UserError(f"{path} exists but is not a readable features file ({_first_line(e)}); "
                                 "pass --restart to replace it, or choose another --out") from e
-            diff = _differences(old, expected)
+            diff = describe_differences(old, expected)
             if diff:
                 raise UserError(f"{path} exists and was made with different settings or data ({diff}); "
                                 "pass --restart to overwrite it, or choose another --out")
@@ -279,7 +236,7 @@ class StoreWriter:
             with h5py.File(self.tmp, "r") as f:
                 if f.attrs.get("format") != FORMAT:
                     return "it is not a bertcache features file"
-                diff = _differences(_describe(f), expected)
+                diff = describe_differences(_describe(f), expected)
                 if diff:
                     raise UserError(f"{self.tmp} is an unfinished extraction with different settings or data "
                                     f"({diff}); pass --restart to start over")
@@ -328,10 +285,10 @@ class StoreWriter:
         a["format_version"] = FORMAT_VERSION
         a["package_version"] = __version__
         a["complete"] = False
-        a["settings"] = _json_attr(settings)
-        a["label_names"] = _json_attr(label_names)
-        a["feature_names"] = _json_attr(feature_names)
-        a["splits"] = _json_attr(list(splits))
+        a["settings"] = json_attr(settings)
+        a["label_names"] = json_attr(label_names)
+        a["feature_names"] = json_attr(feature_names)
+        a["splits"] = json_attr(list(splits))
         a["source"] = source
         a["store_dtype"] = store_dtype
         a["fingerprint"] = fingerprint
@@ -442,61 +399,3 @@ def _describe(f: h5py.File) -> dict:
             "label_names": json.loads(f.attrs["label_names"]),
             "splits": {s: {"rows": int(f[s].attrs["rows"]), "fingerprint": f[s].attrs["data_fingerprint"]}
                        for s in json.loads(f.attrs["splits"])}}
-
-
-def _differences(old: dict, new: dict) -> str:
-    """Which settings differ, as `key: old -> new`, '' when none."""
-    diffs = settings_differences(old["settings"], new["settings"])
-    if old["store_dtype"] != new["store_dtype"]:
-        diffs.append(f"store_dtype: {old['store_dtype']} -> {new['store_dtype']}")
-    if old["label_names"] != new["label_names"]:
-        diffs.append(f"label names: {old['label_names']} -> {new['label_names']}")
-    if list(old["splits"]) != list(new["splits"]):
-        diffs.append(f"splits: {list(old['splits'])} -> {list(new['splits'])}")
-    else:
-        for s in new["splits"]:
-            if old["splits"][s] != new["splits"][s]:
-                diffs.append(f"the data of split {s!r}")
-    return "; ".join(diffs)
-
-
-def write_joined(path: str, shards: list[dict], splits: dict[str, dict], fingerprint: str) -> None:
-    """Write `path` as one cache over complete shard caches in its folder (a distributed extract).
-
-    `shards`: [{"file": name beside `path`, "rows": {split: [lo, hi]}}] covering every split in order;
-    `splits`: split -> rows, fingerprint, skipped of the whole corpus. The root attributes are the first
-    shard's (all shards share the settings) plus `fingerprint` and `shards`; every dataset is a virtual
-    dataset mapping the shards' rows into place. Source files are named relative to `path`'s folder, so
-    the shard files must stay beside it. Written under a temporary name, then renamed.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = path + ".joining"
-    try:
-        with h5py.File(os.path.join(folder, shards[0]["file"]), "r") as first, h5py.File(tmp, "w") as f:
-            for key, value in first.attrs.items():
-                f.attrs[key] = value
-            f.attrs["fingerprint"] = fingerprint
-            f.attrs["shards"] = json.dumps(shards)
-            for split, spec in splits.items():
-                g, n = f.create_group(split), int(spec["rows"])
-                for name, source in first[split].items():
-                    shape = (n, *source.shape[1:])
-                    if n == 0:  # a virtual layout needs at least one row
-                        g.create_dataset(name, shape=shape, dtype=source.dtype)
-                        continue
-                    layout = h5py.VirtualLayout(shape=shape, dtype=source.dtype)
-                    for shard in shards:
-                        lo, hi = shard["rows"][split]
-                        if hi > lo:
-                            layout[lo:hi] = h5py.VirtualSource(shard["file"], f"{split}/{name}",
-                                                               shape=(hi - lo, *shape[1:]))
-                    g.create_virtual_dataset(name, layout)
-                g.attrs["rows"] = n
-                g.attrs["rows_done"] = np.int64(n)
-                g.attrs["data_fingerprint"] = spec["fingerprint"]
-                g.attrs["skipped"] = int(spec.get("skipped", 0))
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise write_error(e, path) from e

@@ -10,7 +10,7 @@ import itertools
 import os
 import time
 
-from . import heads as H
+from . import defaults as D
 from . import train as T
 from .checkpoint import write_json
 from .errors import UserError
@@ -21,7 +21,7 @@ from .store import FeatureStore
 # --sweep-weight-decays); a shorter patience than fit-head's keeps the default sweep within ~2 minutes.
 HEADS = ("linear", "mlp")
 LRS = (1e-3, 3e-4)
-WEIGHT_DECAYS = (H.WEIGHT_DECAY,)
+WEIGHT_DECAYS = (D.WEIGHT_DECAY,)
 PATIENCE = 10
 SELECTION = "validation accuracy, then validation loss"
 
@@ -41,7 +41,7 @@ def default_poolings(layers: list[int]) -> list[str]:
 
 def sweep(features: str, out: str | None = None, *, poolings: list[str] | None = None,
           heads: list[str] | None = None, lrs: list[float] | None = None, weight_decays: list[float] | None = None,
-          seed: int = H.SEED, patience: int | None = PATIENCE, progress: bool = True,
+          seed: int = D.SEED, patience: int | None = PATIENCE, progress: bool = True,
           max_memory: int | str | None = None, log=None, **options) -> tuple[str, list[dict], dict]:
     """Fit every configuration of the grid; returns (winner's checkpoint folder, ranked table, winner's metrics).
 
@@ -50,9 +50,9 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | None =
     """
     heads = list(heads or HEADS)
     lrs, weight_decays = list(lrs or LRS), list(weight_decays or WEIGHT_DECAYS)
-    bad = [h for h in heads if h not in H.HEADS]
+    bad = [h for h in heads if h not in D.HEADS]
     if bad:
-        raise UserError(f"unknown head {bad[0]!r} in --sweep-heads; use {', '.join(H.HEADS)}")
+        raise UserError(f"unknown head {bad[0]!r} in --sweep-heads; use {', '.join(D.HEADS)}")
     if poolings is None:
         with FeatureStore(features) as store:
             poolings = default_poolings(store.settings["layers"])

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import heads as H
+from . import defaults as D
 from . import plots
-from . import stream
 from .checkpoint import save_checkpoint
 from .encoder import resolve_device
 from .errors import UserError
 from .metrics import classification_report
+from .poolings import build_features, pooled_width, pooling_features
+from .rows import IN_MEMORY_COPIES, ArrayRows, StoredRows, memory_budget
 from .store import FeatureStore
+from .training import FitResult, class_weight_vector, fit_rows, holdout, predict_rows
 
 CLASS_WEIGHTS = (None, "none", "balanced")
 SPLITS = ("train", "validation", "test")
@@ -39,7 +41,7 @@ class CachedSplits:
     validation split, a seeded stratified 10% of train stands in for it. In memory, `arrays[split]`
     holds every cached feature the poolings need, for those rows; streamed (`store` open), the rows
     are read from the file `rows_at_once` at a time. `rows(split, pooling, device)` gives either as a
-    row source for heads.fit_rows; `xy(split, pooling)` the in-memory arrays.
+    row source for training.fit_rows; `xy(split, pooling)` the in-memory arrays.
     """
     path: str
     settings: dict
@@ -63,14 +65,14 @@ class CachedSplits:
     def xy(self, split: str, pooling: str) -> tuple[np.ndarray, np.ndarray]:
         if self.streamed:
             raise UserError(f"{self.path} does not fit the memory budget; raise --max-memory")
-        return H.build_features(self.arrays[split], pooling, self.layers), self.labels[split]
+        return build_features(self.arrays[split], pooling, self.layers), self.labels[split]
 
-    def rows(self, split: str, pooling: str, device, shuffle_block: int = H.SHUFFLE_BLOCK,
-             shuffle_window: int = H.SHUFFLE_WINDOW):
+    def rows(self, split: str, pooling: str, device, shuffle_block: int = D.SHUFFLE_BLOCK,
+             shuffle_window: int = D.SHUFFLE_WINDOW):
         if not self.streamed:
-            return H.ArrayRows(*self.xy(split, pooling), device)
+            return ArrayRows(*self.xy(split, pooling), device)
         source, index = self.index[split]
-        return stream.StoredRows(self.store, source, pooling, index, self.labels[split], device,
+        return StoredRows(self.store, source, pooling, index, self.labels[split], device,
                                  chunk_rows=self.rows_at_once, window=min(shuffle_window, self.rows_at_once),
                                  block=shuffle_block)
 
@@ -85,7 +87,7 @@ class CachedSplits:
         self.close()
 
 
-def load_cache(features: str, poolings: list[str], seed: int = H.SEED, max_memory: int | str | None = None,
+def load_cache(features: str, poolings: list[str], seed: int = D.SEED, max_memory: int | str | None = None,
                device: str = "auto", log=None) -> CachedSplits:
     """Read, once, what the given poolings need from a features file, or leave it there to stream.
 
@@ -109,16 +111,16 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
     layers = store.settings["layers"]
     names = []
     for pooling in poolings:
-        names += [n for n in H.pooling_features(pooling, layers) if n not in names]
+        names += [n for n in pooling_features(pooling, layers) if n not in names]
     # Which rows train, validate and test, from the labels alone; the features are read below.
     cached = {s: store.labels(s) for s in SPLITS if s in store.splits}
     index = {s: (s, np.flatnonzero(y >= 0)) for s, y in cached.items()}
     val_note = "validation"
     if len(index.get("validation", ("", ()))[1]) == 0:
         labelled = index["train"][1]
-        tr, va = H.holdout(cached["train"][labelled], H.VAL_FRACTION, seed)
+        tr, va = holdout(cached["train"][labelled], D.VAL_FRACTION, seed)
         index["train"], index["validation"] = ("train", labelled[tr]), ("train", labelled[va])
-        val_note = f"{int(H.VAL_FRACTION * 100)}% of train held out (no labelled validation split)"
+        val_note = f"{int(D.VAL_FRACTION * 100)}% of train held out (no labelled validation split)"
     labels = {s: cached[source][rows] for s, (source, rows) in index.items()}
     data = CachedSplits(features, store.settings, store.label_names, store.file.attrs["fingerprint"], labels,
                         index, val_note)
@@ -127,10 +129,10 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
         raise UserError(f"class {data.label_names[unseen[0]]!r} appears in validation but never in train; "
                         "the head cannot learn it: fix the split or drop that class")
 
-    width = max([len(names) * store.settings["hidden_size"]] + [stream.pooled_width(store, p) for p in poolings])
-    row_bytes = stream.IN_MEMORY_COPIES * 4 * width
+    width = max([len(names) * store.settings["hidden_size"]] + [pooled_width(p, layers, store.settings["hidden_size"]) for p in poolings])
+    row_bytes = IN_MEMORY_COPIES * 4 * width
     need = row_bytes * sum(store.rows(s) for s in {source for source, _ in index.values()})
-    budget = stream.memory_budget(max_memory, device)
+    budget = memory_budget(max_memory, device)
     if need > budget:
         if log:
             log(f"the features need about {need / 2**20:.0f} MiB in memory, more than the {budget / 2**20:.0f} MiB "
@@ -142,26 +144,26 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
     return data
 
 
-def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hidden: int = H.HIDDEN,
-          dropout: float = H.DROPOUT, epochs: int = H.EPOCHS, lr: float = H.LR, weight_decay: float = H.WEIGHT_DECAY,
-          batch_size: int = H.BATCH_SIZE, seed: int = H.SEED, patience: int | None = H.PATIENCE,
+def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hidden: int = D.HIDDEN,
+          dropout: float = D.DROPOUT, epochs: int = D.EPOCHS, lr: float = D.LR, weight_decay: float = D.WEIGHT_DECAY,
+          batch_size: int = D.BATCH_SIZE, seed: int = D.SEED, patience: int | None = D.PATIENCE,
           label_smoothing: float = 0.0, class_weights: str | None = None, device: str = "auto",
-          shuffle_block: int = H.SHUFFLE_BLOCK, shuffle_window: int = H.SHUFFLE_WINDOW,
-          log=None) -> tuple[H.FitResult, dict, dict]:
+          shuffle_block: int = D.SHUFFLE_BLOCK, shuffle_window: int = D.SHUFFLE_WINDOW,
+          log=None) -> tuple[FitResult, dict, dict]:
     """One head over cached splits: (fit result, metrics, checkpoint config)."""
-    if head not in H.HEADS:
-        raise UserError(f"unknown --head {head!r}; use one of {', '.join(H.HEADS)}")
+    if head not in D.HEADS:
+        raise UserError(f"unknown --head {head!r}; use one of {', '.join(D.HEADS)}")
     if class_weights not in CLASS_WEIGHTS:
         raise UserError(f"unknown --class-weights {class_weights!r}; use none or balanced")
     k, dev = len(data.label_names), resolve_device(device)
     train_rows, val_rows = (data.rows(s, pooling, dev, shuffle_block, shuffle_window) for s in ("train", "validation"))
-    weights = H.class_weight_vector(data.labels["train"], k) if class_weights == "balanced" else None
-    result = H.fit_rows(train_rows, val_rows, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
+    weights = class_weight_vector(data.labels["train"], k) if class_weights == "balanced" else None
+    result = fit_rows(train_rows, val_rows, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
                         weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
                         label_smoothing=label_smoothing, class_weights=weights, device=dev, log=log,
                         shuffle_block=shuffle_block, shuffle_window=shuffle_window)
-    metrics = {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "seconds": result.seconds,
-               "validation": data.val_note, "streamed": data.streamed,
+    metrics = {"label_names": data.label_names, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+               "seconds": result.seconds, "validation": data.val_note, "streamed": data.streamed,
                "best": result.history[result.best_epoch - 1], "history": result.history}
     config = {
         "encoder": {k_: data.settings.get(k_) for k_ in ("model", "revision", "commit", "model_fingerprint",
@@ -176,12 +178,12 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
     return result, metrics, config
 
 
-def save(out: str, data: CachedSplits, result: H.FitResult, metrics: dict, config: dict,
+def save(out: str, data: CachedSplits, result: FitResult, metrics: dict, config: dict,
          files: dict | None = None) -> str:
     """Test metrics (when the cache has a labelled test split), then the checkpoint folder with curves.png."""
     if len(data.labels.get("test", ())):
         rows = data.rows("test", config["pooling"], result.head.shift.device)
-        pred = H.predict_rows(result.head, rows).argmax(1)
+        pred = predict_rows(result.head, rows).argmax(1)
         metrics["test"] = classification_report(data.labels["test"], pred, data.label_names)
     files = dict(files or {})
     if plots.available():
@@ -190,7 +192,7 @@ def save(out: str, data: CachedSplits, result: H.FitResult, metrics: dict, confi
 
 
 def fit_head(features: str, out: str | None = None, *, pooling: str = "cls", head: str = "linear",
-             seed: int = H.SEED, device: str = "auto", max_memory: int | str | None = None, log=None,
+             seed: int = D.SEED, device: str = "auto", max_memory: int | str | None = None, log=None,
              **options) -> tuple[str, dict]:
     """Train a head on a features file; returns (checkpoint folder, metrics).
 

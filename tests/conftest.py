@@ -16,14 +16,6 @@ FILLER = "这个东西我们买了一次觉得真的很还是不可以"
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def child_env(**extra: str) -> dict:
-    """The environment for a `python -m pipeline` child: this checkout first on PYTHONPATH (keeping the
-    caller's entries: optional packages may live there), plus `extra`."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
 def make_texts(n: int, num_classes: int = 2, seed: int = 0) -> list[tuple[str, int]]:
     """Texts whose label shows in their characters, with varied lengths (1 to ~60 characters)."""
     rng = random.Random(seed)
@@ -115,6 +107,16 @@ def saved_dataset(tmp_path_factory) -> str:
                                for s, rows in default_splits().items()})
     dd.save_to_disk(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_model, tmp_path_factory) -> str:
+    """A features file of `default_splits()` (jsonl in `data/` beside it) from tiny_model, fp32 on the CPU.
+    Shared by the whole session: tests read it, copy it, or extract it again (a no-op), never change it."""
+    import pipeline as bc
+    folder = tmp_path_factory.mktemp("tiny-cache")
+    data = write_split_files(str(folder / "data"), "jsonl", default_splits())
+    return bc.extract(tiny_model, data, str(folder / "f.h5"), precision="fp32", device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")

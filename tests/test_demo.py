@@ -18,7 +18,8 @@ pytest.importorskip("websockets", reason="the DevTools client needs websockets (
 
 import pipeline as bc  # noqa: E402
 from cdp import TEXT_COLOURS_JS, UNLABELLED_JS, Browser, contrast_ratio, find_chromium  # noqa: E402
-from conftest import child_env, default_splits, write_split_files  # noqa: E402
+from conftest import default_splits, write_split_files  # noqa: E402
+from helpers import child_env  # noqa: E402
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
 LABELS = ["负向评价", "正向评价"]
@@ -63,6 +64,7 @@ def cjk_fonts() -> set[str]:
     return {name.strip() for line in out.splitlines() for name in line.split(",")}
 
 
+@pytest.mark.slow
 def test_demo_page_in_headless_chromium(checkpoint, tmp_path):
     binary = find_chromium()
     if binary is None:

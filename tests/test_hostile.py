@@ -16,31 +16,19 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import pipeline as bc
-from conftest import child_env, build_tiny_bert, default_splits, make_texts, write_split_files
-from pipeline.cli import cli
+from conftest import build_tiny_bert, default_splits, make_texts, write_split_files
+from helpers import child_env, one_line_error, run
 
 FAST = ["--device", "cpu", "--precision", "fp32"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def refused(result, *words):
-    """Exit 2, one `error:` line holding every word, no traceback; returns the line."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output and "Traceback" not in result.stderr
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    return lines[0]
+    """A user error: exit 2, one `error:` line holding every word (any case), no traceback."""
+    return one_line_error(result, *words, exit_code=2, ignore_case=True)
 
 
 def extract_refused(tmp_path, model, data, *words, extra=()):
@@ -65,13 +53,6 @@ def write_rows(folder, split_rows: dict, fmt="csv", encoding="utf-8"):
                 for t, y in rows:
                     f.write(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n")
     return str(folder)
-
-
-@pytest.fixture(scope="module")
-def cache(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hostile")
-    data = write_split_files(str(folder / "data"), "jsonl", default_splits())
-    return bc.extract(tiny_model, data, str(folder / "f.h5"), precision="fp32", device="cpu", progress=False)
 
 
 @contextlib.contextmanager
@@ -132,8 +113,8 @@ def test_a_non_utf8_file_is_refused(tiny_model, tmp_path, fmt):
     extract_refused(tmp_path, tiny_model, data, "not UTF-8", f"train.{fmt}")
 
 
-def test_a_non_utf8_predict_file_is_refused(cache, tmp_path):
-    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+def test_a_non_utf8_predict_file_is_refused(tiny_cache, tmp_path):
+    ck, _ = bc.fit_head(tiny_cache, str(tmp_path / "ck"), epochs=2)
     texts = tmp_path / "texts.txt"
     texts.write_bytes("这本书写得真好\n".encode("gbk"))
     refused(run("predict", "-c", ck, "--file", texts, "--device", "cpu"), "not UTF-8")
@@ -186,9 +167,9 @@ def test_a_class_in_validation_but_not_in_train_is_refused(tiny_model, tmp_path)
 # -- features files -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncated", "not-hdf5", "empty"])
-def test_a_broken_features_file_is_refused(cache, tmp_path, damage):
+def test_a_broken_features_file_is_refused(tiny_cache, tmp_path, damage):
     bad = tmp_path / "bad.h5"
-    raw = open(cache, "rb").read()
+    raw = open(tiny_cache, "rb").read()
     bad.write_bytes({"truncated": raw[:len(raw) // 2], "not-hdf5": b"text,label\nhello,1\n", "empty": b""}[damage])
     out = tmp_path / "ck"
     refused(run("fit-head", "-f", bad, "-o", out, "--epochs", 2), str(bad), "not a readable HDF5 file")
@@ -205,9 +186,9 @@ def test_a_features_file_from_another_tool_is_refused(tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
-def test_a_file_left_by_a_killed_run_is_refused(cache, tmp_path):
+def test_a_file_left_by_a_killed_run_is_refused(tiny_cache, tmp_path):
     partial = tmp_path / "f.h5.partial"
-    shutil.copy(cache, partial)
+    shutil.copy(tiny_cache, partial)
     with h5py.File(partial, "r+") as f:
         f.attrs["complete"] = False
         f["test"].attrs["rows_done"] = 3
@@ -216,9 +197,9 @@ def test_a_file_left_by_a_killed_run_is_refused(cache, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["narrow-split", "label-outside-names", "rows-missing"])
-def test_a_cache_whose_splits_disagree_is_refused(cache, tmp_path, damage):
+def test_a_cache_whose_splits_disagree_is_refused(tiny_cache, tmp_path, damage):
     bad = tmp_path / "bad.h5"
-    shutil.copy(cache, bad)
+    shutil.copy(tiny_cache, bad)
     with h5py.File(bad, "r+") as f:
         if damage == "narrow-split":  # another extraction's vectors pasted into one split
             del f["test/cls"]
@@ -236,7 +217,7 @@ def test_a_cache_whose_splits_disagree_is_refused(cache, tmp_path, damage):
 
 # -- the output folder ----------------------------------------------------------------------------
 
-def test_a_full_disk_is_refused_before_encoding(tiny_model, cache, tmp_path):
+def test_a_full_disk_is_refused_before_encoding(tiny_model, tiny_cache, tmp_path):
     data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
     with tmpfs(tmp_path / "small", "32k") as small:
         out = os.path.join(small, "f.h5")
@@ -245,7 +226,7 @@ def test_a_full_disk_is_refused_before_encoding(tiny_model, cache, tmp_path):
         ck = os.path.join(small, "ck")
         with open(os.path.join(small, "filler"), "wb") as f:  # leave less room than a checkpoint needs
             f.write(b"\0" * (32 * 1024 - 4096))
-        refused(run("fit-head", "-f", cache, "-o", ck, "--epochs", 2), "disk is full")
+        refused(run("fit-head", "-f", tiny_cache, "-o", ck, "--epochs", 2), "disk is full")
         assert os.listdir(small) == ["filler"]
 
 
@@ -292,6 +273,7 @@ with FeatureStore(path) as s:
 """
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_up_while_writing_is_refused_and_resumable(tmp_path):
     """Where the space could not be reserved (no fallocate): a failed write is one error, the process exits
     cleanly (HDF5's sieve buffer, left on, makes the interpreter segfault at exit here), and extract resumes."""
@@ -306,6 +288,7 @@ def test_a_disk_that_fills_up_while_writing_is_refused_and_resumable(tmp_path):
     assert "resumed and equal: True" in r.stdout
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_refused(tiny_model, tmp_path):
     """`ulimit -f`: the same refusal where no tmpfs can be mounted (RLIMIT_FSIZE in the child)."""
     import resource
@@ -325,17 +308,18 @@ def test_a_file_size_limit_is_refused(tiny_model, tmp_path):
     assert os.listdir(tmp_path) == ["data"]
 
 
-def test_a_read_only_output_folder_is_refused(tiny_model, cache, tmp_path):
+def test_a_read_only_output_folder_is_refused(tiny_model, tiny_cache, tmp_path):
     data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
     with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
         refused(run("extract", "-m", tiny_model, "-d", data, "-o", os.path.join(ro, "f.h5"), *FAST),
                 "read-only", "--out")
         refused(run("extract", "-m", tiny_model, "-d", data, "-o", os.path.join(ro, "sub", "f.h5"), *FAST),
                 "read-only file system", "--out")
-        refused(run("fit-head", "-f", cache, "-o", os.path.join(ro, "ck"), "--epochs", 2), "read-only", "--out")
+        refused(run("fit-head", "-f", tiny_cache, "-o", os.path.join(ro, "ck"), "--epochs", 2), "read-only", "--out")
         assert os.listdir(ro) == []
 
 
+@pytest.mark.slow
 def test_a_file_another_extract_is_writing_is_left_alone(tiny_model, tmp_path):
     out = tmp_path / "f.h5"
     holder = subprocess.Popen([sys.executable, "-c", f"""
@@ -360,9 +344,9 @@ sys.stdin.read()
 @pytest.mark.parametrize("option, value, words", [("--pooling", "max", ["unknown --pooling 'max'"]),
                                                   ("--pooling", "cls_9", ["layer 9"]),
                                                   ("--head", "svm", ["unknown --head 'svm'", "linear, mlp"])])
-def test_an_unknown_pooling_or_head_is_refused(cache, tmp_path, option, value, words):
+def test_an_unknown_pooling_or_head_is_refused(tiny_cache, tmp_path, option, value, words):
     out = tmp_path / "ck"
-    refused(run("fit-head", "-f", cache, "-o", out, option, value), *words)
+    refused(run("fit-head", "-f", tiny_cache, "-o", out, option, value), *words)
     assert not out.exists()
 
 
@@ -408,10 +392,10 @@ def test_extract_into_a_file_made_differently_says_what_differs(tiny_model, tmp_
         assert store.settings["max_length"] == 64
 
 
-def test_evaluate_refuses_a_cache_made_with_other_settings(cache, tiny_model, tmp_path):
+def test_evaluate_refuses_a_cache_made_with_other_settings(tiny_cache, tiny_model, tmp_path):
     """The same model, other vectors: --max-length and --prefix change them as surely as the weights do
     (another model's cache and encoder: test_pipeline.py::test_checkpoint_with_features_of_another_model)."""
-    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+    ck, _ = bc.fit_head(tiny_cache, str(tmp_path / "ck"), epochs=2)
     data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
     other = bc.extract(tiny_model, data, str(tmp_path / "other.h5"), precision="fp32", device="cpu", max_length=16,
                        prefix="query: ", progress=False)
@@ -430,8 +414,8 @@ def _malicious_pickle(path, marker):
 
 
 @pytest.mark.parametrize("where", ["file", "folder-without-config", "weights-in-checkpoint"])
-def test_a_pickle_checkpoint_is_refused(cache, tmp_path, where):
-    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+def test_a_pickle_checkpoint_is_refused(tiny_cache, tmp_path, where):
+    ck, _ = bc.fit_head(tiny_cache, str(tmp_path / "ck"), epochs=2)
     marker = tmp_path / "pwned"
     if where == "file":
         target = tmp_path / "head.pth"
@@ -450,11 +434,11 @@ def test_a_pickle_checkpoint_is_refused(cache, tmp_path, where):
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_allow_pickle_reads_only_tensors(cache, tmp_path):
+def test_allow_pickle_reads_only_tensors(tiny_cache, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=3)
+    ck, _ = bc.fit_head(tiny_cache, str(tmp_path / "ck"), epochs=3)
     want = json.loads(run("evaluate", "-c", ck, "--json").stdout)
     state = load_file(os.path.join(ck, "best.safetensors"))
     torch.save(state, os.path.join(ck, "best.pt"))

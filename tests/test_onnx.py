@@ -6,16 +6,17 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
 
 import pipeline as bc  # noqa: E402
-from conftest import child_env, default_splits, make_texts, write_split_files  # noqa: E402
-from pipeline.cli import cli  # noqa: E402
+from conftest import default_splits, make_texts, write_split_files  # noqa: E402
+from helpers import child_env, ok, one_line_error, run  # noqa: E402
+from pipeline.checkpoint import read_config  # noqa: E402
 from pipeline.onnx_runner import OnnxPredictor  # noqa: E402
+from pipeline.poolings import build_features  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,15 +39,13 @@ def checkpoint(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("exported") / "onnx")
-    result = CliRunner().invoke(cli, ["export", checkpoint, "--format", "onnx", out])
-    assert result.exit_code == 0, result.output
+    result = ok("export", checkpoint, "--format", "onnx", out)
     assert result.stdout.strip().splitlines() == [f"saved {out}"]  # torch.onnx's chatter stays off stdout
     return out
 
 
 def predict_json(*args) -> list[dict]:
-    result = CliRunner().invoke(cli, ["predict", "--json", *args, *TEXTS])
-    assert result.exit_code == 0, result.output
+    result = ok("predict", "--json", *args, *TEXTS)
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
@@ -55,7 +54,7 @@ def test_export_folder_holds_one_dynamic_graph_and_the_tokenizer(exported, check
     assert {"model.onnx", "tokenizer.json", "bertcache.json", "metrics.json"} <= files
     assert not [f for f in os.listdir(os.path.dirname(exported)) if ".partial-" in f]
     meta = json.load(open(os.path.join(exported, "bertcache.json")))
-    config = bc.checkpoint.read_config(checkpoint)
+    config = read_config(checkpoint)
     assert meta["label_names"] == config["label_names"] and meta["pooling"] == "cls-avg2+mean_2"
     model = onnx.load(os.path.join(exported, "model.onnx"))
     onnx.checker.check_model(model)
@@ -85,22 +84,22 @@ def test_runner_tokenizes_as_the_encoder_and_gives_the_head_input(exported, chec
     assert runner.tokenize(TEXTS) == predictor.encoder.tokenize(TEXTS)  # truncation to max_length included
     assert max(len(s) for s in runner.tokenize(TEXTS)) == 64
     arrays = predictor.encoder.encode(TEXTS[:20])
-    want = bc.heads.build_features(arrays, predictor.pooling, predictor.layers)
+    want = build_features(arrays, predictor.pooling, predictor.layers)
     assert np.abs(runner.embed(TEXTS[:20]) - want).max() < 1e-4
     assert runner.predict(TEXTS[0])["label"] == predictor.predict([TEXTS[0]])[0]["label"]
     assert runner.predict_proba([]).shape == (0, 2)
 
 
 def test_export_errors_are_one_line(checkpoint, tmp_path):
-    result = CliRunner().invoke(cli, ["export", str(tmp_path / "nothing"), str(tmp_path / "out")])
-    assert result.exit_code == 2 and "checkpoint not found" in result.output
-    result = CliRunner().invoke(cli, ["predict", "--backend", "onnx", "-c", checkpoint, "好"])
-    assert result.exit_code == 2 and "is not an ONNX export" in result.output and "bertcache export" in result.output
-    result = CliRunner().invoke(cli, ["predict", "--backend", "onnx", "-c", checkpoint, "--weights", "last", "好"])
-    assert result.exit_code == 2 and "--weights does not go with --backend onnx" in result.output
+    one_line_error(run("export", tmp_path / "nothing", tmp_path / "out"), "checkpoint not found", exit_code=2)
+    one_line_error(run("predict", "--backend", "onnx", "-c", checkpoint, "好"), "is not an ONNX export",
+                   "bertcache export", exit_code=2)
+    one_line_error(run("predict", "--backend", "onnx", "-c", checkpoint, "--weights", "last", "好"),
+                   "--weights does not go with --backend onnx", exit_code=2)
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_the_runner_needs_no_torch(exported):
     """A service without PyTorch: importing and running the runner never loads torch or transformers."""
     code = ("import sys; from pipeline.onnx_runner import OnnxPredictor; "

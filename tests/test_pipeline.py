@@ -7,40 +7,16 @@ import os
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import pipeline as bc
 from pipeline import plots
 from pipeline.checkpoint import load_checkpoint
-from pipeline.cli import cli
 from pipeline.data import load_corpus
 from pipeline.encoder import Encoder
-from pipeline.heads import build_features, pooling_features
+from pipeline.poolings import build_features, pooling_features
 from pipeline.store import FeatureStore
-from conftest import child_env, default_splits, make_texts, write_split_files
-
-
-def run(*args, input=None):
-    result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
-    return result
-
-
-def ok(*args, input=None):
-    result = run(*args, input=input)
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
-
-
-def one_line_error(result, *needles):
-    """Exit non-zero, one `error:` line naming the problem, no traceback."""
-    assert result.exit_code != 0
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
+from conftest import default_splits, make_texts, write_split_files
+from helpers import child_env, ok, one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +52,7 @@ def test_save_to_disk_with_classlabel_names(saved_dataset):
 def test_save_to_disk_texts_stay_in_arrow_and_match_the_same_rows_as_jsonl(tmp_path, tiny_model):
     import datasets
     from pipeline.data import TextColumn
-    from pipeline.store import data_fingerprint
+    from pipeline.fingerprints import data_fingerprint
     rows = make_texts(40, seed=5)
     texts = [t for t, _ in rows]
     texts[3], texts[17], texts[30] = "   ", None, "\t\n"  # blank or missing: skipped either way
@@ -279,9 +255,13 @@ def test_cli_round_trip(tiny_model, saved_dataset, tmp_path):
              "--json")
     info = json.loads(out.stdout)
     assert info["splits"]["train"]["rows"] == 160 and info["label_names"] == ["负向评价", "正向评价"]
-    ok("fit-head", "--features", feats, "--out", ckpt, "--pooling", "mean", "--head", "mlp", "--epochs", 40)
+    fit = json.loads(ok("fit-head", "--features", feats, "--out", ckpt, "--pooling", "mean", "--head", "mlp",
+                        "--epochs", 40, "--json").stdout)
     report = json.loads(ok("evaluate", "--checkpoint", ckpt, "--json").stdout)
     assert {"accuracy", "macro_f1", "confusion_matrix", "n", "per_class"} <= set(report)
+    about = json.loads(ok("info", ckpt, "--json").stdout)
+    # One word for the class names in every JSON output.
+    assert fit["label_names"] == report["label_names"] == about["label_names"] == info["label_names"]
     assert report["n"] == 40 and sum(map(sum, report["confusion_matrix"])) == 40
     lines = ok("predict", "--checkpoint", ckpt, "--json", "好棒赞", "差烂坏").stdout.splitlines()
     results = [json.loads(line) for line in lines]
@@ -350,10 +330,11 @@ def test_checkpoint_with_features_of_another_model(cache, other_model, csv_data,
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = CliRunner().invoke(cli, ["--debug", "evaluate", "-c", str(tmp_path / "nothing")])
+    result = run("--debug", "evaluate", "-c", tmp_path / "nothing")
     assert result.exit_code != 0 and isinstance(result.exception, bc.UserError)
 
 
+@pytest.mark.slow
 def test_interactive_predict_loop_quits_on_q(cache, tmp_path):
     """With no texts on a terminal, predict reads lines at a prompt until `q`."""
     import pty

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 import pipeline as bc
-from conftest import child_env, make_texts, write_split_files
+from conftest import make_texts, write_split_files
+from helpers import child_env
 from pipeline.errors import UserError
 
 CHUNK = 48
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # SIGKILLed subprocesses
 
 
 def _env():

@@ -11,16 +11,18 @@ import urllib.request
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")  # TestClient needs it
 from fastapi.testclient import TestClient  # noqa: E402
 
 import pipeline as bc  # noqa: E402
-from conftest import child_env, default_splits, make_texts, write_split_files  # noqa: E402
-from pipeline.cli import cli  # noqa: E402
+from conftest import default_splits, make_texts, write_split_files  # noqa: E402
+from helpers import child_env, run  # noqa: E402
+from pipeline.info import describe_checkpoint  # noqa: E402
 from pipeline.serve import create_app  # noqa: E402
+
+SERVED = ("weights_served", "encoder", "limits", "batching", "version")  # what /info adds to info.py's description
 
 try:  # optional: a property-based run against the served OpenAPI schema
     import schemathesis
@@ -57,7 +59,7 @@ def assert_same(got: list[dict], want: list[dict], atol: float):
 
 
 def test_predict_matches_cli_predict_json(checkpoint, predictor):
-    result = CliRunner().invoke(cli, ["predict", "--checkpoint", checkpoint, "--device", "cpu", "--json", *TEXTS])
+    result = run("predict", "--checkpoint", checkpoint, "--device", "cpu", "--json", *TEXTS)
     assert result.exit_code == 0, result.output
     want = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     with client_for(predictor) as client:
@@ -76,12 +78,14 @@ def test_health_info_and_openapi(checkpoint, predictor):
         info = client.get("/info").json()
         schema = client.get("/openapi.json").json()
     assert health["status"] == "ok" and health["batching"] is True
-    assert info["labels"] == config["label_names"] and info["pooling"] == "cls+mean"
+    assert info["label_names"] == config["label_names"] and info["pooling"] == "cls+mean"
+    assert info == {**describe_checkpoint(checkpoint), **{k: info[k] for k in SERVED}}  # info.py's, plus what runs
+    assert info["weights_served"] == "best" and info["weights"] == ["best", "last"]
     assert info["encoder"]["model"] == config["encoder"]["model"]
     assert info["encoder"]["fingerprint"] == config["encoder"]["model_fingerprint"]
     assert info["max_length"] == config["encoder"]["max_length"] and info["prefix"] == config["encoder"]["prefix"]
-    assert info["training"]["best_epoch"] == metrics["best_epoch"]
-    assert info["training"]["test"]["accuracy"] == metrics["test"]["accuracy"]
+    assert info["best_epoch"] == metrics["best_epoch"]
+    assert info["test"]["accuracy"] == metrics["test"]["accuracy"]
     assert info["limits"]["max_texts_per_request"] == 7 and info["limits"]["max_chars_per_text"] == 99
     assert info["limits"]["long_texts"].startswith("refused")
     assert info["batching"]["enabled"] is True and info["batching"]["max_wait_ms"] == 3
@@ -104,7 +108,7 @@ def test_info_has_no_nan_when_there_was_no_validation(predictor, checkpoint, tmp
     p = bc.Predictor(ck, device="cpu", encoder=predictor.encoder)
     with client_for(p) as client:
         r = client.get("/info")
-    assert r.status_code == 200 and r.json()["training"]["best"]["val_loss"] is None
+    assert r.status_code == 200 and r.json()["best"]["val_loss"] is None
 
 
 LIMITED = {"max_texts": 4, "max_chars": 20, "max_body_bytes": 600}
@@ -216,7 +220,7 @@ def test_requests_that_queue_while_the_encoder_is_busy_share_the_next_call():
     """The batcher on its own, over a plain function: what arrives during a call is the next call, whole."""
     import asyncio
 
-    from pipeline.serve import MicroBatcher
+    from pipeline.batching import MicroBatcher
 
     calls, release = [], threading.Event()
 
@@ -246,7 +250,7 @@ def test_requests_that_queue_while_the_encoder_is_busy_share_the_next_call():
 
 
 def test_the_default_wait_follows_the_device(predictor):
-    from pipeline.serve import MAX_WAIT_MS
+    from pipeline.batching import MAX_WAIT_MS
 
     with client_for(predictor) as client:
         assert client.get("/info").json()["batching"]["max_wait_ms"] == MAX_WAIT_MS["cpu"] < MAX_WAIT_MS["gpu"]
@@ -270,7 +274,7 @@ def test_app_works_without_its_lifespan(predictor):
 
 def test_serve_without_fastapi_says_how_to_install(monkeypatch, checkpoint):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # `import fastapi` now raises ImportError
-    result = CliRunner().invoke(cli, ["serve", "--checkpoint", checkpoint])
+    result = run("serve", "--checkpoint", checkpoint)
     assert result.exit_code == 2
     assert "pip install 'bertcache[serve]'" in result.output and len(result.output.strip().splitlines()) == 1
 
@@ -280,10 +284,11 @@ def test_serve_refuses_a_taken_port(checkpoint):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = CliRunner().invoke(cli, ["serve", "--checkpoint", checkpoint, "--port", str(port)])
+        result = run("serve", "--checkpoint", checkpoint, "--port", str(port))
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
 
 
+@pytest.mark.slow
 def test_serve_command_end_to_end(checkpoint, predictor):
     env = child_env()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--checkpoint", checkpoint, "--port", "0",

@@ -4,7 +4,8 @@ import contextlib
 import numpy as np
 import torch
 
-from pipeline import heads as H
+from pipeline.heads import Head
+from pipeline.training import fit
 from pipeline.encoder import Encoder
 from tests.conftest import make_texts
 
@@ -45,11 +46,11 @@ def test_fit_learns_and_leaves_thread_count_alone():
     X, Xv = rng.standard_normal((600, 16)).astype(np.float32), rng.standard_normal((100, 16)).astype(np.float32)
     y, yv = (X @ w > 0).astype(np.int64), (Xv @ w > 0).astype(np.int64)
     before = torch.get_num_threads()
-    res = H.fit(X, y, Xv, yv, 2, epochs=30, batch_size=64, patience=None)
+    res = fit(X, y, Xv, yv, 2, epochs=30, batch_size=64, patience=None)
     assert torch.get_num_threads() == before
     assert res.history[-1]["val_acc"] > 0.9 and res.history[-1]["train_acc"] > 0.8
     assert res.history[0]["train_loss"] > res.history[-1]["train_loss"] > 0
     # the epoch's validation figures, taken in one host sync, are those of the last weights
-    last = H.Head(16, 2)
+    last = Head(16, 2)
     last.load_state_dict(res.last_state)
     assert abs((last.predict_proba(Xv).argmax(1) == yv).mean() - res.history[-1]["val_acc"]) < 1e-6

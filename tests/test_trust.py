@@ -3,26 +3,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import pipeline as bc
-from conftest import child_env, default_splits, write_split_files
-from pipeline.cli import cli
+from helpers import run, run_module
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def cache(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("trust")
-    data = write_split_files(str(folder / "data"), "jsonl", default_splits())
-    return bc.extract(tiny_model, data, str(folder / "f.h5"), precision="fp32", device="cpu", progress=False)
 
 
 def _weights(folder):
@@ -36,42 +25,41 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp"])
-def test_same_cache_and_seed_give_bitwise_identical_heads(cache, tmp_path, head):
+def test_same_cache_and_seed_give_bitwise_identical_heads(tiny_cache, tmp_path, head):
     args = dict(head=head, pooling="cls+mean", epochs=15, patience=None, device="cpu")
-    one, _ = bc.fit_head(cache, str(tmp_path / "a"), seed=3, **args)
-    two, _ = bc.fit_head(cache, str(tmp_path / "b"), seed=3, **args)
-    other, _ = bc.fit_head(cache, str(tmp_path / "c"), seed=4, **args)
+    one, _ = bc.fit_head(tiny_cache, str(tmp_path / "a"), seed=3, **args)
+    two, _ = bc.fit_head(tiny_cache, str(tmp_path / "b"), seed=3, **args)
+    other, _ = bc.fit_head(tiny_cache, str(tmp_path / "c"), seed=4, **args)
     assert _same(_weights(one), _weights(two))
     assert not _same(_weights(one), _weights(other))  # the seed does reach the weights
 
 
-def test_a_separate_process_gives_the_same_head(cache, tmp_path):
-    here, _ = bc.fit_head(cache, str(tmp_path / "here"), seed=5, epochs=10, device="cpu")
-    r = subprocess.run([sys.executable, "-m", "pipeline", "fit-head", "-f", cache, "-o", tmp_path / "there",
-                        "--seed", "5", "--epochs", "10", "--device", "cpu", "--json"],
-                       env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=300)
+@pytest.mark.slow
+def test_a_separate_process_gives_the_same_head(tiny_cache, tmp_path):
+    here, _ = bc.fit_head(tiny_cache, str(tmp_path / "here"), seed=5, epochs=10, device="cpu")
+    r = run_module("fit-head", "-f", tiny_cache, "-o", tmp_path / "there", "--seed", 5, "--epochs", 10,
+                   "--device", "cpu", "--json", OMP_NUM_THREADS="1")
     assert r.returncode == 0, r.stderr
     assert _same(_weights(here), _weights(str(tmp_path / "there")))
 
 
-def test_a_moved_model_folder_keeps_its_cache_and_checkpoints(tiny_model, cache, tmp_path):
+def test_a_moved_model_folder_keeps_its_cache_and_checkpoints(tiny_model, tiny_cache, tmp_path):
     moved = str(tmp_path / "moved-model")
     shutil.copytree(tiny_model, moved)
-    data = os.path.join(os.path.dirname(cache), "data")
-    before = open(cache, "rb").read()
-    r = CliRunner().invoke(cli, ["extract", "-m", moved, "-d", data, "-o", cache, "--device", "cpu",
-                                 "--precision", "fp32"])
+    data = os.path.join(os.path.dirname(tiny_cache), "data")
+    before = open(tiny_cache, "rb").read()
+    r = run("extract", "-m", moved, "-d", data, "-o", tiny_cache, "--device", "cpu",
+                                 "--precision", "fp32")
     assert r.exit_code == 0, r.output
-    assert "already complete" in r.stderr and open(cache, "rb").read() == before
-    ck, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=3, device="cpu")
-    r = CliRunner().invoke(cli, ["predict", "-c", ck, "-m", moved, "--device", "cpu", "好棒"])
+    assert "already complete" in r.stderr and open(tiny_cache, "rb").read() == before
+    ck, _ = bc.fit_head(tiny_cache, str(tmp_path / "ck"), epochs=3, device="cpu")
+    r = run("predict", "-c", ck, "-m", moved, "--device", "cpu", "好棒")
     assert r.exit_code == 0, r.output
 
 
 
 @pytest.mark.parametrize("change", ["weights", "tokenizer"])
-def test_other_weights_or_tokenizer_in_the_same_folder_are_another_model(tiny_model, cache, tmp_path, change):
+def test_other_weights_or_tokenizer_in_the_same_folder_are_another_model(tiny_model, tiny_cache, tmp_path, change):
     changed = str(tmp_path / "model")
     shutil.copytree(tiny_model, changed)
     if change == "weights":
@@ -83,7 +71,7 @@ def test_other_weights_or_tokenizer_in_the_same_folder_are_another_model(tiny_mo
             path = os.path.join(changed, name)
             text = open(path, encoding="utf-8").read().replace("好", "\0").replace("差", "好").replace("\0", "差")
             open(path, "w", encoding="utf-8").write(text)
-    data = os.path.join(os.path.dirname(cache), "data")
-    r = CliRunner().invoke(cli, ["extract", "-m", changed, "-d", data, "-o", cache, "--device", "cpu",
-                                 "--precision", "fp32"])
+    data = os.path.join(os.path.dirname(tiny_cache), "data")
+    r = run("extract", "-m", changed, "-d", data, "-o", tiny_cache, "--device", "cpu",
+                                 "--precision", "fp32")
     assert r.exit_code == 2 and "model_fingerprint" in r.stderr and "--restart" in r.stderr, r.stderr

@@ -10,7 +10,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.store import FeatureStore, StoreWriter, data_fingerprint
+from pipeline.fingerprints import data_fingerprint
+from pipeline.store import FeatureStore, StoreWriter
 
 SPLITS = ("train", "validation", "test")
 LABELS = ["a", "b", "c"]

@@ -7,18 +7,17 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import pipeline as bc
 from pipeline import plots
 from pipeline.checkpoint import load_checkpoint
-from pipeline.cli import cli
 from pipeline.data import load_corpus
 from pipeline.errors import UserError
-from pipeline.heads import build_features, pooling_features
+from pipeline.poolings import build_features, pooling_features
 from pipeline.store import FeatureStore
 from pipeline.sweep import sweep
 from conftest import default_splits, write_split_files
+from helpers import run as cli_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PREFIX = "这"  # stored in the cache, applied again by predict
@@ -34,10 +33,6 @@ def cache3(tiny_model, data, tmp_path_factory):
     """All three layers of the tiny model cached."""
     return bc.extract(tiny_model, data, str(tmp_path_factory.mktemp("f") / "f.h5"), precision="fp32", layers=3,
                       prefix=PREFIX, progress=False)
-
-
-def cli_run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("spec, parts", [
@@ -101,7 +96,7 @@ def test_prefix_reaches_the_encoder(cache3, data, tiny_model):
 
 
 def test_label_smoothing_and_class_weights_change_training():
-    from pipeline.heads import fit
+    from pipeline.training import fit
     rng = np.random.default_rng(0)
     y = (rng.random(600) < 0.1).astype(np.int64)  # 10% minority class, overlapping with the majority
     X = (rng.standard_normal((600, 8)) + 0.6 * y[:, None]).astype(np.float32)
@@ -172,6 +167,7 @@ def test_sweep_cli_prints_the_table(cache3, tmp_path):
                       "mlp", "--sweep-lrs", "1e-2", "--sweep-weight-decays", "0.1", "--epochs", 3, "--json")
     assert as_json.exit_code == 0, as_json.output
     assert len(json.loads(as_json.stdout)["ranked"]) == 1
+    assert json.loads(as_json.stdout)["label_names"] == ["0", "1"]
 
 
 def test_default_sweep_grid_on_a_layered_cache(cache3, tmp_path):

@@ -1,8 +1,11 @@
-"""Out-of-core rows for fit-head: a cached split read from HDF5 a window of blocks at a time.
+"""Row sources for the training loop: a split's pooled rows in memory (`ArrayRows`), or read from the
+HDF5 cache a window of blocks at a time (`StoredRows`) when they do not fit the memory budget.
 
 fit-head holds the train / validation / test matrices in memory when they fit `--max-memory` (default:
 half the memory the machine has available), and otherwise trains on `StoredRows`, which give the
-training loop (heads.fit_rows) exactly the batches the in-memory path would, in the same order.
+training loop (training.fit_rows) exactly the batches the in-memory path would, in the same order.
+Both offer `n`, `dim`, `moments()`, `standardize(shift, scale)`, `batches(order, batch_size)` and
+`chunks()`, yielding (x, y) tensors on the training device.
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ import re
 import numpy as np
 import torch
 
-from . import heads as H
+from .defaults import SHUFFLE_BLOCK, SHUFFLE_WINDOW
 from .errors import UserError
+from .poolings import build_features, pooled_width, pooling_features
 from .store import FeatureStore
 
 MEMORY_FRACTION = 0.5  # of MemAvailable, the default --max-memory
@@ -53,23 +57,62 @@ def memory_budget(max_memory=None, device: torch.device | None = None) -> int:
     return budget
 
 
-def pooled_width(store: FeatureStore, pooling: str) -> int:
-    layers = store.settings["layers"]
-    empty = {n: np.zeros((0, store.settings["hidden_size"]), np.float32) for n in H.pooling_features(pooling, layers)}
-    return H.build_features(empty, pooling, layers).shape[1]
+def moments(chunks) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and (population) std over row chunks, merged in float64 (Chan et al.)."""
+    n, mean, m2 = 0, None, None
+    # Pieces of 1024 rows keep the float64 temporaries in cache (several times faster than whole arrays).
+    pieces = (np.asarray(c[i:i + 1024], dtype=np.float64) for c in chunks for i in range(0, len(c), 1024))
+    for x in pieces:
+        k, mu = len(x), x.mean(0)
+        c2 = ((x - mu) ** 2).sum(0)
+        if mean is None:
+            n, mean, m2 = k, mu, c2
+            continue
+        delta = mu - mean
+        mean = mean + delta * (k / (n + k))
+        m2 = m2 + c2 + delta ** 2 * (n * k / (n + k))
+        n += k
+    return mean, np.sqrt(m2 / n)
+
+
+class ArrayRows:
+    """A split's rows held on the training device. (The streamed counterpart is StoredRows.)"""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, device: torch.device):
+        self.array = X
+        self.X = torch.as_tensor(X, dtype=torch.float32, device=device)
+        self.y = torch.as_tensor(y, dtype=torch.long, device=device)
+        self.n, self.dim = X.shape
+
+    def moments(self):
+        return moments([self.array])
+
+    def standardize(self, shift: torch.Tensor, scale: torch.Tensor):
+        """Give (x - shift) * scale from now on: once for the whole split, not once per batch."""
+        self.X = (self.X - shift) * scale
+
+    def batches(self, order: torch.Tensor, batch_size: int):
+        order = order.to(self.X.device)
+        for start in range(0, self.n, batch_size):
+            idx = order[start:start + batch_size]
+            # index_select, not X[idx]: advanced indexing costs 3x more per batch on CPU.
+            yield self.X.index_select(0, idx), self.y.index_select(0, idx)
+
+    def chunks(self):
+        yield self.X, self.y
 
 
 class StoredRows:
     """Rows `index` (sorted row numbers) of a cached split, pooled on the fly, read in contiguous runs."""
 
     def __init__(self, store: FeatureStore, split: str, pooling: str, index: np.ndarray, labels: np.ndarray,
-                 device: torch.device, chunk_rows: int, window: int = H.SHUFFLE_WINDOW, block: int = H.SHUFFLE_BLOCK):
+                 device: torch.device, chunk_rows: int, window: int = SHUFFLE_WINDOW, block: int = SHUFFLE_BLOCK):
         self.group = store.require_split(split)
         self.pooling, self.layers = pooling, store.settings["layers"]
-        self.names = H.pooling_features(pooling, self.layers)
+        self.names = pooling_features(pooling, self.layers)
         self.index, self.labels = np.asarray(index), np.asarray(labels)  # labels: those of `index`
         self.device, self.chunk_rows, self.window, self.block = device, max(1, int(chunk_rows)), int(window), int(block)
-        self.n, self.dim = len(self.index), pooled_width(store, pooling)
+        self.n, self.dim = len(self.index), pooled_width(pooling, self.layers, store.settings["hidden_size"])
         self.shift = self.scale = None
 
     def standardize(self, shift: torch.Tensor, scale: torch.Tensor):
@@ -88,7 +131,7 @@ class StoredRows:
             lo, hi = int(rows[0]), int(rows[-1]) + 1
             for n in self.names:
                 parts[n].append(self.group[n][lo:hi][rows - lo].astype(np.float32, copy=False))
-        X = H.build_features({n: np.concatenate(v) for n, v in parts.items()}, self.pooling, self.layers)
+        X = build_features({n: np.concatenate(v) for n, v in parts.items()}, self.pooling, self.layers)
         where = np.searchsorted(order, pos)
         return X[where], self.labels[pos]
 
@@ -104,7 +147,7 @@ class StoredRows:
             yield self.read(np.arange(a, min(a + self.chunk_rows, self.n)))
 
     def moments(self):
-        return H.moments(X for X, _ in self._read_chunks())
+        return moments(X for X, _ in self._read_chunks())
 
     def batches(self, order: torch.Tensor, batch_size: int):
         """The batches ArrayRows.batches gives for `order`: consecutive slices of it, read a window at a time."""

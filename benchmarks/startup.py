@@ -1,0 +1,54 @@
+"""Start-up time of `bertcache --help` (`python -m pipeline --help` in a fresh process), per source tree,
+against a bare `import torch` for reference. Runs alternate between the trees; medians are printed.
+
+    python benchmarks/startup.py [--runs 15] [--tree /path/to/another/checkout ...]
+
+Without --tree it times this checkout only. Each tree is put first on PYTHONPATH, so any checkout of
+bertcache (for instance the one before the package root became lazy) can be compared in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def seconds(cmd: list[str], tree: str | None) -> float:
+    env = dict(os.environ)
+    if tree:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH")) if p)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, cwd=tree or HERE)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=15, help="runs per command (the median is reported)")
+    p.add_argument("--tree", action="append", default=[], help="another bertcache checkout to time (repeatable)")
+    args = p.parse_args()
+    trees = [HERE] + [os.path.abspath(t) for t in args.tree]
+    cases = [(f"bertcache --help  [{t}]", [sys.executable, "-m", "pipeline", "--help"], t) for t in trees]
+    cases.append(("python -c 'import torch'  (reference)", [sys.executable, "-c", "import torch"], None))
+    for _, cmd, tree in cases:  # warm the page cache once
+        seconds(cmd, tree)
+    times = {name: [] for name, _, _ in cases}
+    for _ in range(args.runs):
+        for name, cmd, tree in cases:
+            times[name].append(seconds(cmd, tree))
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"median of {args.runs} runs")
+    first = statistics.median(times[cases[0][0]])
+    for name, _, _ in cases:
+        med = statistics.median(times[name])
+        print(f"{name:<70} {med:7.3f} s  ({med / first:5.2f}x this checkout)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The training loop: AdamW + cross-entropy over row sources, validation every epoch, best and last weights.
+
+Plain code over row sources (rows.py): whole-split tensors already on the device (no DataLoader, no
+per-sample Python; validation every epoch is one matrix product), or, for caches that do not fit
+memory, the same batches streamed from HDF5. Also here: the epoch's row order, the validation holdout
+and class weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .defaults import (BATCH_SIZE, DROPOUT, EPOCHS, HIDDEN, LR, PATIENCE, SEED, SHUFFLE_BLOCK, SHUFFLE_WINDOW,
+                       WEIGHT_DECAY)
+from .errors import UserError
+from .heads import Head
+from .rows import ArrayRows
+
+SMALL_STEP_FLOPS = 1 << 26  # batch x in x out below which the CPU training loop runs on one thread
+
+
+@dataclass
+class FitResult:
+    head: Head  # carries the best weights
+    best_state: dict
+    last_state: dict
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def class_weight_vector(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """'balanced' weights: n / (k * count), 0 for a class absent from train."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, len(y) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return w.astype(np.float32)
+
+
+def holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded train / validation index split of one labelled array."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def epoch_order(n: int, gen: torch.Generator, block: int = SHUFFLE_BLOCK, window: int = SHUFFLE_WINDOW) -> torch.Tensor:
+    """One epoch's row order: blocks of `block` rows in random order, rows shuffled within each `window` rows.
+
+    It depends on (n, generator state) only, not on where the rows live, so an in-memory fit and one
+    streamed from HDF5 (which reads a window's blocks at a time) see the same batches. With
+    n <= window it is a uniformly random permutation.
+    """
+    blocks = torch.randperm(-(-n // block), generator=gen)
+    order = (blocks[:, None] * block + torch.arange(block)).flatten()
+    order = order[order < n]
+    for start in range(0, n, window):
+        part = order[start:start + window]
+        order[start:start + window] = part[torch.randperm(len(part), generator=gen)]
+    return order
+
+
+def fit(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, num_classes: int, *,
+        device: str | torch.device = "cpu", **kwargs) -> FitResult:
+    """`fit_rows` over arrays held in memory."""
+    device = torch.device(device)
+    return fit_rows(ArrayRows(X, y, device), ArrayRows(X_val, y_val, device), num_classes, device=device, **kwargs)
+
+
+def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int = HIDDEN, dropout: float = DROPOUT,
+             epochs: int = EPOCHS, lr: float = LR, weight_decay: float = WEIGHT_DECAY, batch_size: int = BATCH_SIZE,
+             seed: int = SEED, patience: int | None = PATIENCE, label_smoothing: float = 0.0,
+             class_weights: np.ndarray | None = None, standardize: bool = True, device: str | torch.device = "cpu",
+             log=None, log_every: int = 10, shuffle_block: int = SHUFFLE_BLOCK,
+             shuffle_window: int = SHUFFLE_WINDOW) -> FitResult:
+    """Train a head with AdamW + cross-entropy; keep the best (validation accuracy, then loss) and last weights.
+
+    `train` and `val` are row sources (rows.ArrayRows in memory, rows.StoredRows from HDF5): `moments()`,
+    `standardize(shift, scale)`, `batches(order, batch_size)` and `chunks()`, yielding (x, y) tensors on
+    `device`. With `standardize`, the head shifts and scales its input by the train split's mean and
+    standard deviation (buffers saved with the weights, so predict applies them identically).
+    """
+    if train.n == 0:
+        raise UserError("the train split has no labelled rows to train on")
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise UserError("--epochs, --batch-size and --lr must be positive")
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = Head(train.dim, num_classes, head, hidden, dropout)
+    if standardize:
+        mean, std = train.moments()
+        model.shift.copy_(torch.from_numpy(mean).float())
+        model.scale.copy_(torch.from_numpy(1.0 / np.where(std > 1e-6, std, 1.0)).float())
+    model.to(device)
+    if standardize:  # the sources hand over ready rows, and the loop runs the bare net
+        for rows in (train, val):
+            rows.standardize(model.shift, model.scale)
+    net = model.net
+    weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    opt = _adamw(model.parameters(), lr, weight_decay)
+    n, has_val, history = train.n, val.n > 0, []
+    best_key, best_state, best_epoch, since_best = None, None, 0, 0
+    steps = -(-n // batch_size)
+    sizes = torch.tensor([min(batch_size, n - k * batch_size) for k in range(steps)], dtype=torch.float32,
+                         device=device)
+    step_loss = torch.empty(steps, device=device)
+    train_logits = torch.empty((n, num_classes), device=device)
+    train_y = torch.empty(n, dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    with _loop_threads(device, batch_size * train.dim * (hidden if head == "mlp" else num_classes)):
+        for epoch in range(1, epochs + 1):
+            model.train()
+            start = 0
+            order = epoch_order(n, gen, shuffle_block, shuffle_window)
+            for k, (xb, yb) in enumerate(train.batches(order, batch_size)):
+                logits = net(xb)
+                loss = loss_fn(logits, yb)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                # Epoch sums are taken once below: no per-step reductions or host syncs.
+                step_loss[k] = loss.detach()
+                train_logits[start:start + len(yb)] = logits.detach()
+                train_y[start:start + len(yb)] = yb
+                start += len(yb)
+            model.eval()
+            with torch.no_grad():
+                stats = [(step_loss * sizes).sum() / n, (train_logits.argmax(1) == train_y).float().mean()]
+                if has_val:  # weighted mean cross-entropy = sum of weighted losses / sum of weights
+                    vloss = vweight = vcorrect = torch.zeros((), device=device)
+                    for xb, yb in val.chunks():
+                        vlogits = net(xb)
+                        vloss = vloss + nn.functional.cross_entropy(vlogits, yb, weight=weight, reduction="sum")
+                        vweight = vweight + (weight[yb].sum() if weight is not None else len(yb))
+                        vcorrect = vcorrect + (vlogits.argmax(1) == yb).sum()
+                    stats += [vloss / vweight, vcorrect / val.n]
+                stats = torch.stack(stats).tolist()  # the epoch's one host sync
+            val_loss, val_acc = stats[2:] if has_val else (float("nan"), float("nan"))
+            row = {"epoch": epoch, "train_loss": stats[0], "train_acc": stats[1], "val_loss": val_loss,
+                   "val_acc": val_acc}
+            history.append(row)
+            key = (val_acc, -val_loss) if has_val else (epoch, 0.0)  # no validation: the last is the best
+            if best_key is None or key > best_key:
+                best_key = key
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_epoch, since_best = epoch, 0
+            else:
+                since_best += 1
+            if log and (epoch % log_every == 0 or epoch == 1):
+                log(f"epoch {epoch:4d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                    f"val loss {val_loss:.4f} acc {val_acc:.4f}")
+            if patience and has_val and since_best >= patience:
+                break
+    seconds = time.perf_counter() - t0
+    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(model, best_state, last_state, history, best_epoch, seconds)
+
+
+@contextlib.contextmanager
+def _loop_threads(device: torch.device, step_flops: int):
+    """One CPU thread for small heads: their per-step ops are too small to split, and on a shared
+    machine every op of a two-thread loop waits for the thread the scheduler put aside (10x slower)."""
+    if device.type != "cpu" or step_flops > SMALL_STEP_FLOPS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def predict_rows(head: Head, rows) -> np.ndarray:
+    """Class probabilities for every row of a source, in its order."""
+    head.eval()
+    probs = [torch.softmax(head(x), dim=-1).cpu().numpy() for x, _ in rows.chunks()]
+    return np.concatenate(probs) if probs else np.zeros((0, head.num_classes), np.float32)
+
+
+def _adamw(params, lr, weight_decay):
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # fused AdamW is not built for every device
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)

@@ -1,0 +1,55 @@
+"""What the test files share: running the CLI (in this process or as `python -m pipeline`) and the
+one-line error check. Fixtures (tiny model, tiny cache, corpora) live in conftest.py."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, input=None):
+    """`bertcache ARGS` in this process (click's CliRunner); arguments may be paths or numbers."""
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+def ok(*args, input=None):
+    """`run`, asserting exit 0."""
+    result = run(*args, input=input)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def one_line_error(result, *words, exit_code: int | None = None, ignore_case: bool = False) -> str:
+    """A refusal as users see it: exit non-zero (`exit_code` when given), exactly one `error:` line on
+    stderr holding every word, no traceback anywhere. Returns the line."""
+    if exit_code is None:
+        assert result.exit_code != 0, result.output
+    else:
+        assert result.exit_code == exit_code, (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    fold = str.lower if ignore_case else str
+    for w in words:
+        assert fold(w) in fold(lines[0]), (w, lines[0])
+    return lines[0]
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a `python -m pipeline` child: this checkout first on PYTHONPATH (keeping the
+    caller's entries: optional packages may live there), plus `extra`."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def run_module(*args, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in a child process (text output captured), with `child_env(**env)`."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=child_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
