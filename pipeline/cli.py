@@ -264,6 +264,8 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             interactive = True
         else:
             texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    from .onnx_runner import load_predictor
+
     predictor = load_predictor(checkpoint, backend, model=model, device=device, weights=weights,
                                batch_tokens=batch_tokens, allow_pickle=allow_pickle)
 
@@ -312,14 +314,23 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
 @click.option("--no-batching", is_flag=True, help="Run every request alone (for comparison).")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
+              help="onnx: serve a `bertcache export` folder (given as --checkpoint) with onnxruntime.")
+@click.option("--no-ui", is_flag=True, help="No demo page at /.")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Let browser pages from this origin call the API (repeatable; * for any) [none].")
+@click.option("--api-key", envvar=S.API_KEY_ENV, show_envvar=True,
+              help="Require `Authorization: Bearer KEY` on every endpoint but /health and the demo page.")
 def serve(checkpoint, host, port, weights, model, device, max_wait_ms, max_batch_texts, max_batch_tokens,
-          batch_tokens, threads, max_texts, max_chars, max_body_bytes, no_batching, allow_pickle, access_log):
-    """Serve a trained head over HTTP: POST /predict {"texts": [...]}, GET /health, GET /info."""
+          batch_tokens, threads, max_texts, max_chars, max_body_bytes, no_batching, allow_pickle, access_log,
+          backend, no_ui, cors_origins, api_key):
+    """Serve a trained head over HTTP: POST /predict {"texts": [...]} (or TEI's {"inputs": ...}), /embed,
+    /v1/embeddings, GET /health, /info, and a demo page at /."""
     S.serve(checkpoint, host=host, port=port, model=model, device=device, weights=weights,
             batch_tokens=batch_tokens, threads=threads, allow_pickle=allow_pickle, access_log=access_log, log=_log,
-            batching=not no_batching, max_wait_ms=max_wait_ms, max_batch_texts=max_batch_texts,
+            backend=backend, batching=not no_batching, max_wait_ms=max_wait_ms, max_batch_texts=max_batch_texts,
             max_batch_tokens=max_batch_tokens, max_texts=max_texts, max_chars=max_chars,
-            max_body_bytes=max_body_bytes)
+            max_body_bytes=max_body_bytes, ui=not no_ui, cors_origins=cors_origins, api_key=api_key or None)
 
 
 @cli.command()
@@ -353,24 +364,6 @@ def export(checkpoint, out, format_, model, weights, allow_pickle):
     path = run_export(checkpoint, out, format=format_, model=model, weights=weights, allow_pickle=allow_pickle,
                       log=_log)
     click.echo(f"saved {path}")
-
-
-def load_predictor(checkpoint: str, backend: str, *, model=None, device="auto", weights="best", batch_tokens=None,
-                   allow_pickle=False, threads=None):
-    """A `Predictor` (torch) or an `OnnxPredictor` (onnxruntime, `checkpoint` being an export folder)."""
-    if backend == "onnx":
-        from .onnx_runner import OnnxPredictor
-
-        asked = [f"--{n}" for n, v in (("model", model), ("allow-pickle", allow_pickle), ("weights", weights != "best"),
-                                        ("device", device not in ("auto", "cpu"))) if v]
-        if asked:
-            raise UserError(f"{asked[0]} does not go with --backend onnx: the export folder holds its encoder and "
-                            "head; pass it to `bertcache export` instead")
-        return OnnxPredictor(checkpoint, threads=threads, batch_tokens=batch_tokens)
-    from .predict import Predictor
-
-    return Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens,
-                     allow_pickle=allow_pickle)
 
 
 def _read_lines(path: str) -> list[str]:

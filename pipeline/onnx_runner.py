@@ -66,7 +66,7 @@ class OnnxPredictor:
         except ImportError as e:
             raise UserError(f"the ONNX backend needs onnxruntime and tokenizers ({e.name} is not installed): "
                             f"{INSTALL_HINT}") from e
-        self.meta = meta = read_meta(folder)
+        self.meta = self.config = meta = read_meta(folder)  # config: the keys a checkpoint's config.json has
         self.checkpoint = folder
         self.label_names = meta["label_names"]
         self.pooling = meta["pooling"]
@@ -88,6 +88,24 @@ class OnnxPredictor:
         except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph types
             raise UserError(f"onnxruntime cannot load {os.path.join(folder, MODEL_FILE)}: "
                             f"{str(e).strip().splitlines()[0]}") from e
+
+    def describe(self) -> dict:
+        """What `bertcache serve --backend onnx` shows at /info: the export's checkpoint description."""
+        head, enc = self.meta["head"], self.meta.get("encoder", {})
+        metrics = {}
+        try:
+            with open(os.path.join(self.checkpoint, "metrics.json"), encoding="utf-8") as f:
+                metrics = json.load(f)
+        except (OSError, ValueError):
+            pass
+        test = metrics.get("test")
+        return {"kind": "onnx-export", "path": self.checkpoint, "model": enc.get("model"),
+                "model_fingerprint": enc.get("model_fingerprint"), "pooling": self.pooling, "head": head,
+                "label_names": self.label_names, "layers": enc.get("layers"), "max_length": self.max_length,
+                "prefix": self.prefix, "precision": "fp32", "opset": self.meta.get("opset"),
+                "exported_from": self.meta.get("checkpoint"), "weights": self.meta.get("weights"),
+                "best_epoch": metrics.get("best_epoch"), "best": metrics.get("best"),
+                "test": {k: test.get(k) for k in ("accuracy", "macro_f1", "n")} if test else None}
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch([self.prefix + t for t in texts])]
@@ -140,3 +158,20 @@ class OnnxPredictor:
     def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""
         return prediction_dicts(texts, probs, self.label_names)
+
+
+def load_predictor(checkpoint: str, backend: str, *, model=None, device="auto", weights="best", batch_tokens=None,
+                   allow_pickle=False, threads=None):
+    """A `predict.Predictor` (backend "torch") or an `OnnxPredictor` (backend "onnx": `checkpoint` is then a
+    `bertcache export` folder); the CLI's predict and serve load through here."""
+    if backend == "onnx":
+        asked = [f"--{n}" for n, v in (("model", model), ("allow-pickle", allow_pickle), ("weights", weights != "best"),
+                                        ("device", device not in ("auto", "cpu"))) if v]
+        if asked:
+            raise UserError(f"{asked[0]} does not go with --backend onnx: the export folder holds its encoder and "
+                            "head; pass it to `bertcache export` instead")
+        return OnnxPredictor(checkpoint, threads=threads, batch_tokens=batch_tokens)
+    from .predict import Predictor
+
+    return Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens,
+                     allow_pickle=allow_pickle)

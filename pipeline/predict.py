@@ -42,6 +42,13 @@ class Predictor:
         """One dict per text, in order: text, label, label_id, probs (label name -> probability)."""
         return self.results(texts, self.predict_proba(texts, on_progress))
 
+    def run(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """probabilities, logits and features (the pooled vectors the head reads) for a list of texts, in
+        order: what serve's endpoints read (OnnxPredictor.run gives the same)."""
+        features = build_features(self.encoder.encode(list(texts)), self.pooling, self.layers)
+        probs, logits = self.head.predict_scores(features)
+        return {"probabilities": probs, "logits": logits, "features": features}
+
     def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""
         return prediction_dicts(texts, probs, self.label_names)
