@@ -216,13 +216,15 @@ def _numbers(value: str | None, option: str) -> list[float] | None:
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--confusion-png", type=click.Path(dir_okay=False), help="Also draw the confusion matrix as a PNG.")
+@click.option("--errors", "errors", default=0, show_default=True,
+              help="Also list the N most confidently wrong texts of each true class.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, as_json):
+def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, errors, as_json):
     """Accuracy, macro-F1, per-class precision / recall and the confusion matrix on a cached split."""
     from . import plots
     from .predict import evaluate as run_evaluate
 
-    report = run_evaluate(checkpoint, features, split, weights, allow_pickle=allow_pickle)
+    report = run_evaluate(checkpoint, features, split, weights, allow_pickle=allow_pickle, errors=errors)
     if confusion_png and plots.available():
         _log(f"wrote {plots.confusion_png(report, confusion_png)}")
     elif confusion_png:
@@ -238,6 +240,12 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
     click.echo("confusion matrix (rows: truth, columns: predicted)")
     for name, row in zip(report["label_names"], report["confusion_matrix"]):
         click.echo(f"{name:<{width}}  " + " ".join(f"{v:6d}" for v in row))
+    for name, rows in report.get("errors", {}).items():
+        click.echo(f"most confidently wrong, true {name}: {len(rows)}")
+        for r in rows:
+            text = r["text"].replace("\n", " ")
+            click.echo(f"  {r['probability']:.4f}  predicted {r['predicted']}  row {r['row']}  "
+                       f"{text[:200] + ('…' if len(text) > 200 else '')}")
 
 
 @cli.command()
@@ -335,12 +343,13 @@ def serve(checkpoint, host, port, weights, model, device, max_wait_ms, max_batch
 
 @cli.command()
 @click.argument("path")
+@click.option("--rows", default=0, show_default=True, help="Also show the first N rows of each split (text, label).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def info(path, as_json):
+def info(path, rows, as_json):
     """Describe a features file (splits, rows, features, model, shards) or a checkpoint folder."""
     from .info import as_text, describe
 
-    result = describe(path)
+    result = describe(path, rows=rows)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
         return

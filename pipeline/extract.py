@@ -26,13 +26,15 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
             precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
-            progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None) -> str:
+            progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None,
+            keep_texts: bool = True) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an
     interrupted run (or does nothing when the file is complete). `log` (a callable) gets notes:
     blank texts skipped, a run resumed or started over. `corpus`, when given, is used instead of
-    loading `data` (distributed extraction passes each rank's shard of it).
+    loading `data` (distributed extraction passes each rank's shard of it). `keep_texts=False` leaves
+    the texts out of the file (no `evaluate --errors` then; for data that must not be copied).
     """
     log = log or (lambda msg: None)
     corpus = corpus or load_corpus(data, text_column, label_column, label_names)
@@ -45,7 +47,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     splits = split_specs(corpus)
     writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,
                          feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size,
-                         source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart)
+                         source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart,
+                         texts={name: s.texts for name, s in corpus.splits.items()} if keep_texts else None)
     if writer.status == "complete":
         log(f"{out} is already complete")
         return out

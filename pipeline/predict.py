@@ -55,8 +55,12 @@ class Predictor:
 
 
 def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best",
-             allow_pickle: bool = False) -> dict:
-    """Metrics of a checkpoint's head on a cached split (labelled rows only)."""
+             allow_pickle: bool = False, errors: int = 0) -> dict:
+    """Metrics of a checkpoint's head on a cached split (labelled rows only).
+
+    With `errors=N`, report["errors"] also lists, per true class, the N most confidently wrong rows: text,
+    true label, predicted label, its probability, row (the cache keeps each row's text).
+    """
     config, head = load_checkpoint(checkpoint, weights, allow_pickle=allow_pickle)
     features = features or config["features"]["path"]
     with FeatureStore(features) as store:
@@ -67,13 +71,35 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         X = build_features(store.features(split, pooling_features(config["pooling"], layers)), config["pooling"],
                            layers)
         y = store.labels(split)
-    if X.shape[1] != head.in_features:
-        raise UserError(f"{features} gives {X.shape[1]} features for pooling {config['pooling']!r}, "
-                        f"the head expects {head.in_features}")
-    keep = y >= 0
-    if not keep.any():
-        raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
-    pred = head.predict_proba(X[keep]).argmax(1)
-    report = classification_report(y[keep], pred, config["label_names"])
-    report["split"] = split
+        if X.shape[1] != head.in_features:
+            raise UserError(f"{features} gives {X.shape[1]} features for pooling {config['pooling']!r}, "
+                            f"the head expects {head.in_features}")
+        keep = y >= 0
+        if not keep.any():
+            raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
+        probs = head.predict_proba(X[keep])
+        pred = probs.argmax(1)
+        report = classification_report(y[keep], pred, config["label_names"])
+        report["split"] = split
+        if errors > 0:
+            if not store.has_texts(split):
+                raise UserError(f"{features} keeps no texts (it was extracted before bertcache stored them, or "
+                                "joined from distributed shards): extract it again with --restart to list errors")
+            report["errors"] = confident_errors(store, split, np.flatnonzero(keep), y[keep], probs, errors,
+                                                config["label_names"])
     return report
+
+
+def confident_errors(store: FeatureStore, split: str, rows: np.ndarray, y: np.ndarray, probs: np.ndarray, n: int,
+                     label_names: list[str]) -> dict[str, list[dict]]:
+    """Per true class, its `n` wrong rows with the most probable wrong answers, most confident first."""
+    pred = probs.argmax(1)
+    confidence = probs[np.arange(len(pred)), pred]
+    out = {}
+    for c, name in enumerate(label_names):
+        wrong = np.flatnonzero((y == c) & (pred != c))
+        top = wrong[np.argsort(-confidence[wrong], kind="stable")[:n]]
+        texts = store.texts(split, rows[top]) if len(top) else []
+        out[name] = [{"text": t, "true": name, "predicted": label_names[int(pred[i])],
+                      "probability": float(confidence[i]), "row": int(rows[i])} for t, i in zip(texts, top)]
+    return out
