@@ -52,7 +52,8 @@ class Browser:
             raise RuntimeError("chromium did not print its DevTools port within 60 s")
         targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
         page = next(t for t in targets if t.get("type") == "page")
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self._connection = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.ws = self._connection.__enter__()
         self._ids = itertools.count(1)
         self.events: list[dict] = []
         for domain in ("Page", "Runtime", "DOM", "CSS"):
@@ -118,7 +119,7 @@ class Browser:
     def close(self) -> None:
         try:
             if getattr(self, "ws", None) is not None:
-                self.ws.close()
+                self._connection.__exit__(None, None, None)
         finally:
             self.proc.terminate()
             try:
