@@ -84,7 +84,7 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         if errors > 0:
             if not store.has_texts(split):
                 raise UserError(f"{features} keeps no texts (it was extracted before bertcache stored them, or "
-                                "joined from distributed shards): extract it again with --restart to list errors")
+                                "with keep_texts=False): extract it again with --restart to list errors")
             report["errors"] = confident_errors(store, split, np.flatnonzero(keep), y[keep], probs, errors,
                                                 config["label_names"])
     return report

@@ -10,8 +10,8 @@ Layout (readable with plain h5py; see README):
     /<split>          attrs: rows, rows_done, data_fingerprint, skipped
 
 The texts (for error analysis: `evaluate --errors`, `info --rows`) are written whole with the layout,
-before any vector; they cost their UTF-8 bytes plus 8 bytes a row. Files from before they were kept (or
-joined from distributed shards) have no text datasets, and read as having no texts.
+before any vector; they cost their UTF-8 bytes plus 8 bytes a row. Files from before they were kept have no text
+datasets and read as having none; a file joined from distributed shards holds a real copy of theirs.
 
 A file is written under `<name>.partial` in chunks of rows, each chunk followed by a flush and an
 update of `rows_done`; only a complete file is renamed to its final name, so a reader never sees a
