@@ -74,7 +74,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         device = f"cuda:{local}"
     corpus = load_corpus(data, text_column, label_column, label_names)
     encoder = Encoder(model, device=device, precision=precision, max_length=max_length, prefix=prefix,
-                      layers=layers, revision=revision, batch_tokens=batch_tokens)
+                      layers=layers, revision=revision, batch_tokens=batch_tokens,
+                      workers=kwargs.pop("workers", None), packing=kwargs.pop("packing", "auto"))
     out = out or default_features_path(model, data)
     own_group = not dist.is_initialized()
     if own_group:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 
 from .errors import UserError
 from .poolings import POOLS as POOLINGS, feature_name, feature_names
+from .threads import torch_threads
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MAX_LENGTH = 512
 # Batches are padded to a multiple of this many tokens: few distinct shapes, so the kernels' per-shape
@@ -198,8 +198,11 @@ class Encoder:
         """Pooled float32 vectors for `texts`, in their order: feature name -> [len(texts), hidden]."""
         return self.encode_ids(self.tokenize(texts), on_progress)
 
-    def encode_ids(self, ids: list[list[int]], on_progress=None) -> dict[str, np.ndarray]:
-        """Pooled float32 vectors for already tokenized texts (`tokenize`'s output), in their order."""
+    def encode_ids(self, ids: list[list[int]], on_progress=None, *, count: str = "texts") -> dict[str, np.ndarray]:
+        """Pooled float32 vectors for already tokenized texts (`tokenize`'s output), in their order.
+
+        `on_progress(n)` is called per batch with its distinct texts, or with its tokens (unpadded) when
+        `count="tokens"`: texts come longest first, so only tokens give a true ETA."""
         names = self.feature_names()
         n = len(ids)
         if n == 0:
@@ -227,13 +230,13 @@ class Encoder:
                 return batch, self._forward([uniq[j] for j in batch], width)
 
         workers = self.resolve_workers(len(batches))
-        with _one_thread_each(workers), ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        with torch_threads(1, when=workers > 1), ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
             for batch, pooled in (pool.map(run, batches) if pool else map(run, batches)):
                 idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
                 if on_progress is not None:
-                    on_progress(len(batch))  # counts distinct inputs
+                    on_progress(len(batch) if count == "texts" else int(lengths[batch].sum()))
         take = torch.from_numpy(first).to(self.device)
         return {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
 
@@ -302,7 +305,6 @@ class Encoder:
             pooled[feature_name("mean", layer, self.num_layers)] = (h * m).sum(1) / denom
         return pooled
 
-
     def _forward_packed(self, seqs: list) -> dict[str, torch.Tensor]:
         from .packed import Packing, pool
 
@@ -310,32 +312,15 @@ class Encoder:
         hidden = self.packed.forward(p, self.layers)
         pooled = {}
         for layer in self.layers:
-            suffix = "" if layer == self.num_layers else f"_{layer}"
-            pooled["cls" + suffix], pooled["mean" + suffix] = pool(hidden[layer], p)
+            cls, mean = pool(hidden[layer], p)
+            pooled[feature_name("cls", layer, self.num_layers)] = cls
+            pooled[feature_name("mean", layer, self.num_layers)] = mean
         return pooled
 
 
-@contextlib.contextmanager
-def _one_thread_each(workers: int):
-    """While `workers` > 1 threads run batches: one torch thread each (set in the calling thread, which
-    new threads inherit, and in each worker); the caller's setting comes back afterwards."""
-    if workers <= 1:
-        yield
-        return
-    with _threads_lock:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-
-_threads_lock = threading.Lock()
-
-
 def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Indices of `lengths` grouped longest first into batches of at most `batch_tokens` padded tokens."""
+    """Indices of `lengths` grouped longest first into batches of at most `batch_tokens` tokens (padded
+    widths for padded batches, real lengths for packed ones)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches, start = [], 0
     while start < len(order):

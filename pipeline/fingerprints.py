@@ -34,10 +34,6 @@ def cache_fingerprint(settings: dict, store_dtype: str, splits: dict[str, dict])
 
 
 def json_attr(value) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
-def json_attr(value) -> str:
     """JSON as stored in the file's attributes (and hashed): keys sorted, text as is."""
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 

@@ -7,7 +7,6 @@ and class weights.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from .defaults import (BATCH_SIZE, DROPOUT, EPOCHS, HIDDEN, LR, PATIENCE, SEED, 
                        WEIGHT_DECAY)
 from .errors import UserError
 from .heads import Head
+from .threads import torch_threads
 from .rows import ArrayRows
 
 SMALL_STEP_FLOPS = 1 << 26  # batch x in x out below which the CPU training loop runs on one thread
@@ -118,7 +118,10 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     train_logits = torch.empty((n, num_classes), device=device)
     train_y = torch.empty(n, dtype=torch.long, device=device)
     t0 = time.perf_counter()
-    with _loop_threads(device, batch_size * train.dim * (hidden if head == "mlp" else num_classes)):
+    # One CPU thread for small heads: their per-step ops are too small to split, and on a shared machine every
+    # op of a two-thread loop waits for the thread the scheduler put aside (10x slower).
+    step_flops = batch_size * train.dim * (hidden if head == "mlp" else num_classes)
+    with torch_threads(1, when=device.type == "cpu" and step_flops <= SMALL_STEP_FLOPS):
         for epoch in range(1, epochs + 1):
             model.train()
             start = 0
@@ -167,21 +170,6 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     model.load_state_dict(best_state)
     model.eval()
     return FitResult(model, best_state, last_state, history, best_epoch, seconds)
-
-
-@contextlib.contextmanager
-def _loop_threads(device: torch.device, step_flops: int):
-    """One CPU thread for small heads: their per-step ops are too small to split, and on a shared
-    machine every op of a two-thread loop waits for the thread the scheduler put aside (10x slower)."""
-    if device.type != "cpu" or step_flops > SMALL_STEP_FLOPS:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.no_grad()
