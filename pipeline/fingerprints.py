@@ -40,7 +40,7 @@ def json_attr(value) -> str:
 
 # Where the model was found, not what it is: ignored when the model fingerprints agree, so a moved
 # model folder (or a hub model copied to disk) does not invalidate a cache.
-LOCATION_KEYS = ("model", "revision", "commit")
+LOCATION_KEYS = ("model", "model_path", "revision", "commit")
 
 
 def settings_differences(old: dict, new: dict, keys=None) -> list[str]:

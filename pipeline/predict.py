@@ -1,6 +1,8 @@
 """Prediction: the full encoder plus a trained head on raw text, and evaluation over a cache."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .checkpoint import load_checkpoint, read_config
@@ -41,10 +43,10 @@ class Predictor:
         self.checkpoint, self.weights = checkpoint, weights
         self.config = read_config(checkpoint, allow_pickle)
         enc = self.config["encoder"]
-        self.encoder = encoder or Encoder(model or enc["model"], device=device, precision=enc["precision"],
+        self.encoder = encoder or Encoder(model or locate_model(enc), device=device, precision=enc["precision"],
                                           max_length=enc["max_length"], prefix=enc.get("prefix") or "",
-                                          layers=len(enc["layers"]), revision=enc.get("revision"),
-                                          batch_tokens=batch_tokens)
+                                          instruction=enc.get("instruction"), layers=len(enc["layers"]),
+                                          revision=enc.get("revision"), batch_tokens=batch_tokens)
         check_same_encoder(self.config, self.encoder.settings(), f"model {self.encoder.model_ref!r}")
         _, self.head = load_checkpoint(checkpoint, weights, device=self.encoder.device, allow_pickle=allow_pickle)
         self.label_names = self.config["label_names"]
@@ -98,6 +100,15 @@ class Predictor:
     def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""
         return prediction_dicts(texts, probs, self.label_names)
+
+
+def locate_model(encoder_settings: dict) -> str:
+    """Where a checkpoint's model is, from any working directory: the absolute folder it was loaded from
+    when that still exists, else the reference as typed (a hub id, a built-in name, a relative path)."""
+    folder = encoder_settings.get("model_path")
+    if folder and os.path.isdir(folder):
+        return folder
+    return encoder_settings["model"]
 
 
 def as_texts(texts) -> tuple[bool, list[str]]:
