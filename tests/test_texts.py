@@ -29,11 +29,12 @@ def test_texts_round_trip_and_cost_their_bytes_plus_offsets(tiny_model, tmp_path
     utf8 = sum(len(t.encode("utf-8")) for rows in splits.values() for t, _ in rows)
     offsets = sum(8 * (len(rows) + 1) for rows in splits.values())
     grown = os.path.getsize(with_texts) - os.path.getsize(without)
-    # The data itself is exact; HDF5 adds two small dataset headers per split (measured ~0.3 KiB each).
+    # The data itself is exact; HDF5 adds two dataset headers per split, allocated in 2 KiB metadata blocks
+    # (measured 2.0-3.6 KiB in all for 3 splits).
     with h5py.File(with_texts, "r") as f:
         stored = sum(f[s][d].id.get_storage_size() for s in splits for d in ("text_utf8", "text_offsets"))
     assert stored == utf8 + offsets
-    assert utf8 + offsets <= grown <= utf8 + offsets + 1024 * len(splits), (grown, utf8, offsets)
+    assert utf8 + offsets <= grown <= utf8 + offsets + 2048 * len(splits), (grown, utf8, offsets)
 
 
 def test_evaluate_errors_lists_the_most_confidently_wrong_texts(tiny_model, tmp_path):
