@@ -28,7 +28,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             packing: str = "auto", store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
             progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None,
-            instruction: str | None = None) -> str:
+            instruction: str | None = None, keep_texts: bool = True) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an interrupted
@@ -62,6 +62,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         encoder: an already loaded `Encoder` to use (then model settings above are not read).
         log: a callable given notes (blank texts skipped, a run resumed or started over).
         corpus: a loaded corpus to use instead of loading `data` (each torchrun rank passes its shard).
+        keep_texts: store each row's text (for `evaluate --errors`, `info --rows`); False leaves them out,
+            for data that must not be copied.
 
     Example:
 
@@ -78,7 +80,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
                                        batch_tokens=batch_tokens, workers=workers, packing=packing,
                                        store_dtype=store_dtype, restart=restart,
                                        revision=revision, progress=progress, log=log, chunk_rows=chunk_rows,
-                                       instruction=instruction)
+                                       instruction=instruction, keep_texts=keep_texts)
     log = log or (lambda msg: None)
     corpus = corpus or load_corpus(data, text_column, label_column, label_names)
     for name, n in corpus.skipped.items():
@@ -91,7 +93,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     splits = split_specs(corpus)
     writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,
                          feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size,
-                         source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart)
+                         source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart,
+                         texts={name: s.texts for name, s in corpus.splits.items()} if keep_texts else None)
     if writer.status == "complete":
         log(f"{out} is already complete")
         return out

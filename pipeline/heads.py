@@ -36,8 +36,12 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.shift) * self.scale)
 
-    @torch.no_grad()
     def predict_proba(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self.predict_scores(x)[0]
+
+    @torch.no_grad()
+    def predict_scores(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, logits) of rows `x`: [n, classes] each."""
         self.eval()
-        x = torch.as_tensor(x, dtype=torch.float32, device=self.shift.device)
-        return torch.softmax(self(x), dim=-1).cpu().numpy()
+        logits = self(torch.as_tensor(x, dtype=torch.float32, device=self.shift.device))
+        return torch.softmax(logits, dim=-1).cpu().numpy(), logits.cpu().numpy()

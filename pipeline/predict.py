@@ -9,6 +9,7 @@ from .checkpoint import load_checkpoint, read_config
 from .encoder import Encoder
 from .errors import UserError
 from .fingerprints import check_same_encoder
+from .labels import prediction_dicts
 from .metrics import classification_report
 from .poolings import build_features, pooling_features
 from .store import FeatureStore
@@ -89,14 +90,16 @@ class Predictor:
         results = self.results(texts, self.predict_proba(texts, on_progress))
         return results[0] if one else results
 
+    def run(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """probabilities, logits and features (the pooled vectors the head reads) for a list of texts, in
+        order: what serve's endpoints read (OnnxPredictor.run gives the same)."""
+        features = build_features(self.encoder.encode(list(texts)), self.pooling, self.layers)
+        probs, logits = self.head.predict_scores(features)
+        return {"probabilities": probs, "logits": logits, "features": features}
+
     def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""
-        out = []
-        for text, p in zip(texts, probs):
-            i = int(p.argmax())
-            out.append({"text": text, "label": self.label_names[i], "label_id": i,
-                        "probs": {n: float(v) for n, v in zip(self.label_names, p)}})
-        return out
+        return prediction_dicts(texts, probs, self.label_names)
 
 
 def locate_model(encoder_settings: dict) -> str:
@@ -122,7 +125,7 @@ def as_texts(texts) -> tuple[bool, list[str]]:
 
 
 def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best", *,
-             allow_pickle: bool = False) -> dict:
+             allow_pickle: bool = False, errors: int = 0) -> dict:
     """Metrics of a checkpoint's head on a cached split (its labelled rows only).
 
     Args:
@@ -132,9 +135,11 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         split: the cached split, e.g. "test" or "validation".
         weights: "best" or "last".
         allow_pickle: accept head weights in a .pt/.pth pickle (tensors only).
+        errors: list, per true class, the N most confidently wrong rows (the cache keeps each row's text).
 
     Returns a dict: n, accuracy, macro_f1, per_class (precision / recall / f1 / support), confusion_matrix
-    (rows: truth), label_names, split.
+    (rows: truth), label_names, split; with `errors`, also errors: {true label: [{text, true, predicted,
+    probability, row}]}, most confident first.
 
     Example (after `bertcache quickstart`):
 
@@ -153,13 +158,35 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         X = build_features(store.features(split, pooling_features(config["pooling"], layers)), config["pooling"],
                            layers)
         y = store.labels(split)
-    if X.shape[1] != head.in_features:
-        raise UserError(f"{features} gives {X.shape[1]} features for pooling {config['pooling']!r}, "
-                        f"the head expects {head.in_features}")
-    keep = y >= 0
-    if not keep.any():
-        raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
-    pred = head.predict_proba(X[keep]).argmax(1)
-    report = classification_report(y[keep], pred, config["label_names"])
-    report["split"] = split
+        if X.shape[1] != head.in_features:
+            raise UserError(f"{features} gives {X.shape[1]} features for pooling {config['pooling']!r}, "
+                            f"the head expects {head.in_features}")
+        keep = y >= 0
+        if not keep.any():
+            raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
+        probs = head.predict_proba(X[keep])
+        pred = probs.argmax(1)
+        report = classification_report(y[keep], pred, config["label_names"])
+        report["split"] = split
+        if errors > 0:
+            if not store.has_texts(split):
+                raise UserError(f"{features} keeps no texts (it was extracted before bertcache stored them, or "
+                                "with keep_texts=False): extract it again with --restart to list errors")
+            report["errors"] = confident_errors(store, split, np.flatnonzero(keep), y[keep], probs, errors,
+                                                config["label_names"])
     return report
+
+
+def confident_errors(store: FeatureStore, split: str, rows: np.ndarray, y: np.ndarray, probs: np.ndarray, n: int,
+                     label_names: list[str]) -> dict[str, list[dict]]:
+    """Per true class, its `n` wrong rows with the most probable wrong answers, most confident first."""
+    pred = probs.argmax(1)
+    confidence = probs[np.arange(len(pred)), pred]
+    out = {}
+    for c, name in enumerate(label_names):
+        wrong = np.flatnonzero((y == c) & (pred != c))
+        top = wrong[np.argsort(-confidence[wrong], kind="stable")[:n]]
+        texts = store.texts(split, rows[top]) if len(top) else []
+        out[name] = [{"text": t, "true": name, "predicted": label_names[int(pred[i])],
+                      "probability": float(confidence[i]), "row": int(rows[i])} for t, i in zip(texts, top)]
+    return out
