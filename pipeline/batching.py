@@ -26,7 +26,8 @@ class _Job:
 
 
 class MicroBatcher:
-    """Runs `predict_proba(texts) -> [n, classes]` on one worker thread, gathering concurrent calls.
+    """Runs `predict_proba(texts)` on one worker thread, gathering concurrent calls; its result (an array,
+    or a dict of arrays, one row per text) is cut back into each request's rows.
 
     With `batching=False` every request is its own call (the same thread, for a fair comparison).
     A gathered call holds at most `max_batch_texts` texts and `max_batch_tokens` tokens (estimated
@@ -157,5 +158,12 @@ class MicroBatcher:
             start = 0
             for job in jobs:
                 if not job.future.done():
-                    job.future.set_result(probs[start:start + len(job.texts)])
+                    job.future.set_result(_rows(probs, start, start + len(job.texts)))
                 start += len(job.texts)
+
+
+def _rows(result, start: int, stop: int):
+    """Rows start:stop of a call's result: an array, or a dict of arrays (Predictor.run)."""
+    if isinstance(result, dict):
+        return {k: v[start:stop] for k, v in result.items()}
+    return result[start:stop]

@@ -37,6 +37,22 @@ def save_checkpoint(folder: str, config: dict, states: dict[str, dict], metrics:
 
     `files`: more files for the folder (e.g. curves.png), name -> a function that writes that path.
     """
+    def write(tmp: str) -> None:
+        for name, state in states.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      os.path.join(tmp, f"{name}.safetensors"), metadata={"format": "pt"})
+        write_json(os.path.join(tmp, "config.json"), {"format": FORMAT, "format_version": 1,
+                                                       "package_version": __version__, **config})
+        write_json(os.path.join(tmp, "metrics.json"), metrics)
+        for name, write_file in (files or {}).items():
+            write_file(os.path.join(tmp, name))
+
+    return write_folder(folder, write)
+
+
+def write_folder(folder: str, write) -> str:
+    """Call `write(tmp)` on a new folder beside `folder`, then swap it in whole: never a half-written folder
+    under the final name (a failed write leaves the old one as it was)."""
     folder = os.path.normpath(folder)
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
@@ -45,14 +61,7 @@ def save_checkpoint(folder: str, config: dict, states: dict[str, dict], metrics:
     tmp = f"{folder}.partial-{uuid.uuid4().hex[:8]}"
     try:
         os.makedirs(tmp)
-        for name, state in states.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                      os.path.join(tmp, f"{name}.safetensors"), metadata={"format": "pt"})
-        write_json(os.path.join(tmp, "config.json"), {"format": FORMAT, "format_version": 1,
-                                                       "package_version": __version__, **config})
-        write_json(os.path.join(tmp, "metrics.json"), metrics)
-        for name, write in (files or {}).items():
-            write(os.path.join(tmp, name))
+        write(tmp)
         old = None
         if os.path.exists(folder):
             old = f"{folder}.old-{uuid.uuid4().hex[:8]}"

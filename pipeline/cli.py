@@ -250,15 +250,17 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, as
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--confusion-png", type=click.Path(dir_okay=False), help="Also draw the confusion matrix as a PNG.")
+@click.option("--errors", "errors", default=0, show_default=True,
+              help="Also list the N most confidently wrong texts of each true class.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, as_json):
+def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, errors, as_json):
     """The head's metrics on a cached split: accuracy, macro-F1, per-class precision / recall and the confusion
     matrix; for regression Pearson, Spearman, MSE, MAE; for multilabel micro / macro F1, subset accuracy and
     per-label precision / recall / F1."""
     from . import plots
     from .predict import evaluate as run_evaluate
 
-    report = run_evaluate(checkpoint, features, split, weights, allow_pickle=allow_pickle)
+    report = run_evaluate(checkpoint, features, split, weights, allow_pickle=allow_pickle, errors=errors)
     if report["task"] != "classification":
         if confusion_png:
             _log(f"no {confusion_png}: a confusion matrix is for classification")
@@ -288,6 +290,12 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
     click.echo("confusion matrix (rows: truth, columns: predicted)")
     for name, row in zip(report["label_names"], report["confusion_matrix"]):
         click.echo(f"{name:<{width}}  " + " ".join(f"{v:6d}" for v in row))
+    for name, rows in report.get("errors", {}).items():
+        click.echo(f"most confidently wrong, true {name}: {len(rows)}")
+        for r in rows:
+            text = r["text"].replace("\n", " ")
+            click.echo(f"  {r['probability']:.4f}  predicted {r['predicted']}  row {r['row']}  "
+                       f"{text[:200] + ('…' if len(text) > 200 else '')}")
 
 
 @cli.command()
@@ -300,14 +308,15 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
 @click.option("--batch-tokens", type=int, help="Padded tokens per batch.")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
+              help="onnx: run a `bertcache export` folder (given as --checkpoint) with onnxruntime.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allow_pickle, as_json):
+def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allow_pickle, backend, as_json):
     """Run the full encoder + head on raw texts (arguments, --file, stdin, or an interactive loop).
 
     Prints per text: classification the label and its probability; multilabel every label over its
     threshold with its probability; regression the score. A head trained on pairs takes each pair as
     one argument or line, the two texts separated by a tab."""
-    from .predict import Predictor
 
     texts = list(texts)
     interactive = False
@@ -318,11 +327,13 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             interactive = True
         else:
             texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
-    predictor = Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens,
-                          allow_pickle=allow_pickle)
+    from .onnx_runner import load_predictor
+
+    predictor = load_predictor(checkpoint, backend, model=model, device=device, weights=weights,
+                               batch_tokens=batch_tokens, allow_pickle=allow_pickle)
 
     def items(lines):
-        if not predictor.pair_mode:
+        if not getattr(predictor, "pair_mode", None):
             return lines
         out = []
         for line in lines:
@@ -344,10 +355,11 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
                 click.echo(", ".join(f"{n} {r['probs'][n]:.4f}" for n in r["labels"]) + f"\t{text}")
             else:
                 click.echo(f"{r['label']}\t{r['probs'][r['label']]:.4f}\t{text}")
-        if predictor.encoder.truncated:
-            _log(f"{predictor.encoder.truncated} texts longer than {predictor.encoder.max_length} tokens were "
+        encoder = getattr(predictor, "encoder", None)
+        if getattr(encoder, "truncated", 0):
+            _log(f"{encoder.truncated} texts longer than {encoder.max_length} tokens were "
                  "truncated (a head extracted with --long-texts chunk encodes them whole)")
-            predictor.encoder.truncated = 0
+            encoder.truncated = 0
 
     if not interactive:
         show(predictor.predict(items(texts)))
@@ -390,29 +402,57 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
 @click.option("--no-batching", is_flag=True, help="Run every request alone (for comparison).")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--access-log", is_flag=True, help="Log every request on stderr.")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
+              help="onnx: serve a `bertcache export` folder (given as --checkpoint) with onnxruntime.")
+@click.option("--no-ui", is_flag=True, help="No demo page at /.")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Let browser pages from this origin call the API (repeatable; * for any) [none].")
+@click.option("--api-key", envvar=S.API_KEY_ENV, show_envvar=True,
+              help="Require `Authorization: Bearer KEY` on every endpoint but /health and the demo page.")
 def serve(checkpoint, host, port, weights, model, device, max_wait_ms, max_batch_texts, max_batch_tokens,
-          batch_tokens, threads, max_texts, max_chars, max_body_bytes, no_batching, allow_pickle, access_log):
-    """Serve a trained head over HTTP: POST /predict {"texts": [...]}, GET /health, GET /info."""
+          batch_tokens, threads, max_texts, max_chars, max_body_bytes, no_batching, allow_pickle, access_log,
+          backend, no_ui, cors_origins, api_key):
+    """Serve a trained head over HTTP: POST /predict {"texts": [...]} (or TEI's {"inputs": ...}), /embed,
+    /v1/embeddings, GET /health, /info, and a demo page at /."""
     S.serve(checkpoint, host=host, port=port, model=model, device=device, weights=weights,
             batch_tokens=batch_tokens, threads=threads, allow_pickle=allow_pickle, access_log=access_log, log=_log,
-            batching=not no_batching, max_wait_ms=max_wait_ms, max_batch_texts=max_batch_texts,
+            backend=backend, batching=not no_batching, max_wait_ms=max_wait_ms, max_batch_texts=max_batch_texts,
             max_batch_tokens=max_batch_tokens, max_texts=max_texts, max_chars=max_chars,
-            max_body_bytes=max_body_bytes)
+            max_body_bytes=max_body_bytes, ui=not no_ui, cors_origins=cors_origins, api_key=api_key or None)
 
 
 @cli.command()
 @click.argument("path")
+@click.option("--rows", default=0, show_default=True, help="Also show the first N rows of each split (text, label).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def info(path, as_json):
+def info(path, rows, as_json):
     """Describe a features file (splits, rows, features, model, shards) or a checkpoint folder."""
     from .info import as_text, describe
 
-    result = describe(path)
+    result = describe(path, rows=rows)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
         return
     for line in as_text(result):
         click.echo(line)
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.argument("out")
+@click.option("--format", "format_", default="onnx", show_default=True, type=click.Choice(["onnx"]),
+              help="What to write: onnx = encoder + pooling + head as one graph, tokenizer files beside it.")
+@click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
+@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
+@click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
+def export(checkpoint, out, format_, model, weights, allow_pickle):
+    """Write a checkpoint as one ONNX graph (dynamic batch and length) plus tokenizer, for runtimes without
+    torch: `bertcache predict/serve --backend onnx -c OUT` runs it with onnxruntime."""
+    from .export import export as run_export
+
+    path = run_export(checkpoint, out, format=format_, model=model, weights=weights, allow_pickle=allow_pickle,
+                      log=_log)
+    click.echo(f"saved {path}")
 
 
 # The quickstart's example sentences: a mixed review, two negative, two positive.

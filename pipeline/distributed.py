@@ -157,6 +157,23 @@ def _join(out: str, size: int, corpus: Corpus, specs: dict, settings: dict, stor
     write_joined(out, shards, specs, cache_fingerprint(settings, store_dtype, specs))
 
 
+TEXT_DATASETS = ("text_utf8", "text_offsets")
+
+
+def _join_texts(group, shard_files: list[str], split: str) -> None:
+    """The shards' texts copied into one real pair of datasets (a shard's offsets shifted by the bytes before it):
+    variable-length rows do not map onto a virtual layout, and the texts are small next to the vectors."""
+    offsets, blobs, base = [np.zeros(1, dtype=np.int64)], [], 0
+    for file in shard_files:
+        with h5py.File(file, "r") as shard:
+            o, data = shard[split]["text_offsets"][:], shard[split]["text_utf8"][:]
+        offsets.append(o[1:] + base)
+        blobs.append(data)
+        base += int(o[-1])
+    group.create_dataset("text_offsets", data=np.concatenate(offsets))
+    group.create_dataset("text_utf8", data=np.concatenate(blobs) if blobs else np.zeros(0, np.uint8))
+
+
 def write_joined(path: str, shards: list[dict], splits: dict[str, dict], fingerprint: str) -> None:
     """Write `path` as one cache over complete shard caches in its folder (a distributed extract).
 
@@ -177,6 +194,8 @@ def write_joined(path: str, shards: list[dict], splits: dict[str, dict], fingerp
             for split, spec in splits.items():
                 g, n = f.create_group(split), int(spec["rows"])
                 for name, source in first[split].items():
+                    if name in TEXT_DATASETS:
+                        continue
                     shape = (n, *source.shape[1:])
                     if n == 0:  # a virtual layout needs at least one row
                         g.create_dataset(name, shape=shape, dtype=source.dtype)
@@ -188,6 +207,8 @@ def write_joined(path: str, shards: list[dict], splits: dict[str, dict], fingerp
                             layout[lo:hi] = h5py.VirtualSource(shard["file"], f"{split}/{name}",
                                                                shape=(hi - lo, *shape[1:]))
                     g.create_virtual_dataset(name, layout)
+                if all(name in first[split] for name in TEXT_DATASETS):
+                    _join_texts(g, [os.path.join(folder, shard["file"]) for shard in shards], split)
                 g.attrs["rows"] = n
                 g.attrs["rows_done"] = np.int64(n)
                 g.attrs["data_fingerprint"] = spec["fingerprint"]

@@ -31,9 +31,9 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             packing: str = "auto", store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
             progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None,
-            instruction: str | None = None, task: str | None = None, label_sep: str | None = None,
-            text_pair_column: str | None = None, pair_mode: str = "bi", long_texts: str = "truncate",
-            stride: int | None = None) -> str:
+            instruction: str | None = None, keep_texts: bool = True, task: str | None = None,
+            label_sep: str | None = None, text_pair_column: str | None = None, pair_mode: str = "bi",
+            long_texts: str = "truncate", stride: int | None = None) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an interrupted
@@ -68,6 +68,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         log: a callable given notes (the task detected, blank texts skipped, texts truncated, a run resumed
             or started over).
         corpus: a loaded corpus to use instead of loading `data` (each torchrun rank passes its shard).
+        keep_texts: store each row's text (for `evaluate --errors`, `info --rows`); False leaves them out,
+            for data that must not be copied.
         task: "classification", "multilabel" or "regression" (tasks.py); detected from the labels when
             None (lists: multilabel; numbers with fractions: regression, said through `log`).
         label_sep: multilabel labels given as strings are split on this (JSON arrays need none).
@@ -95,7 +97,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
                                        batch_tokens=batch_tokens, workers=workers, packing=packing,
                                        store_dtype=store_dtype, restart=restart,
                                        revision=revision, progress=progress, log=log, chunk_rows=chunk_rows,
-                                       instruction=instruction, task=task, label_sep=label_sep,
+                                       instruction=instruction, keep_texts=keep_texts, task=task, label_sep=label_sep,
                                        text_pair_column=text_pair_column, pair_mode=pair_mode,
                                        long_texts=long_texts, stride=stride)
     log = log or (lambda msg: None)
@@ -124,7 +126,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     settings = cache_settings(encoder, corpus.task, pair_mode if paired else None)
     writer = StoreWriter(out, settings=settings, splits=splits, label_names=corpus.label_names,
                          feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size,
-                         source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart)
+                         source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart,
+                         texts={name: s.texts for name, s in corpus.splits.items()} if keep_texts else None)
     if writer.status == "complete":
         log(f"{out} is already complete")
         return out

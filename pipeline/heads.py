@@ -55,15 +55,20 @@ class Head(nn.Module):
             return logits[:, 0] * self.target_std + self.target_mean
         return torch.sigmoid(logits) if self.task == "multilabel" else torch.softmax(logits, dim=-1)
 
-    @torch.no_grad()
     def predict(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """`outputs` for rows of features: [n, classes] probabilities, or [n] values for regression."""
-        self.eval()
-        x = torch.as_tensor(x, dtype=torch.float32, device=self.shift.device)
-        return self.outputs(self(x)).cpu().numpy()
+        return self.predict_scores(x)[0]
 
     def predict_proba(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Class (or, multilabel, per-label) probabilities."""
         if self.task == "regression":
             raise UserError("a regression head predicts values, not probabilities")
         return self.predict(x)
+
+    @torch.no_grad()
+    def predict_scores(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(outputs, logits) of rows `x`: outputs as `outputs` gives them, logits [n, classes] (the raw
+        net outputs; standardized values for regression)."""
+        self.eval()
+        logits = self(torch.as_tensor(x, dtype=torch.float32, device=self.shift.device))
+        return self.outputs(logits).cpu().numpy(), logits.cpu().numpy()

@@ -4,19 +4,22 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 from .checkpoint import read_config, read_metrics
 from .errors import UserError
 from .poolings import default_pooling
 from .store import FeatureStore
 
 
-def describe(path: str) -> dict:
-    """A features file's or a checkpoint folder's description (JSON-ready: NaN / inf as None)."""
+def describe(path: str, rows: int = 0) -> dict:
+    """A features file's or a checkpoint folder's description (JSON-ready: NaN / inf as None); with `rows`,
+    a features file's first rows of each split (text, label) too."""
     if os.path.isdir(path):
         return finite(describe_checkpoint(path))
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; give a features file (.h5) or a checkpoint folder")
-    return finite(describe_features(path))
+    return finite(describe_features(path, rows))
 
 
 def finite(obj):
@@ -30,9 +33,18 @@ def finite(obj):
     return obj
 
 
-def describe_features(path: str) -> dict:
+def describe_features(path: str, rows: int = 0) -> dict:
     with FeatureStore(path) as store:
         info = store.info()
+        if rows > 0:
+            info["rows"] = {}
+            for s in store.splits:
+                index = np.arange(min(rows, store.rows(s)))
+                texts = store.texts(s, index)
+                labels = store.labels(s)[index]
+                info["rows"][s] = [{"row": int(i), "text": None if texts is None else texts[i],
+                                    "label": store.label_names[y] if y >= 0 else None}
+                                   for i, y in zip(index, labels)]
         f = store.file
         vectors = [f["texts"]] if store.pair_mode == "bi" else [f[s] for s in store.splits[:1]]
         info.update(kind="features", store_dtype=f.attrs.get("store_dtype"), model=store.settings.get("model"),
@@ -114,6 +126,10 @@ def as_text(info: dict) -> list[str]:
         lines.append(f"  prefix       {info['prefix']!r}")
     for split, v in info["splits"].items():
         lines.append(f"  {split:<12} {v['rows']} rows, {v['labelled']} labelled")
+    for split, rows in (info.get("rows") or {}).items():
+        for r in rows:
+            text = "(no texts in this file)" if r["text"] is None else r["text"].replace("\n", " ")[:120]
+            lines.append(f"  {split}[{r['row']}]  {r['label'] or '(unlabelled)'}  {text}")
     for shard in info["shards"]:
         rows = ", ".join(f"{s} {lo}:{hi}" for s, (lo, hi) in shard["rows"].items())
         lines.append(f"  shard        {shard['file']} ({rows})")

@@ -9,6 +9,7 @@ from .checkpoint import load_checkpoint, read_config
 from .encoder import Encoder
 from .errors import UserError
 from .fingerprints import check_same_encoder
+from .labels import prediction_dicts
 from .metrics import report
 from .poolings import build_features, pooling_features
 from .store import FeatureStore
@@ -75,16 +76,21 @@ class Predictor:
         one, texts, pairs = self._items(texts, pairs)
         if not texts:
             return np.zeros((0,) if self.task == "regression" else (0, len(self.label_names)), np.float32)
+        out = self.head.predict(self._features(texts, on_progress, pairs))
+        return out[0] if one else out
+
+    def _features(self, texts: list, on_progress=None, pairs: list[str] | None = None) -> np.ndarray:
+        """The head's input matrix for a list of texts (or pairs: `pairs`, or (text, text_pair) items)."""
+        _, texts, pairs = self._items(texts, pairs)
         if self.pair_mode == "bi":  # each distinct text once, then u and v per pair
             distinct = list(dict.fromkeys(texts + pairs))
             where = {t: i for i, t in enumerate(distinct)}
             vectors = self.encoder.encode(distinct, on_progress=on_progress)
-            index = np.array([[where[a], where[b]] for a, b in zip(texts, pairs)])
+            index = np.array([[where[a], where[b]] for a, b in zip(texts, pairs)]).reshape(-1, 2)
             arrays = {n: v[index] for n, v in vectors.items()}
         else:
             arrays = self.encoder.encode(texts, on_progress=on_progress, pairs=pairs)
-        out = self.head.predict(build_features(arrays, self.pooling, self.layers))
-        return out[0] if one else out
+        return build_features(arrays, self.pooling, self.layers)
 
     def _items(self, texts, pairs) -> tuple[bool, list[str], list[str] | None]:
         """(one item given, first texts, second texts or None), checked against the head's pair mode."""
@@ -138,6 +144,17 @@ class Predictor:
         results = self.results(texts if pairs is None else list(zip(texts, pairs)), out)
         return results[0] if one else results
 
+    def run(self, texts: list) -> dict[str, np.ndarray]:
+        """outputs (the task's: class or label probabilities, or regression scores), logits and features (the
+        pooled vectors the head reads) for a list of texts (or pairs), in order: what serve's endpoints
+        read (OnnxPredictor.run gives the same); `probabilities` too, except for regression."""
+        features = self._features(texts)
+        outputs, logits = self.head.predict_scores(features)
+        out = {"outputs": outputs, "logits": logits, "features": features}
+        if self.task != "regression":
+            out["probabilities"] = outputs
+        return out
+
     def results(self, texts: list, outputs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for items whose outputs were computed elsewhere (serve's micro-batches):
         text (and text_pair), then per task: classification label, label_id, probs (name -> probability);
@@ -152,9 +169,8 @@ class Predictor:
                 row["labels"] = [n for _, n in sorted(over, key=lambda x: -x[0])]
                 row["probs"] = {n: float(v) for n, v in zip(self.label_names, p)}
             else:
-                i = int(p.argmax())
-                row.update(label=self.label_names[i], label_id=i,
-                           probs={n: float(v) for n, v in zip(self.label_names, p)})
+                row.update({k: v for k, v in prediction_dicts([row["text"]], [p], self.label_names)[0].items()
+                            if k != "text"})
             out.append(row)
         return out
 
@@ -182,7 +198,7 @@ def as_texts(texts) -> tuple[bool, list[str]]:
 
 
 def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best", *,
-             allow_pickle: bool = False) -> dict:
+             allow_pickle: bool = False, errors: int = 0) -> dict:
     """Metrics of a checkpoint's head on a cached split (its labelled rows only).
 
     Args:
@@ -192,11 +208,13 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         split: the cached split, e.g. "test" or "validation".
         weights: "best" or "last".
         allow_pickle: accept head weights in a .pt/.pth pickle (tensors only).
+        errors: list, per true class, the N most confidently wrong rows (the cache keeps each row's text).
 
     Returns a dict per the head's task, with n, task and split: classification accuracy, macro_f1,
-    per_class (precision / recall / f1 / support), confusion_matrix (rows: truth), label_names;
-    regression pearson, spearman, mse, mae; multilabel micro_f1, macro_f1, subset_accuracy, per_label
-    (precision / recall / f1 / support), label_names.
+    per_class (precision / recall / f1 / support), confusion_matrix (rows: truth), label_names, and with
+    `errors` also errors: {true label: [{text, true, predicted, probability, row}]}, most confident
+    first; regression pearson, spearman, mse, mae; multilabel micro_f1, macro_f1, subset_accuracy,
+    per_label (precision / recall / f1 / support), label_names.
 
     Example (after `bertcache quickstart`):
 
@@ -218,13 +236,38 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         X = build_features(store.features(split, pooling_features(config["pooling"], layers)), config["pooling"],
                            layers)
         y = store.labels(split)
-    if X.shape[1] != head.in_features:
-        raise UserError(f"{features} gives {X.shape[1]} features for pooling {config['pooling']!r}, "
-                        f"the head expects {head.in_features}")
-    keep = labelled(y)
-    if not keep.any():
-        raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
-    result = report(config, y[keep], head.predict(X[keep]))
-    result["task"] = config.get("task", "classification")
-    result["split"] = split
+        if X.shape[1] != head.in_features:
+            raise UserError(f"{features} gives {X.shape[1]} features for pooling {config['pooling']!r}, "
+                            f"the head expects {head.in_features}")
+        keep = labelled(y)
+        if not keep.any():
+            raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
+        task = config.get("task", "classification")
+        out = head.predict(X[keep])
+        result = report(config, y[keep], out)
+        result["task"] = task
+        result["split"] = split
+        if errors > 0:
+            if task != "classification":
+                raise UserError("--errors lists the most confident wrong classes: it is for classification heads")
+            if not store.has_texts(split):
+                raise UserError(f"{features} keeps no texts (it was extracted before bertcache stored them, or "
+                                "with keep_texts=False): extract it again with --restart to list errors")
+            result["errors"] = confident_errors(store, split, np.flatnonzero(keep), y[keep], out, errors,
+                                                config["label_names"])
     return result
+
+
+def confident_errors(store: FeatureStore, split: str, rows: np.ndarray, y: np.ndarray, probs: np.ndarray, n: int,
+                     label_names: list[str]) -> dict[str, list[dict]]:
+    """Per true class, its `n` wrong rows with the most probable wrong answers, most confident first."""
+    pred = probs.argmax(1)
+    confidence = probs[np.arange(len(pred)), pred]
+    out = {}
+    for c, name in enumerate(label_names):
+        wrong = np.flatnonzero((y == c) & (pred != c))
+        top = wrong[np.argsort(-confidence[wrong], kind="stable")[:n]]
+        texts = store.texts(split, rows[top]) if len(top) else []
+        out[name] = [{"text": t, "true": name, "predicted": label_names[int(pred[i])],
+                      "probability": float(confidence[i]), "row": int(rows[i])} for t, i in zip(texts, top)]
+    return out

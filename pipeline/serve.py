@@ -16,11 +16,24 @@ Every task is served: a prediction holds `text` and, per task, `label` / `label_
 (regression). A head trained on sentence pairs takes `{"pairs": [["text", "text_pair"], ...]}` instead
 of `texts`, and each prediction also holds `text_pair`.
 
+Next to bertcache's own `{"texts": [...]}`, `/predict` takes text-embeddings-inference (TEI) bodies
+(`{"inputs": ..., "raw_scores", "truncate"}`) and answers in TEI's shape; `/embed` (TEI) and
+`/v1/embeddings` (OpenAI) return the pooled vectors the head reads. All go through the same limits and
+the same micro-batches. `/` is a demo page (`ui=False` turns it off). With `api_key`, every endpoint
+but /health (and the static demo page) needs `Authorization: Bearer <key>`.
+
 No `from __future__ import annotations` here: FastAPI reads the endpoint's annotations, and the request
 model is built per app (its limits come from the arguments).
 """
+import asyncio
+import base64
+import hmac
+import ipaddress
+import os
 import socket
+import time
 from contextlib import asynccontextmanager
+from typing import Literal, Optional, Union
 
 from ._version import __version__
 from .batching import MAX_BATCH_TEXTS, MAX_BATCH_TOKENS, MAX_WAIT_MS, MicroBatcher
@@ -33,6 +46,14 @@ MAX_TEXTS = 64             # texts per request
 MAX_CHARS = 2000           # characters per text; longer texts are refused (422), not truncated
 MAX_BODY_BYTES = 1 << 20   # 64 texts x 2000 characters fit even written as \uXXXX escapes
 INSTALL_HINT = "pip install 'bertcache[serve]'"
+# A refused body (413, 401) is read and dropped, up to this much / this long, before the answer is sent:
+# closing with unread bytes makes the kernel reset the connection, and the client sees "connection reset"
+# instead of the answer (nginx's "lingering close"). Nothing of it is kept.
+LINGER_BYTES = 64 << 20
+LINGER_SECONDS = 10.0
+API_KEY_ENV = "BERTCACHE_API_KEY"
+OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and the static demo page (its calls need the key)
+DEMO_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "demo.html")
 
 
 def require_server() -> None:
@@ -49,23 +70,33 @@ def require_server() -> None:
 
 def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = None,
                max_batch_texts: int = MAX_BATCH_TEXTS, max_batch_tokens: int = MAX_BATCH_TOKENS,
-               max_texts: int = MAX_TEXTS, max_chars: int = MAX_CHARS, max_body_bytes: int = MAX_BODY_BYTES):
-    """A FastAPI app serving a `pipeline.predict.Predictor`: POST /predict, GET /health, GET /info."""
+               max_texts: int = MAX_TEXTS, max_chars: int = MAX_CHARS, max_body_bytes: int = MAX_BODY_BYTES,
+               ui: bool = True, cors_origins: tuple = (), api_key: str | None = None):
+    """A FastAPI app serving a `pipeline.predict.Predictor` (or an `onnx_runner.OnnxPredictor`):
+    POST /predict, /embed, /v1/embeddings, GET /health, /info, and the demo page at / (`ui`).
+
+    Args:
+        cors_origins: origins a browser page may call from (e.g. "https://example.org", or "*").
+        api_key: when set, every endpoint but /health and / needs `Authorization: Bearer <api_key>`.
+    """
     require_server()
     from typing import Annotated
 
+    import numpy as np
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model
 
     for name, value in (("max_texts", max_texts), ("max_chars", max_chars), ("max_body_bytes", max_body_bytes),
                         ("max_batch_texts", max_batch_texts), ("max_batch_tokens", max_batch_tokens)):
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
-    encoder = predictor.encoder
+    # The torch path keeps prefix, max_length, batch_tokens and tokenize on its encoder; the ONNX runner on itself.
+    encoder = getattr(predictor, "encoder", None) or predictor
+    device_type = encoder.device.type if hasattr(encoder, "device") else "cpu"
     if max_wait_ms is None:
-        max_wait_ms = MAX_WAIT_MS["cpu" if encoder.device.type == "cpu" else "gpu"]
+        max_wait_ms = MAX_WAIT_MS["cpu" if device_type == "cpu" else "gpu"]
     if max_wait_ms < 0:
         raise UserError(f"--max-wait-ms must be 0 or more, not {max_wait_ms}")
     prefix_chars = len(encoder.prefix or "")
@@ -75,7 +106,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         chars = len(item) if isinstance(item, str) else sum(len(t) for t in item)
         return min(prefix_chars + chars + 2, encoder.max_length)
 
-    batcher = MicroBatcher(predictor.outputs, estimate_tokens, batching=batching, max_wait_ms=max_wait_ms,
+    batcher = MicroBatcher(predictor.run, estimate_tokens, batching=batching, max_wait_ms=max_wait_ms,
                            max_batch_texts=max_batch_texts, max_batch_tokens=max_batch_tokens)
     limits = {"max_texts_per_request": max_texts, "max_chars_per_text": max_chars,
               "max_body_bytes": max_body_bytes,
@@ -88,14 +119,67 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
 
     # The constraints also make pydantic refuse lone surrogates ("\ud800"), which the tokenizer cannot take.
     Text = Annotated[str, StringConstraints(min_length=1, max_length=max_chars, pattern=r"\S")]
-    field = "pairs" if predictor.pair_mode else "texts"
-    Item = Annotated[list[Text], Field(min_length=2, max_length=2)] if predictor.pair_mode else Text
+    pair_mode = getattr(predictor, "pair_mode", None)
+    task = getattr(predictor, "task", "classification")
+    field = "pairs" if pair_mode else "texts"
+    Item = Annotated[list[Text], Field(min_length=2, max_length=2)] if pair_mode else Text
     PredictRequest = create_model(
         "PredictRequest", __config__=ConfigDict(extra="forbid", strict=True),
         **{field: (Annotated[list[Item], Field(min_length=1, max_length=max_texts,
-                                               description=f"1 to {max_texts} " + ("pairs of " if predictor.pair_mode
+                                               description=f"1 to {max_texts} " + ("pairs of " if pair_mode
                                                                                    else "") + "non-blank texts of at "
                                                f"most {max_chars} characters")], ...)})
+
+    # TEI's /predict input: a text, [text], a pair [a, b], or a batch [[text] or [a, b], ...].
+    Sequence = Annotated[list[Text], Field(min_length=1, max_length=2)]
+    TEIPredictRequest = create_model(
+        "TEIPredictRequest", __config__=ConfigDict(extra="forbid", strict=True),
+        inputs=(Union[Text, Sequence, Annotated[list[Sequence], Field(min_length=1, max_length=max_texts)]],
+                Field(description="TEI's input: a text, [text], a pair [a, b] (refused: no pair support yet), or "
+                                  f"a batch of up to {max_texts} [text] / [a, b]")),
+        raw_scores=(bool, Field(False, description="Logits instead of probabilities")),
+        truncate=(Optional[bool], Field(None, description="Accepted; texts are always truncated to max_length "
+                                                          "tokens")),
+        truncation_direction=(Optional[Literal["left", "right", "Left", "Right"]], None))
+
+    def request_shape(body):
+        return "tei" if isinstance(body, dict) and "inputs" in body else "bertcache"
+
+    PredictBody = Annotated[Union[Annotated[PredictRequest, Tag("bertcache")],
+                                  Annotated[TEIPredictRequest, Tag("tei")]], Discriminator(request_shape)]
+    Inputs = Union[Text, Annotated[list[Text], Field(min_length=1, max_length=max_texts)]]
+    EmbedRequest = create_model(
+        "EmbedRequest", __config__=ConfigDict(extra="forbid", strict=True),
+        inputs=(Inputs, Field(description=f"A text or up to {max_texts} texts")),
+        normalize=(bool, Field(True, description="Scale each vector to unit length (TEI's default)")),
+        truncate=(Optional[bool], Field(None, description="Accepted; texts are always truncated to max_length "
+                                                          "tokens")),
+        truncation_direction=(Optional[Literal["left", "right", "Left", "Right"]], None),
+        prompt_name=(Optional[str], None))
+    OpenAIRequest = create_model(
+        "OpenAIEmbeddingsRequest", __config__=ConfigDict(extra="forbid", strict=True),
+        input=(Inputs, Field(description=f"A text or up to {max_texts} texts")),
+        model=(Optional[str], None), user=(Optional[str], None),
+        encoding_format=(Optional[Literal["float", "base64"]], None), dimensions=(Optional[int], None))
+
+    class TEIPrediction(BaseModel):
+        score: float
+        label: str
+
+    class OpenAIEmbedding(BaseModel):
+        object: str
+        embedding: Union[list[float], str]
+        index: int
+
+    class OpenAIUsage(BaseModel):
+        prompt_tokens: int
+        total_tokens: int
+
+    class OpenAIResponse(BaseModel):
+        object: str
+        data: list[OpenAIEmbedding]
+        model: str
+        usage: OpenAIUsage
 
     class Prediction(BaseModel):
         text: str
@@ -129,7 +213,14 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
                   description=f"Classifier head {predictor.checkpoint} over the frozen encoder "
                               f"{encoder.model_ref}.")
     app.state.batcher = batcher
+    # Added innermost first: CORS (preflights answered without a key), then the key, then the body size.
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(_BearerKey, key=api_key)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -146,14 +237,82 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
                         (413, f"The body is larger than {max_body_bytes} bytes"),
                         (422, "Wrong types, no texts, a blank text, too many texts or a text too long"))}
 
-    @app.post("/predict", response_model=PredictResponse, responses=error_responses,
-              response_model_exclude_none=True)
-    async def predict(body: PredictRequest):  # type: ignore[valid-type]
-        """Per text (or pair), in the order sent: label, label id and class probabilities; multilabel the
-        labels over their thresholds and every probability; regression the score."""
-        items = [tuple(p) for p in body.pairs] if predictor.pair_mode else list(body.texts)
-        outputs = await batcher.predict_proba(items)
-        return {"predictions": predictor.results(items, outputs)}
+    def unprocessable(detail: str, loc: list) -> JSONResponse:
+        return JSONResponse({"detail": detail, "errors": [{"loc": loc, "msg": detail}]}, status_code=422)
+
+    @app.post("/predict", response_model=Union[PredictResponse, list[TEIPrediction], list[list[TEIPrediction]]],
+              responses=error_responses, response_model_exclude_none=True)
+    async def predict(body: PredictBody):  # type: ignore[valid-type]
+        """Per text (or pair, `{"pairs": [[a, b], ...]}` for a head trained on pairs), in the order sent
+        (`{"texts": [...]}`): label, label id and class probabilities; multilabel the labels over their
+        thresholds and every probability; regression the score. For a TEI body (`{"inputs": ...}`), TEI's
+        answer: per text, every label with its score, best first (classification and multilabel heads)."""
+        if isinstance(body, PredictRequest):
+            items = [tuple(p) for p in body.pairs] if pair_mode else list(body.texts)
+            out = await batcher.predict_proba(items)
+            return {"predictions": predictor.results(items, out.get("outputs", out.get("probabilities")))}
+        if pair_mode or task == "regression":
+            return unprocessable("TEI's /predict body is for classification heads over single texts; this head "
+                                 f'({task}{", pairs" if pair_mode else ""}) takes bertcache\'s '
+                                 f'{{"{field}": [...]}}', ["inputs"])
+        inputs, single = body.inputs, True
+        if isinstance(inputs, str):
+            inputs = [[inputs]]
+        elif inputs and isinstance(inputs[0], str):
+            inputs = [inputs]
+        else:
+            single = False
+        pairs = [i for i, seq in enumerate(inputs) if len(seq) == 2]
+        if pairs:
+            where = ["inputs"] if single else ["inputs", pairs[0]]
+            return unprocessable(f"{'.'.join(map(str, where))} is a pair of texts [a, b] (TEI's reading of a "
+                                 "two-string list), and bertcache has no pair tasks yet: send one text per entry, "
+                                 'e.g. {"inputs": [["first"], ["second"]]} for a batch', where)
+        texts = [seq[0] for seq in inputs]
+        out = await batcher.predict_proba(texts)
+        scores = out["logits" if body.raw_scores else "probabilities"]
+        ranked = [sorted(({"score": float(v), "label": name} for name, v in zip(predictor.label_names, row)),
+                         key=lambda p: -p["score"]) for row in scores]
+        return ranked[0] if single else ranked
+
+    async def vectors(texts: list, normalize: bool):
+        features = (await batcher.predict_proba(texts))["features"]
+        if normalize:
+            norms = np.linalg.norm(features, axis=1, keepdims=True)
+            features = features / np.where(norms > 0, norms, 1)
+        return features
+
+    @app.post("/embed", response_model=list[list[float]], responses=error_responses)
+    async def embed(body: EmbedRequest):  # type: ignore[valid-type]
+        """TEI's /embed: one vector per text, the pooled features the head reads (before its standardization);
+        unit length unless `normalize` is false."""
+        texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
+        return (await vectors(texts, body.normalize)).tolist()
+
+    @app.post("/v1/embeddings", response_model=OpenAIResponse, responses=error_responses)
+    async def openai_embeddings(body: OpenAIRequest):  # type: ignore[valid-type]
+        """OpenAI's embeddings API: the same vectors as /embed (unit length), as floats or base64 float32."""
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        width = int(predictor.config["head"]["in_features"])
+        if body.dimensions is not None and body.dimensions != width:
+            return unprocessable(f"dimensions is {body.dimensions}, but this model's vectors have {width}: leave "
+                                 "it out", ["dimensions"])
+        features = await vectors(texts, True)
+        tokens = sum(len(ids) for ids in encoder.tokenize(texts))
+        data = [{"object": "embedding", "index": i,
+                 "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+                               else v.tolist())} for i, v in enumerate(features)]
+        return {"object": "list", "data": data, "model": body.model or str(predictor.checkpoint),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    if ui:
+        with open(DEMO_PAGE, encoding="utf-8") as f:
+            page = f.read()
+
+        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def demo():
+            """The demo page: a text box, the labels as bars, recent inputs, the model and its test metrics."""
+            return page
 
     @app.get("/health")
     async def health():
@@ -168,20 +327,44 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
     return app
 
 
+class _TooLarge(BaseException):
+    """Raised inside the body's receive() when a body without Content-Length runs over the limit. A
+    BaseException: FastAPI turns any Exception met while reading a body into a 400, and this must reach
+    _BodyLimit, which answers 413 after draining the rest."""
+
+
+async def refuse(scope, receive, send, status: int, detail: str, headers: dict | None = None) -> None:
+    """Answer `status` with {"detail": ...} after reading and dropping what is left of the body, within
+    LINGER_BYTES / LINGER_SECONDS (never keeping it), so that the client reads the answer rather than a reset.
+    A body past those bounds is left unread and the connection closed."""
+    from fastapi.responses import JSONResponse
+
+    dropped, deadline, more = 0, time.monotonic() + LINGER_SECONDS, scope.get("_bertcache_more_body", True)
+    while more and dropped <= LINGER_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            break
+        if message["type"] != "http.request":  # the client went away
+            return
+        dropped += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    headers = {**(headers or {}), **({"connection": "close"} if more else {})}
+    await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
+
+
 class _BodyLimit:
     """ASGI middleware: refuse a body over `max_bytes` with 413 before anything parses it.
 
     A declared Content-Length is checked up front; a body without one (chunked) is counted as it
-    arrives, and the count going over raises a 413 HTTPException that FastAPI answers.
+    arrives. Either way the rest of the body is read and dropped before the 413 goes out (`refuse`).
     """
 
     def __init__(self, app, max_bytes: int):
-        from fastapi import HTTPException
-        from fastapi.responses import JSONResponse
-
         self.app, self.max_bytes = app, max_bytes
-        # Looked up once: `from fastapi import ...` per request was a fifth of the event loop's time.
-        self._HTTPException, self._JSONResponse = HTTPException, JSONResponse
 
     def _message(self) -> str:
         return f"the request body is larger than {self.max_bytes} bytes: send fewer or shorter texts"
@@ -189,28 +372,49 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        HTTPException, JSONResponse = self._HTTPException, self._JSONResponse
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             try:
                 too_big = int(declared) > self.max_bytes
             except ValueError:
-                return await JSONResponse({"detail": "the Content-Length header is not a number"},
-                                          status_code=400)(scope, receive, send)
+                return await refuse(scope, receive, send, 400, "the Content-Length header is not a number")
             if too_big:
-                return await JSONResponse({"detail": self._message()}, status_code=413)(scope, receive, send)
-        seen = 0
+                return await refuse(scope, receive, send, 413, self._message())
+        seen, more = 0, True
 
         async def counted_receive():
-            nonlocal seen
+            nonlocal seen, more
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if seen > self.max_bytes:
-                    raise HTTPException(413, self._message())
+                    raise _TooLarge
             return message
 
-        await self.app(scope, counted_receive, send)
+        try:
+            await self.app(scope, counted_receive, send)
+        except _TooLarge:
+            await refuse({**scope, "_bertcache_more_body": more}, receive, send, 413, self._message())
+
+
+class _BearerKey:
+    """ASGI middleware: every path but OPEN_PATHS needs `Authorization: Bearer <key>` (compared in constant
+    time); otherwise 401 before anything reads the body, so nothing reaches the encoder."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        detail = ("this server needs an API key: send the header Authorization: Bearer <key>" if not given
+                  else "the API key is wrong (Authorization: Bearer <key>)")
+        await refuse(scope, receive, send, 401, detail, {"www-authenticate": "Bearer"})
 
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
@@ -226,6 +430,8 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int,
     problems, status = [], 422
     for err in errors:
         loc = [p for p in err.get("loc", ()) if p != "body"]
+        if loc and loc[0] in ("bertcache", "tei"):  # which body shape /predict read it as
+            loc = loc[1:]
         kind, ctx, value = err.get("type", ""), err.get("ctx") or {}, err.get("input")
         got = _JSON_TYPES.get(type(value), type(value).__name__)
         where = f"{field}[{loc[1]}]" if len(loc) == 2 and loc[0] == field else ".".join(map(str, loc))
@@ -236,7 +442,7 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int,
             msg = (f"the body is empty: {shape}" if kind == "missing"
                    else f"the body must be a JSON object, not {got}: {shape}")
         elif kind == "extra_forbidden":
-            msg = f'unknown field "{where}": the body takes only "{field}"'
+            msg = f'unknown field "{where}": the body takes "{field}" (bertcache) or TEI\'s "inputs"'
         elif loc == [field] and kind == "missing":
             msg = f'the body has no "{field}" field: {shape}'
         elif loc == [field] and kind == "too_short":
@@ -269,13 +475,20 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int,
 
 
 def _info(predictor, limits: dict, batching: dict) -> dict:
-    """info.py's description of the checkpoint, plus what this server runs: encoder, weights, limits."""
+    """info.py's description of the checkpoint (or the ONNX export's), plus what this server runs: encoder,
+    weights, limits."""
     from .info import describe_checkpoint, finite
 
+    if hasattr(predictor, "describe"):  # the ONNX runner
+        return finite({**predictor.describe(), "weights_served": predictor.meta.get("weights"),
+                       "encoder": {"model": predictor.meta["encoder"].get("model"), "backend": "onnxruntime",
+                                   "device": "cpu", "precision": "fp32", "max_length": predictor.max_length,
+                                   "prefix": predictor.prefix},
+                       "limits": limits, "batching": batching, "version": __version__})
     enc = predictor.encoder
     return finite({
         **describe_checkpoint(str(predictor.checkpoint)), "weights_served": predictor.weights,
-        "encoder": {"model": enc.model_ref, "trained_with": predictor.config["encoder"].get("model"),
+        "encoder": {"model": enc.model_ref, "backend": "torch", "trained_with": predictor.config["encoder"].get("model"),
                     "revision": enc.revision, "fingerprint": enc.model_fingerprint, "device": str(enc.device),
                     "precision": enc.precision, "max_length": enc.max_length, "prefix": enc.prefix,
                     "instruction": enc.instruction, "family": enc.family, "hidden_size": enc.hidden_size},
@@ -300,28 +513,45 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | None = None, device: str = "auto",
           weights: str = "best", batch_tokens: int | None = None, threads: int | None = None,
-          allow_pickle: bool = False, access_log: bool = False, log=None, **app_options) -> None:
-    """Load the checkpoint and serve it until interrupted (Ctrl-C or SIGTERM)."""
+          allow_pickle: bool = False, access_log: bool = False, backend: str = "torch", log=None,
+          **app_options) -> None:
+    """Load the checkpoint (or, with backend "onnx", a `bertcache export` folder) and serve it until
+    interrupted (Ctrl-C or SIGTERM)."""
     require_server()
     import uvicorn
 
-    from .predict import Predictor
+    from .onnx_runner import load_predictor
 
     sock = bind(host, port)  # before loading the model: a taken port fails fast
     if threads is not None:
         if threads < 1:
             raise UserError(f"--threads must be at least 1, not {threads}")
-        import torch
-        torch.set_num_threads(threads)
-    predictor = Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens,
-                          allow_pickle=allow_pickle)
+        if backend == "torch":
+            import torch
+            torch.set_num_threads(threads)
+    if log and not app_options.get("api_key") and not is_loopback(host):
+        log(f"warning: listening on {host} (beyond this machine) without an API key: anyone who can reach it "
+            f"can use the model; pass --api-key or set {API_KEY_ENV}")
+    predictor = load_predictor(checkpoint, backend, model=model, device=device, weights=weights,
+                               batch_tokens=batch_tokens, allow_pickle=allow_pickle, threads=threads)
     app = create_app(predictor, **app_options)
     bound_host, bound_port = sock.getsockname()[:2]
     if log:
+        ui = "demo page at /, " if app_options.get("ui", True) else ""
         log(f"serving {checkpoint} on http://{bound_host}:{bound_port} "
-            f"(POST /predict, GET /health, GET /info, docs at /docs); Ctrl-C stops")
+            f"(POST /predict, /embed, /v1/embeddings, GET /health, /info; {ui}docs at /docs); Ctrl-C stops")
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=access_log, lifespan="on"))
     with sock:
         server.run(sockets=[sock])
     if not server.started:
         raise UserError(f"the server on {host}:{port} did not start; see the log above")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -7,12 +7,18 @@ Layout (readable with plain h5py; see README):
     /<split>/label      by task (settings' "task", tasks.py): classification int64 [N] (-1 = unlabelled),
                         regression float64 [N] (NaN = unlabelled), multilabel int8 [N, labels] (-1 rows)
     /<split>/row        int64 [N]    row number in the source split
+    /<split>/text_utf8     uint8 [B]    every row's text, UTF-8, back to back (B bytes in all)
+    /<split>/text_offsets  int64 [N+1]  row i's text is text_utf8[text_offsets[i]:text_offsets[i+1]]
     /<split>          attrs: rows, rows_done, data_fingerprint, skipped
 
 Sentence pairs cached apart (settings' pair_mode "bi"): every distinct text of either column is one row
 of the group `texts` (its features, label -1, row = its number); a data split then holds no features but
 `pair` int64 [N, 2], the `texts` rows of its first and second texts (written with the layout), and
 `FeatureStore.features` gives [N, 2, hidden] per feature.
+
+The texts (for error analysis: `evaluate --errors`, `info --rows`) are written whole with the layout,
+before any vector; they cost their UTF-8 bytes plus 8 bytes a row. Files from before they were kept have no text
+datasets and read as having none; a file joined from distributed shards holds a real copy of theirs.
 
 A file is written under `<name>.partial` in chunks of rows, each chunk followed by a flush and an
 update of `rows_done`; only a complete file is renamed to its final name, so a reader never sees a
@@ -101,6 +107,11 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
                 return f"split {s!r} has no {name!r} dataset"
             if d.shape != shape or d.dtype != kind:
                 return f"split {s!r}: {name!r} is {d.dtype}{list(d.shape)}, expected {kind}{list(shape)}"
+        if "text_offsets" in g or "text_utf8" in g:
+            offsets, data = g.get("text_offsets"), g.get("text_utf8")
+            if not isinstance(offsets, h5py.Dataset) or not isinstance(data, h5py.Dataset) \
+                    or offsets.shape != (rows + 1,) or len(data.shape) != 1:
+                return f"split {s!r} has a broken text_offsets / text_utf8 pair"
         if not 0 <= done <= rows or (complete and done != rows):
             return f"split {s!r} has {done} of {rows} rows written"
         if complete and rows and task == "classification" and not is_texts:
@@ -191,6 +202,20 @@ class FeatureStore:
                     for n in names}
         return {n: group[n][:].astype(np.float32, copy=False) for n in names}
 
+    def has_texts(self, split: str) -> bool:
+        return "text_offsets" in self.require_split(split)
+
+    def texts(self, split: str, index: np.ndarray | None = None) -> list[str] | None:
+        """Texts of a split's rows (all, or rows `index`, in that order); None for a file without texts."""
+        group = self.require_split(split)
+        if "text_offsets" not in group:
+            return None
+        offsets, data = group["text_offsets"][:], group["text_utf8"]
+        if index is None:
+            blob = data[:].tobytes()
+            return [blob[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
+        return [data[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8") for i in np.asarray(index, dtype=np.int64)]
+
     def info(self) -> dict:
         return {"path": self.path, "source": self.source, "task": self.task, "label_names": self.label_names,
                 "features": self.feature_names, "settings": self.settings,
@@ -209,13 +234,14 @@ class StoreWriter:
 
     def __init__(self, path: str, *, settings: dict, splits: dict[str, dict], label_names: list[str],
                  feature_names: list[str], hidden_size: int, source: str, store_dtype: str = "float32",
-                 chunk_rows: int = 2048, restart: bool = False):
+                 chunk_rows: int = 2048, restart: bool = False, texts: dict | None = None):
         if store_dtype not in STORE_DTYPES:
             raise UserError(f"unknown --store-dtype {store_dtype!r}; use float32 or float16")
         if int(chunk_rows) < 1:
             raise UserError(f"--chunk-rows must be at least 1, not {chunk_rows}")
         self.path, self.tmp = path, partial_path(path)
         self.chunk_rows = int(chunk_rows)
+        self.texts = texts or {}  # split -> its texts, written with the layout
         self.discarded = None
         fingerprint = cache_fingerprint(settings, store_dtype, splits)
         expected = {"settings": settings, "store_dtype": store_dtype, "label_names": label_names,
@@ -341,6 +367,8 @@ class StoreWriter:
                 for name, values in written.items():
                     if n:
                         g[name][:] = values
+            if split in self.texts:
+                _write_texts(g, self.texts[split])
             g.attrs["rows"] = n
             g.attrs["rows_done"] = np.int64(n if written is not None else 0)
             g.attrs["data_fingerprint"] = spec["fingerprint"]
@@ -384,6 +412,20 @@ class StoreWriter:
             self.file.close()
         except Exception:  # closing a file after a failed write can fail again; nothing more to save
             pass
+
+
+def _write_texts(group: h5py.Group, texts, piece: int = 65536) -> None:
+    """text_offsets + text_utf8 for `texts`, a piece of rows at a time (never the whole corpus as one copy)."""
+    n = len(texts)
+    lengths = np.fromiter((len(str(t).encode("utf-8")) for t in texts), dtype=np.int64, count=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    group.create_dataset("text_offsets", data=offsets)
+    data = group.create_dataset("text_utf8", shape=(int(offsets[-1]),), dtype="uint8")
+    for start in range(0, n, piece):
+        stop = min(start + piece, n)
+        blob = "".join(str(t) for t in texts[start:stop]).encode("utf-8")
+        data[offsets[start]:offsets[stop]] = np.frombuffer(blob, dtype=np.uint8)
 
 
 def _allocated():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv with torch and bertcache (editable, with the test and serve extras). Safe to run again.
+# Create ./.venv with torch and bertcache (editable, with the test, serve and onnx extras). Safe to run again.
 # TORCH_SPEC picks the torch build: the default is the CPU build these machines keep on disk; on a
 # machine with a GPU, set e.g. TORCH_SPEC="torch" to take the build pip chooses for your platform.
 # One line per step on stderr; pip's own output is kept in .venv/setup.log and shown only if a step fails.
@@ -23,8 +23,8 @@ else
   step "installing ${TORCH_SPEC:-torch==2.13.0} (the largest download: a minute or more)"
   pip install "${TORCH_SPEC:-torch==2.13.0}" || fail "installing torch"
 fi
-step "installing bertcache (editable) with transformers, datasets, h5py and the extras test,serve${EXTRAS:+,$EXTRAS}"
-pip install -e ".[test,serve${EXTRAS:+,$EXTRAS}]" || fail "installing bertcache"
+step "installing bertcache (editable) with transformers, datasets, h5py and the extras test,serve,onnx${EXTRAS:+,$EXTRAS}"
+pip install -e ".[test,serve,onnx${EXTRAS:+,$EXTRAS}]" || fail "installing bertcache"
 step "checking that pipeline, torch, transformers, datasets and h5py import"
 .venv/bin/python -c "import pipeline, torch, transformers, datasets, h5py" 2>>"$log" || fail "importing the packages"
 step "ready: run '. .venv/bin/activate' to put bertcache on PATH, or call .venv/bin/bertcache"

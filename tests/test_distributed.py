@@ -88,6 +88,8 @@ def test_torchrun_two_ranks_join_equals_single_process_extract(tiny_model, tmp_p
     # FeatureStore reads the joined file from another working directory like any cache.
     with FeatureStore(str(out)) as store:
         np.testing.assert_array_equal(store.features("test")["mean_2"], expected["test/mean_2"])
+        for split, rows in splits.items():  # the shards' texts, joined in order (rank 1's validation is empty)
+            assert store.texts(split) == [t for t, _ in rows]
 
     # A killed run resumes per shard: lose rank 1's shard and the joined file; rank 0's complete shard
     # is kept untouched and only rank 1's rows are encoded again.

@@ -1,0 +1,119 @@
+"""The demo page at `/`, in a real browser: headless Chromium loads it from `bertcache serve`, a Chinese
+sentence is typed and sent with a mouse click, and the label shown is read back; then a basic
+accessibility check (every input labelled, text contrast >= 4.5:1 from the page's computed colours).
+The screenshot is kept in tests/artifacts/demo.png (and the test's tmp folder)."""
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import warnings
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("websockets", reason="the DevTools client needs websockets (pip install 'bertcache[test]')")
+
+import pipeline as bc  # noqa: E402
+from cdp import TEXT_COLOURS_JS, UNLABELLED_JS, Browser, contrast_ratio, find_chromium  # noqa: E402
+from conftest import default_splits, write_split_files  # noqa: E402
+from helpers import child_env  # noqa: E402
+
+ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
+LABELS = ["负向评价", "正向评价"]
+SENTENCE = "这个东西真的很好，推荐"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    data = write_split_files(str(tmp / "data"), "jsonl", default_splits(n_train=80, n_val=20, n_test=20),
+                             label_fn=lambda y: LABELS[y])
+    path = bc.extract(tiny_model, data, str(tmp / "f.h5"), precision="fp32", label_names=LABELS, progress=False)
+    ckpt, _ = bc.fit_head(path, str(tmp / "ck"), pooling="cls+mean", epochs=15)
+    return ckpt
+
+
+def start_server(checkpoint, *args):
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--checkpoint", checkpoint, "--port", "0",
+                             "--device", "cpu", *args], stderr=subprocess.PIPE, text=True, env=child_env())
+    url, deadline = None, time.time() + 120
+    while url is None and time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError("the server exited before it listened")
+        if " on http://127.0.0.1:" in line:
+            url = line.split(" on ")[1].split()[0]
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5)
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc, url
+
+
+def cjk_fonts() -> set[str]:
+    """Font families fontconfig says cover Chinese (empty when fc-list is absent)."""
+    if not shutil.which("fc-list"):
+        return set()
+    out = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True).stdout
+    return {name.strip() for line in out.splitlines() for name in line.split(",")}
+
+
+@pytest.mark.slow
+def test_demo_page_in_headless_chromium(checkpoint, tmp_path):
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("no Chromium on this machine: apt-get install chromium (.ci/run installs it), or set $CHROMIUM")
+    want = bc.Predictor(checkpoint, device="cpu").predict([SENTENCE])[0]
+    proc, url = start_server(checkpoint)
+    try:
+        with Browser(binary) as browser:
+            browser.goto(url + "/")
+            assert browser.evaluate("document.documentElement.lang") == "zh"
+            # The model and its test metrics, from /info.
+            browser.wait_for("document.getElementById('model').dataset.loaded === '1'")
+            model = browser.evaluate("document.getElementById('model').innerText")
+            assert "test accuracy" in model and "cls+mean" in model
+
+            browser.click("#text")
+            browser.type(SENTENCE)
+            assert browser.evaluate("document.getElementById('text').value") == SENTENCE
+            browser.click("#go")
+            shown = browser.wait_for("(t => t !== '—' && t)(document.getElementById('answer').textContent)")
+            assert shown == want["label"]
+            bars = browser.evaluate("[...document.querySelectorAll('#bars .row')].map(r => "
+                                    "[r.querySelector('.name').textContent, r.querySelector('.pct').textContent])")
+            assert {name: pct for name, pct in bars} == {n: f"{100 * p:.1f}%" for n, p in want["probs"].items()}
+            assert SENTENCE in browser.evaluate("document.getElementById('history').innerText")
+            screenshot = browser.screenshot(str(tmp_path / "demo.png"))
+
+            # Chinese is drawn with a font that has the glyphs (not boxes), where fontconfig knows one.
+            used = {f["familyName"] for f in browser.fonts_for("#answer") if f["glyphCount"]}
+            if cjk_fonts():
+                assert used & cjk_fonts(), f"the label was drawn with {used}, none of which covers Chinese"
+            else:
+                warnings.warn("no Chinese font installed (fc-list :lang=zh is empty): apt-get install "
+                              "fonts-wqy-microhei; the page would show boxes")
+
+            # Accessibility basics: labelled inputs, WCAG AA text contrast, bars distinguishable from their track.
+            assert browser.evaluate(UNLABELLED_JS) == []
+            colours = browser.evaluate(TEXT_COLOURS_JS)
+            assert len(colours) > 10
+            low = [(round(contrast_ratio(c["fg"], c["bg"]), 2), c) for c in colours
+                   if contrast_ratio(c["fg"], c["bg"]) < 4.5]
+            assert not low, low
+            fill, track = browser.evaluate(
+                "['.fill', '.bar'].map(s => (getComputedStyle(document.querySelector(s)).backgroundColor"
+                ".match(/[\\d.]+/g) || []).map(Number))")
+            assert contrast_ratio(fill, track) >= 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    shutil.copyfile(screenshot, os.path.join(ARTIFACTS, "demo.png"))
+    assert os.path.getsize(screenshot) > 5000

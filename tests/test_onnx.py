@@ -1,0 +1,112 @@
+"""`bertcache export --format onnx` and `--backend onnx`: one graph, run by onnxruntime, same answers as torch."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx")
+
+import pipeline as bc  # noqa: E402
+from conftest import default_splits, make_texts, write_split_files  # noqa: E402
+from helpers import child_env, ok, one_line_error, run  # noqa: E402
+from pipeline.checkpoint import read_config  # noqa: E402
+from pipeline.onnx_runner import OnnxPredictor  # noqa: E402
+from pipeline.poolings import build_features  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Lengths from 1 character to past max_length (truncated), repeats, Latin and Chinese.
+TEXTS = [t for t, _ in make_texts(196, seed=7)] + ["好", "x " * 200, "今天 天气 不错 abc", "好"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory):
+    """Two cached layers and a pooling spec that reads both (an average and a lower layer's mean), an mlp
+    head with standardization: every part of what predict computes is in the graph."""
+    tmp = tmp_path_factory.mktemp("onnx")
+    data = write_split_files(str(tmp / "data"), "jsonl", default_splits(n_train=80, n_val=20, n_test=20))
+    path = bc.extract(tiny_model, data, str(tmp / "f.h5"), precision="fp32", layers=2, max_length=64,
+                      progress=False)
+    ckpt, _ = bc.fit_head(path, str(tmp / "ck"), pooling="cls-avg2+mean_2", head="mlp", epochs=5)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("exported") / "onnx")
+    result = ok("export", checkpoint, "--format", "onnx", out)
+    assert result.stdout.strip().splitlines() == [f"saved {out}"]  # torch.onnx's chatter stays off stdout
+    return out
+
+
+def predict_json(*args) -> list[dict]:
+    result = ok("predict", "--json", *args, *TEXTS)
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_export_folder_holds_one_dynamic_graph_and_the_tokenizer(exported, checkpoint):
+    files = set(os.listdir(exported))
+    assert {"model.onnx", "tokenizer.json", "bertcache.json", "metrics.json"} <= files
+    assert not [f for f in os.listdir(os.path.dirname(exported)) if ".partial-" in f]
+    meta = json.load(open(os.path.join(exported, "bertcache.json")))
+    config = read_config(checkpoint)
+    assert meta["label_names"] == config["label_names"] and meta["pooling"] == "cls-avg2+mean_2"
+    model = onnx.load(os.path.join(exported, "model.onnx"))
+    onnx.checker.check_model(model)
+    assert meta["opset"] == next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    for dims in inputs.values():  # batch and length are named (symbolic), not fixed numbers
+        assert all(isinstance(d, str) and d for d in dims), dims
+    outputs = {o.name: o for o in model.graph.output}
+    assert set(outputs) == {"probabilities", "logits", "features"}
+
+
+def test_onnx_predict_matches_torch_predict_json(exported, checkpoint):
+    torch_rows = predict_json("--checkpoint", checkpoint, "--device", "cpu")
+    onnx_rows = predict_json("--checkpoint", exported, "--backend", "onnx")
+    assert [r["text"] for r in onnx_rows] == TEXTS
+    assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows]
+    a = np.array([list(r["probs"].values()) for r in torch_rows])
+    b = np.array([list(r["probs"].values()) for r in onnx_rows])
+    assert np.abs(a - b).max() < 1e-4
+    assert len({round(float(p), 3) for p in a[:, 0]}) > 10  # the texts really differ: not one answer repeated
+
+
+def test_runner_tokenizes_as_the_encoder_and_gives_the_head_input(exported, checkpoint):
+    predictor = bc.Predictor(checkpoint, device="cpu")
+    runner = OnnxPredictor(exported, threads=1)
+    assert runner.tokenize(TEXTS) == predictor.encoder.tokenize(TEXTS)  # truncation to max_length included
+    assert max(len(s) for s in runner.tokenize(TEXTS)) == 64
+    arrays = predictor.encoder.encode(TEXTS[:20])
+    want = build_features(arrays, predictor.pooling, predictor.layers)
+    assert np.abs(runner.embed(TEXTS[:20]) - want).max() < 1e-4
+    assert runner.predict(TEXTS[0])["label"] == predictor.predict([TEXTS[0]])[0]["label"]
+    assert runner.predict_proba([]).shape == (0, 2)
+
+
+def test_export_errors_are_one_line(checkpoint, tmp_path):
+    one_line_error(run("export", tmp_path / "nothing", tmp_path / "out"), "checkpoint not found", exit_code=2)
+    one_line_error(run("predict", "--backend", "onnx", "-c", checkpoint, "好"), "is not an ONNX export",
+                   "bertcache export", exit_code=2)
+    one_line_error(run("predict", "--backend", "onnx", "-c", checkpoint, "--weights", "last", "好"),
+                   "--weights does not go with --backend onnx", exit_code=2)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_the_runner_needs_no_torch(exported):
+    """A service without PyTorch: importing and running the runner never loads torch or transformers."""
+    code = ("import sys; from pipeline.onnx_runner import OnnxPredictor; "
+            f"print(OnnxPredictor({exported!r}).predict('好')['label']); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    label, loaded = out.stdout.strip().splitlines()
+    assert label in json.load(open(os.path.join(exported, "bertcache.json")))["label_names"]
+    assert loaded == "[]"
