@@ -14,22 +14,17 @@ pytest.importorskip("websockets", reason="the DevTools client needs websockets (
 
 import pipeline as bc  # noqa: E402
 from cdp import TEXT_COLOURS_JS, UNLABELLED_JS, Browser, contrast_ratio, find_chromium  # noqa: E402
-from conftest import default_splits, write_split_files  # noqa: E402
+from conftest import LABEL_NAMES  # noqa: E402
 from helpers import start_server  # noqa: E402
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
-LABELS = ["负向评价", "正向评价"]
+LABELS = LABEL_NAMES
 SENTENCE = "这个东西真的很好，推荐"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
-    data = write_split_files(str(tmp / "data"), "jsonl", default_splits(n_train=80, n_val=20, n_test=20),
-                             label_fn=lambda y: LABELS[y])
-    path = bc.extract(tiny_model, data, str(tmp / "f.h5"), precision="fp32", label_names=LABELS, progress=False)
-    ckpt, _ = bc.fit_head(path, str(tmp / "ck"), pooling="cls+mean", epochs=15)
-    return ckpt
+def checkpoint(named_checkpoint):
+    return named_checkpoint
 
 
 def cjk_fonts() -> set[str]:
