@@ -23,7 +23,7 @@ import uuid
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .errors import UserError, write_error
+from .errors import UserError, read_json_file, write_error
 from .heads import Head
 
 FORMAT = "bertcache-head"
@@ -110,14 +110,7 @@ def read_config(folder: str, allow_pickle: bool = False) -> dict:
     if not os.path.isdir(folder) or not os.path.exists(path):
         raise UserError(f"checkpoint not found: {folder} is not a folder with config.json "
                         "(make one with `bertcache fit-head`)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from e
-    if config.get("format") != FORMAT:
-        raise UserError(f"{folder} is not a bertcache head checkpoint (config.json has no format {FORMAT!r})")
-    return config
+    return read_json_file(path, folder, FORMAT, "a bertcache head checkpoint")
 
 
 def read_metrics(folder: str) -> dict:

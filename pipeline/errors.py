@@ -1,5 +1,6 @@
 """The one exception type a user can cause: the CLI prints it as a single line and exits non-zero."""
 import errno
+import json
 import os
 import re
 
@@ -28,3 +29,15 @@ def write_error(e: Exception, path: str, then: str = "") -> Exception:
         return UserError(f"{path} is locked by another process (another extract writing it?); wait for it to "
                          "finish or choose another --out")
     return e
+
+
+def read_json_file(path: str, folder: str, fmt: str, what: str) -> dict:
+    """The JSON object at `path`, whose "format" must be `fmt`; else a UserError naming `folder` as not `what`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise UserError(f"{folder} is not {what} ({os.path.basename(path)} has no format {fmt!r})")
+    return obj

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, read_json_file
 from .labels import prediction_dicts
 
 FORMAT = "bertcache-onnx"
@@ -31,14 +31,7 @@ def read_meta(folder: str) -> dict:
     if not os.path.isdir(folder) or not os.path.isfile(path) or not os.path.isfile(os.path.join(folder, MODEL_FILE)):
         raise UserError(f"{folder} is not an ONNX export (no {META_FILE} and {MODEL_FILE}): make one with "
                         "`bertcache export CHECKPOINT --format onnx OUT`")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{folder} is not a bertcache ONNX export ({META_FILE} has no format {FORMAT!r})")
-    return meta
+    return read_json_file(path, folder, FORMAT, "a bertcache ONNX export")
 
 
 class OnnxPredictor:

@@ -128,3 +128,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+LABEL_NAMES = ["负向评价", "正向评价"]
+
+
+@pytest.fixture(scope="session")
+def named_checkpoint(tiny_model, tmp_path_factory) -> str:
+    """A checkpoint (tiny model, `cls+mean`, linear head) whose labels are LABEL_NAMES: for serving tests."""
+    import pipeline as bc
+    tmp = tmp_path_factory.mktemp("named-checkpoint")
+    data = write_split_files(str(tmp / "data"), "jsonl", default_splits(n_train=80, n_val=20, n_test=20),
+                             label_fn=lambda y: LABEL_NAMES[y])
+    path = bc.extract(tiny_model, data, str(tmp / "f.h5"), precision="fp32", label_names=LABEL_NAMES, progress=False)
+    ckpt, _ = bc.fit_head(path, str(tmp / "ck"), pooling="cls+mean", epochs=15)
+    return ckpt

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 
 from click.testing import CliRunner
 
@@ -53,3 +56,31 @@ def run_module(*args, timeout: float = 300, **env: str) -> subprocess.CompletedP
     """`python -m pipeline ARGS` in a child process (text output captured), with `child_env(**env)`."""
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=child_env(**env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_server(checkpoint: str, *args: str):
+    """`bertcache serve CHECKPOINT` on a free port in a child process, returned once /health answers, as
+    (process, url, stderr) where stderr(timeout) waits for the process's later stderr and returns it."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--checkpoint", checkpoint, "--port", "0",
+                             "--device", "cpu", *args], stderr=subprocess.PIPE, text=True, env=child_env())
+    url, deadline = None, time.time() + 120
+    while url is None and time.time() < deadline:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "the server exited before it listened"
+        if " on http://127.0.0.1:" in line:
+            url = line.split(" on ")[1].split()[0]
+    assert url, "the server did not listen within 120 s"
+    rest = []  # keep the pipe drained
+    drain = threading.Thread(target=lambda: rest.append(proc.stderr.read()), daemon=True)
+    drain.start()
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5)
+            break
+        except OSError:
+            time.sleep(0.1)
+
+    def stderr(timeout: float = 10) -> str:
+        drain.join(timeout=timeout)
+        return "".join(rest)
+    return proc, url, stderr

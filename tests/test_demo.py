@@ -5,10 +5,6 @@ The screenshot is kept in tests/artifacts/demo.png (and the test's tmp folder)."
 import os
 import shutil
 import subprocess
-import sys
-import threading
-import time
-import urllib.request
 import warnings
 
 import pytest
@@ -18,42 +14,17 @@ pytest.importorskip("websockets", reason="the DevTools client needs websockets (
 
 import pipeline as bc  # noqa: E402
 from cdp import TEXT_COLOURS_JS, UNLABELLED_JS, Browser, contrast_ratio, find_chromium  # noqa: E402
-from conftest import default_splits, write_split_files  # noqa: E402
-from helpers import child_env  # noqa: E402
+from conftest import LABEL_NAMES  # noqa: E402
+from helpers import start_server  # noqa: E402
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
-LABELS = ["负向评价", "正向评价"]
+LABELS = LABEL_NAMES
 SENTENCE = "这个东西真的很好，推荐"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
-    data = write_split_files(str(tmp / "data"), "jsonl", default_splits(n_train=80, n_val=20, n_test=20),
-                             label_fn=lambda y: LABELS[y])
-    path = bc.extract(tiny_model, data, str(tmp / "f.h5"), precision="fp32", label_names=LABELS, progress=False)
-    ckpt, _ = bc.fit_head(path, str(tmp / "ck"), pooling="cls+mean", epochs=15)
-    return ckpt
-
-
-def start_server(checkpoint, *args):
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--checkpoint", checkpoint, "--port", "0",
-                             "--device", "cpu", *args], stderr=subprocess.PIPE, text=True, env=child_env())
-    url, deadline = None, time.time() + 120
-    while url is None and time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            raise AssertionError("the server exited before it listened")
-        if " on http://127.0.0.1:" in line:
-            url = line.split(" on ")[1].split()[0]
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=5)
-            break
-        except OSError:
-            time.sleep(0.1)
-    return proc, url
+def checkpoint(named_checkpoint):
+    return named_checkpoint
 
 
 def cjk_fonts() -> set[str]:
@@ -70,7 +41,7 @@ def test_demo_page_in_headless_chromium(checkpoint, tmp_path):
     if binary is None:
         pytest.skip("no Chromium on this machine: apt-get install chromium (.ci/run installs it), or set $CHROMIUM")
     want = bc.Predictor(checkpoint, device="cpu").predict([SENTENCE])[0]
-    proc, url = start_server(checkpoint)
+    proc, url, _ = start_server(checkpoint)
     try:
         with Browser(binary) as browser:
             browser.goto(url + "/")

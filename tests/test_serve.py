@@ -3,10 +3,8 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import numpy as np
@@ -18,7 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import pipeline as bc  # noqa: E402
 from conftest import default_splits, make_texts, write_split_files  # noqa: E402
-from helpers import child_env, run  # noqa: E402
+from helpers import run, start_server  # noqa: E402
 from pipeline.info import describe_checkpoint  # noqa: E402
 from pipeline.serve import create_app  # noqa: E402
 
@@ -290,25 +288,8 @@ def test_serve_refuses_a_taken_port(checkpoint):
 
 @pytest.mark.slow
 def test_serve_command_end_to_end(checkpoint, predictor):
-    env = child_env()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--checkpoint", checkpoint, "--port", "0",
-                             "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+    proc, url, stderr = start_server(checkpoint)
     try:
-        url, deadline = None, time.time() + 120
-        while url is None and time.time() < deadline:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "the server exited before it listened"
-            if " on http://127.0.0.1:" in line:
-                url = line.split(" on ")[1].split()[0]
-        rest = []  # keep the pipe drained
-        drain = threading.Thread(target=lambda: rest.append(proc.stderr.read()), daemon=True)
-        drain.start()
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5)
-                break
-            except OSError:
-                time.sleep(0.1)
         req = urllib.request.Request(url + "/predict", data=json.dumps({"texts": TEXTS}).encode(),
                                      headers={"content-type": "application/json"})
         got = json.load(urllib.request.urlopen(req, timeout=30))["predictions"]
@@ -317,8 +298,7 @@ def test_serve_command_end_to_end(checkpoint, predictor):
         proc.terminate()
         code = proc.wait(timeout=30)
     # SIGTERM: uvicorn shuts the app down cleanly, then re-raises the signal as the exit status.
-    drain.join(timeout=10)
-    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in "".join(rest)
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in stderr()
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])

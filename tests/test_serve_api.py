@@ -13,23 +13,18 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import pipeline as bc  # noqa: E402
-from conftest import default_splits, write_split_files  # noqa: E402
+from conftest import LABEL_NAMES  # noqa: E402
 from pipeline import serve as S  # noqa: E402
 from pipeline.poolings import build_features  # noqa: E402
 from pipeline.serve import create_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-LABELS = ["负向评价", "正向评价"]
+LABELS = LABEL_NAMES
 
 
 @pytest.fixture(scope="module")
-def predictor(tiny_model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve-api")
-    data = write_split_files(str(tmp / "data"), "jsonl", default_splits(n_train=80, n_val=20, n_test=20),
-                             label_fn=lambda y: LABELS[y])
-    path = bc.extract(tiny_model, data, str(tmp / "f.h5"), precision="fp32", label_names=LABELS, progress=False)
-    ckpt, _ = bc.fit_head(path, str(tmp / "ck"), pooling="cls+mean", epochs=10)
-    return bc.Predictor(ckpt, device="cpu")
+def predictor(named_checkpoint):
+    return bc.Predictor(named_checkpoint, device="cpu")
 
 
 class LiveServer:
