@@ -129,7 +129,8 @@ def load_checkpoint(folder: str, weights: str = "best", device="cpu", allow_pick
     config = read_config(folder, allow_pickle)
     path = _weights_file(folder, weights, allow_pickle)
     shape = config["head"]
-    head = Head(shape["in_features"], shape["num_classes"], shape["type"], shape.get("hidden") or 0)
+    head = Head(shape["in_features"], shape["num_classes"], shape["type"], shape.get("hidden") or 0,
+                task=config.get("task", "classification"))
     try:
         state = load_file(path) if path.endswith(".safetensors") else _load_pickled_state(path)
     except UserError:

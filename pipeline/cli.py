@@ -74,7 +74,19 @@ def cli(debug):
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--label-names", help="Comma-separated label names; fixes the id order.")
-@click.option("--max-length", default=512, show_default=True, help="Truncate longer texts (capped by the model).")
+@click.option("--task", type=click.Choice(["classification", "multilabel", "regression"]),
+              help="What the labels are [detected: lists -> multilabel, numbers with fractions -> regression, "
+                   "else classification].")
+@click.option("--label-sep", help="Multilabel: split string labels on this (e.g. ','); JSON arrays need none.")
+@click.option("--text-pair-column", help="A second text column: every row is a pair of texts.")
+@click.option("--pair-mode", default="bi", show_default=True, type=click.Choice(["bi", "cross"]),
+              help="Pairs: bi caches each distinct text once (heads read u, v, |u-v|, u*v or the cosine); "
+                   "cross encodes both texts together.")
+@click.option("--max-length", default=512, show_default=True, help="Tokens per text (capped by the model).")
+@click.option("--long-texts", default="truncate", show_default=True, type=click.Choice(["truncate", "chunk"]),
+              help="Texts past --max-length: cut them (counted on stderr), or encode every window and average.")
+@click.option("--stride", type=int, help="With --long-texts chunk: tokens shared by neighbouring windows "
+                                         "[a quarter of --max-length].")
 @click.option("--prefix", default=None, help='Prepended to every text (e5 models expect "query: ") '
               "[a sentence-transformers folder's own prompt, else none].")
 @click.option("--instruction", help="Task instruction for instruction-following embedders (Qwen3-Embedding, "
@@ -93,8 +105,9 @@ def cli(debug):
 @click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")
 @click.option("--chunk-rows", type=int, hidden=True, help="Rows per write, the most a killed run loses [2048].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, instruction, layers, device,
-            precision, batch_tokens, workers, packing, store_dtype, revision, restart, chunk_rows, as_json):
+def extract(model, data, out, text_column, label_column, label_names, task, label_sep, text_pair_column, pair_mode,
+            max_length, long_texts, stride, prefix, instruction, layers, device, precision, batch_tokens, workers,
+            packing, store_dtype, revision, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from .distributed import world
     from .extract import extract as run_extract
@@ -108,6 +121,8 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
                        instruction=instruction, device=device, precision=precision, batch_tokens=batch_tokens,
                        workers=workers, packing=packing, store_dtype=store_dtype,
                        revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
+                       task=task, label_sep=label_sep, text_pair_column=text_pair_column, pair_mode=pair_mode,
+                       long_texts=long_texts, stride=stride,
                        **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
     if world()[0] != 0:
         return
@@ -117,7 +132,8 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
         click.echo(json.dumps(info, ensure_ascii=False))
     else:
         rows = ", ".join(f"{s} {v['rows']}" for s, v in info["splits"].items())
-        click.echo(f"{path}: {rows} rows; features {', '.join(info['features'])}; labels {info['label_names']}")
+        click.echo(f"{path}: {rows} rows; task {info['task']}; features {', '.join(info['features'])}; "
+                   f"labels {info['label_names']}")
 
 
 @cli.command("fit-head")
@@ -184,13 +200,26 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
         click.echo(json.dumps({"checkpoint": path, **{k: v for k, v in metrics.items() if k != "history"}},
                               ensure_ascii=False))
         return
-    best = metrics["best"]
+    from .tasks import SCORE
+
+    best, score = metrics["best"], SCORE[metrics["task"]]
     line = (f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']} ({metrics['seconds']:.2f}s): "
-            f"val acc {best['val_acc']:.4f} loss {best['val_loss']:.4f}")
+            f"{score.replace('_', ' ')} {best[score]:.4f} loss {best['val_loss']:.4f}")
     if "test" in metrics:
-        line += f"; test acc {metrics['test']['accuracy']:.4f} macro-F1 {metrics['test']['macro_f1']:.4f}"
+        line += "; test " + _summary(metrics["test"], metrics["task"])
     click.echo(line)
     click.echo(f"saved {path}")
+
+
+def _summary(report: dict, task: str) -> str:
+    """The headline metrics of a task's report, on one line."""
+    if task == "regression":
+        return (f"spearman {report['spearman']:.4f} pearson {report['pearson']:.4f} mse {report['mse']:.4f} "
+                f"mae {report['mae']:.4f}")
+    if task == "multilabel":
+        return (f"micro-F1 {report['micro_f1']:.4f} macro-F1 {report['macro_f1']:.4f} "
+                f"subset acc {report['subset_accuracy']:.4f}")
+    return f"acc {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f}"
 
 
 def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, as_json):
@@ -201,11 +230,13 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, as
     if as_json:
         metrics["ranked"] = ranked
         return path, metrics
-    click.echo(f"{'rank':>4}  {'pooling':<24} {'head':<6} {'lr':>7} {'wd':>6}  {'val acc':>7}  {'val loss':>8}  "
+    score = metrics["sweep"]["score"]
+    title = score.replace("_", " ")
+    click.echo(f"{'rank':>4}  {'pooling':<24} {'head':<6} {'lr':>7} {'wd':>6}  {title:>12}  {'val loss':>8}  "
                f"{'epoch':>5}  {'s':>5}")
     for r in ranked:
         click.echo(f"{r['rank']:>4}  {r['pooling']:<24} {r['head']:<6} {r['lr']:>7g} {r['weight_decay']:>6g}  "
-                   f"{r['val_acc']:>7.4f}  {r['val_loss']:>8.4f}  {r['best_epoch']:>5}  {r['seconds']:>5.1f}")
+                   f"{r[score]:>12.4f}  {r['val_loss']:>8.4f}  {r['best_epoch']:>5}  {r['seconds']:>5.1f}")
     click.echo(f"{metrics['sweep']['configurations']} heads in {metrics['sweep']['seconds']:.1f}s; "
                f"winner: {ranked[0]['pooling']} {ranked[0]['head']} lr {ranked[0]['lr']:g} "
                f"wd {ranked[0]['weight_decay']:g} (table in {os.path.join(path, 'sweep.json')})")
@@ -223,11 +254,27 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, as
               help="Also list the N most confidently wrong texts of each true class.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, errors, as_json):
-    """Accuracy, macro-F1, per-class precision / recall and the confusion matrix on a cached split."""
+    """The head's metrics on a cached split: accuracy, macro-F1, per-class precision / recall and the confusion
+    matrix; for regression Pearson, Spearman, MSE, MAE; for multilabel micro / macro F1, subset accuracy and
+    per-label precision / recall / F1."""
     from . import plots
     from .predict import evaluate as run_evaluate
 
     report = run_evaluate(checkpoint, features, split, weights, allow_pickle=allow_pickle, errors=errors)
+    if report["task"] != "classification":
+        if confusion_png:
+            _log(f"no {confusion_png}: a confusion matrix is for classification")
+        if as_json:
+            click.echo(json.dumps(report, ensure_ascii=False))
+            return
+        click.echo(f"split {split}: n {report['n']}  " + _summary(report, report["task"]))
+        if report["task"] == "multilabel":
+            width = max(len(n) for n in report["label_names"])
+            click.echo(f"{'label':<{width}}  precision  recall  f1      support")
+            for name, m in report["per_label"].items():
+                click.echo(f"{name:<{width}}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  "
+                           f"{m['support']}")
+        return
     if confusion_png and plots.available():
         _log(f"wrote {plots.confusion_png(report, confusion_png)}")
     elif confusion_png:
@@ -254,7 +301,8 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
 @cli.command()
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
 @click.argument("texts", nargs=-1)
-@click.option("--file", "file_", type=click.Path(dir_okay=False), help="Texts, one per line ('-' for stdin).")
+@click.option("--file", "file_", type=click.Path(dir_okay=False), help="Texts, one per line ('-' for stdin); "
+              "for a head trained on pairs, the two texts of a line separated by a tab.")
 @click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
@@ -264,7 +312,11 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
               help="onnx: run a `bertcache export` folder (given as --checkpoint) with onnxruntime.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allow_pickle, backend, as_json):
-    """Classify raw texts with the full encoder + head (arguments, --file, stdin, or an interactive loop)."""
+    """Run the full encoder + head on raw texts (arguments, --file, stdin, or an interactive loop).
+
+    Prints per text: classification the label and its probability; multilabel every label over its
+    threshold with its probability; regression the score. A head trained on pairs takes each pair as
+    one argument or line, the two texts separated by a tab."""
 
     texts = list(texts)
     interactive = False
@@ -280,15 +332,37 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
     predictor = load_predictor(checkpoint, backend, model=model, device=device, weights=weights,
                                batch_tokens=batch_tokens, allow_pickle=allow_pickle)
 
+    def items(lines):
+        if not getattr(predictor, "pair_mode", None):
+            return lines
+        out = []
+        for line in lines:
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+                raise UserError(f"this head reads sentence pairs: give two non-blank texts separated by a tab, "
+                                f"not {line!r}")
+            out.append((parts[0], parts[1]))
+        return out
+
     def show(results):
         for r in results:
+            text = r["text"] + (f"\t{r['text_pair']}" if "text_pair" in r else "")
             if as_json:
                 click.echo(json.dumps(r, ensure_ascii=False))
+            elif "score" in r:
+                click.echo(f"{r['score']:.4f}\t{text}")
+            elif "labels" in r:
+                click.echo(", ".join(f"{n} {r['probs'][n]:.4f}" for n in r["labels"]) + f"\t{text}")
             else:
-                click.echo(f"{r['label']}\t{r['probs'][r['label']]:.4f}\t{r['text']}")
+                click.echo(f"{r['label']}\t{r['probs'][r['label']]:.4f}\t{text}")
+        encoder = getattr(predictor, "encoder", None)
+        if getattr(encoder, "truncated", 0):
+            _log(f"{encoder.truncated} texts longer than {encoder.max_length} tokens were "
+                 "truncated (a head extracted with --long-texts chunk encodes them whole)")
+            encoder.truncated = 0
 
     if not interactive:
-        show(predictor.predict(texts))
+        show(predictor.predict(items(texts)))
         return
     _log("type a text and press enter; q quits")
     while True:
@@ -299,7 +373,10 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
         if line.strip() == "q":
             break
         if line.strip():
-            show(predictor.predict([line]))
+            try:
+                show(predictor.predict(items([line])))
+            except UserError as e:
+                _log(f"error: {e}")
 
 
 @cli.command()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UserError
+from .tasks import check_task, detect_task, multilabel_targets, regression_targets
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "dev": "validation",
                  "valid": "validation", "val": "validation", "test": "test"}
@@ -67,27 +68,36 @@ class TextColumn(Sequence):
 @dataclass
 class Split:
     texts: Sequence[str]  # a list, or a TextColumn for Arrow-backed sources
-    labels: np.ndarray  # int64, UNLABELLED (-1) where the row has no label
+    labels: np.ndarray  # per task (tasks.py): int64 ids (-1 unlabelled), float64 targets (NaN), int8 [N, k]
     rows: np.ndarray  # each text's row number in the source split (blank texts are skipped)
+    pairs: Sequence[str] | None = None  # the second text of each row (--text-pair-column), else None
 
 
 @dataclass
 class Corpus:
     splits: dict[str, Split]
-    label_names: list[str]
+    label_names: list[str]  # [] for regression
     source: str
     skipped: dict[str, int] = field(default_factory=dict)  # blank texts left out, per split
+    task: str = "classification"
+    notes: list[str] = field(default_factory=list)  # said on stderr by extract (e.g. the task detected)
 
 
 def load_corpus(source: str, text_column: str = "text", label_column: str = "label",
-                label_names: list[str] | None = None) -> Corpus:
-    """Load every split of `source` as texts and integer labels (see the module docstring)."""
+                label_names: list[str] | None = None, *, task: str | None = None, label_sep: str | None = None,
+                text_pair_column: str | None = None) -> Corpus:
+    """Load every split of `source` as texts (and second texts, with `text_pair_column`) and labels.
+
+    `task` (classification, multilabel, regression; see tasks.py) is detected from the labels when None:
+    lists (or `label_sep` given) make multilabel, numbers with fractions regression.
+    """
+    check_task(task)
     raw, class_names = _read_source(source)
     class_names = class_names.get(label_column) if class_names else None
     raw = {name: raw[name] for name in sorted(raw, key=_split_rank)}
     if not raw:
         raise UserError(f"no splits found in {source!r}")
-    texts, label_values, rows, skipped = {}, {}, {}, {}
+    texts, label_values, rows, skipped, pairs = {}, {}, {}, {}, {}
     for split, columns in raw.items():
         if text_column not in columns:
             raise UserError(f"split {split!r} of {source!r} has no text column {text_column!r}; "
@@ -98,7 +108,13 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
         col = columns[text_column]
         labels = columns.get(label_column, [None] * len(col))
         labels = list(labels) if isinstance(labels, TextColumn) else labels
-        if isinstance(col, TextColumn):
+        if text_pair_column is not None:
+            if text_pair_column not in columns:
+                raise UserError(f"split {split!r} of {source!r} has no text pair column {text_pair_column!r}; "
+                                f"columns are: {', '.join(columns)}; pass --text-pair-column")
+            keep, firsts, seconds = _pair_rows(split, col, columns[text_pair_column])
+            texts[split], pairs[split] = firsts, seconds
+        elif isinstance(col, TextColumn):
             keep = col.nonblank()
             texts[split] = col if len(keep) == len(col) else col.take(keep)
         else:
@@ -111,9 +127,35 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
         raise UserError(f"split 'train' of {source!r} is empty: there is nothing to train on")
     if all(len(t) == 0 for t in texts.values()):
         raise UserError(f"{source!r} has no rows with text")
-    ids, names = encode_labels(label_values, class_names, label_names)
-    splits = {s: Split(texts[s], ids[s], rows[s]) for s in raw}
-    return Corpus(splits, names, source, skipped)
+    notes = []
+    if task is None:
+        task, note = detect_task(label_values, label_sep)
+        notes += [note] if note else []
+    if task == "regression":
+        ids, names = regression_targets(label_values), []
+    elif task == "multilabel":
+        ids, names = multilabel_targets(label_values, label_names or class_names, label_sep)
+    else:
+        ids, names = encode_labels(label_values, class_names, label_names)
+    splits = {s: Split(texts[s], ids[s], rows[s], pairs.get(s)) for s in raw}
+    return Corpus(splits, names, source, skipped, task, notes)
+
+
+def _pair_rows(split: str, firsts, seconds) -> tuple[list[int], list[str], list[str]]:
+    """Rows with both texts (rows with neither are skipped); a row with one side blank is refused."""
+    def blank(t):
+        return t is None or not str(t).strip()
+    keep, a_out, b_out = [], [], []
+    for i, (a, b) in enumerate(zip(firsts, seconds)):
+        if blank(a) and blank(b):
+            continue
+        if blank(a) or blank(b):
+            raise UserError(f"split {split!r}, row {i}: the {'first' if blank(a) else 'second'} text of the pair is "
+                            "blank; give both texts or drop the row")
+        keep.append(i)
+        a_out.append(str(a))
+        b_out.append(str(b))
+    return keep, a_out, b_out
 
 
 def encode_labels(values: dict[str, list], class_names: list[str] | None = None,

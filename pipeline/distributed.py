@@ -22,7 +22,7 @@ import numpy as np
 from .data import Corpus, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
 from .errors import UserError, write_error
-from .extract import default_features_path, extract as extract_one, split_specs
+from .extract import cache_settings, default_features_path, extract as extract_one, split_specs
 from .fingerprints import cache_fingerprint
 from .store import FeatureStore, StoreWriter
 
@@ -73,11 +73,17 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     rank, size, local = world()
     if device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local}"
-    corpus = load_corpus(data, text_column, label_column, label_names)
+    if kwargs.pop("text_pair_column", None):
+        raise UserError("sentence pairs (--text-pair-column) are extracted in one process; run without torchrun")
+    kwargs.pop("pair_mode", None)
+    corpus = load_corpus(data, text_column, label_column, label_names, task=kwargs.pop("task", None),
+                         label_sep=kwargs.pop("label_sep", None))
     encoder = Encoder(model, device=device, precision=precision, max_length=max_length, prefix=prefix,
                       layers=layers, revision=revision, batch_tokens=batch_tokens, instruction=instruction,
                       workers=kwargs.pop("workers", None), packing=kwargs.pop("packing", "auto"),
-                      log=kwargs.get("log"))
+                      log=kwargs.get("log"), long_texts=kwargs.pop("long_texts", "truncate"),
+                      stride=kwargs.pop("stride", None))
+    settings = cache_settings(encoder, corpus.task, None)
     out = out or default_features_path(model, data)
     own_group = not dist.is_initialized()
     if own_group:
@@ -91,7 +97,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             # Check an existing <out> before anyone spends hours encoding: StoreWriter refuses one made
             # with other settings or data (and creates nothing when <out> exists).
             done = _agreed(lambda: StoreWriter(
-                out, settings=encoder.settings(), splits=specs, label_names=corpus.label_names,
+                out, settings=settings, splits=specs, label_names=corpus.label_names,
                 feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size, source=corpus.source,
                 store_dtype=store_dtype).status == "complete")
         else:
@@ -102,7 +108,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
                     encoder=encoder, store_dtype=store_dtype, restart=restart,
                     progress=progress and rank == 0, **kwargs)
         dist.barrier()
-        _agreed(lambda: _join(out, size, corpus, specs, encoder.settings(), store_dtype) if rank == 0 else None)
+        _agreed(lambda: _join(out, size, corpus, specs, settings, store_dtype) if rank == 0 else None)
     finally:
         if own_group:
             dist.destroy_process_group()

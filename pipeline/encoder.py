@@ -39,6 +39,7 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Models whose position ids start after the padding index, so two positions are never used.
 PACKINGS = ("auto", "off")
 _told = set()  # fallback notes already printed: once per process
+LONG_TEXTS = ("truncate", "chunk")
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text", "xlm-roberta-xl"}
 
 
@@ -106,7 +107,8 @@ class Encoder:
     def __init__(self, model: str, *, device: str | None = "auto", precision: str = "auto",
                  max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, layers: int = 1,
                  revision: str | None = None, batch_tokens: int | None = None, packing: str = "auto",
-                 workers: int | None = None, instruction: str | None = None, log=None):
+                 workers: int | None = None, instruction: str | None = None, log=None, long_texts: str = "truncate",
+                 stride: int | None = None):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
         from .sentence import SentenceModules
@@ -167,6 +169,18 @@ class Encoder:
                 log(f"prefix: the model's {name!r} prompt {prefix!r} (sentence-transformers config; "
                     "--prefix '' for none)")
         self.prefix = prefix or ""
+        if long_texts not in LONG_TEXTS:
+            raise UserError(f"unknown --long-texts {long_texts!r}; use truncate or chunk")
+        self.long_texts = long_texts
+        # Windows overlap by `stride` tokens (HF's meaning of stride); default a quarter of a window.
+        self.stride = int(stride if stride is not None else self.max_length // 4) if long_texts == "chunk" else 0
+        if long_texts == "chunk":
+            if not getattr(self.tokenizer, "is_fast", False):
+                raise UserError("--long-texts chunk needs a fast (Rust) tokenizer; this model's is not")
+            if not 0 <= self.stride < self.max_length // 2:
+                raise UserError(f"--stride must be between 0 and {self.max_length // 2 - 1} for --max-length "
+                                f"{self.max_length}, not {self.stride}")
+        self.truncated = 0  # texts (or pairs) cut at max_length so far, for the caller to report
         self.eos_id = self._eos_to_append() if self.family == "decoder" else None
         # Decoders keep their tokenizer's padding side (Qwen3-Embedding pads left); encoders pad right.
         self.padding_side = getattr(self.tokenizer, "padding_side", "right") if self.family == "decoder" else "right"
@@ -229,6 +243,8 @@ class Encoder:
             out["sentence"] = self.sentence.describe()
         if self.feature_dims:
             out["feature_dims"] = dict(self.feature_dims)
+        if self.long_texts != "truncate":  # only when set: caches made before this setting keep their fingerprint
+            out.update(long_texts=self.long_texts, stride=self.stride)
         return out
 
     def default_pooling(self) -> str:
@@ -249,25 +265,57 @@ class Encoder:
 
     # -- encoding ---------------------------------------------------------------------------------
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> list[list[int]]:
+        """Token ids per text (with `pairs`: per pair, the tokenizer's pair encoding, token types folded
+        in, see `_fold_types`). Texts past max_length are cut (counted in `truncated`) or, with
+        long_texts="chunk", split into overlapping windows: a `Windows` list that `encode_ids` pools back."""
         if not texts:
             return []
         room = self.max_length - (self.eos_id is not None)
-        enc = self.tokenizer([self.prefix + t for t in texts], truncation=True, max_length=room,
-                             add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False)
+        second = None if pairs is None else [self.prefix + t for t in pairs]
+        chunk = self.long_texts == "chunk"
+        enc = self.tokenizer([self.prefix + t for t in texts], second, truncation=True, max_length=room,
+                             add_special_tokens=True, return_attention_mask=False,
+                             return_token_type_ids=pairs is not None, return_overflowing_tokens=chunk,
+                             stride=self.stride if chunk else 0)
+        ids = enc["input_ids"]
+        if pairs is not None:
+            ids = [_fold_types(seq, types, self.model.config.vocab_size)
+                   for seq, types in zip(ids, enc["token_type_ids"])]
         if self.eos_id is not None:
-            return [list(s) + [self.eos_id] for s in enc["input_ids"]]
-        return enc["input_ids"]
+            ids = [list(s) + [self.eos_id] for s in ids]
+        if chunk:
+            return Windows(ids, np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64), len(texts))
+        encodings = getattr(enc, "encodings", None)
+        if encodings:
+            self.truncated += sum(1 for e in encodings if e.overflowing)
+        else:  # a slow tokenizer does not say: a text that fills max_length exactly counts too
+            self.truncated += sum(1 for seq in ids if len(seq) >= self.max_length)
+        return ids
 
-    def encode(self, texts: list[str], on_progress=None) -> dict[str, np.ndarray]:
-        """Pooled float32 vectors for `texts`, in their order: feature name -> [len(texts), hidden]."""
-        return self.encode_ids(self.tokenize(texts), on_progress)
+    def encode(self, texts: list[str], on_progress=None, pairs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Pooled float32 vectors for `texts` (or text pairs, one vector per pair), in their order:
+        feature name -> [len(texts), hidden]."""
+        return self.encode_ids(self.tokenize(texts, pairs), on_progress)
 
     def encode_ids(self, ids: list[list[int]], on_progress=None, *, count: str = "texts") -> dict[str, np.ndarray]:
         """Pooled float32 vectors for already tokenized texts (`tokenize`'s output), in their order.
+        For `Windows`, the mean of each text's window vectors, per feature.
 
         `on_progress(n)` is called per batch with its distinct texts, or with its tokens (unpadded) when
         `count="tokens"`: texts come longest first, so only tokens give a true ETA."""
+        if isinstance(ids, Windows):
+            tokens = count == "tokens"
+            per_window = self.encode_ids(list(ids), on_progress if tokens else None, count=count)
+            if on_progress is not None and not tokens:
+                on_progress(ids.texts)
+            counts = np.bincount(ids.owner, minlength=ids.texts).astype(np.float32)[:, None]
+            out = {}
+            for k, v in per_window.items():
+                total = np.zeros((ids.texts, v.shape[1]), np.float32)
+                np.add.at(total, ids.owner, v)
+                out[k] = total / np.maximum(counts, 1)
+            return out
         names = self.feature_names()
         n = len(ids)
         dims = {k: self.feature_dims.get(k, self.hidden_size) for k in names}
@@ -366,6 +414,10 @@ class Encoder:
         extra = {}
         if self.family == "decoder":  # positions count from each text's first real token, whatever the padding
             extra["position_ids"] = (mask_t.cumsum(1) - 1).clamp(min=0)
+        vocab = self.model.config.vocab_size
+        if int(ids.max()) >= vocab:  # text pairs: token types folded into the ids (_fold_types)
+            extra["token_type_ids"] = ids_t // vocab
+            ids_t = ids_t % vocab
         result = self.model(input_ids=ids_t, attention_mask=mask_t, output_hidden_states=need_all, **extra)
         hidden = result.hidden_states if need_all else {self.num_layers: result.last_hidden_state}
         real = mask_t.bool().unsqueeze(-1)
@@ -407,6 +459,22 @@ class Encoder:
         if self.sentence:
             pooled[SENTENCE] = self._sentence(hidden[self.num_layers], p)
         return pooled
+
+
+class Windows(list):
+    """Token ids of the windows of long texts (`Encoder.tokenize` with long_texts="chunk"): `owner[i]` is
+    the text window i belongs to, `texts` how many texts there are."""
+
+    def __init__(self, ids, owner: np.ndarray, texts: int):
+        super().__init__(ids)
+        self.owner, self.texts = owner, texts
+
+
+def _fold_types(ids: list[int], types: list[int], vocab_size: int) -> list[int]:
+    """Pair encodings carry token type ids; folded into the ids (id + type * vocab_size) they stay one list
+    of ints per input, so deduplication, length sorting and batching need no second array. The forward
+    passes unfold them (ids % vocab, ids // vocab). Type 0 tokens are unchanged."""
+    return [i + t * vocab_size for i, t in zip(ids, types)]
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:

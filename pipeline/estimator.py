@@ -1,4 +1,8 @@
-"""A scikit-learn classifier over raw texts: the frozen encoder plus a head, in one estimator.
+"""scikit-learn estimators over raw texts: the frozen encoder plus a head, in one estimator.
+
+`TextClassifier` classifies (one label per text, or, given a 2-D 0/1 indicator matrix as y, several:
+multilabel, with one threshold per label tuned on the hold-out); `TextRegressor` predicts a number
+(targets standardized on the training texts, early stopping on validation Spearman).
 
 `TextClassifier` follows scikit-learn's conventions (the constructor only stores its arguments,
 `fit` returns self, `classes_`, `get_params` / `set_params`), so it works in `Pipeline`,
@@ -20,7 +24,7 @@ import uuid
 import numpy as np
 
 try:
-    from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.utils.multiclass import check_classification_targets
     from sklearn.utils.validation import check_is_fitted
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -32,6 +36,7 @@ from .encoder import DEFAULT_MAX_LENGTH, Encoder, resolve_device
 from .errors import UserError
 from .poolings import build_features
 from .predict import as_texts
+from .tasks import tune_thresholds
 from .training import class_weight_vector, holdout
 from .training import fit as fit_arrays
 
@@ -50,8 +55,8 @@ def clear_cache() -> None:
         _LOADED_DIRS.clear()
 
 
-class TextClassifier(ClassifierMixin, BaseEstimator):
-    """Classify raw texts: a frozen encoder's pooled vectors, then a trained linear or MLP head.
+class _TextEstimator(BaseEstimator):
+    """What TextClassifier and TextRegressor share: their arguments, the encoder and its cached vectors.
 
     Args:
         model: encoder: a model folder, a hub id, or "e5-small" (built from PyPI, no hub needed).
@@ -72,9 +77,12 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         cache_dir: also keep the encoded vectors in this folder (npz files, never pickles), to share them
             with other processes (GridSearchCV with n_jobs > 1) and later sessions.
         progress: show a progress bar on stderr while encoding.
+        long_texts, stride: "truncate" texts past max_length, or "chunk" them into windows sharing
+            `stride` tokens and average the window vectors (as `extract --long-texts`).
 
-    Attributes after `fit`: classes_ (the labels, sorted), head_ (the trained heads.Head), history_
-    (per-epoch losses and accuracies), best_epoch_.
+    Attributes after `fit`: head_ (the trained heads.Head), history_ (per-epoch losses and validation
+    scores), best_epoch_; TextClassifier also classes_ (the labels, sorted; label columns for multilabel)
+    and thresholds_ (multilabel: one per label; else None).
 
     Example:
 
@@ -95,7 +103,8 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
                  label_smoothing: float = 0.0, class_weights: str | None = None, seed: int = D.SEED,
                  layers: int = 1, max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", precision: str = "auto",
                  batch_tokens: int | None = None, revision: str | None = None, device: str = "auto",
-                 cache_dir: str | None = None, progress: bool = False):
+                 cache_dir: str | None = None, progress: bool = False, long_texts: str = "truncate",
+                 stride: int | None = None):
         self.model = model
         self.pooling = pooling
         self.head = head
@@ -119,36 +128,99 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         self.device = device
         self.cache_dir = cache_dir
         self.progress = progress
+        self.long_texts = long_texts
+        self.stride = stride
 
-    # -- scikit-learn API ---------------------------------------------------------------------------
+    def _fit_head(self, X_all, y, k, task, weights=None):
+        """Train the head with a held-out share of the rows (stratified for class ids); returns the held-out rows."""
+        n = len(X_all)
+        if self.validation_fraction and self.validation_fraction > 0:
+            train, val = holdout(y, self.validation_fraction, self.seed)
+        else:
+            train, val = np.arange(n), np.arange(0)
+        result = fit_arrays(X_all[train], y[train], X_all[val], y[val], k, device=resolve_device(self.device),
+                            head=self.head, hidden=self.hidden, dropout=self.dropout, epochs=self.epochs, lr=self.lr,
+                            weight_decay=self.weight_decay, batch_size=self.batch_size, seed=self.seed,
+                            patience=self.patience, label_smoothing=self.label_smoothing,
+                            class_weights=weights(train) if weights else None, task=task)
+        self.head_, self.history_, self.best_epoch_ = result.head, result.history, result.best_epoch
+        return val
+
+    # -- the encoder and its vectors ----------------------------------------------------------------
+
+    def _features(self, texts: list[str]) -> np.ndarray:
+        """The head's input matrix for `texts`, encoding only the texts not cached yet."""
+        encoder = self._encoder()
+        arrays = _cached_vectors(encoder, texts, self.cache_dir, self.progress)
+        return build_features(arrays, self.pooling, encoder.layers)
+
+    def _encoder(self) -> Encoder:
+        key = (self.model, self.layers, self.max_length, self.prefix, self.precision, self.batch_tokens,
+               self.revision, self.device, self.long_texts, self.stride)
+        with _LOCK:
+            if key not in _ENCODERS:
+                _ENCODERS[key] = Encoder(self.model, device=self.device, precision=self.precision,
+                                         max_length=self.max_length, prefix=self.prefix, layers=self.layers,
+                                         revision=self.revision, batch_tokens=self.batch_tokens,
+                                         long_texts=self.long_texts, stride=self.stride)
+            return _ENCODERS[key]
+
+    def _more_tags(self):  # scikit-learn < 1.6
+        return {"X_types": ["string"]}
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        return tags
+
+
+class TextClassifier(ClassifierMixin, _TextEstimator):
+    """Classify raw texts: a frozen encoder's pooled vectors, then a trained linear or MLP head.
+
+    y is one label per text, or a 2-D 0/1 indicator matrix [texts, labels] for multilabel (a sigmoid
+    per label; `thresholds_` tuned per label on the hold-out; predict gives the indicator matrix).
+    Arguments: see `_TextEstimator` below (the same for TextRegressor).
+
+    Example:
+
+        from pipeline.estimator import TextClassifier
+
+        texts, y = ["这本书写得真好", "质量太差了", "物流很快", "屏幕有坏点"], ["pos", "neg", "pos", "neg"]
+        clf = TextClassifier("e5-small", prefix="query: ", pooling="mean").fit(texts, y)
+        clf.predict(["价格便宜，性价比很高"])               # array(['pos'], dtype='<U3')
+    """
 
     def fit(self, X, y):
         """Encode the texts (those not cached yet) and train the head; returns self.
 
         Args:
             X: the training texts (a list, array or Series of str).
-            y: their labels (ints or strings), one per text.
+            y: their labels (ints or strings), one per text; or a 0/1 matrix [texts, labels] (multilabel).
         """
         texts = _texts(X)
         y = np.asarray(y)
-        if y.ndim != 1 or len(y) != len(texts):
-            raise UserError(f"fit needs one label per text: {len(texts)} texts, labels of shape {y.shape}")
-        check_classification_targets(y)
+        if len(y) != len(texts) or y.ndim not in (1, 2):
+            raise UserError(f"fit needs one label per text (or a 0/1 row, multilabel): {len(texts)} texts, "
+                            f"labels of shape {y.shape}")
         if self.class_weights not in (None, "none", "balanced"):
             raise UserError(f"unknown class_weights {self.class_weights!r}; use None or 'balanced'")
+        X_all = self._features(texts)
+        if y.ndim == 2:  # multilabel
+            if not np.isin(y, (0, 1)).all():
+                raise UserError("a 2-D y is a multilabel indicator matrix: 0 and 1 only")
+            self.classes_ = np.arange(y.shape[1])
+            y = y.astype(np.int8)
+            val = self._fit_head(X_all, y, y.shape[1], "multilabel")
+            probs = self.head_.predict(X_all[val]) if len(val) else np.zeros((0, y.shape[1]))
+            self.thresholds_ = tune_thresholds(y[val], probs) if len(val) else np.full(y.shape[1], 0.5)
+            return self
+        check_classification_targets(y)
         self.classes_, y_ids = np.unique(y, return_inverse=True)
         k = len(self.classes_)
-        X_all = self._features(texts)
-        if self.validation_fraction and self.validation_fraction > 0:
-            train, val = holdout(y_ids, self.validation_fraction, self.seed)
-        else:
-            train, val = np.arange(len(texts)), np.arange(0)
-        weights = (class_weight_vector(y_ids[train], k) if self.class_weights == "balanced" else None)
-        result = fit_arrays(X_all[train], y_ids[train], X_all[val], y_ids[val], k, device=resolve_device(self.device),
-                       head=self.head, hidden=self.hidden, dropout=self.dropout, epochs=self.epochs, lr=self.lr,
-                       weight_decay=self.weight_decay, batch_size=self.batch_size, seed=self.seed,
-                       patience=self.patience, label_smoothing=self.label_smoothing, class_weights=weights)
-        self.head_, self.history_, self.best_epoch_ = result.head, result.history, result.best_epoch
+        self.thresholds_ = None
+        weights = (lambda train: class_weight_vector(y_ids[train], k)) if self.class_weights == "balanced" else None
+        self._fit_head(X_all, y_ids, k, "classification", weights)
         return self
 
     def predict_proba(self, X) -> np.ndarray:
@@ -169,34 +241,53 @@ class TextClassifier(ClassifierMixin, BaseEstimator):
         Args:
             X: texts (a list, array or Series of str; one str counts as one text).
         """
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        probs = self.predict_proba(X)
+        if self.thresholds_ is not None:  # multilabel: the indicator matrix
+            return (probs >= self.thresholds_).astype(np.int64)
+        return self.classes_[probs.argmax(1)]
 
-    def _more_tags(self):  # scikit-learn < 1.6
-        return {"X_types": ["string"]}
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
-        return tags
+class TextRegressor(RegressorMixin, _TextEstimator):
+    """Predict a number from raw texts: a frozen encoder's pooled vectors, then a trained head (mean squared
+    error on targets standardized on the training texts; the best epoch by hold-out Spearman).
+    Arguments: see `_TextEstimator` (label_smoothing and class_weights do not apply).
 
-    # -- the encoder and its vectors ----------------------------------------------------------------
+    Example:
 
-    def _features(self, texts: list[str]) -> np.ndarray:
-        """The head's input matrix for `texts`, encoding only the texts not cached yet."""
-        encoder = self._encoder()
-        arrays = _cached_vectors(encoder, texts, self.cache_dir, self.progress)
-        return build_features(arrays, self.pooling, encoder.layers)
+        from pipeline.estimator import TextRegressor
 
-    def _encoder(self) -> Encoder:
-        key = (self.model, self.layers, self.max_length, self.prefix, self.precision, self.batch_tokens,
-               self.revision, self.device)
-        with _LOCK:
-            if key not in _ENCODERS:
-                _ENCODERS[key] = Encoder(self.model, device=self.device, precision=self.precision,
-                                         max_length=self.max_length, prefix=self.prefix, layers=self.layers,
-                                         revision=self.revision, batch_tokens=self.batch_tokens)
-            return _ENCODERS[key]
+        reg = TextRegressor("e5-small", prefix="query: ").fit(["很好", "还行", "很差"], [5.0, 3.0, 1.0])
+        reg.predict(["不错"])                               # array([...]), in the targets' units
+        reg.score(["很好", "很差"], [5.0, 1.0])             # R^2 (scikit-learn's RegressorMixin)
+    """
+
+    def fit(self, X, y):
+        """Encode the texts (those not cached yet) and train the head; returns self.
+
+        Args:
+            X: the training texts (a list, array or Series of str).
+            y: one finite number per text.
+        """
+        texts = _texts(X)
+        y = np.asarray(y, dtype=np.float64)
+        if y.ndim != 1 or len(y) != len(texts):
+            raise UserError(f"fit needs one target per text: {len(texts)} texts, targets of shape {y.shape}")
+        if not np.isfinite(y).all():
+            raise UserError("the targets hold NaN or inf; give every text a finite number")
+        self._fit_head(self._features(texts), y, 1, "regression")
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        """The predicted number of every text, in the targets' units.
+
+        Args:
+            X: texts (a list, array or Series of str; one str counts as one text).
+        """
+        check_is_fitted(self, "head_")
+        texts = _texts(X)
+        if not texts:
+            return np.zeros(0)
+        return self.head_.predict(self._features(texts)).astype(np.float64)
 
 
 def _texts(X) -> list[str]:

@@ -76,6 +76,11 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
 
     config = read_config(checkpoint, allow_pickle)
     enc = config["encoder"]
+    if config.get("task", "classification") != "classification" or config.get("pair_mode") \
+            or (enc.get("long_texts") or "truncate") != "truncate":
+        raise UserError("export covers classification heads over single, truncated texts; this head's task "
+                        f"{config.get('task')!r}, pair mode {config.get('pair_mode')!r} or long texts "
+                        f"{enc.get('long_texts')!r} are served by `bertcache serve` without --backend onnx")
     if "sentence" in str(config["pooling"]).split("+"):
         raise UserError("pooling 'sentence' (a sentence-transformers folder's own modules) cannot be exported to "
                         "ONNX yet; export a head trained on cls / mean / last pooling")

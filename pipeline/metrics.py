@@ -1,7 +1,22 @@
-"""Classification metrics over labelled rows (label -1 = unlabelled, left out)."""
+"""Metrics over labelled rows: classification here (label -1 = unlabelled, left out); regression and
+multilabel in tasks.py; `report` picks the checkpoint's task's."""
 from __future__ import annotations
 
 import numpy as np
+
+from .tasks import multilabel_report, regression_report
+
+
+def report(config: dict, y: np.ndarray, out: np.ndarray) -> dict:
+    """The task's metrics of head outputs `out` (probabilities, or values) against labels `y`; config is
+    the checkpoint's (task, label names, multilabel thresholds)."""
+    task = config.get("task", "classification")
+    if task == "regression":
+        return regression_report(y, out)
+    if task == "multilabel":
+        cuts = np.array([config["thresholds"][n] for n in config["label_names"]])
+        return multilabel_report(y, (out >= cuts).astype(np.int8), config["label_names"])
+    return classification_report(y, out.argmax(1), config["label_names"])
 
 
 def classification_report(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str]) -> dict:

@@ -82,7 +82,9 @@ class Packing:
 
         def put(a):
             return torch.from_numpy(a).to(device, non_blocking=True)
-        return cls(put(ids), put(positions), put(lengths), put(starts), put(segment), put(scatter), longest)
+        packing = cls(put(ids), put(positions), put(lengths), put(starts), put(segment), put(scatter), longest)
+        packing.max_id = int(ids.max()) if total else 0  # on the host: embed needs no device sync to read it
+        return packing
 
 
 class PackedEncoder:
@@ -115,9 +117,11 @@ class PackedEncoder:
 
     def embed(self, p: Packing) -> torch.Tensor:
         emb = self.model.embeddings
-        x = emb.word_embeddings(p.ids)
-        if getattr(emb, "token_type_embeddings", None) is not None:  # token type 0 throughout; HF's order of sums
-            x = x + emb.token_type_embeddings.weight[0]
+        vocab = emb.word_embeddings.num_embeddings
+        paired = getattr(p, "max_id", 0) >= vocab  # text pairs: token types folded into the ids (encoder.py)
+        x = emb.word_embeddings(p.ids % vocab if paired else p.ids)
+        if getattr(emb, "token_type_embeddings", None) is not None:  # HF's order of sums
+            x = x + (emb.token_type_embeddings(p.ids // vocab) if paired else emb.token_type_embeddings.weight[0])
         return emb.LayerNorm(x + emb.position_embeddings(p.positions + self.position_offset))
 
     def attention(self, qkv: torch.Tensor, p: Packing) -> torch.Tensor:

@@ -42,17 +42,19 @@ def _save(fig, path: str) -> None:
             os.remove(tmp)
 
 
-def curves_png(history: list[dict], best_epoch: int, path: str) -> str:
-    """Train and validation loss (left) and accuracy (right) per epoch; the kept epoch marked."""
+def curves_png(history: list[dict], best_epoch: int, path: str, score: str = "val_acc") -> str:
+    """Train and validation loss (left) and the validation score (right: accuracy, with train's too;
+    micro-F1; Spearman) per epoch; the kept epoch marked."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, what in zip(axes, ("loss", "acc")):
-        ax.plot(epochs, [h[f"train_{what}"] for h in history], label="train")
+    for ax, what in zip(axes, ("loss", score[4:])):
+        if f"train_{what}" in history[-1]:
+            ax.plot(epochs, [h.get(f"train_{what}", float("nan")) for h in history], label="train")
         ax.plot(epochs, [h[f"val_{what}"] for h in history], label="validation")
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
         ax.set_xlabel("epoch")
-        ax.set_title("loss" if what == "loss" else "accuracy")
+        ax.set_title({"acc": "accuracy", "micro_f1": "micro-F1"}.get(what, what))
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)

@@ -10,6 +10,10 @@ Dense and Normalize modules applied); it may be narrower or wider than the hidde
 A *pooling* is the spec a head reads: terms joined by `+` (concatenated). A term is `cls`, `mean` or
 `last` (last layer), `cls_9` (a given layer), `mean-avg4` / `cls-cat2` (average or concatenation over
 the last k cached layers), or `sentence`.
+
+Sentence pairs cached apart (`--pair-mode bi`) hold two vectors per row, u and v (arrays [N, 2, hidden]);
+their terms say how the two meet: `pair:<term>` is [u, v, |u-v|, u*v] (SBERT / InferSent) and
+`cos:<term>` the cosine of u and v alone (one column), e.g. `cos:mean+pair:mean`.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ POOLS = ("cls", "mean", "last")  # how each cached layer is reduced to a vector 
 DECODER_POOLS = ("mean", "last")  # decoder-only models: a causal model's first token has seen only itself
 SENTENCE = "sentence"  # a sentence-transformers folder's own vector: one per text, not per layer
 _TERM = re.compile(r"^(?:(cls|mean|last)(?:_(\d+)|-(avg|cat)(\d+))?|(sentence))$")
+PAIR_COMBINES = ("pair", "cos")  # how a pair term joins u and v: [u, v, |u-v|, u*v], or their cosine
 
 
 def feature_name(pool: str, layer: int, last: int) -> str:
@@ -49,6 +54,8 @@ def feature_dim(settings: dict, name: str) -> int:
 def default_pooling(settings: dict) -> str:
     """The pooling a head reads unless told: the model's own sentence vector where one is cached, else
     what the model was trained to be pooled with (`last` for decoders, `cls` for the rest)."""
+    if settings.get("pair_mode") == "bi":  # pairs cached apart: start from the cosine, add the pair features
+        return "cos:mean+pair:mean"
     return settings.get("default_pooling") or "cls"
 
 
@@ -60,7 +67,7 @@ def pooling_features(spec: str, layers: list[int]) -> list[str]:
     """
     names = []
     for term in _terms(spec):
-        names.extend(n for n in _term_features(term, layers) if n not in names)
+        names.extend(n for n in _term_features(_split_term(term)[1], layers) if n not in names)
     return names
 
 
@@ -73,12 +80,37 @@ def build_features(arrays: dict[str, np.ndarray], spec: str, layers: list[int]) 
     """
     parts = []
     for term in _terms(spec):
+        combine, term = _split_term(term)
         names = _term_features(term, layers)
+        paired = arrays[names[0]].ndim == 3
+        if paired != bool(combine):
+            raise UserError(f"pooling term {term!r} " + (
+                f"reads a pair cache (--pair-mode bi): write pair:{term} or cos:{term}" if paired else
+                f"{combine}:... needs a cache of sentence pairs made with --pair-mode bi"))
         if _TERM.match(term).group(3) == "avg":
-            parts.append(np.mean([arrays[n] for n in names], axis=0))
+            got = [np.mean([arrays[n] for n in names], axis=0)]
         else:
-            parts.extend(arrays[n] for n in names)
+            got = [arrays[n] for n in names]
+        if not combine:
+            parts.extend(got)
+            continue
+        u, v = (np.concatenate([g[:, i] for g in got], axis=1).astype(np.float32) for i in (0, 1))
+        if combine == "cos":
+            norms = np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1)
+            parts.append(((u * v).sum(1) / np.maximum(norms, 1e-12))[:, None])
+        else:
+            parts.extend([u, v, np.abs(u - v), u * v])
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+
+
+def is_pair_pooling(spec: str) -> bool:
+    """Whether a pooling reads u and v of a pair cache (every term has pair: or cos:)."""
+    return all(_split_term(t)[0] for t in _terms(spec))
+
+
+def starts_with_cosine(spec: str) -> bool:
+    """Whether a pooling's first column is a cosine (a head can then start from it: training.fit_rows)."""
+    return _split_term(_terms(spec)[0])[0] == "cos"
 
 
 def pooled_width(spec: str, layers: list[int], hidden_size: int, dims: dict | None = None) -> int:
@@ -93,18 +125,28 @@ def pooled_width(spec: str, layers: list[int], hidden_size: int, dims: dict | No
     dims = dims or {}
     total = 0
     for t in _terms(spec):
+        combine, t = _split_term(t)
         names = _term_features(t, layers)
         widths = [int(dims.get(n, hidden_size)) for n in names]
-        total += widths[0] if _TERM.match(t).group(3) == "avg" else sum(widths)
+        w = widths[0] if _TERM.match(t).group(3) == "avg" else sum(widths)
+        total += {"": w, "pair": 4 * w, "cos": 1}[combine]
     return total
+
+
+def _split_term(term: str) -> tuple[str, str]:
+    """("pair" / "cos" / "", the single-text term)."""
+    combine, _, rest = term.rpartition(":")
+    return combine, rest
 
 
 def _terms(spec: str) -> list[str]:
     terms = [t.strip() for t in str(spec).split("+")]
     for t in terms:
-        if not _TERM.match(t):
+        combine, rest = _split_term(t)
+        if not _TERM.match(rest) or combine not in ("", *PAIR_COMBINES):
             raise UserError(f"unknown --pooling {spec!r}: use cls, mean, last, sentence, cls_<layer>, mean-avg<k>, "
-                            "mean-cat<k>, or terms joined with + (e.g. cls+mean)")
+                            "mean-cat<k>, or terms joined with + (e.g. cls+mean); for a pair cache pair:<term> or "
+                            "cos:<term>")
     return terms
 
 

@@ -10,13 +10,15 @@ from .encoder import Encoder
 from .errors import UserError
 from .fingerprints import check_same_encoder
 from .labels import prediction_dicts
-from .metrics import classification_report
+from .metrics import report
 from .poolings import build_features, pooling_features
 from .store import FeatureStore
+from .tasks import labelled
 
 
 class Predictor:
-    """A trained head and its encoder, loaded from a checkpoint folder, for raw texts.
+    """A trained head and its encoder, loaded from a checkpoint folder, for raw texts, for every task
+    (classification, multilabel, regression) and pair mode.
 
     Args:
         checkpoint: checkpoint folder written by `fit_head` / `sweep` (`bertcache fit-head`).
@@ -28,6 +30,9 @@ class Predictor:
         encoder: an already loaded `Encoder` to share (then `model`, `device`, `batch_tokens` are unused).
         allow_pickle: accept head weights in a .pt/.pth pickle (read with weights_only, tensors only).
 
+    A head trained on sentence pairs takes `pairs=` (the second texts) as well, or (text, text_pair)
+    tuples as the items (serve's micro-batches pass those).
+
     Example (after `bertcache quickstart`):
 
         from pipeline.predict import Predictor
@@ -36,6 +41,7 @@ class Predictor:
         p.predict("这本书写得真好")["label"]           # one text, one dict: '正向评价'
         p.predict(["物流很快", "质量太差了"])           # a list, a list of dicts
         p.predict_proba("物流很快")                   # array of shape (2,): one probability per class
+        Predictor("checkpoints/sts").predict("一只猫", pairs="一只小猫")  # {'text': ..., 'text_pair': ..., 'score': 4.2}
     """
 
     def __init__(self, checkpoint: str, *, model: str | None = None, device: str = "auto", weights: str = "best",
@@ -46,60 +52,127 @@ class Predictor:
         self.encoder = encoder or Encoder(model or locate_model(enc), device=device, precision=enc["precision"],
                                           max_length=enc["max_length"], prefix=enc.get("prefix") or "",
                                           instruction=enc.get("instruction"), layers=len(enc["layers"]),
-                                          revision=enc.get("revision"), batch_tokens=batch_tokens)
+                                          revision=enc.get("revision"), batch_tokens=batch_tokens,
+                                          long_texts=enc.get("long_texts") or "truncate", stride=enc.get("stride"))
         check_same_encoder(self.config, self.encoder.settings(), f"model {self.encoder.model_ref!r}")
         _, self.head = load_checkpoint(checkpoint, weights, device=self.encoder.device, allow_pickle=allow_pickle)
         self.label_names = self.config["label_names"]
         self.pooling = self.config["pooling"]
         self.layers = enc["layers"]
+        self.task = self.config.get("task", "classification")
+        self.pair_mode = self.config.get("pair_mode")
+        self.thresholds = self.config.get("thresholds")
         self._names = pooling_features(self.pooling, self.layers)
 
-    def predict_proba(self, texts: str | list[str], on_progress=None) -> np.ndarray:
-        """Class probabilities: [n, classes] for a list of texts, [classes] for one string.
+    def outputs(self, texts, on_progress=None, pairs=None) -> np.ndarray:
+        """The head's outputs: [n, classes] probabilities (classification, multilabel) or [n] values
+        (regression) for a list; one row for one string (or one pair).
+
+        Args:
+            texts: one text, or a list of texts, or of (text, text_pair) tuples for a pair head.
+            on_progress: optional callback, called with the number of texts in each encoded batch.
+            pairs: the second text of each pair (a pair head), in the same shape as `texts`.
+        """
+        one, texts, pairs = self._items(texts, pairs)
+        if not texts:
+            return np.zeros((0,) if self.task == "regression" else (0, len(self.label_names)), np.float32)
+        out = self.head.predict(self._features(texts, on_progress, pairs))
+        return out[0] if one else out
+
+    def _features(self, texts: list, on_progress=None, pairs: list[str] | None = None) -> np.ndarray:
+        """The head's input matrix for a list of texts (or pairs: `pairs`, or (text, text_pair) items)."""
+        _, texts, pairs = self._items(texts, pairs)
+        if self.pair_mode == "bi":  # each distinct text once, then u and v per pair
+            distinct = list(dict.fromkeys(texts + pairs))
+            where = {t: i for i, t in enumerate(distinct)}
+            vectors = self.encoder.encode(distinct, on_progress=on_progress)
+            index = np.array([[where[a], where[b]] for a, b in zip(texts, pairs)]).reshape(-1, 2)
+            arrays = {n: v[index] for n, v in vectors.items()}
+        else:
+            arrays = self.encoder.encode(texts, on_progress=on_progress, pairs=pairs)
+        return build_features(arrays, self.pooling, self.layers)
+
+    def _items(self, texts, pairs) -> tuple[bool, list[str], list[str] | None]:
+        """(one item given, first texts, second texts or None), checked against the head's pair mode."""
+        if pairs is None and isinstance(texts, (list, tuple)) and texts and isinstance(texts[0], (list, tuple)):
+            texts, pairs = [t[0] for t in texts], [t[1] for t in texts]
+        elif pairs is None and isinstance(texts, tuple) and len(texts) == 2 and self.pair_mode:
+            texts, pairs = texts[0], texts[1]
+        one, texts = as_texts(texts)
+        if (pairs is not None) != bool(self.pair_mode):
+            raise UserError("this head reads sentence pairs: give a second text for each text (pairs=)"
+                            if self.pair_mode else "this head reads single texts, not pairs")
+        if pairs is not None:
+            one_pair, pairs = as_texts(pairs)
+            if one_pair != one or len(pairs) != len(texts):
+                raise UserError(f"{len(texts)} texts but {len(pairs)} second texts: give one pair per row")
+        return one, texts, pairs
+
+    def predict_proba(self, texts, on_progress=None, pairs=None) -> np.ndarray:
+        """Class probabilities (multilabel: per label): [n, classes] for a list of texts, [classes] for one string.
 
         Args:
             texts: one text, or a list (any iterable) of texts.
             on_progress: optional callback, called with the number of texts in each encoded batch.
+            pairs: the second texts, for a head trained on sentence pairs.
 
         Example:
 
             Predictor("checkpoints/snownlp-e5-small-sweep").predict_proba(["物流很快", "质量太差了"])  # (2, 2)
         """
-        one, texts = as_texts(texts)
-        if not texts:
-            return np.zeros((0, len(self.label_names)), np.float32)
-        arrays = self.encoder.encode(texts, on_progress=on_progress)
-        probs = self.head.predict_proba(build_features(arrays, self.pooling, self.layers))
-        return probs[0] if one else probs
+        if self.task == "regression":
+            raise UserError("a regression head predicts scores, not probabilities; use predict")
+        return self.outputs(texts, on_progress, pairs)
 
-    def predict(self, texts: str | list[str], on_progress=None) -> dict | list[dict]:
-        """The predicted label: a dict for one string, a list of dicts (in order) for a list of texts.
+    def predict(self, texts, on_progress=None, pairs=None) -> dict | list[dict]:
+        """The prediction: a dict for one string (or pair), a list of dicts (in order) for a list.
 
-        Each dict: text, label (name), label_id, probs (label name -> probability).
+        Each dict: text (and text_pair), then per task (see `results`).
 
         Args:
-            texts: one text, or a list (any iterable) of texts.
+            texts: one text, or a list (any iterable) of texts (or of (text, text_pair) tuples).
             on_progress: optional callback, called with the number of texts in each encoded batch.
+            pairs: the second texts, for a head trained on sentence pairs.
 
         Example:
 
             Predictor("checkpoints/snownlp-e5-small-sweep").predict("这本书写得真好")
             # {'text': '这本书写得真好', 'label': '正向评价', 'label_id': 1, 'probs': {'负向评价': 0.37, '正向评价': 0.63}}
         """
-        one, texts = as_texts(texts)
-        results = self.results(texts, self.predict_proba(texts, on_progress))
+        one, texts, pairs = self._items(texts, pairs)
+        out = self.outputs(texts, on_progress, pairs)
+        results = self.results(texts if pairs is None else list(zip(texts, pairs)), out)
         return results[0] if one else results
 
-    def run(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """probabilities, logits and features (the pooled vectors the head reads) for a list of texts, in
-        order: what serve's endpoints read (OnnxPredictor.run gives the same)."""
-        features = build_features(self.encoder.encode(list(texts)), self.pooling, self.layers)
-        probs, logits = self.head.predict_scores(features)
-        return {"probabilities": probs, "logits": logits, "features": features}
+    def run(self, texts: list) -> dict[str, np.ndarray]:
+        """outputs (the task's: class or label probabilities, or regression scores), logits and features (the
+        pooled vectors the head reads) for a list of texts (or pairs), in order: what serve's endpoints
+        read (OnnxPredictor.run gives the same); `probabilities` too, except for regression."""
+        features = self._features(texts)
+        outputs, logits = self.head.predict_scores(features)
+        out = {"outputs": outputs, "logits": logits, "features": features}
+        if self.task != "regression":
+            out["probabilities"] = outputs
+        return out
 
-    def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
-        """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""
-        return prediction_dicts(texts, probs, self.label_names)
+    def results(self, texts: list, outputs: np.ndarray) -> list[dict]:
+        """`predict`'s dicts for items whose outputs were computed elsewhere (serve's micro-batches):
+        text (and text_pair), then per task: classification label, label_id, probs (name -> probability);
+        multilabel labels (those over their threshold, most probable first) and probs; regression score."""
+        out = []
+        for item, p in zip(texts, outputs):
+            row = {"text": item} if isinstance(item, str) else {"text": item[0], "text_pair": item[1]}
+            if self.task == "regression":
+                row["score"] = float(p)
+            elif self.task == "multilabel":
+                over = [(float(v), n) for n, v in zip(self.label_names, p) if v >= self.thresholds[n]]
+                row["labels"] = [n for _, n in sorted(over, key=lambda x: -x[0])]
+                row["probs"] = {n: float(v) for n, v in zip(self.label_names, p)}
+            else:
+                row.update({k: v for k, v in prediction_dicts([row["text"]], [p], self.label_names)[0].items()
+                            if k != "text"})
+            out.append(row)
+        return out
 
 
 def locate_model(encoder_settings: dict) -> str:
@@ -137,9 +210,11 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         allow_pickle: accept head weights in a .pt/.pth pickle (tensors only).
         errors: list, per true class, the N most confidently wrong rows (the cache keeps each row's text).
 
-    Returns a dict: n, accuracy, macro_f1, per_class (precision / recall / f1 / support), confusion_matrix
-    (rows: truth), label_names, split; with `errors`, also errors: {true label: [{text, true, predicted,
-    probability, row}]}, most confident first.
+    Returns a dict per the head's task, with n, task and split: classification accuracy, macro_f1,
+    per_class (precision / recall / f1 / support), confusion_matrix (rows: truth), label_names, and with
+    `errors` also errors: {true label: [{text, true, predicted, probability, row}]}, most confident
+    first; regression pearson, spearman, mse, mae; multilabel micro_f1, macro_f1, subset_accuracy,
+    per_label (precision / recall / f1 / support), label_names.
 
     Example (after `bertcache quickstart`):
 
@@ -152,6 +227,9 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
     features = features or config["features"]["path"]
     with FeatureStore(features) as store:
         check_same_encoder(config, store.settings, f"the features file {features}")
+        if (store.task, store.pair_mode) != (config.get("task", "classification"), config.get("pair_mode")):
+            raise UserError(f"{features} holds task {store.task} (pair mode {store.pair_mode}), the checkpoint "
+                            f"{config.get('task', 'classification')} (pair mode {config.get('pair_mode')})")
         if store.label_names != config["label_names"]:
             raise UserError(f"{features} has labels {store.label_names}, the checkpoint {config['label_names']}")
         layers = store.settings["layers"]
@@ -161,20 +239,23 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         if X.shape[1] != head.in_features:
             raise UserError(f"{features} gives {X.shape[1]} features for pooling {config['pooling']!r}, "
                             f"the head expects {head.in_features}")
-        keep = y >= 0
+        keep = labelled(y)
         if not keep.any():
             raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
-        probs = head.predict_proba(X[keep])
-        pred = probs.argmax(1)
-        report = classification_report(y[keep], pred, config["label_names"])
-        report["split"] = split
+        task = config.get("task", "classification")
+        out = head.predict(X[keep])
+        result = report(config, y[keep], out)
+        result["task"] = task
+        result["split"] = split
         if errors > 0:
+            if task != "classification":
+                raise UserError("--errors lists the most confident wrong classes: it is for classification heads")
             if not store.has_texts(split):
                 raise UserError(f"{features} keeps no texts (it was extracted before bertcache stored them, or "
                                 "with keep_texts=False): extract it again with --restart to list errors")
-            report["errors"] = confident_errors(store, split, np.flatnonzero(keep), y[keep], probs, errors,
+            result["errors"] = confident_errors(store, split, np.flatnonzero(keep), y[keep], out, errors,
                                                 config["label_names"])
-    return report
+    return result
 
 
 def confident_errors(store: FeatureStore, split: str, rows: np.ndarray, y: np.ndarray, probs: np.ndarray, n: int,

@@ -110,13 +110,21 @@ def moments(chunks) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(m2 / n)
 
 
+def label_tensor(y: np.ndarray, device) -> torch.Tensor:
+    """Class ids as long; regression targets and multilabel 0/1 matrices as float32 (tasks.py)."""
+    y = np.asarray(y)
+    if y.ndim == 1 and y.dtype.kind in "iu":
+        return torch.as_tensor(y, dtype=torch.long, device=device)
+    return torch.as_tensor(y.astype(np.float32), device=device)
+
+
 class ArrayRows:
     """A split's rows held on the training device. (The streamed counterpart is StoredRows.)"""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, device: torch.device):
         self.array = X
         self.X = torch.as_tensor(X, dtype=torch.float32, device=device)
-        self.y = torch.as_tensor(y, dtype=torch.long, device=device)
+        self.y = label_tensor(y, device)
         self.n, self.dim = X.shape
 
     def moments(self):
@@ -175,7 +183,7 @@ class StoredRows:
         x = torch.as_tensor(X, device=self.device)
         if self.shift is not None:
             x = (x - self.shift) * self.scale
-        return x, torch.as_tensor(y, dtype=torch.long, device=self.device)
+        return x, label_tensor(y, self.device)
 
     def _read_chunks(self):
         """(features, labels) of every row in order, `chunk_rows` at a time."""

@@ -9,7 +9,12 @@ Limits answer with JSON `{"detail": "...", "errors": [...]}`: 413 for a body ove
 (checked before parsing), 400 for malformed JSON, 422 for a well-formed body that breaks a rule (wrong
 types, empty list, empty or blank text, too many texts, a text over `max_chars` characters: long texts
 are refused, never cut short; a text within the limit is truncated to the encoder's max_length tokens,
-as in `bertcache predict`).
+as in `bertcache predict`, or encoded whole in windows for a head extracted with --long-texts chunk).
+
+Every task is served: a prediction holds `text` and, per task, `label` / `label_id` / `probs`
+(classification), `labels` / `probs` (multilabel: the labels over their thresholds), or `score`
+(regression). A head trained on sentence pairs takes `{"pairs": [["text", "text_pair"], ...]}` instead
+of `texts`, and each prediction also holds `text_pair`.
 
 Next to bertcache's own `{"texts": [...]}`, `/predict` takes text-embeddings-inference (TEI) bodies
 (`{"inputs": ..., "raw_scores", "truncate"}`) and answers in TEI's shape; `/embed` (TEI) and
@@ -96,27 +101,34 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         raise UserError(f"--max-wait-ms must be 0 or more, not {max_wait_ms}")
     prefix_chars = len(encoder.prefix or "")
 
-    def estimate_tokens(text: str) -> int:
+    def estimate_tokens(item) -> int:
         # Roughly at most one token per character (BERT and XLM-R vocabularies), plus [CLS] and [SEP].
-        return min(prefix_chars + len(text) + 2, encoder.max_length)
+        chars = len(item) if isinstance(item, str) else sum(len(t) for t in item)
+        return min(prefix_chars + chars + 2, encoder.max_length)
 
     batcher = MicroBatcher(predictor.run, estimate_tokens, batching=batching, max_wait_ms=max_wait_ms,
                            max_batch_texts=max_batch_texts, max_batch_tokens=max_batch_tokens)
     limits = {"max_texts_per_request": max_texts, "max_chars_per_text": max_chars,
               "max_body_bytes": max_body_bytes,
-              "long_texts": f"refused: a text over {max_chars} characters gets 422; a shorter text is truncated "
-                            f"to {encoder.max_length} tokens by the encoder, as in `bertcache predict`"}
+              "long_texts": f"refused: a text over {max_chars} characters gets 422; a shorter text is " + (
+                  f"encoded whole, in windows of {encoder.max_length} tokens averaged" if encoder.long_texts == "chunk"
+                  else f"truncated to {encoder.max_length} tokens by the encoder") + ", as in `bertcache predict`"}
     info = _info(predictor, limits, {"enabled": batching, "max_wait_ms": max_wait_ms,
                                      "max_batch_texts": max_batch_texts, "max_batch_tokens": max_batch_tokens,
                                      "encoder_batch_tokens": encoder.batch_tokens})
 
     # The constraints also make pydantic refuse lone surrogates ("\ud800"), which the tokenizer cannot take.
     Text = Annotated[str, StringConstraints(min_length=1, max_length=max_chars, pattern=r"\S")]
+    pair_mode = getattr(predictor, "pair_mode", None)
+    task = getattr(predictor, "task", "classification")
+    field = "pairs" if pair_mode else "texts"
+    Item = Annotated[list[Text], Field(min_length=2, max_length=2)] if pair_mode else Text
     PredictRequest = create_model(
         "PredictRequest", __config__=ConfigDict(extra="forbid", strict=True),
-        texts=(Annotated[list[Text], Field(min_length=1, max_length=max_texts,
-                                           description=f"1 to {max_texts} non-blank texts of at most "
-                                                       f"{max_chars} characters")], ...))
+        **{field: (Annotated[list[Item], Field(min_length=1, max_length=max_texts,
+                                               description=f"1 to {max_texts} " + ("pairs of " if pair_mode
+                                                                                   else "") + "non-blank texts of at "
+                                               f"most {max_chars} characters")], ...)})
 
     # TEI's /predict input: a text, [text], a pair [a, b], or a batch [[text] or [a, b], ...].
     Sequence = Annotated[list[Text], Field(min_length=1, max_length=2)]
@@ -171,9 +183,12 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
 
     class Prediction(BaseModel):
         text: str
-        label: str
-        label_id: int
-        probs: dict[str, float]
+        text_pair: str | None = None
+        label: str | None = None
+        label_id: int | None = None
+        labels: list[str] | None = None
+        probs: dict[str, float] | None = None
+        score: float | None = None
 
     class PredictResponse(BaseModel):
         predictions: list[Prediction]
@@ -209,7 +224,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        status, detail, problems = describe_validation_errors(exc.errors(), max_texts, max_chars)
+        status, detail, problems = describe_validation_errors(exc.errors(), max_texts, max_chars, field)
         return JSONResponse({"detail": detail, "errors": problems}, status_code=status)
 
     @app.exception_handler(Exception)
@@ -226,14 +241,20 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         return JSONResponse({"detail": detail, "errors": [{"loc": loc, "msg": detail}]}, status_code=422)
 
     @app.post("/predict", response_model=Union[PredictResponse, list[TEIPrediction], list[list[TEIPrediction]]],
-              responses=error_responses)
+              responses=error_responses, response_model_exclude_none=True)
     async def predict(body: PredictBody):  # type: ignore[valid-type]
-        """Label, label id and class probabilities per text, in the order sent (`{"texts": [...]}`); or, for a
-        TEI body (`{"inputs": ...}`), TEI's answer: per text, every label with its score, best first."""
+        """Per text (or pair, `{"pairs": [[a, b], ...]}` for a head trained on pairs), in the order sent
+        (`{"texts": [...]}`): label, label id and class probabilities; multilabel the labels over their
+        thresholds and every probability; regression the score. For a TEI body (`{"inputs": ...}`), TEI's
+        answer: per text, every label with its score, best first (classification and multilabel heads)."""
         if isinstance(body, PredictRequest):
-            texts = list(body.texts)
-            out = await batcher.predict_proba(texts)
-            return {"predictions": predictor.results(texts, out["probabilities"])}
+            items = [tuple(p) for p in body.pairs] if pair_mode else list(body.texts)
+            out = await batcher.predict_proba(items)
+            return {"predictions": predictor.results(items, out.get("outputs", out.get("probabilities")))}
+        if pair_mode or task == "regression":
+            return unprocessable("TEI's /predict body is for classification heads over single texts; this head "
+                                 f'({task}{", pairs" if pair_mode else ""}) takes bertcache\'s '
+                                 f'{{"{field}": [...]}}', ["inputs"])
         inputs, single = body.inputs, True
         if isinstance(inputs, str):
             inputs = [[inputs]]
@@ -400,9 +421,12 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a num
                bool: "a boolean", type(None): "null", bytes: "not JSON"}
 
 
-def describe_validation_errors(errors, max_texts: int, max_chars: int) -> tuple[int, str, list[dict]]:
-    """(status, one-line summary, [{loc, msg}]) for FastAPI's validation errors of a /predict body."""
-    shape = 'send a JSON object {"texts": ["...", ...]} with Content-Type: application/json'
+def describe_validation_errors(errors, max_texts: int, max_chars: int,
+                               field: str = "texts") -> tuple[int, str, list[dict]]:
+    """(status, one-line summary, [{loc, msg}]) for FastAPI's validation errors of a /predict body
+    (whose list is `texts`, or `pairs` for a head trained on sentence pairs)."""
+    example = '["...", ...]' if field == "texts" else '[["...", "..."], ...]'
+    shape = f'send a JSON object {{"{field}": {example}}} with Content-Type: application/json'
     problems, status = [], 422
     for err in errors:
         loc = [p for p in err.get("loc", ()) if p != "body"]
@@ -410,7 +434,7 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int) -> tuple[
             loc = loc[1:]
         kind, ctx, value = err.get("type", ""), err.get("ctx") or {}, err.get("input")
         got = _JSON_TYPES.get(type(value), type(value).__name__)
-        where = f"texts[{loc[1]}]" if len(loc) == 2 and loc[0] == "texts" else ".".join(map(str, loc))
+        where = f"{field}[{loc[1]}]" if len(loc) == 2 and loc[0] == field else ".".join(map(str, loc))
         if kind == "json_invalid":
             status = 400
             msg = f"the body is not valid JSON ({ctx.get('error', 'decode error')}): {shape}"
@@ -418,17 +442,17 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int) -> tuple[
             msg = (f"the body is empty: {shape}" if kind == "missing"
                    else f"the body must be a JSON object, not {got}: {shape}")
         elif kind == "extra_forbidden":
-            msg = f'unknown field "{where}": the body takes "texts" (bertcache) or TEI\'s "inputs"'
-        elif loc == ["texts"] and kind == "missing":
-            msg = f'the body has no "texts" field: {shape}'
-        elif loc == ["texts"] and kind == "too_short":
-            msg = '"texts" is empty: send at least one text'
-        elif loc == ["texts"] and kind == "too_long":
+            msg = f'unknown field "{where}": the body takes "{field}" (bertcache) or TEI\'s "inputs"'
+        elif loc == [field] and kind == "missing":
+            msg = f'the body has no "{field}" field: {shape}'
+        elif loc == [field] and kind == "too_short":
+            msg = f'"{field}" is empty: send at least one ' + ("text" if field == "texts" else "pair")
+        elif loc == [field] and kind == "too_long":
             n = ctx.get("actual_length")
             msg = (f"too many texts{f' ({n})' if n is not None else ''}: at most {max_texts} per request; "
                    "split them over several requests")
-        elif loc == ["texts"]:
-            msg = f'"texts" must be an array of strings, not {got}'
+        elif loc == [field]:
+            msg = f'"{field}" must be an array of ' + ("strings" if field == "texts" else "pairs") + f', not {got}'
         elif kind == "string_type":
             msg = f"{where} must be a string, not {got}"
         elif kind in ("string_too_short", "string_pattern_mismatch"):

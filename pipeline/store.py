@@ -4,11 +4,17 @@ Layout (readable with plain h5py; see README):
     /                 attrs: format="bertcache-features", complete, settings (JSON), label_names (JSON), ...
     /<split>/<feature>  float32 or float16 [N, hidden]   feature = cls, mean, last, cls_<layer>, ..., sentence
                                      (a width other than hidden is named in settings' feature_dims)
-    /<split>/label      int64 [N]    -1 = unlabelled
+    /<split>/label      by task (settings' "task", tasks.py): classification int64 [N] (-1 = unlabelled),
+                        regression float64 [N] (NaN = unlabelled), multilabel int8 [N, labels] (-1 rows)
     /<split>/row        int64 [N]    row number in the source split
     /<split>/text_utf8     uint8 [B]    every row's text, UTF-8, back to back (B bytes in all)
     /<split>/text_offsets  int64 [N+1]  row i's text is text_utf8[text_offsets[i]:text_offsets[i+1]]
     /<split>          attrs: rows, rows_done, data_fingerprint, skipped
+
+Sentence pairs cached apart (settings' pair_mode "bi"): every distinct text of either column is one row
+of the group `texts` (its features, label -1, row = its number); a data split then holds no features but
+`pair` int64 [N, 2], the `texts` rows of its first and second texts (written with the layout), and
+`FeatureStore.features` gives [N, 2, hidden] per feature.
 
 The texts (for error analysis: `evaluate --errors`, `info --rows`) are written whole with the layout,
 before any vector; they cost their UTF-8 bytes plus 8 bytes a row. Files from before they were kept have no text
@@ -42,6 +48,7 @@ from ._version import __version__
 from .errors import UserError, write_error
 from .fingerprints import cache_fingerprint, describe_differences, json_attr
 from .poolings import feature_dim
+from .tasks import label_layout, labelled, task_of
 
 try:
     import resource
@@ -49,6 +56,7 @@ except ImportError:  # Windows: no file size limits to check
     resource = None
 
 FORMAT = "bertcache-features"
+TEXTS = "texts"  # the group of distinct texts in a pair cache (pair_mode "bi")
 FORMAT_VERSION = 1
 STORE_DTYPES = ("float32", "float16")
 _RESUMABLE = " (the rows written so far are kept: run extract again to resume)"
@@ -73,6 +81,9 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
         dims = {n: feature_dim(settings, n) for n in feature_names}
         dtype = np.dtype(str(a["store_dtype"]))
         num_labels = len(json.loads(a["label_names"]))
+        task = task_of(settings)
+        label_tail, label_dtype = label_layout(task, num_labels)
+        bi = settings.get("pair_mode") == "bi"
     except (KeyError, ValueError, TypeError) as e:
         return f"its attributes are incomplete or invalid ({type(e).__name__}: {e})"
     for s in splits:
@@ -83,9 +94,15 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
             rows, done = int(g.attrs["rows"]), int(g.attrs["rows_done"])
         except (KeyError, ValueError, TypeError):
             return f"split {s!r} has no valid rows / rows_done attributes"
-        for name in feature_names + ["label", "row"]:
+        is_texts = bi and s == TEXTS
+        names = feature_names + ["label", "row"] if not bi or is_texts else ["label", "row", "pair"]
+        for name in names:
             d = g.get(name)
             shape, kind = ((rows, dims[name]), dtype) if name in feature_names else ((rows,), np.dtype("int64"))
+            if name == "label" and not is_texts:
+                shape, kind = (rows, *label_tail), np.dtype(label_dtype)
+            if name == "pair":
+                shape = (rows, 2)
             if not isinstance(d, h5py.Dataset):
                 return f"split {s!r} has no {name!r} dataset"
             if d.shape != shape or d.dtype != kind:
@@ -97,7 +114,7 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
                 return f"split {s!r} has a broken text_offsets / text_utf8 pair"
         if not 0 <= done <= rows or (complete and done != rows):
             return f"split {s!r} has {done} of {rows} rows written"
-        if complete and rows:
+        if complete and rows and task == "classification" and not is_texts:
             labels = g["label"][:]
             bad = (labels < -1) | (labels >= num_labels)
             if bad.any():
@@ -146,7 +163,9 @@ class FeatureStore:
         self.label_names = json.loads(attrs["label_names"])
         self.feature_names = json.loads(attrs["feature_names"])
         self.source = attrs.get("source", "")
-        self.splits = [s for s in json.loads(attrs["splits"])]
+        self.task = task_of(self.settings)
+        self.pair_mode = self.settings.get("pair_mode")
+        self.splits = [s for s in json.loads(attrs["splits"]) if not (self.pair_mode == "bi" and s == TEXTS)]
 
     def __enter__(self):
         return self
@@ -175,6 +194,12 @@ class FeatureStore:
         if missing:
             raise UserError(f"{self.path} has no feature {missing[0]!r}; it has: {', '.join(self.feature_names)} "
                             "(extract with more --layers for deeper poolings)")
+        if self.pair_mode == "bi":  # u and v of every row, from the distinct texts' vectors
+            pair = group["pair"][:]
+            uniq, inverse = np.unique(pair.ravel(), return_inverse=True)
+            texts = self.file[TEXTS]
+            return {n: texts[n][uniq].astype(np.float32, copy=False)[inverse].reshape(len(pair), 2, -1)
+                    for n in names}
         return {n: group[n][:].astype(np.float32, copy=False) for n in names}
 
     def has_texts(self, split: str) -> bool:
@@ -192,10 +217,10 @@ class FeatureStore:
         return [data[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8") for i in np.asarray(index, dtype=np.int64)]
 
     def info(self) -> dict:
-        return {"path": self.path, "source": self.source, "label_names": self.label_names,
+        return {"path": self.path, "source": self.source, "task": self.task, "label_names": self.label_names,
                 "features": self.feature_names, "settings": self.settings,
                 "fingerprint": self.file.attrs.get("fingerprint"), "shards": self.shards,
-                "splits": {s: {"rows": self.rows(s), "labelled": int((self.labels(s) >= 0).sum())}
+                "splits": {s: {"rows": self.rows(s), "labelled": int(labelled(self.labels(s)).sum())}
                            for s in self.splits}}
 
 
@@ -325,17 +350,27 @@ class StoreWriter:
         a["chunk_rows"] = self.chunk_rows
         for key in ("model", "revision", "commit", "model_fingerprint", "max_length", "prefix", "precision"):
             a[key] = "" if settings.get(key) is None else settings[key]
+        bi = settings.get("pair_mode") == "bi"
         for split, spec in splits.items():
             g = f.create_group(split)
             n = int(spec["rows"])
-            for name in feature_names:
+            written = spec.get("written")  # a pair split of a bi cache: label, row and pair, known up front
+            for name in feature_names if written is None else ():
                 g.create_dataset(name, shape=(n, feature_dim(settings, name)), dtype=store_dtype, dcpl=_allocated())
-            g.create_dataset("label", shape=(n,), dtype="int64", dcpl=_allocated())
+            tail, label_dtype = label_layout(task_of(settings), len(label_names))
+            if bi and split == TEXTS:
+                tail, label_dtype = (), "int64"
+            g.create_dataset("label", shape=(n, *tail), dtype=label_dtype, dcpl=_allocated())
             g.create_dataset("row", shape=(n,), dtype="int64", dcpl=_allocated())
+            if written is not None:
+                g.create_dataset("pair", shape=(n, 2), dtype="int64", dcpl=_allocated())
+                for name, values in written.items():
+                    if n:
+                        g[name][:] = values
             if split in self.texts:
                 _write_texts(g, self.texts[split])
             g.attrs["rows"] = n
-            g.attrs["rows_done"] = np.int64(0)
+            g.attrs["rows_done"] = np.int64(n if written is not None else 0)
             g.attrs["data_fingerprint"] = spec["fingerprint"]
             g.attrs["skipped"] = int(spec.get("skipped", 0))
 

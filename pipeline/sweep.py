@@ -1,7 +1,11 @@
 """fit-head --sweep: try a grid of heads over one cache, keep the best by validation.
 
 The cached arrays are read once (train.load_cache); every configuration is one `train.train` call.
-Selection: validation accuracy, ties broken by validation loss (then by grid order), never by test.
+Selection: the task's validation score (accuracy; micro-F1 for multilabel; Spearman for regression),
+ties broken by validation loss (then by grid order), never by test. On a pair cache (`--pair-mode bi`)
+the grid holds the cosine alone (whose linear head starts as the cosine itself and is validated before
+any training, so that candidate is at least the zero-shot cosine), the pair features, and both, with the
+linear head starting from the cosine (training.fit_rows).
 The winner is saved as a normal checkpoint, with the ranked table as sweep.json beside it.
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ from . import train as T
 from .checkpoint import write_json
 from .errors import UserError
 from .store import FeatureStore
+from .tasks import SCORE
 
 # The default grid: poolings (see default_poolings) x heads x learning rates x weight decays. Weight
 # decay matters little next to early stopping, so it has one default value (give more with
@@ -23,13 +28,17 @@ HEADS = ("linear", "mlp")
 LRS = (1e-3, 3e-4)
 WEIGHT_DECAYS = (D.WEIGHT_DECAY,)
 PATIENCE = 10
-SELECTION = "validation accuracy, then validation loss"
+
+
+def selection(task: str) -> str:
+    return f"validation {SCORE[task][4:].replace('_', '-')}, then validation loss"
 
 
 def default_poolings(layers: list[int], settings: dict | None = None) -> list[str]:
     """Last-layer mean, and [CLS] + mean; with K > 1 cached layers, averages and the concatenation of means.
     Decoders (no `cls`) take `last` where encoders take `cls`, and `last` alone; a cache with the model's
-    own `sentence` vector tries it first.
+    own `sentence` vector tries it first. On a pair cache (pair_mode bi): the cosine of the means, the
+    pair features of the means, and both.
 
     (Last-layer [CLS] alone never won on the caches tried, and [CLS] concatenated over layers costs
     twice the time of mean-catK for no better validation score. An encoder's `last` is its [SEP] token:
@@ -39,6 +48,8 @@ def default_poolings(layers: list[int], settings: dict | None = None) -> list[st
     ['mean', 'last', 'last+mean', 'mean-avg2', 'last-avg2+mean-avg2', 'mean-cat2']
     """
     settings = settings or {}
+    if settings.get("pair_mode") == "bi":
+        return ["cos:mean", "pair:mean", "cos:mean+pair:mean"]
     first = "cls" if "cls" in (settings.get("poolings") or ["cls"]) else "last"
     out = ["sentence"] if "sentence" in settings else []
     out += ["mean", "cls+mean"] if first == "cls" else ["mean", "last", "last+mean"]
@@ -123,6 +134,7 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
 
     grid = list(itertools.product(poolings, heads, lrs, weight_decays))
     rows, best = [], None
+    score = SCORE[data.task]
     t0 = time.perf_counter()
     bar = tqdm(grid, desc="sweep", unit="head", disable=not progress, dynamic_ncols=True)
     for pooling, head, lr, wd in bar:
@@ -130,22 +142,24 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
         result, metrics, config = T.train(data, pooling=pooling, head=head, lr=lr, weight_decay=wd, seed=seed,
                                           patience=patience, **options)
         row = {"pooling": pooling, "head": head, "lr": lr, "weight_decay": wd,
-               "val_acc": metrics["best"]["val_acc"], "val_loss": metrics["best"]["val_loss"],
+               score: metrics["best"][score], "val_loss": metrics["best"]["val_loss"],
                "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
                "seconds": round(metrics["seconds"], 3)}
         rows.append(row)
-        if best is None or _key(row) < _key(best[0]):
+        if best is None or _key(row, score) < _key(best[0], score):
             best = (row, result, metrics, config)
         if log:
-            log(f"{pooling:<24} {head:<6} lr {lr:<7g} wd {wd:<5g} val acc {row['val_acc']:.4f} "
+            log(f"{pooling:<24} {head:<6} lr {lr:<7g} wd {wd:<5g} {score} {row[score]:.4f} "
                 f"loss {row['val_loss']:.4f} ({row['seconds']:.1f}s)")
     bar.close()
-    ranked = sorted(rows, key=_key)
+    ranked = sorted(rows, key=lambda r: _key(r, score))
     for rank, row in enumerate(ranked, 1):
         row["rank"] = rank
     row, result, metrics, config = best
-    metrics["sweep"] = {"configurations": len(grid), "seconds": time.perf_counter() - t0, "selection": SELECTION}
-    table = {"features": os.path.abspath(features), "selection": SELECTION, "validation": data.val_note,
+    metrics["sweep"] = {"configurations": len(grid), "seconds": time.perf_counter() - t0,
+                        "selection": selection(data.task), "score": score}
+    table = {"features": os.path.abspath(features), "task": data.task, "selection": selection(data.task),
+             "score": score, "validation": data.val_note,
              "grid": {"poolings": poolings, "heads": heads, "lrs": lrs, "weight_decays": weight_decays},
              "options": {"patience": patience, **{k: v for k, v in options.items() if k != "device"}}, "seed": seed, "ranked": ranked}
     path = T.save(out or T.default_checkpoint_path(features, "sweep"), data, result, metrics, config,
@@ -153,5 +167,6 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
     return path, ranked, metrics
 
 
-def _key(row: dict):
-    return (-row["val_acc"], row["val_loss"])
+def _key(row: dict, score: str):
+    value = row[score] if row[score] == row[score] else -float("inf")  # NaN ranks last
+    return (-value, row["val_loss"])

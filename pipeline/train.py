@@ -17,10 +17,11 @@ from . import plots
 from .checkpoint import save_checkpoint
 from .encoder import resolve_device
 from .errors import UserError
-from .metrics import classification_report
-from .poolings import build_features, default_pooling, feature_dim, pooled_width, pooling_features
+from .metrics import report
+from .poolings import build_features, default_pooling, feature_dim, pooled_width, pooling_features, starts_with_cosine
 from .rows import IN_MEMORY_COPIES, ArrayRows, StoredRows, memory_budget
 from .store import FeatureStore
+from .tasks import SCORE, labelled, outputs, task_of, tune_thresholds
 from .training import FitResult, class_weight_vector, fit_rows, holdout, predict_rows
 
 CLASS_WEIGHTS = (None, "none", "balanced")
@@ -57,6 +58,10 @@ class CachedSplits:
     @property
     def layers(self) -> list[int]:
         return self.settings["layers"]
+
+    @property
+    def task(self) -> str:
+        return task_of(self.settings)
 
     @property
     def streamed(self) -> bool:
@@ -114,17 +119,22 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
         names += [n for n in pooling_features(pooling, layers) if n not in names]
     # Which rows train, validate and test, from the labels alone; the features are read below.
     cached = {s: store.labels(s) for s in SPLITS if s in store.splits}
-    index = {s: (s, np.flatnonzero(y >= 0)) for s, y in cached.items()}
+    index = {s: (s, np.flatnonzero(labelled(y))) for s, y in cached.items()}
     val_note = "validation"
     if len(index.get("validation", ("", ()))[1]) == 0:
-        labelled = index["train"][1]
-        tr, va = holdout(cached["train"][labelled], D.VAL_FRACTION, seed)
-        index["train"], index["validation"] = ("train", labelled[tr]), ("train", labelled[va])
+        rows = index["train"][1]
+        tr, va = holdout(cached["train"][rows], D.VAL_FRACTION, seed)
+        if len(va) == 0 or len(tr) == 0:
+            raise UserError(f"the train split of {features} has {len(rows)} labelled rows, too few to hold out "
+                            f"{int(D.VAL_FRACTION * 100)}% for validation (the best epoch is chosen on it); add a "
+                            "validation split or more rows")
+        index["train"], index["validation"] = ("train", rows[tr]), ("train", rows[va])
         val_note = f"{int(D.VAL_FRACTION * 100)}% of train held out (no labelled validation split)"
     labels = {s: cached[source][rows] for s, (source, rows) in index.items()}
     data = CachedSplits(features, store.settings, store.label_names, store.file.attrs["fingerprint"], labels,
                         index, val_note)
-    unseen = sorted(set(np.unique(labels["validation"])) - set(np.unique(labels["train"])))
+    unseen = sorted(set(np.unique(labels["validation"])) - set(np.unique(labels["train"]))) \
+        if data.task == "classification" else []
     if unseen:
         raise UserError(f"class {data.label_names[unseen[0]]!r} appears in validation but never in train; "
                         "the head cannot learn it: fix the split or drop that class")
@@ -135,6 +145,9 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
     row_bytes = IN_MEMORY_COPIES * 4 * width
     need = row_bytes * sum(store.rows(s) for s in {source for source, _ in index.values()})
     budget = memory_budget(max_memory, device)
+    if need > budget and store.pair_mode == "bi":
+        raise UserError(f"the pair features of {features} need about {need / 2**20:.0f} MiB in memory, more than the "
+                        f"{budget / 2**20:.0f} MiB allowed; pair caches are not streamed: raise --max-memory")
     if need > budget:
         if log:
             log(f"the features need about {need / 2**20:.0f} MiB in memory, more than the {budget / 2**20:.0f} MiB "
@@ -157,21 +170,34 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
         raise UserError(f"unknown --head {head!r}; use one of {', '.join(D.HEADS)}")
     if class_weights not in CLASS_WEIGHTS:
         raise UserError(f"unknown --class-weights {class_weights!r}; use none or balanced")
-    k, dev = len(data.label_names), resolve_device(device)
+    task = data.task
+    if class_weights == "balanced" and task != "classification":
+        raise UserError(f"--class-weights balanced is for classification, not {task}")
+    k, dev = outputs(task, data.label_names), resolve_device(device)
     train_rows, val_rows = (data.rows(s, pooling, dev, shuffle_block, shuffle_window) for s in ("train", "validation"))
     weights = class_weight_vector(data.labels["train"], k) if class_weights == "balanced" else None
     result = fit_rows(train_rows, val_rows, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
                         weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
                         label_smoothing=label_smoothing, class_weights=weights, device=dev, log=log,
-                        shuffle_block=shuffle_block, shuffle_window=shuffle_window)
-    metrics = {"label_names": data.label_names, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-               "seconds": result.seconds, "validation": data.val_note, "streamed": data.streamed,
-               "best": result.history[result.best_epoch - 1], "history": result.history}
+                        shuffle_block=shuffle_block, shuffle_window=shuffle_window, task=task,
+                        from_first_column=head == "linear" and task != "multilabel" and starts_with_cosine(pooling))
+    best = next(row for row in result.history if row["epoch"] == result.best_epoch)
+    metrics = {"task": task, "label_names": data.label_names, "best_epoch": result.best_epoch,
+               "epochs_run": result.history[-1]["epoch"], "seconds": result.seconds, "validation": data.val_note,
+               "streamed": data.streamed, "best": best, "history": result.history}
+    extra = {}
+    if task == "multilabel":  # one cut per label, tuned on validation with the best weights
+        probs = predict_rows(result.head, data.rows("validation", pooling, dev))
+        extra["thresholds"] = dict(zip(data.label_names, tune_thresholds(data.labels["validation"], probs).tolist()))
+    if task == "regression":
+        extra["target"] = {"mean": float(result.head.target_mean), "std": float(result.head.target_std)}
     config = {
+        "task": task, "pair_mode": data.settings.get("pair_mode"),
         "encoder": {k_: data.settings.get(k_) for k_ in ("model", "model_path", "revision", "commit",
                                                          "model_fingerprint", "config_hash", "max_length", "prefix",
                                                          "instruction", "precision", "layers", "hidden_size",
-                                                         "family", "poolings")},
+                                                         "family", "poolings", "long_texts", "stride")},
+        **extra,
         "pooling": pooling, "head": result.head.shape(), "label_names": data.label_names,
         "features": {"path": os.path.abspath(data.path), "fingerprint": data.fingerprint},
         "training": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
@@ -186,11 +212,11 @@ def save(out: str, data: CachedSplits, result: FitResult, metrics: dict, config:
     """Test metrics (when the cache has a labelled test split), then the checkpoint folder with curves.png."""
     if len(data.labels.get("test", ())):
         rows = data.rows("test", config["pooling"], result.head.shift.device)
-        pred = predict_rows(result.head, rows).argmax(1)
-        metrics["test"] = classification_report(data.labels["test"], pred, data.label_names)
+        metrics["test"] = report(config, data.labels["test"], predict_rows(result.head, rows))
     files = dict(files or {})
     if plots.available():
-        files["curves.png"] = lambda path: plots.curves_png(metrics["history"], metrics["best_epoch"], path)
+        files["curves.png"] = lambda path: plots.curves_png(metrics["history"], metrics["best_epoch"], path,
+                                                            SCORE[data.task])
     return save_checkpoint(out, config, {"best": result.best_state, "last": result.last_state}, metrics, files)
 
 

@@ -1,4 +1,8 @@
-"""The training loop: AdamW + cross-entropy over row sources, validation every epoch, best and last weights.
+"""The training loop: AdamW over row sources, validation every epoch, best and last weights.
+
+The loss follows the task (tasks.py): cross-entropy (classification), binary cross-entropy per label
+(multilabel), mean squared error on train-standardized targets (regression); the best epoch is the one
+with the best validation score (tasks.SCORE: accuracy, micro-F1 at 0.5, Spearman), then loss.
 
 Plain code over row sources (rows.py): whole-split tensors already on the device (no DataLoader, no
 per-sample Python; validation every epoch is one matrix product), or, for caches that do not fit
@@ -20,6 +24,7 @@ from .errors import UserError
 from .heads import Head
 from .threads import torch_threads
 from .rows import ArrayRows
+from .tasks import SCORE, pearson, spearman
 
 SMALL_STEP_FLOPS = 1 << 26  # batch x in x out below which the CPU training loop runs on one thread
 
@@ -42,8 +47,13 @@ def class_weight_vector(y: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded train / validation index split of one labelled array."""
+    """Seeded train / validation index split of one labelled array: stratified by class for class ids,
+    a plain random share for targets and label matrices."""
     rng = np.random.default_rng(seed)
+    if y.ndim > 1 or y.dtype.kind == "f":
+        idx = rng.permutation(len(y))
+        k = int(round(len(y) * fraction))
+        return np.sort(idx[k:]), np.sort(idx[:k])
     train, val = [], []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
@@ -81,13 +91,17 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
              seed: int = SEED, patience: int | None = PATIENCE, label_smoothing: float = 0.0,
              class_weights: np.ndarray | None = None, standardize: bool = True, device: str | torch.device = "cpu",
              log=None, log_every: int = 10, shuffle_block: int = SHUFFLE_BLOCK,
-             shuffle_window: int = SHUFFLE_WINDOW) -> FitResult:
-    """Train a head with AdamW + cross-entropy; keep the best (validation accuracy, then loss) and last weights.
+             shuffle_window: int = SHUFFLE_WINDOW, task: str = "classification",
+             from_first_column: bool = False) -> FitResult:
+    """Train a head with AdamW; keep the best (validation score, then loss) and last weights.
 
     `train` and `val` are row sources (rows.ArrayRows in memory, rows.StoredRows from HDF5): `moments()`,
     `standardize(shift, scale)`, `batches(order, batch_size)` and `chunks()`, yielding (x, y) tensors on
     `device`. With `standardize`, the head shifts and scales its input by the train split's mean and
     standard deviation (buffers saved with the weights, so predict applies them identically).
+    `num_classes` is the output width (1 for regression). With `from_first_column` (a linear head whose
+    first input is a cosine), the head starts as the best fit of that column alone, epoch 0 is validated
+    too, and training keeps it unless an epoch scores better: training can only add to the cosine.
     """
     if train.n == 0:
         raise UserError("the train split has no labelled rows to train on")
@@ -96,18 +110,31 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = Head(train.dim, num_classes, head, hidden, dropout)
+    model = Head(train.dim, num_classes, head, hidden, dropout, task)
     if standardize:
         mean, std = train.moments()
         model.shift.copy_(torch.from_numpy(mean).float())
         model.scale.copy_(torch.from_numpy(1.0 / np.where(std > 1e-6, std, 1.0)).float())
+    classify = task == "classification"
+    if task == "regression":
+        y_all = np.concatenate([y.cpu().numpy() for _, y in train.chunks()])
+        model.target_mean.fill_(float(y_all.mean()))
+        model.target_std.fill_(float(y_all.std()) if y_all.std() > 1e-12 else 1.0)
     model.to(device)
     if standardize:  # the sources hand over ready rows, and the loop runs the bare net
         for rows in (train, val):
             rows.standardize(model.shift, model.scale)
     net = model.net
+    if from_first_column:
+        _start_from_first_column(model, train, task, num_classes)
     weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    if classify:
+        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    elif task == "multilabel":
+        loss_fn = nn.BCEWithLogitsLoss()
+    else:
+        y_mean, y_std = model.target_mean, model.target_std
+        loss_fn = (lambda out, y: nn.functional.mse_loss(out[:, 0], (y - y_mean) / y_std))
     opt = _adamw(model.parameters(), lr, weight_decay)
     n, has_val, history = train.n, val.n > 0, []
     best_key, best_state, best_epoch, since_best = None, None, 0, 0
@@ -115,13 +142,61 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     sizes = torch.tensor([min(batch_size, n - k * batch_size) for k in range(steps)], dtype=torch.float32,
                          device=device)
     step_loss = torch.empty(steps, device=device)
-    train_logits = torch.empty((n, num_classes), device=device)
-    train_y = torch.empty(n, dtype=torch.long, device=device)
+    train_logits = torch.empty((n, num_classes) if classify else (0,), device=device)
+    train_y = torch.empty(n if classify else 0, dtype=torch.long, device=device)
+    score = SCORE[task]
+
+    def validate() -> dict:
+        """The validation loss and score(s) of the current weights (one host sync; Spearman on the host)."""
+        if not has_val:
+            return {"val_loss": float("nan"), score: float("nan")}
+        if task == "regression":
+            preds, ys = zip(*[(net(xb)[:, 0], yb) for xb, yb in val.chunks()])
+            p, y = torch.cat(preds).cpu().numpy(), torch.cat(ys).cpu().numpy()
+            std = float(model.target_std)
+            return {"val_loss": float(np.mean((p - (y - float(model.target_mean)) / std) ** 2)),
+                    "val_spearman": spearman(p, y), "val_pearson": pearson(p, y)}
+        vloss = vweight = hits = torch.zeros((), device=device)
+        tp = fp = fn = torch.zeros((), device=device)
+        for xb, yb in val.chunks():
+            vlogits = net(xb)
+            if classify:  # weighted mean cross-entropy = sum of weighted losses / sum of weights
+                vloss = vloss + nn.functional.cross_entropy(vlogits, yb, weight=weight, reduction="sum")
+                vweight = vweight + (weight[yb].sum() if weight is not None else len(yb))
+                hits = hits + (vlogits.argmax(1) == yb).sum()
+            else:
+                vloss = vloss + nn.functional.binary_cross_entropy_with_logits(vlogits, yb, reduction="sum")
+                vweight = vweight + yb.numel()
+                pred, truth = vlogits > 0, yb > 0.5
+                tp, fp, fn = tp + (pred & truth).sum(), fp + (pred & ~truth).sum(), fn + (~pred & truth).sum()
+        if classify:
+            loss, value = torch.stack([vloss / vweight, hits / val.n]).tolist()
+        else:
+            loss, value = torch.stack([vloss / vweight, 2 * tp / torch.clamp(2 * tp + fp + fn, min=1)]).tolist()
+        return {"val_loss": loss, score: value}
+
+    def consider(row: dict, epoch: int):
+        nonlocal best_key, best_state, best_epoch, since_best
+        value = row[score] if row[score] == row[score] else -float("inf")  # NaN (constant outputs) ranks last
+        key = (value, -row["val_loss"]) if has_val else (epoch, 0.0)  # no validation: the last is the best
+        if best_key is None or key > best_key:
+            best_key = key
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_epoch, since_best = epoch, 0
+        else:
+            since_best += 1
+
     t0 = time.perf_counter()
     # One CPU thread for small heads: their per-step ops are too small to split, and on a shared machine every
     # op of a two-thread loop waits for the thread the scheduler put aside (10x slower).
     step_flops = batch_size * train.dim * (hidden if head == "mlp" else num_classes)
     with torch_threads(1, when=device.type == "cpu" and step_flops <= SMALL_STEP_FLOPS):
+        if from_first_column and has_val:  # epoch 0: the cosine alone, which training has to beat
+            model.eval()
+            with torch.no_grad():
+                row = {"epoch": 0, "train_loss": float("nan"), **validate()}
+            history.append(row)
+            consider(row, 0)
         for epoch in range(1, epochs + 1):
             model.train()
             start = 0
@@ -134,35 +209,28 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
                 opt.zero_grad(set_to_none=True)
                 # Epoch sums are taken once below: no per-step reductions or host syncs.
                 step_loss[k] = loss.detach()
-                train_logits[start:start + len(yb)] = logits.detach()
-                train_y[start:start + len(yb)] = yb
+                if classify:
+                    train_logits[start:start + len(yb)] = logits.detach()
+                    train_y[start:start + len(yb)] = yb
                 start += len(yb)
             model.eval()
             with torch.no_grad():
-                stats = [(step_loss * sizes).sum() / n, (train_logits.argmax(1) == train_y).float().mean()]
-                if has_val:  # weighted mean cross-entropy = sum of weighted losses / sum of weights
-                    vloss = vweight = vcorrect = torch.zeros((), device=device)
-                    for xb, yb in val.chunks():
-                        vlogits = net(xb)
-                        vloss = vloss + nn.functional.cross_entropy(vlogits, yb, weight=weight, reduction="sum")
-                        vweight = vweight + (weight[yb].sum() if weight is not None else len(yb))
-                        vcorrect = vcorrect + (vlogits.argmax(1) == yb).sum()
-                    stats += [vloss / vweight, vcorrect / val.n]
-                stats = torch.stack(stats).tolist()  # the epoch's one host sync
-            val_loss, val_acc = stats[2:] if has_val else (float("nan"), float("nan"))
-            row = {"epoch": epoch, "train_loss": stats[0], "train_acc": stats[1], "val_loss": val_loss,
-                   "val_acc": val_acc}
+                train_loss = (step_loss * sizes).sum() / n
+                if classify:
+                    train_loss, train_acc = torch.stack(
+                        [train_loss, (train_logits.argmax(1) == train_y).float().mean()]).tolist()
+                    row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
+                else:
+                    row = {"epoch": epoch, "train_loss": float(train_loss)}
+                row.update(validate())
             history.append(row)
-            key = (val_acc, -val_loss) if has_val else (epoch, 0.0)  # no validation: the last is the best
-            if best_key is None or key > best_key:
-                best_key = key
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best_epoch, since_best = epoch, 0
-            else:
-                since_best += 1
+            val_loss = row["val_loss"]
+            consider(row, epoch)
             if log and (epoch % log_every == 0 or epoch == 1):
-                log(f"epoch {epoch:4d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                    f"val loss {val_loss:.4f} acc {val_acc:.4f}")
+                name = score[4:].replace("_", "-")
+                log(f"epoch {epoch:4d}  train loss {row['train_loss']:.4f}"
+                    + (f" acc {row['train_acc']:.4f}" if classify else "")
+                    + f"  val loss {val_loss:.4f} {name} {row[score]:.4f}")
             if patience and has_val and since_best >= patience:
                 break
     seconds = time.perf_counter() - t0
@@ -173,11 +241,40 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
 
 
 @torch.no_grad()
+def _start_from_first_column(model: Head, train, task: str, num_classes: int) -> None:
+    """Weights that read the (standardized) first column alone, as its best fit would: regression,
+    the correlation (the least-squares slope on standardized data); classification, linear discriminant
+    analysis on the column (class c: mean_c / var * x - mean_c^2 / (2 var) + log prior_c, var the
+    pooled within-class variance), whose thresholds sit where the classes' densities cross. Everything
+    else 0."""
+    x, y = zip(*[(xb[:, 0], yb) for xb, yb in train.chunks()])
+    x, y = torch.cat(x).double(), torch.cat(y)
+    lin = model.net
+    lin.weight.zero_()
+    lin.bias.zero_()
+    if task == "regression":
+        lin.weight[0, 0] = float(pearson(x.cpu().numpy(), y.cpu().numpy()))
+        return
+    means = {c: x[y == c].mean() for c in range(num_classes) if (y == c).any()}
+    var = float(sum(((x[y == c] - m) ** 2).sum() for c, m in means.items()) / max(1, len(x) - len(means)))
+    var = var if var > 1e-12 else 1.0
+    for c in range(num_classes):
+        if c in means:
+            m = float(means[c])
+            lin.weight[c, 0] = m / var
+            lin.bias[c] = -m * m / (2 * var) + float(np.log(float((y == c).float().mean())))
+        else:
+            lin.bias[c] = -30.0  # a class train never shows: never predicted at the start
+
+
+@torch.no_grad()
 def predict_rows(head: Head, rows) -> np.ndarray:
-    """Class probabilities for every row of a source, in its order."""
+    """The head's outputs (class / label probabilities, or regression values) for every row, in order."""
     head.eval()
-    probs = [torch.softmax(head(x), dim=-1).cpu().numpy() for x, _ in rows.chunks()]
-    return np.concatenate(probs) if probs else np.zeros((0, head.num_classes), np.float32)
+    out = [head.outputs(head(x)).cpu().numpy() for x, _ in rows.chunks()]
+    if out:
+        return np.concatenate(out)
+    return np.zeros((0,) if head.task == "regression" else (0, head.num_classes), np.float32)
 
 
 def _adamw(params, lr, weight_decay):
