@@ -116,7 +116,9 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
                                   "checkpoints/<features>-sweep with --sweep].")
 @click.option("--pooling", default="cls", show_default=True, help="cls, mean, cls_<layer>, mean-avg<k>, "
                                                                    "cls-cat<k>, or terms joined by +.")
-@click.option("--head", default="linear", show_default=True, help="linear or mlp.")
+@click.option("--head", default="linear", show_default=True,
+              help="linear, mlp, or logreg (linear, fit full-batch by L-BFGS with its L2 strength chosen on "
+                   "validation; --lr, --epochs and --batch-size do not apply).")
 @click.option("--hidden", default=D.HIDDEN, show_default=True, help="Hidden units of the mlp head.")
 @click.option("--dropout", default=D.DROPOUT, show_default=True)
 @click.option("--epochs", default=D.EPOCHS, show_default=True)
@@ -133,7 +135,9 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
                                             "by validation accuracy (then loss).")
 @click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [mean, cls+mean, and with K cached "
                                        "layers mean-avgK, cls-avgK+mean-avgK, mean-catK].")
-@click.option("--sweep-heads", help="Comma-separated heads for --sweep [linear,mlp].")
+@click.option("--sweep-heads", help="Comma-separated heads for --sweep [logreg,linear,mlp].")
+@click.option("--sweep-ensemble/--no-sweep-ensemble", default=True, show_default=True,
+              help="Also try a greedy ensemble of the sweep's heads (probabilities averaged, chosen on validation).")
 @click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
 @click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01].")
 @click.option("--device", default="auto", show_default=True)
@@ -142,8 +146,8 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.pass_context
 def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, weight_decay, batch_size, seed, patience,
-             label_smoothing, class_weights, sweep, sweep_poolings, sweep_heads, sweep_lrs, sweep_weight_decays,
-             device, max_memory, as_json):
+             label_smoothing, class_weights, sweep, sweep_poolings, sweep_heads, sweep_ensemble, sweep_lrs,
+             sweep_weight_decays, device, max_memory, as_json):
     """Train a head over cached features; keep the best and the last weights."""
     from . import plots
 
@@ -159,7 +163,7 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
         if ctx.get_parameter_source("patience") != click.core.ParameterSource.COMMANDLINE:
             del options["patience"]  # the sweep's own, shorter default
         path, metrics = _sweep(features, out, seed, options, sweep_poolings, sweep_heads, sweep_lrs,
-                               sweep_weight_decays, as_json)
+                               sweep_weight_decays, sweep_ensemble, as_json)
     else:
         if any((sweep_poolings, sweep_heads, sweep_lrs, sweep_weight_decays)):
             raise UserError("the --sweep-* options need --sweep")
@@ -173,32 +177,43 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
                               ensure_ascii=False))
         return
     best = metrics["best"]
-    line = (f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']} ({metrics['seconds']:.2f}s): "
-            f"val acc {best['val_acc']:.4f} loss {best['val_loss']:.4f}")
+    done = ("ensemble" if metrics["best_epoch"] is None
+            else f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']}")
+    line = f"{done} ({metrics['seconds']:.2f}s): val acc {best['val_acc']:.4f} loss {best['val_loss']:.4f}"
     if "test" in metrics:
         line += f"; test acc {metrics['test']['accuracy']:.4f} macro-F1 {metrics['test']['macro_f1']:.4f}"
     click.echo(line)
     click.echo(f"saved {path}")
 
 
-def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, as_json):
+def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, ensemble, as_json):
     from .sweep import sweep
 
     path, ranked, metrics = sweep(features, out, poolings=_names(poolings), heads=_names(heads),
                                   lrs=_numbers(lrs, "--sweep-lrs"),
                                   weight_decays=_numbers(weight_decays, "--sweep-weight-decays"), seed=seed,
+                                  ensemble=ensemble,
                                   progress=not as_json or sys.stderr.isatty(), **options)
     if as_json:
         metrics["ranked"] = ranked
         return path, metrics
-    click.echo(f"{'rank':>4}  {'pooling':<24} {'head':<6} {'lr':>7} {'wd':>6}  {'val acc':>7}  {'val loss':>8}  "
-               f"{'epoch':>5}  {'s':>5}")
+    def num(v, width):
+        return f"{'-' if v is None else format(v, 'g'):>{width}}"
+
+    click.echo(f"{'rank':>4}  {'pooling':<24} {'head':<8} {'lr':>7} {'wd':>6} {'C':>6}  {'val acc':>7}  "
+               f"{'val loss':>8}  {'epoch':>5}  {'s':>5}")
     for r in ranked:
-        click.echo(f"{r['rank']:>4}  {r['pooling']:<24} {r['head']:<6} {r['lr']:>7g} {r['weight_decay']:>6g}  "
-                   f"{r['val_acc']:>7.4f}  {r['val_loss']:>8.4f}  {r['best_epoch']:>5}  {r['seconds']:>5.1f}")
+        click.echo(f"{r['rank']:>4}  {r['pooling']:<24} {r['head']:<8} {num(r['lr'], 7)} {num(r['weight_decay'], 6)} "
+                   f"{num(r.get('C'), 6)}  {r['val_acc']:>7.4f}  {r['val_loss']:>8.4f}  "
+                   f"{'-' if r['best_epoch'] is None else r['best_epoch']:>5}  {r['seconds']:>5.1f}")
+    win = ranked[0]
+    if win["head"] == "ensemble":
+        what = "ensemble of " + ", ".join(f"{m['pooling']} {m['head']} ({m['weight']:.2f})" for m in win["members"])
+    else:
+        what = f"{win['pooling']} {win['head']}" + ("" if win["lr"] is None else f" lr {win['lr']:g} "
+                                                                                 f"wd {win['weight_decay']:g}")
     click.echo(f"{metrics['sweep']['configurations']} heads in {metrics['sweep']['seconds']:.1f}s; "
-               f"winner: {ranked[0]['pooling']} {ranked[0]['head']} lr {ranked[0]['lr']:g} "
-               f"wd {ranked[0]['weight_decay']:g} (table in {os.path.join(path, 'sweep.json')})")
+               f"winner: {what} (table in {os.path.join(path, 'sweep.json')})")
     return path, metrics
 
 

@@ -57,8 +57,13 @@ def describe_checkpoint(path: str) -> dict:
 def as_text(info: dict) -> list[str]:
     if info["kind"] == "checkpoint":
         head = info["head"]
-        lines = [f"{info['path']}: checkpoint, {head['type']} head {head['in_features']} -> {head['num_classes']}"
-                 + (f" (hidden {head['hidden']})" if head.get("hidden") else ""),
+        if head["type"] == "ensemble":
+            what = f"ensemble of {len(head['members'])} heads -> {head['num_classes']}: " + ", ".join(
+                f"{m['pooling']} {m['head']['type']} ({m['weight']:.2f})" for m in head["members"])
+        else:
+            what = f"{head['type']} head {head['in_features']} -> {head['num_classes']}" + (
+                f" (hidden {head['hidden']})" if head.get("hidden") else "")
+        lines = [f"{info['path']}: checkpoint, {what}",
                  f"  model        {info['model']} (fingerprint {info['model_fingerprint']})",
                  f"  pooling      {info['pooling']}; layers {info['layers']}; max_length {info['max_length']}; "
                  f"precision {info['precision']}",

@@ -8,7 +8,7 @@ from .encoder import Encoder
 from .errors import UserError
 from .fingerprints import check_same_encoder
 from .metrics import classification_report
-from .poolings import build_features, pooling_features
+from .heads import model_feature_names, predict_proba_features
 from .store import FeatureStore
 
 
@@ -29,13 +29,12 @@ class Predictor:
         self.label_names = self.config["label_names"]
         self.pooling = self.config["pooling"]
         self.layers = enc["layers"]
-        self._names = pooling_features(self.pooling, self.layers)
 
     def predict_proba(self, texts: list[str], on_progress=None) -> np.ndarray:
         if not texts:
             return np.zeros((0, len(self.label_names)), np.float32)
         arrays = self.encoder.encode(list(texts), on_progress=on_progress)
-        return self.head.predict_proba(build_features(arrays, self.pooling, self.layers))
+        return predict_proba_features(self.head, self.pooling, arrays, self.layers)
 
     def predict(self, texts: list[str], on_progress=None) -> list[dict]:
         """One dict per text, in order: text, label, label_id, probs (label name -> probability)."""
@@ -61,16 +60,16 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         if store.label_names != config["label_names"]:
             raise UserError(f"{features} has labels {store.label_names}, the checkpoint {config['label_names']}")
         layers = store.settings["layers"]
-        X = build_features(store.features(split, pooling_features(config["pooling"], layers)), config["pooling"],
-                           layers)
         y = store.labels(split)
-    if X.shape[1] != head.in_features:
-        raise UserError(f"{features} gives {X.shape[1]} features for pooling {config['pooling']!r}, "
-                        f"the head expects {head.in_features}")
-    keep = y >= 0
-    if not keep.any():
-        raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
-    pred = head.predict_proba(X[keep]).argmax(1)
+        keep = y >= 0
+        if not keep.any():
+            raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
+        arrays = {n: v[keep] for n, v in store.features(split, model_feature_names(head, config["pooling"],
+                                                                                    layers)).items()}
+    try:
+        pred = predict_proba_features(head, config["pooling"], arrays, layers).argmax(1)
+    except UserError as e:
+        raise UserError(f"{features}: {e}") from e
     report = classification_report(y[keep], pred, config["label_names"])
     report["split"] = split
     return report

