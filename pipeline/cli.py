@@ -81,11 +81,16 @@ def cli(debug):
 @click.option("--batch-tokens", type=int, help="Padded tokens per batch [1024 on CPU, 65536 on GPU].")
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
+@click.option("--states", default=0, show_default=True,
+              help="Also cache the token-level hidden states entering the top K layers (for fit-head --tune-layers; "
+                   "BERT-family models).")
+@click.option("--states-dtype", default="bfloat16", show_default=True,
+              type=click.Choice(["bfloat16", "float16", "float32"]), help="How the token states are stored.")
 @click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")
 @click.option("--chunk-rows", type=int, hidden=True, help="Rows per write, the most a killed run loses [2048].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, layers, device,
-            precision, batch_tokens, store_dtype, revision, restart, chunk_rows, as_json):
+            precision, batch_tokens, store_dtype, revision, states, states_dtype, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from . import distributed
     from .extract import extract as run_extract
@@ -98,6 +103,7 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
                label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
                device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
                revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
+               **({"states": states, "states_dtype": states_dtype} if states else {}),
                **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
     if launched and distributed.world()[0] != 0:
         return
@@ -140,6 +146,15 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
               help="Also try a greedy ensemble of the sweep's heads (probabilities averaged, chosen on validation).")
 @click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
 @click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01].")
+@click.option("--tune-layers", type=int, default=0, help="Also tune a copy of the encoder's top K layers over the "
+              "token states cached by `extract --states K` (linear probe first, then layers + head; BERT family).")
+@click.option("--init", help="With --tune-layers: start from this checkpoint's head and pooling (e.g. the sweep's best "
+                             "single head) instead of fitting --head on --pooling first.")
+@click.option("--layer-lr", default=1e-4, show_default=True, help="With --tune-layers: the tuned layers' AdamW lr.")
+@click.option("--head-lr", default=1e-4, show_default=True, help="With --tune-layers: the head's AdamW lr.")
+@click.option("--batch-tokens", default=4096, show_default=True, help="With --tune-layers: padded tokens per batch.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="With --tune-layers: autocast dtype (auto: bf16 where the hardware has it).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-memory", help="Hold the features in memory up to this size (e.g. 8G), else stream them from "
                                    "the file [half the available memory].")
@@ -147,9 +162,24 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.pass_context
 def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, weight_decay, batch_size, seed, patience,
              label_smoothing, class_weights, sweep, sweep_poolings, sweep_heads, sweep_ensemble, sweep_lrs,
-             sweep_weight_decays, device, max_memory, as_json):
+             sweep_weight_decays, tune_layers, init, layer_lr, head_lr, batch_tokens, precision, device, max_memory,
+             as_json):
     """Train a head over cached features; keep the best and the last weights."""
     from . import plots
+
+    if tune_layers:
+        if sweep:
+            raise UserError("--tune-layers does not go with --sweep; pass the sweep's best single head with --init")
+        from .tuned import EPOCHS, fit_tuned
+        src = click.core.ParameterSource.COMMANDLINE
+        path, metrics = fit_tuned(features, tune_layers, out, pooling=pooling, head=head, init=init,
+                                  epochs=epochs if ctx.get_parameter_source("epochs") == src else EPOCHS,
+                                  layer_lr=layer_lr, head_lr=head_lr, batch_tokens=batch_tokens, precision=precision,
+                                  seed=seed, device=device, log=None if as_json else _log)
+        _report(path, metrics, as_json)
+        return
+    if init:
+        raise UserError("--init goes with --tune-layers")
 
     options = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, patience=patience or None,
                    label_smoothing=label_smoothing, class_weights=None if class_weights == "none" else class_weights,
@@ -172,6 +202,10 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
                                 log=None if as_json else _log, **options)
     if not plots.available():
         _log(f"no curves.png: {plots.HINT}")
+    _report(path, metrics, as_json)
+
+
+def _report(path, metrics, as_json):
     if as_json:
         click.echo(json.dumps({"checkpoint": path, **{k: v for k, v in metrics.items() if k != "history"}},
                               ensure_ascii=False))

@@ -188,10 +188,19 @@ class Encoder:
         return self.encode_ids(self.tokenize(texts), on_progress)
 
     def encode_ids(self, ids: list[list[int]], on_progress=None) -> dict[str, np.ndarray]:
+        return self._encode(ids, on_progress)[0]
+
+    def encode_ids_with_states(self, ids: list[list[int]], layer: int,
+                               on_progress=None) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """`encode_ids`, plus every text's token states hidden_states[layer] (float32 [its tokens, hidden]),
+        from the same forward pass (extract --states, and a tuned checkpoint's predict)."""
+        return self._encode(ids, on_progress, layer)
+
+    def _encode(self, ids, on_progress=None, states_layer: int | None = None):
         names = self.feature_names()
         n = len(ids)
         if n == 0:
-            return {k: np.zeros((0, self.hidden_size), np.float32) for k in names}
+            return {k: np.zeros((0, self.hidden_size), np.float32) for k in names}, []
         # Identical inputs are encoded once: review corpora repeat a tenth or more of their texts.
         keys = {}
         first = np.empty(n, dtype=np.int64)
@@ -203,18 +212,24 @@ class Encoder:
         lengths = np.fromiter((len(s) for s in uniq), dtype=np.int64, count=len(uniq))
         widths = np.minimum(-(-lengths // PAD_MULTIPLE) * PAD_MULTIPLE, max(self.max_length, lengths.max()))
         out = {k: torch.empty((len(uniq), self.hidden_size), dtype=torch.float32, device=self.device) for k in names}
+        states = [None] * len(uniq) if states_layer is not None else None
         with torch.inference_mode(), self._autocast():
             for batch in plan_batches(widths, self.batch_tokens):
                 # A lone text (predict's one sentence) needs no padding at all.
                 width = int(lengths[batch[0]] if len(batch) == 1 else widths[batch[0]])
-                pooled = self._forward([uniq[j] for j in batch], width)
+                pooled = self._forward([uniq[j] for j in batch], width, states_layer)
+                if states is not None:
+                    h = pooled.pop(None).float().cpu().numpy()
+                    for r, j in enumerate(batch):
+                        states[j] = h[r, :lengths[j]].copy()
                 idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
                 if on_progress is not None:
                     on_progress(len(batch))  # counts distinct inputs
         take = torch.from_numpy(first).to(self.device)
-        return {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
+        pooled = {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
+        return pooled, ([states[j] for j in first] if states is not None else [])
 
     def _cast_linear_weights(self):
         """Store Linear weights in the autocast dtype once: autocast would recast them on every batch
@@ -232,7 +247,8 @@ class Encoder:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _forward(self, seqs: list, width: int) -> dict[str, torch.Tensor]:
+    def _forward(self, seqs: list, width: int, states_layer: int | None = None) -> dict:
+        """Pooled features of a padded batch; with `states_layer`, also hidden_states[states_layer] under key None."""
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
         for r, s in enumerate(seqs):
@@ -243,7 +259,7 @@ class Encoder:
             ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
         ids_t = ids_t.to(self.device, non_blocking=True)
         mask_t = mask_t.to(self.device, non_blocking=True)
-        need_all = len(self.layers) > 1
+        need_all = len(self.layers) > 1 or (states_layer is not None and states_layer != self.num_layers)
         result = self.model(input_ids=ids_t, attention_mask=mask_t, output_hidden_states=need_all)
         hidden = result.hidden_states if need_all else {self.num_layers: result.last_hidden_state}
         m = mask_t.unsqueeze(-1).float()
@@ -253,6 +269,8 @@ class Encoder:
             h = hidden[layer].float()
             pooled[feature_name("cls", layer, self.num_layers)] = h[:, 0]
             pooled[feature_name("mean", layer, self.num_layers)] = (h * m).sum(1) / denom
+        if states_layer is not None:
+            pooled[None] = result.hidden_states[states_layer] if need_all else result.last_hidden_state
         return pooled
 
 

@@ -25,14 +25,19 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             label_column: str = "label", label_names: list[str] | None = None,
             max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
             precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
-            chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
-            progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None) -> str:
+            chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None, states: int = 0,
+            states_dtype: str = "bfloat16", progress: bool = True, encoder: Encoder | None = None, log=None,
+            corpus: Corpus | None = None) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an
     interrupted run (or does nothing when the file is complete). `log` (a callable) gets notes:
     blank texts skipped, a run resumed or started over. `corpus`, when given, is used instead of
     loading `data` (distributed extraction passes each rank's shard of it).
+
+    `states=K` also caches every text's token-level hidden states entering the top K layers
+    (hidden_states[L-K]), ragged, in `states_dtype` (bfloat16, float16 or float32): what
+    `fit-head --tune-layers K` trains over (see store.py for the layout, tuned.py for the models supported).
     """
     log = log or (lambda msg: None)
     corpus = corpus or load_corpus(data, text_column, label_column, label_names)
@@ -43,7 +48,21 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
                                  prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens)
     out = out or default_features_path(model, data)
     splits = split_specs(corpus)
-    writer = StoreWriter(out, settings=encoder.settings(), splits=splits, label_names=corpus.label_names,
+    settings = encoder.settings()
+    if states:
+        from .store import states_bytes, states_storage
+        from .tuned import check_supported
+        check_supported(encoder.model.config, states)
+        states_storage(states_dtype)
+        settings["states"] = {"layer": encoder.num_layers - states, "k": states, "dtype": states_dtype}
+        for name, s in corpus.splits.items():  # the layout is allocated up front: every text's token count
+            splits[name]["token_lengths"] = np.fromiter(
+                (len(ids) for a in range(0, len(s.texts), 8192) for ids in encoder.tokenize(list(s.texts[a:a + 8192]))),
+                dtype=np.int64, count=len(s.texts))
+        tokens = sum(int(v["token_lengths"].sum()) for v in splits.values())
+        log(f"token states of layer {encoder.num_layers - states} ({tokens} tokens, {states_dtype}) will take "
+            f"{states_bytes(settings, splits) / 2**20:.1f} MiB on disk")
+    writer = StoreWriter(out, settings=settings, splits=splits, label_names=corpus.label_names,
                          feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size,
                          source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart)
     if writer.status == "complete":
@@ -56,7 +75,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     log(f"resuming {writer.tmp}: {done} of {total} rows done" if writer.status == "resumed"
         else f"writing {writer.tmp}: {total} rows")
     try:
-        _run(corpus, encoder, writer, writer.chunk_rows, progress)
+        _run(corpus, encoder, writer, writer.chunk_rows, progress, settings.get("states"))
     except BaseException:
         writer.abort()
         raise
@@ -87,7 +106,8 @@ def first_occurrence(texts_per_split) -> np.ndarray:
     return first
 
 
-def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_progress: bool):
+def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_progress: bool,
+         states: dict | None = None):
     from tqdm.auto import tqdm
 
     names = encoder.feature_names()
@@ -129,7 +149,15 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
             n = stop - start
             chunk = {name: np.empty((n, encoder.hidden_size), np.float32) for name in names}
             done_before = bar.n
-            encoded = encoder.encode_ids(ids, on_progress=bar.update)
+            if states:
+                encoded, token_states = encoder.encode_ids_with_states(ids, states["layer"], on_progress=bar.update)
+                row_states = [None] * n
+                for i, st in zip(encode_rows, token_states):
+                    row_states[i] = st
+                for i, (src_split, src_row) in zip(copy_rows, copy_from):
+                    row_states[i] = writer.read_states(src_split, src_row)
+            else:
+                encoded = encoder.encode_ids(ids, on_progress=bar.update)
             for name in names:
                 chunk[name][encode_rows] = encoded[name]
             for src_split in {s for s, _ in copy_from}:
@@ -138,6 +166,7 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
                 for name in names:
                     chunk[name][np.asarray(copy_rows)[sel]] = copied[name]
             s = corpus.splits[split]
-            writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop])
+            flat = np.concatenate(row_states) if states and n else None
+            writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop], states=flat)
             bar.update(n - (bar.n - done_before))
     bar.close()

@@ -47,8 +47,9 @@ def describe_checkpoint(path: str) -> dict:
     return {"kind": "checkpoint", "path": path, "model": enc.get("model"), "model_fingerprint": enc.get("model_fingerprint"),
             "pooling": config["pooling"], "head": config["head"], "label_names": config["label_names"],
             "features": config.get("features"), "layers": enc.get("layers"), "max_length": enc.get("max_length"),
-            "prefix": enc.get("prefix"), "precision": enc.get("precision"), "weights": sorted(n[:-12] for n in os.listdir(path)
-                                                                  if n.endswith(".safetensors")),
+            "prefix": enc.get("prefix"), "precision": enc.get("precision"),
+            "weights": sorted(n[:-12] for n in os.listdir(path) if n.endswith(".safetensors") and ".top." not in n),
+            "tuned": ({k: config["tuned"][k] for k in ("k", "layer")} if config.get("tuned") else None),
             "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
             "seconds": metrics.get("seconds"), "validation": metrics.get("validation"), "best": metrics.get("best"),
             "test": {k: metrics["test"][k] for k in ("accuracy", "macro_f1", "n")} if "test" in metrics else None}
@@ -71,6 +72,10 @@ def as_text(info: dict) -> list[str]:
                  f"  features     {(info['features'] or {}).get('path')} "
                  f"(fingerprint {(info['features'] or {}).get('fingerprint')})",
                  f"  weights      {', '.join(info['weights'])}"]
+        if info.get("tuned"):
+            t = info["tuned"]
+            lines.append(f"  tuned        the encoder's top {t['k']} layers (trained over the cached states of "
+                         f"hidden_states[{t['layer']}]); the layers below are frozen")
         if info["best"]:
             lines.append(f"  best epoch   {info['best_epoch']}: val acc {info['best']['val_acc']:.4f}")
         if info["test"]:

@@ -50,13 +50,22 @@ def build_features(arrays: dict[str, np.ndarray], spec: str, layers: list[int]) 
     (2, 6)
     """
     parts = []
+    tensors = hasattr(next(iter(arrays.values()), None), "detach")  # torch (a tuned top's layers): keep the graph
     for term in _terms(spec):
         names = _term_features(term, layers)
         if _TERM.match(term).group(3) == "avg":
-            parts.append(np.mean([arrays[n] for n in names], axis=0))
+            parts.append(sum(arrays[n] for n in names) / len(names) if tensors
+                         else np.mean([arrays[n] for n in names], axis=0))
         else:
             parts.extend(arrays[n] for n in names)
+    if tensors:
+        return _cat(parts)
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+
+
+def _cat(parts):
+    import torch  # only reached with torch tensors in hand
+    return torch.cat(parts, 1)
 
 
 def pooled_width(spec: str, layers: list[int], hidden_size: int) -> int:

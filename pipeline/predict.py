@@ -29,10 +29,18 @@ class Predictor:
         self.label_names = self.config["label_names"]
         self.pooling = self.config["pooling"]
         self.layers = enc["layers"]
+        self.top = None
+        if self.config.get("tuned"):  # raw text -> frozen encoder -> states -> tuned top layers -> head
+            from .tuned import load_tuned
+            self.top = load_tuned(checkpoint, self.config, self.head, weights, self.encoder.device)
 
     def predict_proba(self, texts: list[str], on_progress=None) -> np.ndarray:
         if not texts:
             return np.zeros((0, len(self.label_names)), np.float32)
+        if self.top is not None:
+            arrays, states = self.encoder.encode_ids_with_states(self.encoder.tokenize(list(texts)),
+                                                                 self.config["tuned"]["states_layer"], on_progress)
+            return self.top.predict_proba(states, {n: arrays[n] for n in self.top.frozen_names})
         arrays = self.encoder.encode(list(texts), on_progress=on_progress)
         return predict_proba_features(self.head, self.pooling, arrays, self.layers)
 
@@ -66,10 +74,32 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
             raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
         arrays = {n: v[keep] for n, v in store.features(split, model_feature_names(head, config["pooling"],
                                                                                     layers)).items()}
+        if config.get("tuned"):
+            return _evaluate_tuned(checkpoint, config, head, weights, store, split, keep, arrays, y)
     try:
         pred = predict_proba_features(head, config["pooling"], arrays, layers).argmax(1)
     except UserError as e:
         raise UserError(f"{features}: {e}") from e
     report = classification_report(y[keep], pred, config["label_names"])
+    report["split"] = split
+    return report
+
+
+def _evaluate_tuned(checkpoint, config, head, weights, store, split, keep, arrays, y) -> dict:
+    """A tuned checkpoint over the cached token states (extract --states) of a split."""
+    from .tuned import RaggedRows, load_tuned
+
+    st = store.states_settings
+    if not st or st["layer"] != config["tuned"]["states_layer"]:
+        raise UserError(f"{store.path} holds no token states of layer {config['tuned']['states_layer']}, which this "
+                        f"tuned checkpoint reads; extract with --states {config['tuned']['cached_k']}")
+    top = load_tuned(checkpoint, config, head, weights)
+    rows = RaggedRows.from_store(store, split, np.flatnonzero(keep), {n: arrays[n] for n in top.frozen_names}, y[keep])
+    probs = np.zeros((rows.n, top.head.num_classes), np.float32)
+    import torch
+    with torch.no_grad():
+        for idx, h, mask, fz, _ in rows.batches(np.arange(rows.n), 4096, "cpu"):
+            probs[idx] = torch.softmax(top(h, mask, fz), -1).numpy()
+    report = classification_report(y[keep], probs.argmax(1), config["label_names"])
     report["split"] = split
     return report

@@ -6,6 +6,11 @@ Layout (readable with plain h5py; see README):
     /<split>/label      int64 [N]    -1 = unlabelled
     /<split>/row        int64 [N]    row number in the source split
     /<split>          attrs: rows, rows_done, data_fingerprint, skipped
+  with `extract --states K` (settings["states"] = {"layer": L-K, "k": K, "dtype": ...}), per split also:
+    /<split>/states   [tokens, hidden]  the token-level hidden states entering the top K layers
+                      (hidden_states[L-K]), every row's tokens one after another, no padding; float32,
+                      float16, or bfloat16 stored as its raw 16 bits (uint16)
+    /<split>/offsets  int64 [N + 1]  row i's tokens are states[offsets[i]:offsets[i+1]]
 
 A file is written under `<name>.partial` in chunks of rows, each chunk followed by a flush and an
 update of `rows_done`; only a complete file is renamed to its final name, so a reader never sees a
@@ -43,6 +48,7 @@ except ImportError:  # Windows: no file size limits to check
 FORMAT = "bertcache-features"
 FORMAT_VERSION = 1
 STORE_DTYPES = ("float32", "float16")
+STATES_DTYPES = ("bfloat16", "float16", "float32")  # bfloat16 is kept as its upper 16 bits in uint16
 _RESUMABLE = " (the rows written so far are kept: run extract again to resume)"
 
 
@@ -81,6 +87,13 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
                 return f"split {s!r} has no {name!r} dataset"
             if d.shape != shape or d.dtype != kind:
                 return f"split {s!r}: {name!r} is {d.dtype}{list(d.shape)}, expected {kind}{list(shape)}"
+        states = json.loads(a["settings"]).get("states")
+        if states:
+            st, off = g.get("states"), g.get("offsets")
+            if not isinstance(st, h5py.Dataset) or not isinstance(off, h5py.Dataset) or off.shape != (rows + 1,):
+                return f"split {s!r} has no valid states / offsets datasets"
+            if st.shape[1:] != (hidden,) or st.dtype != np.dtype(states_storage(states["dtype"])):
+                return f"split {s!r}: states are {st.dtype}{list(st.shape)}, expected {states['dtype']} [*, {hidden}]"
         if not 0 <= done <= rows or (complete and done != rows):
             return f"split {s!r} has {done} of {rows} rows written"
         if complete and rows:
@@ -163,11 +176,24 @@ class FeatureStore:
                             "(extract with more --layers for deeper poolings)")
         return {n: group[n][:].astype(np.float32, copy=False) for n in names}
 
+    @property
+    def states_settings(self) -> dict | None:
+        """{"layer", "k", "dtype"} of the cached token states (extract --states), None when there are none."""
+        return self.settings.get("states")
+
+    def states(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split's token states as stored (flat [tokens, hidden]; bfloat16 as uint16 bits) and its offsets."""
+        if not self.states_settings:
+            raise UserError(f"{self.path} holds no token states; extract with --states K")
+        g = self.require_split(split)
+        return g["states"][:], g["offsets"][:]
+
     def info(self) -> dict:
         return {"path": self.path, "source": self.source, "label_names": self.label_names,
                 "features": self.feature_names, "settings": self.settings,
                 "fingerprint": self.file.attrs.get("fingerprint"), "shards": self.shards,
-                "splits": {s: {"rows": self.rows(s), "labelled": int((self.labels(s) >= 0).sum())}
+                "splits": {s: {"rows": self.rows(s), "labelled": int((self.labels(s) >= 0).sum()),
+                               **({"tokens": int(self.file[s]["offsets"][-1])} if self.states_settings else {})}
                            for s in self.splits}}
 
 
@@ -258,6 +284,7 @@ class StoreWriter:
         """Write the whole layout under a temporary name, reserve its disk space, then rename it `.partial`."""
         itemsize = np.dtype(store_dtype).itemsize
         need = sum(int(v["rows"]) * (len(feature_names) * hidden_size * itemsize + 16) for v in splits.values())
+        need += states_bytes(settings, splits)
         folder = os.path.dirname(os.path.abspath(self.tmp))
         free = shutil.disk_usage(folder).free
         if need > free:
@@ -302,6 +329,12 @@ class StoreWriter:
                 g.create_dataset(name, shape=(n, hidden_size), dtype=store_dtype, dcpl=_allocated())
             g.create_dataset("label", shape=(n,), dtype="int64", dcpl=_allocated())
             g.create_dataset("row", shape=(n,), dtype="int64", dcpl=_allocated())
+            if settings.get("states"):
+                offsets = np.zeros(n + 1, dtype=np.int64)
+                np.cumsum(spec["token_lengths"], out=offsets[1:])
+                g.create_dataset("states", shape=(int(offsets[-1]), hidden_size),
+                                 dtype=states_storage(settings["states"]["dtype"]), dcpl=_allocated())
+                g.create_dataset("offsets", data=offsets)
             g.attrs["rows"] = n
             g.attrs["rows_done"] = np.int64(0)
             g.attrs["data_fingerprint"] = spec["fingerprint"]
@@ -310,11 +343,18 @@ class StoreWriter:
     def rows_done(self, split: str) -> int:
         return int(self.file[split].attrs["rows_done"])
 
-    def write(self, split: str, start: int, features: dict[str, np.ndarray], labels: np.ndarray, rows: np.ndarray):
-        """Write rows [start, start + len(labels)) of `split`, then record them as done."""
+    def write(self, split: str, start: int, features: dict[str, np.ndarray], labels: np.ndarray, rows: np.ndarray,
+              states: np.ndarray | None = None):
+        """Write rows [start, start + len(labels)) of `split` (and their token states, flat float32, when
+        the file holds states), then record them as done."""
         g = self.file[split]
         stop = start + len(labels)
         try:
+            if states is not None:
+                lo, hi = (int(v) for v in g["offsets"][[start, stop]])
+                if len(states) != hi - lo:
+                    raise ValueError(f"{len(states)} token states for rows {start}:{stop}, the layout has {hi - lo}")
+                g["states"][lo:hi] = to_storage(states, json.loads(self.file.attrs["settings"])["states"]["dtype"])
             for name, values in features.items():
                 g[name][start:stop] = values
             g["label"][start:stop] = labels
@@ -331,6 +371,12 @@ class StoreWriter:
         g = self.file[split]
         return {n: g[n][uniq][inverse].astype(np.float32) for n in names}
 
+    def read_states(self, split: str, row: int) -> np.ndarray:
+        """One written row's token states, float32 [tokens, hidden] (for a text seen earlier in the run)."""
+        g = self.file[split]
+        lo, hi = (int(v) for v in g["offsets"][[row, row + 1]])
+        return from_storage(g["states"][lo:hi], json.loads(self.file.attrs["settings"])["states"]["dtype"])
+
     def finish(self):
         try:
             self.file.attrs.modify("complete", True)
@@ -345,6 +391,40 @@ class StoreWriter:
             self.file.close()
         except Exception:  # closing a file after a failed write can fail again; nothing more to save
             pass
+
+
+def states_storage(dtype: str) -> str:
+    """The HDF5 dtype token states of `dtype` are kept in (HDF5 has no bfloat16: its 16 bits as uint16)."""
+    if dtype not in STATES_DTYPES:
+        raise UserError(f"unknown --states-dtype {dtype!r}; use one of {', '.join(STATES_DTYPES)}")
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> the stored form (bfloat16: rounded to nearest even, as torch does, kept as uint16)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype != "bfloat16":
+        return x.astype(dtype)
+    bits = x.view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The stored form -> float32 (exact)."""
+    if dtype == "bfloat16":
+        return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return x.astype(np.float32)
+
+
+def states_bytes(settings: dict, splits: dict[str, dict]) -> int:
+    """Disk bytes the token states (and offsets) of `splits` take, 0 without states."""
+    states = settings.get("states")
+    if not states:
+        return 0
+    item = np.dtype(states_storage(states["dtype"])).itemsize
+    tokens = sum(int(np.sum(v["token_lengths"])) for v in splits.values())
+    return tokens * int(settings["hidden_size"]) * item + sum(8 * (int(v["rows"]) + 1) for v in splits.values())
 
 
 def _allocated():
