@@ -25,6 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import build_tiny_bert, make_texts, write_split_files  # noqa: E402
 
+# Popen.kill's exit status: -SIGKILL on POSIX; on Windows TerminateProcess's 1 (as an unexpected error's).
+KILLED = 1 if os.name == "nt" else -signal.SIGKILL
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -57,12 +60,12 @@ def main():
                                     text=True)
             if kills < a.kills:
                 time.sleep(rng.uniform(a.min, a.max))
-                proc.send_signal(signal.SIGKILL)
+                proc.kill()  # SIGKILL on POSIX, TerminateProcess on Windows
             _, err = proc.communicate()
             discarded += "could not be resumed" in err
             if proc.returncode == 0:
                 break
-            if proc.returncode != -signal.SIGKILL:
+            if proc.returncode != KILLED:
                 sys.exit(f"extract failed (exit {proc.returncode}): {err[-500:]}")
             kills += 1
         with h5py.File(ref) as x, h5py.File(out) as y:

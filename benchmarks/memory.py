@@ -5,7 +5,8 @@
 
 Extract streams the vectors to HDF5 chunk by chunk, so its peak RSS should grow only by what it must
 hold for the whole run (the texts, labels and the first-seen index of distinct texts), not by the
-cached arrays. Each size runs in its own subprocess; its peak RSS comes from os.wait4 (ru_maxrss).
+cached arrays. Each size runs in its own subprocess; its peak RSS comes from os.wait4 (ru_maxrss;
+on Windows, psutil's peak working set).
 """
 from __future__ import annotations
 
@@ -40,13 +41,35 @@ def run_extract(model: str, data: str, out: str, precision: str = "auto") -> tup
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--model", model, "--data", data, "--out", out,
                              "--precision", precision, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    if hasattr(os, "wait4"):
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+    else:
+        peak = _peak_working_set(proc)
+        stdout = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"extract failed with exit code {proc.returncode}")
     json.loads(stdout)  # the summary printed at the end: the run completed
-    return usage.ru_maxrss / 1024, time.perf_counter() - start  # Linux: ru_maxrss is in KiB
+    return peak, time.perf_counter() - start
+
+
+def _peak_working_set(proc) -> float:
+    """Windows (no os.wait4): the process's peak working set in MiB, polled until it exits (needs psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        raise SystemExit("on Windows this benchmark needs psutil to read peak memory: pip install psutil") from None
+    handle, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:  # the summary is one short line: the pipe does not fill up meanwhile
+        try:
+            peak = max(peak, handle.memory_info().peak_wset)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    proc.wait()
+    return peak / 2**20
 
 
 def main(argv=None):

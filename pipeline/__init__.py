@@ -14,6 +14,7 @@ from .errors import UserError
 _EXPORTS = {
     "load_corpus": "data", "Encoder": "encoder", "FeatureStore": "store", "extract": "extract",
     "fit_head": "train", "sweep": "sweep", "Predictor": "predict", "evaluate": "predict",
+    "TextClassifier": "estimator",
 }
 __all__ = ["UserError", *_EXPORTS]
 

