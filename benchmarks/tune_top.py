@@ -124,7 +124,8 @@ def main():
     with T.FeatureStore(args.features) as store:
         info = store.info()
     rows_total = sum(v["rows"] for v in info["splits"].values())
-    print(f"{args.features}: {', '.join(f'{s} {v['rows']}' for s, v in info['splits'].items())}; "
+    splits = ", ".join(f"{s} {v['rows']}" for s, v in info["splits"].items())
+    print(f"{args.features}: {splits}; "
           f"{size / 2**20:.1f} MiB = {size / rows_total * 1000 / 2**20:.1f} MiB per 1,000 texts "
           f"(states {info['settings'].get('states')})")
     results = {}
