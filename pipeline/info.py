@@ -6,6 +6,7 @@ import os
 
 from .checkpoint import read_config, read_metrics
 from .errors import UserError
+from .poolings import default_pooling
 from .store import FeatureStore
 
 
@@ -35,6 +36,9 @@ def describe_features(path: str) -> dict:
         f = store.file
         info.update(kind="features", store_dtype=f.attrs.get("store_dtype"), model=store.settings.get("model"),
                     model_fingerprint=store.settings.get("model_fingerprint"),
+                    family=store.settings.get("family"), model_type=store.settings.get("model_type"),
+                    default_pooling=default_pooling(store.settings), prefix=store.settings.get("prefix"),
+                    instruction=store.settings.get("instruction"), sentence=store.settings.get("sentence"),
                     poolings=store.settings.get("poolings"), layers=store.settings.get("layers"),
                     dims={n: int(f[s][n].shape[1]) for s in store.splits[:1] for n in store.feature_names})
     return info
@@ -84,8 +88,19 @@ def as_text(info: dict) -> list[str]:
         return lines
     lines = [f"{info['path']}: features, {info['store_dtype']}, fingerprint {info['fingerprint']}",
              f"  model        {info['model']} (fingerprint {info['model_fingerprint']})",
+             f"  family       {info['family'] or 'encoder'} ({info['model_type'] or '?'}); "
+             f"default pooling {info['default_pooling']}",
              f"  features     {', '.join(f'{n} [{d}]' for n, d in info['dims'].items())}; layers {info['layers']}",
              f"  labels       {', '.join(info['label_names'])}"]
+    if info["sentence"]:
+        st = info["sentence"]
+        lines.append(f"  sentence     {'+'.join(st['pooling'])} pooling"
+                     + "".join(f", dense {d['in']}->{d['out']}" for d in st["dense"])
+                     + (", normalized" if st["normalize"] else "") + ("" if st["include_prompt"] else ", prompt excluded"))
+    if info["instruction"]:
+        lines.append(f"  instruction  {info['instruction']}")
+    elif info["prefix"]:
+        lines.append(f"  prefix       {info['prefix']!r}")
     for split, v in info["splits"].items():
         lines.append(f"  {split:<12} {v['rows']} rows, {v['labelled']} labelled")
     for shard in info["shards"]:

@@ -1,12 +1,15 @@
 """Features and poolings: what the cache stores, and how a head reads it. No torch here (the CLI imports it).
 
-A *feature* is one cached vector per text: `cls` (the [CLS] vector) or `mean` (the attention-masked
-mean) of the last hidden layer, and `cls_<layer>` / `mean_<layer>` of a layer below it (layers count
-from 0 = embeddings, as HF's `hidden_states` tuple does).
+A *feature* is one cached vector per text: `cls` (the first token's vector), `mean` (the
+attention-masked mean) or `last` (the last real token's vector) of the last hidden layer, and
+`cls_<layer>` / `mean_<layer>` / `last_<layer>` of a layer below it (layers count from 0 = embeddings,
+as HF's `hidden_states` tuple does). Decoder-only models cache no `cls` (their first token has seen
+nothing but itself). `sentence` is a sentence-transformers folder's own sentence vector (its pooling,
+Dense and Normalize modules applied); it may be narrower or wider than the hidden states.
 
-A *pooling* is the spec a head reads: terms joined by `+` (concatenated). A term is `cls` or `mean`
-(last layer), `cls_9` (a given layer), or `mean-avg4` / `cls-cat2` (average or concatenation over the
-last k cached layers).
+A *pooling* is the spec a head reads: terms joined by `+` (concatenated). A term is `cls`, `mean` or
+`last` (last layer), `cls_9` (a given layer), `mean-avg4` / `cls-cat2` (average or concatenation over
+the last k cached layers), or `sentence`.
 """
 from __future__ import annotations
 
@@ -16,18 +19,37 @@ import numpy as np
 
 from .errors import UserError
 
-POOLS = ("cls", "mean")  # how each cached layer is reduced to a vector (the settings' "poolings")
-_TERM = re.compile(r"^(cls|mean)(?:_(\d+)|-(avg|cat)(\d+))?$")
+POOLS = ("cls", "mean", "last")  # how each cached layer is reduced to a vector (the settings' "poolings")
+DECODER_POOLS = ("mean", "last")  # decoder-only models: a causal model's first token has seen only itself
+SENTENCE = "sentence"  # a sentence-transformers folder's own vector: one per text, not per layer
+_TERM = re.compile(r"^(?:(cls|mean|last)(?:_(\d+)|-(avg|cat)(\d+))?|(sentence))$")
 
 
 def feature_name(pool: str, layer: int, last: int) -> str:
-    """`cls` / `mean` for the last layer, `cls_<layer>` / `mean_<layer>` below it."""
+    """`cls` / `mean` / `last` for the last layer, `cls_<layer>` / ... below it."""
     return pool if layer == last else f"{pool}_{layer}"
 
 
-def feature_names(layers: list[int], last: int) -> list[str]:
-    """Every feature cached for `layers` (the model has `last` + 1 hidden states), last layer first."""
-    return [feature_name(p, layer, last) for layer in sorted(layers, reverse=True) for p in POOLS]
+def feature_names(layers: list[int], last: int, pools=POOLS, sentence: bool = False) -> list[str]:
+    """Every feature cached for `layers` (the model has `last` + 1 hidden states), last layer first.
+
+    >>> feature_names([11, 12], 12, DECODER_POOLS)
+    ['mean', 'last', 'mean_11', 'last_11']
+    """
+    names = [feature_name(p, layer, last) for layer in sorted(layers, reverse=True) for p in pools]
+    return names + [SENTENCE] if sentence else names
+
+
+def feature_dim(settings: dict, name: str) -> int:
+    """Width of a cached feature: the hidden size, unless the settings' `feature_dims` say otherwise
+    (a sentence-transformers Dense projection)."""
+    return int((settings.get("feature_dims") or {}).get(name, settings["hidden_size"]))
+
+
+def default_pooling(settings: dict) -> str:
+    """The pooling a head reads unless told: the model's own sentence vector where one is cached, else
+    what the model was trained to be pooled with (`last` for decoders, `cls` for the rest)."""
+    return settings.get("default_pooling") or "cls"
 
 
 def pooling_features(spec: str, layers: list[int]) -> list[str]:
@@ -68,27 +90,37 @@ def _cat(parts):
     return torch.cat(parts, 1)
 
 
-def pooled_width(spec: str, layers: list[int], hidden_size: int) -> int:
-    """Columns of `build_features(..., spec, layers)` for features of `hidden_size`.
+def pooled_width(spec: str, layers: list[int], hidden_size: int, dims: dict | None = None) -> int:
+    """Columns of `build_features(..., spec, layers)` for features of `hidden_size` (`dims`: the
+    widths of features that differ, as the settings' `feature_dims`).
 
     >>> pooled_width("cls-cat2+mean", [11, 12], 384)
     1152
+    >>> pooled_width("sentence+last", [12], 384, {"sentence": 256})
+    640
     """
-    return sum(hidden_size * (1 if _TERM.match(t).group(3) == "avg" else len(_term_features(t, layers)))
-               for t in _terms(spec))
+    dims = dims or {}
+    total = 0
+    for t in _terms(spec):
+        names = _term_features(t, layers)
+        widths = [int(dims.get(n, hidden_size)) for n in names]
+        total += widths[0] if _TERM.match(t).group(3) == "avg" else sum(widths)
+    return total
 
 
 def _terms(spec: str) -> list[str]:
     terms = [t.strip() for t in str(spec).split("+")]
     for t in terms:
         if not _TERM.match(t):
-            raise UserError(f"unknown --pooling {spec!r}: use cls, mean, cls_<layer>, mean-avg<k>, mean-cat<k>, "
-                            "or terms joined with + (e.g. cls+mean)")
+            raise UserError(f"unknown --pooling {spec!r}: use cls, mean, last, sentence, cls_<layer>, mean-avg<k>, "
+                            "mean-cat<k>, or terms joined with + (e.g. cls+mean)")
     return terms
 
 
 def _term_features(term: str, layers: list[int]) -> list[str]:
-    pool, layer, _, k = _TERM.match(term).groups()
+    pool, layer, _, k, sentence = _TERM.match(term).groups()
+    if sentence:
+        return [SENTENCE]
     last = max(layers)
     if layer is not None:
         if int(layer) not in layers:

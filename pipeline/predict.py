@@ -1,6 +1,8 @@
 """Prediction: the full encoder plus a trained head on raw text, and evaluation over a cache."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .checkpoint import load_checkpoint, read_config
@@ -40,10 +42,10 @@ class Predictor:
         self.checkpoint, self.weights = checkpoint, weights
         self.config = read_config(checkpoint, allow_pickle)
         enc = self.config["encoder"]
-        self.encoder = encoder or Encoder(model or enc["model"], device=device, precision=enc["precision"],
+        self.encoder = encoder or Encoder(model or locate_model(enc), device=device, precision=enc["precision"],
                                           max_length=enc["max_length"], prefix=enc.get("prefix") or "",
-                                          layers=len(enc["layers"]), revision=enc.get("revision"),
-                                          batch_tokens=batch_tokens)
+                                          instruction=enc.get("instruction"), layers=len(enc["layers"]),
+                                          revision=enc.get("revision"), batch_tokens=batch_tokens)
         check_same_encoder(self.config, self.encoder.settings(), f"model {self.encoder.model_ref!r}")
         _, self.head = load_checkpoint(checkpoint, weights, device=self.encoder.device, allow_pickle=allow_pickle)
         self.label_names = self.config["label_names"]
@@ -103,6 +105,15 @@ class Predictor:
             out.append({"text": text, "label": self.label_names[i], "label_id": i,
                         "probs": {n: float(v) for n, v in zip(self.label_names, p)}})
         return out
+
+
+def locate_model(encoder_settings: dict) -> str:
+    """Where a checkpoint's model is, from any working directory: the absolute folder it was loaded from
+    when that still exists, else the reference as typed (a hub id, a built-in name, a relative path)."""
+    folder = encoder_settings.get("model_path")
+    if folder and os.path.isdir(folder):
+        return folder
+    return encoder_settings["model"]
 
 
 def as_texts(texts) -> tuple[bool, list[str]]:

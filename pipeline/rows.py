@@ -147,7 +147,8 @@ class StoredRows:
         self.names = pooling_features(pooling, self.layers)
         self.index, self.labels = np.asarray(index), np.asarray(labels)  # labels: those of `index`
         self.device, self.chunk_rows, self.window, self.block = device, max(1, int(chunk_rows)), int(window), int(block)
-        self.n, self.dim = len(self.index), pooled_width(pooling, self.layers, store.settings["hidden_size"])
+        self.n, self.dim = len(self.index), pooled_width(pooling, self.layers, store.settings["hidden_size"],
+                                                             store.settings.get("feature_dims"))
         self.shift = self.scale = None
 
     def standardize(self, shift: torch.Tensor, scale: torch.Tensor):

@@ -260,7 +260,7 @@ def _info(predictor, limits: dict, batching: dict) -> dict:
         "encoder": {"model": enc.model_ref, "trained_with": predictor.config["encoder"].get("model"),
                     "revision": enc.revision, "fingerprint": enc.model_fingerprint, "device": str(enc.device),
                     "precision": enc.precision, "max_length": enc.max_length, "prefix": enc.prefix,
-                    "hidden_size": enc.hidden_size},
+                    "instruction": enc.instruction, "family": enc.family, "hidden_size": enc.hidden_size},
         "limits": limits, "batching": batching, "version": __version__,
     })
 

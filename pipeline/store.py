@@ -2,7 +2,8 @@
 
 Layout (readable with plain h5py; see README):
     /                 attrs: format="bertcache-features", complete, settings (JSON), label_names (JSON), ...
-    /<split>/<feature>  float32 or float16 [N, hidden]   feature = cls, mean, cls_<layer>, mean_<layer>
+    /<split>/<feature>  float32 or float16 [N, hidden]   feature = cls, mean, last, cls_<layer>, ..., sentence
+                                     (a width other than hidden is named in settings' feature_dims)
     /<split>/label      int64 [N]    -1 = unlabelled
     /<split>/row        int64 [N]    row number in the source split
     /<split>          attrs: rows, rows_done, data_fingerprint, skipped
@@ -39,6 +40,7 @@ import numpy as np
 from ._version import __version__
 from .errors import UserError, write_error
 from .fingerprints import cache_fingerprint, describe_differences, json_attr
+from .poolings import feature_dim
 
 try:
     import resource
@@ -67,7 +69,8 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
     try:
         feature_names = json.loads(a["feature_names"])
         splits = json.loads(a["splits"])
-        hidden = int(json.loads(a["settings"])["hidden_size"])
+        settings = json.loads(a["settings"])
+        dims = {n: feature_dim(settings, n) for n in feature_names}
         dtype = np.dtype(str(a["store_dtype"]))
         num_labels = len(json.loads(a["label_names"]))
     except (KeyError, ValueError, TypeError) as e:
@@ -82,7 +85,7 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
             return f"split {s!r} has no valid rows / rows_done attributes"
         for name in feature_names + ["label", "row"]:
             d = g.get(name)
-            shape, kind = ((rows, hidden), dtype) if name in feature_names else ((rows,), np.dtype("int64"))
+            shape, kind = ((rows, dims[name]), dtype) if name in feature_names else ((rows,), np.dtype("int64"))
             if not isinstance(d, h5py.Dataset):
                 return f"split {s!r} has no {name!r} dataset"
             if d.shape != shape or d.dtype != kind:
@@ -283,7 +286,8 @@ class StoreWriter:
     def _create(self, settings, splits, label_names, feature_names, hidden_size, source, store_dtype, fingerprint):
         """Write the whole layout under a temporary name, reserve its disk space, then rename it `.partial`."""
         itemsize = np.dtype(store_dtype).itemsize
-        need = sum(int(v["rows"]) * (len(feature_names) * hidden_size * itemsize + 16) for v in splits.values())
+        width = sum(feature_dim(settings, n) for n in feature_names)
+        need = sum(int(v["rows"]) * (width * itemsize + 16) for v in splits.values())
         need += states_bytes(settings, splits)
         folder = os.path.dirname(os.path.abspath(self.tmp))
         free = shutil.disk_usage(folder).free
@@ -326,7 +330,7 @@ class StoreWriter:
             g = f.create_group(split)
             n = int(spec["rows"])
             for name in feature_names:
-                g.create_dataset(name, shape=(n, hidden_size), dtype=store_dtype, dcpl=_allocated())
+                g.create_dataset(name, shape=(n, feature_dim(settings, name)), dtype=store_dtype, dcpl=_allocated())
             g.create_dataset("label", shape=(n,), dtype="int64", dcpl=_allocated())
             g.create_dataset("row", shape=(n,), dtype="int64", dcpl=_allocated())
             if settings.get("states"):

@@ -33,16 +33,25 @@ ENSEMBLE_ROUNDS = 25  # greedy picks (with replacement): members' weights are mu
 SELECTION = "validation accuracy, then validation loss"
 
 
-def default_poolings(layers: list[int]) -> list[str]:
+def default_poolings(layers: list[int], settings: dict | None = None) -> list[str]:
     """Last-layer mean, and [CLS] + mean; with K > 1 cached layers, averages and the concatenation of means.
+    Decoders (no `cls`) take `last` where encoders take `cls`, and `last` alone; a cache with the model's
+    own `sentence` vector tries it first.
 
     (Last-layer [CLS] alone never won on the caches tried, and [CLS] concatenated over layers costs
-    twice the time of mean-catK for no better validation score.)
+    twice the time of mean-catK for no better validation score. An encoder's `last` is its [SEP] token:
+    cached, but left out of the default grid.)
+
+    >>> default_poolings([11, 12], {"poolings": ["mean", "last"]})
+    ['mean', 'last', 'last+mean', 'mean-avg2', 'last-avg2+mean-avg2', 'mean-cat2']
     """
-    out = ["mean", "cls+mean"]
+    settings = settings or {}
+    first = "cls" if "cls" in (settings.get("poolings") or ["cls"]) else "last"
+    out = ["sentence"] if "sentence" in settings else []
+    out += ["mean", "cls+mean"] if first == "cls" else ["mean", "last", "last+mean"]
     k = len(layers)
     if k > 1:
-        out += [f"mean-avg{k}", f"cls-avg{k}+mean-avg{k}", f"mean-cat{k}"]
+        out += [f"mean-avg{k}", f"{first}-avg{k}+mean-avg{k}", f"mean-cat{k}"]
     return out
 
 
@@ -94,7 +103,7 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
                         "--sweep-weight-decays)")
     if poolings is None:
         with FeatureStore(features) as store:
-            poolings = default_poolings(store.settings["layers"])
+            poolings = default_poolings(store.settings["layers"], store.settings)
     options = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size,
                    label_smoothing=label_smoothing, class_weights=class_weights, device=device)
     with T.load_cache(features, poolings, seed, max_memory, device, log) as data:

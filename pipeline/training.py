@@ -7,7 +7,6 @@ and class weights.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from .defaults import (BATCH_SIZE, DROPOUT, EPOCHS, HIDDEN, LOGREG_CS, LOGREG_MA
                        PATIENCE, SEED, SHUFFLE_BLOCK, SHUFFLE_WINDOW, WEIGHT_DECAY)
 from .errors import UserError
 from .heads import Head
+from .threads import torch_threads
 from .rows import ArrayRows
 
 SMALL_STEP_FLOPS = 1 << 26  # batch x in x out below which the CPU training loop runs on one thread
@@ -124,7 +124,10 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     train_logits = torch.empty((n, num_classes), device=device)
     train_y = torch.empty(n, dtype=torch.long, device=device)
     t0 = time.perf_counter()
-    with _loop_threads(device, batch_size * train.dim * (hidden if head == "mlp" else num_classes)):
+    # One CPU thread for small heads: their per-step ops are too small to split, and on a shared machine every
+    # op of a two-thread loop waits for the thread the scheduler put aside (10x slower).
+    step_flops = batch_size * train.dim * (hidden if head == "mlp" else num_classes)
+    with torch_threads(1, when=device.type == "cpu" and step_flops <= SMALL_STEP_FLOPS):
         for epoch in range(1, epochs + 1):
             model.train()
             start = 0
@@ -211,8 +214,8 @@ def fit_logreg(train, val, num_classes: int, *, cs=LOGREG_CS, max_iter: int = LO
     nn.init.zeros_(lin.bias)
     history, best_key, best_state, best_epoch = [], None, None, 0
     t0 = time.perf_counter()
-    threads = _loop_threads(device, len(y) * train.dim * num_classes)
-    threads.__enter__()
+    threads = torch_threads(1, when=device.type == "cpu" and len(y) * train.dim * num_classes <= SMALL_STEP_FLOPS)
+    threads.__enter__()  # one thread for small problems, as the epoch loop (not a with: the loop is long)
     for i, c in enumerate(sorted(float(c) for c in cs), 1):
         if Xv is not None and i - best_epoch > LOGREG_PATIENCE:
             break  # weaker L2 only overfits more from here: the path stops (the remaining Cs are not fit)
@@ -257,21 +260,6 @@ def _whole(rows) -> tuple[torch.Tensor, torch.Tensor]:
     """A row source's rows as two tensors (full-batch methods need them all at once)."""
     parts = list(rows.chunks())
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
-
-
-@contextlib.contextmanager
-def _loop_threads(device: torch.device, step_flops: int):
-    """One CPU thread for small heads: their per-step ops are too small to split, and on a shared
-    machine every op of a two-thread loop waits for the thread the scheduler put aside (10x slower)."""
-    if device.type != "cpu" or step_flops > SMALL_STEP_FLOPS:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.no_grad()

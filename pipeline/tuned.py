@@ -111,6 +111,7 @@ class TunedTop(nn.Module):
                 hf = h.float()
                 out[feature_name("cls", index, self.num_layers)] = hf[:, 0]
                 out[feature_name("mean", index, self.num_layers)] = (hf * m).sum(1) / denom
+                out[feature_name("last", index, self.num_layers)] = hf[torch.arange(len(hf)), mask.sum(1) - 1]
         return out
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, frozen: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -201,7 +202,7 @@ class RaggedRows:
                    self.labels.index_select(0, t).to(device))
 
 
-def tune(features: str, k: int, *, pooling: str = "mean", head: str = "linear", init: str | None = None,
+def tune(features: str, k: int, *, pooling: str | None = None, head: str = "linear", init: str | None = None,
          epochs: int = EPOCHS, layer_lr: float = LAYER_LR, head_lr: float = HEAD_LR,
          weight_decay: float = WEIGHT_DECAY, warmup: float = WARMUP, batch_tokens: int = BATCH_TOKENS,
          clip: float = CLIP, precision: str = "auto", seed: int = D.SEED, device: str = "auto", model: str | None = None,
@@ -227,6 +228,10 @@ def tune(features: str, k: int, *, pooling: str = "mean", head: str = "linear", 
             raise UserError(f"{init} holds an ensemble; --init takes a single head (the sweep's table names the "
                             "best single one: train it with fit-head, or pass --pooling and --head)")
         pooling = init_config["pooling"]
+    if pooling is None:
+        from .poolings import default_pooling
+        with T.FeatureStore(features) as store:
+            pooling = default_pooling(store.settings)
     data = T.load_cache(features, [pooling], seed, None, device, log)
     if data.streamed:
         data.close()

@@ -107,7 +107,7 @@ def test_encoder_runs_on_the_imported_folder(tmp_path):
     enc = Encoder(e5.import_e5s1(str(tmp_path / "tiny.bin"), str(tmp_path / "hf")), device="cpu",
                   precision="fp32", prefix="这", layers=2)
     out = enc.encode(["书写得真好", "好"])
-    assert set(out) == {"cls", "mean", "cls_1", "mean_1"} and out["mean"].shape == (2, H)
+    assert set(out) == {"cls", "mean", "last", "cls_1", "mean_1", "last_1"} and out["mean"].shape == (2, H)
 
 
 def test_not_an_e5s1_file(tmp_path):

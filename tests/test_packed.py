@@ -66,7 +66,7 @@ def test_packed_matches_padded_fp32(family_model):
     ids = ragged_ids(packed)
     assert max(map(len, ids)) == packed.max_length == MAX and min(map(len, ids)) == 1
     a, b = packed.encode_ids(ids), padded.encode_ids(ids)
-    assert set(a) == set(b) == {"cls", "mean", "cls_2", "mean_2"}
+    assert set(a) == set(b) == {"cls", "mean", "last", "cls_2", "mean_2", "last_2"}
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, rtol=0)
     # and the model's own forward, one text at a time, without any padding

@@ -125,7 +125,7 @@ def test_cache_layout_and_metadata(cache, tiny_model):
         assert settings["model"] == tiny_model and settings["precision"] == "fp32"
         assert settings["max_length"] == 128  # capped by the tiny model's 128 positions
         assert settings["layers"] == [2, 3] and len(settings["model_fingerprint"]) == 32
-        assert json.loads(f.attrs["feature_names"]) == ["cls", "mean", "cls_2", "mean_2"]
+        assert json.loads(f.attrs["feature_names"]) == ["cls", "mean", "last", "cls_2", "mean_2", "last_2"]
         for split, n in [("train", 160), ("validation", 40), ("test", 40)]:
             assert f[split]["cls"].shape == (n, 32) and f[split]["mean_2"].shape == (n, 32)
             assert f[split]["label"].shape == (n,) and f[split].attrs["rows_done"] == n

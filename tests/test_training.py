@@ -45,7 +45,7 @@ def cache3(tiny_model, data, tmp_path_factory):
 def test_pooling_shapes_and_values(cache3, spec, parts):
     with FeatureStore(cache3) as store:
         layers = store.settings["layers"]
-        assert layers == [1, 2, 3] and store.feature_names == ["cls", "mean", "cls_2", "mean_2", "cls_1", "mean_1"]
+        assert layers == [1, 2, 3] and store.feature_names == ["cls", "mean", "last", "cls_2", "mean_2", "last_2", "cls_1", "mean_1", "last_1"]
         raw = store.features("train")
     X = build_features({n: raw[n] for n in pooling_features(spec, layers)}, spec, layers)
     expected = np.concatenate([np.mean([raw[n] for n in p], axis=0) if isinstance(p, tuple) else raw[p]
