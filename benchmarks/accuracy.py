@@ -10,7 +10,7 @@ Per features file, in one run:
     from 1e-3 .. 10, and the input too: last-layer mean or the average of the cached layers' means
     (mean-avgK), whichever scores better on validation;
 (c) `fit-head --sweep` with its default grid (pooling x head x lr, logreg heads, and the greedy ensemble
-    of them), picked by validation accuracy (then loss).
+    of them), picked by validation log-loss (then accuracy), the sweep's default.
 Every choice is made on validation; test is looked at once per method, at the end. Must hold (issue 16):
 (c) >= (b) + 0.5 points on every cache.
 

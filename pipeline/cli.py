@@ -157,6 +157,8 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--sweep-heads", help="Comma-separated heads for --sweep [logreg,linear,mlp].")
 @click.option("--sweep-ensemble/--no-sweep-ensemble", default=True, show_default=True,
               help="Also try a greedy ensemble of the sweep's heads (probabilities averaged, chosen on validation).")
+@click.option("--sweep-select", default="loss", show_default=True, type=click.Choice(["loss", "accuracy"]),
+              help="What ranks the sweep: validation log-loss (then accuracy), or accuracy (then loss).")
 @click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
 @click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01].")
 @click.option("--tune-layers", type=int, default=0, help="Also tune a copy of the encoder's top K layers over the "
@@ -174,8 +176,8 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.pass_context
 def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, weight_decay, batch_size, seed, patience,
-             label_smoothing, class_weights, sweep, sweep_poolings, sweep_heads, sweep_ensemble, sweep_lrs,
-             sweep_weight_decays, tune_layers, init, layer_lr, head_lr, batch_tokens, precision, device, max_memory,
+             label_smoothing, class_weights, sweep, sweep_poolings, sweep_heads, sweep_ensemble, sweep_select,
+             sweep_lrs, sweep_weight_decays, tune_layers, init, layer_lr, head_lr, batch_tokens, precision, device, max_memory,
              as_json):
     """Train a head over cached features; keep the best and the last weights."""
     from . import plots
@@ -206,7 +208,7 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
         if ctx.get_parameter_source("patience") != click.core.ParameterSource.COMMANDLINE:
             del options["patience"]  # the sweep's own, shorter default
         path, metrics = _sweep(features, out, seed, options, sweep_poolings, sweep_heads, sweep_lrs,
-                               sweep_weight_decays, sweep_ensemble, as_json)
+                               sweep_weight_decays, sweep_ensemble, sweep_select, as_json)
     else:
         if any((sweep_poolings, sweep_heads, sweep_lrs, sweep_weight_decays)):
             raise UserError("the --sweep-* options need --sweep")
@@ -233,11 +235,12 @@ def _report(path, metrics, as_json):
     click.echo(f"saved {path}")
 
 
-def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, ensemble, as_json):
+def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, ensemble, selection, as_json):
     from .sweep import sweep
 
     path, ranked, metrics = sweep(features, out, poolings=poolings, heads=heads, lrs=lrs, weight_decays=weight_decays,
-                                  seed=seed, ensemble=ensemble, progress=not as_json or sys.stderr.isatty(), **options)
+                                  seed=seed, ensemble=ensemble, selection=selection,
+                                  progress=not as_json or sys.stderr.isatty(), **options)
     if as_json:
         metrics["ranked"] = ranked
         return path, metrics

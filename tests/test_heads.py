@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -96,20 +95,16 @@ def test_greedy_ensemble_prefers_complementary_members():
     assert set(picks) == {1, 2} and abs(picks.count(1) - picks.count(2)) <= 1
 
 
-def test_sweep_ensemble_checkpoint_evaluate_predict_info(cache, data, tmp_path, monkeypatch):
-    S = sys.modules["pipeline.sweep"]  # the module (pipeline.sweep is the function)
+def test_sweep_ensemble_checkpoint_evaluate_predict_info(cache, data, tmp_path):
     grid = dict(poolings=["cls", "mean", "mean-cat2"], heads=["logreg", "mlp"], lrs=[1e-2], epochs=15, progress=False)
-    _, ranked, _ = sweep(cache, str(tmp_path / "plain"), **grid)
+    ckpt, ranked, metrics = sweep(cache, str(tmp_path / "sw"), **grid)
     ens = [r for r in ranked if r["head"] == "ensemble"]
     assert len(ens) == 1 and len(ens[0]["members"]) >= 2
     assert abs(sum(m["weight"] for m in ens[0]["members"]) - 1) < 1e-9
-    keys = [(-r["val_acc"], r["val_loss"]) for r in ranked]
+    keys = [(r["val_loss"], -r["val_acc"]) for r in ranked]  # ranked by validation log-loss
     assert keys == sorted(keys)
-    single = min(r["val_loss"] for r in ranked if r["head"] != "ensemble")
-    assert ens[0]["val_loss"] <= single  # greedy selection starts from the best single head's log-loss
-    # Save the ensemble whatever won on this tiny cache, to check its checkpoint end to end.
-    monkeypatch.setattr(S, "_key", lambda row: (row["head"] != "ensemble", -row["val_acc"], row["val_loss"]))
-    ckpt, ranked, metrics = sweep(cache, str(tmp_path / "sw"), **grid)
+    # greedy selection starts from the best single head's log-loss and only adds what lowers it
+    assert ranked[0] is ens[0] and ens[0]["val_loss"] < min(r["val_loss"] for r in ranked if r["head"] != "ensemble")
     config, model = load_checkpoint(ckpt)
     assert isinstance(model, Ensemble) and config["head"]["type"] == "ensemble"
     assert len(model.members) == len(ens[0]["members"])
@@ -124,3 +119,6 @@ def test_sweep_ensemble_checkpoint_evaluate_predict_info(cache, data, tmp_path, 
     np.testing.assert_allclose(live, cached, atol=1e-4)
     assert metrics["test"]["accuracy"] == pytest.approx(float((cached.argmax(1) == y).mean()))
     assert "ensemble of" in as_text(describe(ckpt))[0]
+    by_accuracy = sweep(cache, str(tmp_path / "acc"), selection="accuracy", **grid)[1]
+    keys = [(-r["val_acc"], r["val_loss"]) for r in by_accuracy]
+    assert keys == sorted(keys)

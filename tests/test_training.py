@@ -134,7 +134,8 @@ def test_sweep_ranks_by_validation_and_saves_the_winner(cache3, tmp_path, monkey
     monkeypatch.setattr(FeatureStore, "features", counting)
     grid = dict(poolings=["cls", "mean+cls_2", "mean-avg3"], heads=["linear", "mlp"], lrs=[1e-2, 1e-3],
                 weight_decays=[0.01])
-    ckpt, ranked, metrics = sweep(cache3, str(tmp_path / "sw"), epochs=6, progress=False, ensemble=False, **grid)
+    ckpt, ranked, metrics = sweep(cache3, str(tmp_path / "sw"), epochs=6, progress=False, ensemble=False,
+                                  selection="accuracy", **grid)
     assert sorted(reads) == ["test", "train", "validation"]  # each split read once for all 12 heads
     assert len(ranked) == 12 and [r["rank"] for r in ranked] == list(range(1, 13))
     keys = [(-r["val_acc"], r["val_loss"]) for r in ranked]
@@ -158,7 +159,7 @@ def test_sweep_cli_prints_the_table(cache3, tmp_path):
     out = tmp_path / "sw"
     result = cli_run("fit-head", "-f", cache3, "-o", out, "--sweep", "--sweep-poolings", "cls,mean",
                      "--sweep-heads", "linear", "--sweep-lrs", "1e-2,1e-3", "--sweep-weight-decays", "0", "--epochs", 4,
-                     "--no-sweep-ensemble")
+                     "--no-sweep-ensemble", "--sweep-select", "accuracy")
     assert result.exit_code == 0, result.output
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows[:4]] == ["1", "2", "3", "4"] and {r[1] for r in rows[:4]} == {"cls", "mean"}
