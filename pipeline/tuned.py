@@ -10,7 +10,7 @@ tuned layers start from a head that already works and fine-tuning does not disto
 head's gradients. Then layers and head train together: AdamW with separate learning rates, linear warmup
 and linear decay, gradient clipping, bf16 autocast where `--precision auto` picks it, validation every
 epoch. The epoch-0 model (the probe, layers as the model has them) competes too: the best by validation
-accuracy (then loss) is kept, with the last.
+log-loss (then accuracy; as the sweep ranks) is kept, with the last.
 
 Checkpoint: the head as usual (best / last.safetensors) plus the tuned layers (best.top.safetensors,
 last.top.safetensors), and config["tuned"] = {"k", "layer", "model_config"}. Raw text (predict, serve)
@@ -307,7 +307,7 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
     history = [{"epoch": 0, "train_loss": float("nan"), "train_acc": float("nan"), "val_loss": vloss, "val_acc": vacc,
                 "seconds": 0.0}]
     log(f"epoch 0 (probe, layers as in the model): val loss {vloss:.4f} acc {vacc:.4f}")
-    best_key, best, best_epoch = (vacc, -vloss), snapshot(), 0
+    best_key, best, best_epoch = (-vloss, vacc), snapshot(), 0
     for epoch in range(1, epochs + 1):
         top.train()
         t_epoch = time.perf_counter()
@@ -332,8 +332,8 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
                         "val_loss": vloss, "val_acc": vacc, "seconds": seconds})
         log(f"epoch {epoch}: train loss {tot_loss / seen:.4f} acc {tot_correct / seen:.4f}  val loss {vloss:.4f} "
             f"acc {vacc:.4f}  ({seconds:.0f}s)")
-        if (vacc, -vloss) > best_key:
-            best_key, best, best_epoch = (vacc, -vloss), snapshot(), epoch
+        if (-vloss, vacc) > best_key:
+            best_key, best, best_epoch = (-vloss, vacc), snapshot(), epoch
     last = snapshot()
     top.head.load_state_dict(best[0])
     top.top.load_state_dict(best[1])
