@@ -149,8 +149,8 @@ def extract(model, data, out, text_column, label_column, label_names, max_length
                                                                         "10 with --sweep).")
 @click.option("--label-smoothing", default=0.0, show_default=True)
 @click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
-@click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay; keep the best "
-                                            "by validation log-loss (see --sweep-select), a greedy ensemble of them included.")
+@click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay, and a greedy "
+                                            "ensemble of them; keep the best by validation log-loss (--sweep-select).")
 @click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [mean, cls+mean (decoders: last, "
                                        "last+mean), sentence where cached, and with K cached layers mean-avgK, "
                                        "cls-avgK+mean-avgK, mean-catK].")
