@@ -90,8 +90,9 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
                 return f"split {s!r} has no {name!r} dataset"
             if d.shape != shape or d.dtype != kind:
                 return f"split {s!r}: {name!r} is {d.dtype}{list(d.shape)}, expected {kind}{list(shape)}"
-        states = json.loads(a["settings"]).get("states")
+        states = settings.get("states")
         if states:
+            hidden = int(settings["hidden_size"])
             st, off = g.get("states"), g.get("offsets")
             if not isinstance(st, h5py.Dataset) or not isinstance(off, h5py.Dataset) or off.shape != (rows + 1,):
                 return f"split {s!r} has no valid states / offsets datasets"
