@@ -148,6 +148,15 @@ class _TextEstimator(BaseEstimator):
 
     # -- the encoder and its vectors ----------------------------------------------------------------
 
+    def _apply_head(self, X, method: str, width: int | None) -> np.ndarray:
+        """The fitted head's `method` ("predict_proba" or "predict") over the texts X; no texts give an empty
+        array of shape [0, width] ([0] when width is None)."""
+        check_is_fitted(self, "head_")
+        texts = _texts(X)
+        if not texts:
+            return np.zeros((0,) if width is None else (0, width), np.float32)
+        return getattr(self.head_, method)(self._features(texts))
+
     def _features(self, texts: list[str]) -> np.ndarray:
         """The head's input matrix for `texts`, encoding only the texts not cached yet."""
         encoder = self._encoder()
@@ -229,11 +238,7 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
         Args:
             X: texts (a list, array or Series of str; one str counts as one text).
         """
-        check_is_fitted(self, "head_")
-        texts = _texts(X)
-        if not texts:
-            return np.zeros((0, len(self.classes_)), np.float32)
-        return self.head_.predict_proba(self._features(texts))
+        return self._apply_head(X, "predict_proba", len(self.classes_))
 
     def predict(self, X) -> np.ndarray:
         """The most probable label of every text, as an array of classes_' type.
@@ -283,11 +288,7 @@ class TextRegressor(RegressorMixin, _TextEstimator):
         Args:
             X: texts (a list, array or Series of str; one str counts as one text).
         """
-        check_is_fitted(self, "head_")
-        texts = _texts(X)
-        if not texts:
-            return np.zeros(0)
-        return self.head_.predict(self._features(texts)).astype(np.float64)
+        return self._apply_head(X, "predict", None).astype(np.float64)
 
 
 def _texts(X) -> list[str]:
