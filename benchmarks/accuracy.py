@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import load  # noqa: E402
+from benchmarks.common import describe_winner, load  # noqa: E402
 from pipeline.training import fit  # noqa: E402
 from pipeline import train as T  # noqa: E402
 from pipeline.sweep import sweep  # noqa: E402
@@ -84,12 +84,6 @@ def logistic_regression_refit(data, best):
     scaler = StandardScaler().fit(X)
     model = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(X), y)
     return float("nan"), model.score(scaler.transform(Xt), yt), note
-
-
-def describe_winner(win: dict) -> str:
-    if win["head"] == "ensemble":
-        return "ensemble: " + ", ".join(f"{m['pooling']} {m['head']} {m['weight']:.2f}" for m in win["members"])
-    return f"{win['pooling']} {win['head']}" + (f" C {win['C']:g}" if win.get("C") is not None else f" lr {win['lr']:g}")
 
 
 def bench(features: str, out: str) -> tuple[list, dict]:
