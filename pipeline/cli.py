@@ -100,6 +100,9 @@ def cli(debug):
                                           "batch at a time on all torch threads.")
 @click.option("--packing", default="auto", show_default=True, type=click.Choice(["auto", "off"]),
               help="auto: BERT/RoBERTa/XLM-R batches without padding; off: padded batches.")
+@click.option("--compile", "compile_", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="torch.compile the packed encoder layers: auto = when the run has tokens enough to pay back "
+                   "the compile time (CPU); same vectors either way.")
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")
@@ -107,7 +110,7 @@ def cli(debug):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def extract(model, data, out, text_column, label_column, label_names, task, label_sep, text_pair_column, pair_mode,
             max_length, long_texts, stride, prefix, instruction, layers, device, precision, batch_tokens, workers,
-            packing, store_dtype, revision, restart, chunk_rows, as_json):
+            packing, compile_, store_dtype, revision, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from .distributed import world
     from .extract import extract as run_extract
@@ -119,7 +122,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
     path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
                        label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
                        instruction=instruction, device=device, precision=precision, batch_tokens=batch_tokens,
-                       workers=workers, packing=packing, store_dtype=store_dtype,
+                       workers=workers, packing=packing, compile=compile_, store_dtype=store_dtype,
                        revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
                        task=task, label_sep=label_sep, text_pair_column=text_pair_column, pair_mode=pair_mode,
                        long_texts=long_texts, stride=stride,

@@ -12,3 +12,6 @@ SEED = 0
 VAL_FRACTION = 0.1  # held out of train when the cache has no labelled validation split
 SHUFFLE_BLOCK = 1024  # rows that stay together when an epoch is shuffled: a streamed epoch reads whole blocks
 SHUFFLE_WINDOW = 65536  # rows shuffled together (from blocks drawn at random): what a streamed epoch holds at once
+# --compile auto compiles the encoder's layers (torch.compile) for a run of at least this many tokens, on a
+# CPU: MEASUREMENT PENDING (benchmarks/compile_breakeven.py).
+COMPILE_MIN_TOKENS = 200_000

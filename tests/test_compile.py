@@ -1,0 +1,75 @@
+"""--compile: compiled packed layers give the eager vectors; a failing compiler falls back; auto decides by size."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline import defaults as D
+from pipeline.encoder import Encoder, compile_pays
+from pipeline.packed import bucket
+from tests.test_packed import MAX, build, ragged_ids
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build(str(tmp_path_factory.mktemp("bert")), "bert")
+
+
+def test_compile_pays_rule():
+    n = D.COMPILE_MIN_TOKENS
+    assert not compile_pays(n - 1, "cpu") and compile_pays(n, "cpu") and compile_pays(100 * n, torch.device("cpu"))
+    assert not compile_pays(100 * n, "meta")  # not measured there: stays eager
+
+
+def test_bucket_shapes():
+    assert [bucket(n) for n in (1, 256, 257, 700, 1024, 1025, 65000)] == [256, 256, 512, 768, 1024, 1280, 65536]
+    sizes = {bucket(n) for n in range(1, 1025)}
+    assert sizes == {256, 512, 768, 1024}  # a CPU's 1024-token batches: four shapes in all
+    assert all(n <= bucket(n) < max(n * 1.25, n + 256) for n in range(1, 70000, 97))
+
+
+def test_auto_is_off_for_a_tiny_run(model):
+    enc = Encoder(model, device="cpu", precision="fp32")
+    assert enc.compile == "auto"
+    enc.encode_ids(ragged_ids(enc))
+    assert enc.packed.compiled is None and enc.packed.compile_seconds == 0
+
+
+def test_compiled_matches_eager_and_keeps_the_fingerprint(model, capfd):
+    eager = Encoder(model, device="cpu", precision="fp32", layers=2, batch_tokens=256, compile="off")
+    auto = Encoder(model, device="cpu", precision="fp32", layers=2, batch_tokens=256, workers=2)
+    auto.expect(D.COMPILE_MIN_TOKENS)  # what extract says of a long run: auto compiles
+    ids = ragged_ids(eager) * 2  # several batches, on two worker threads
+    assert max(map(len, ids)) == MAX and min(map(len, ids)) == 1
+    a, b = eager.encode_ids(ids), auto.encode_ids(ids)
+    assert auto.packed.compiled is not None and not auto.packed.compile_failed and auto.packed.compile_seconds > 0
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], atol=1e-5, rtol=0)
+    alone = auto.encode_ids([ids[0], ids[2]])  # a 1-token text, and the longest, in a batch of their own
+    np.testing.assert_allclose(alone["mean"], a["mean"][[0, 2]], atol=1e-5, rtol=0)
+    assert auto.settings() == eager.settings()  # the cache fingerprint: resume works across compile on/off
+    assert capfd.readouterr().err.count("compile: the encoder's layers compiled in") == 1
+
+
+def test_failing_compiler_falls_back_to_eager(model, capfd):
+    def broken(gm, example_inputs):  # a backend that fails as inductor does without a C++ compiler
+        raise RuntimeError("no C++ compiler found")
+
+    eager = Encoder(model, device="cpu", precision="fp32", compile="off")
+    enc = Encoder(model, device="cpu", precision="fp32", compile="off")
+    enc.packed.compile(None, backend=broken)
+    ids = ragged_ids(enc)
+    got, want = enc.encode_ids(ids), eager.encode_ids(ids)
+    assert enc.packed.compiled is None and enc.packed.compile_failed
+    err = capfd.readouterr().err
+    assert err.count("compile: failed") == 1 and "no C++ compiler found" in err and "running eagerly" in err
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, rtol=0)
+    enc.compile = "on"
+    enc.encode_ids(ids)  # does not try again
+    assert enc.packed.compiled is None and "compile:" not in capfd.readouterr().err
+
+
+def test_unknown_compile_is_a_user_error(model):
+    from pipeline.errors import UserError
+    with pytest.raises(UserError, match="unknown compile"):
+        Encoder(model, device="cpu", compile="yes")
