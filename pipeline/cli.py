@@ -167,7 +167,9 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
 @click.option("--sweep-heads", help="Comma-separated heads for --sweep [linear,mlp].")
 @click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
 @click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01].")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="auto: a GPU for heads whose steps are big enough to fill it (batch x input x output), else "
+                   "the CPU; or cpu, cuda, cuda:N, mps.")
 @click.option("--max-memory", help="Hold the features in memory up to this size (e.g. 8G), else stream them from "
                                    "the file [half the available memory].")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")

@@ -76,15 +76,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def compile_pays(tokens: int, device: torch.device | str) -> bool:
-    """Whether compile="auto" compiles a run of `tokens` tokens on `device`: on a CPU when the run has at
-    least defaults.COMPILE_MIN_TOKENS tokens (the measured break-even, with a margin); elsewhere not until
-    the break-even is measured there.
+def compile_pays(tokens: int, device: torch.device | str, min_tokens: dict | None = None) -> bool:
+    """Whether compile="auto" compiles a run of `tokens` tokens on `device`: when `min_tokens` (default
+    defaults.COMPILE_MIN_TOKENS, the measured break-evens) has a number for the device type and the run
+    has at least that many tokens. Never where no break-even is known (None, or the type is missing).
 
-        >>> compile_pays(10_000, "cpu"), compile_pays(10_000_000, "cpu")
+        >>> compile_pays(10_000, "cpu", {"cpu": 50_000}), compile_pays(80_000, "cpu", {"cpu": 50_000})
         (False, True)
     """
-    return torch.device(device).type == "cpu" and int(tokens) >= D.COMPILE_MIN_TOKENS
+    least = (D.COMPILE_MIN_TOKENS if min_tokens is None else min_tokens).get(torch.device(device).type)
+    return least is not None and int(tokens) >= least
 
 
 def resolve_model(model: str) -> str:

@@ -131,28 +131,22 @@ class PackedEncoder:
         self._lock = threading.Lock()
         self._log = None
 
-    def compile(self, log=None, dynamic: bool = True, backend="inductor") -> None:
+    def compile(self, log=None, backend="inductor") -> None:
         """Compile the layers' feed-forward half on its first call (lazily; see the class docstring).
-        `log` gets one line: the compile time, or why the layers run eagerly."""
-        self.compiled = torch.compile(_ffn, dynamic=dynamic, backend=backend)
-        self.dynamic = dynamic
+        `log` gets one line: the compile time, or why the layers run eagerly.
+
+        dynamic=True: one graph for every token count. Measured against dynamic=False with token counts
+        padded up to a few buckets (RESULTS.md, issue 17): the same speed, half the compile time."""
+        self.compiled = torch.compile(_ffn, dynamic=True, backend=backend)
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
 
     def _block(self, a: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
         fn = self.compiled
         if fn is None:
             return _ffn(a, x, *self.ffn[i])
-        n = len(x)
-        if not self.dynamic and bucket(n) != n:  # zero rows: row-wise ops, so real rows do not see them
-            pad = (0, 0, 0, bucket(n) - n)
-            return self._block_padded(F.pad(a, pad), F.pad(x, pad), i)[:n]
-        return self._block_padded(a, x, i)
-
-    def _block_padded(self, a, x, i):
-        fn = self.compiled
-        # dynamic=True compiles once for any token count but 1 (torch specializes on it), dynamic=False once
-        # per count (callers bucket it). Threads wait while a shape compiles: compiling is not thread-safe.
-        key = min(len(x), 2) if self.dynamic else len(x)
+        # One graph for any token count but 1 (torch specializes on it). Threads wait while a shape
+        # compiles: compiling is not thread-safe; running compiled code is.
+        key = min(len(x), 2)
         if key in self._ready:
             return fn(a, x, *self.ffn[i])
         with self._lock:
@@ -215,13 +209,6 @@ class PackedEncoder:
             if i in want:
                 out[i] = x
         return out
-
-
-def bucket(tokens: int, smallest: int = 256) -> int:
-    """`tokens` rounded up to a multiple of an eighth of the power of two above it (at least `smallest`):
-    four shapes per doubling, less than a quarter of them padding."""
-    step = max(smallest, 1 << max(0, int(tokens).bit_length() - 3))
-    return -(-int(tokens) // step) * step
 
 
 def _ffn_args(layer) -> tuple:

@@ -5,7 +5,6 @@ import torch
 
 from pipeline import defaults as D
 from pipeline.encoder import Encoder, compile_pays
-from pipeline.packed import bucket
 from tests.test_packed import MAX, build, ragged_ids
 
 
@@ -15,29 +14,24 @@ def model(tmp_path_factory):
 
 
 def test_compile_pays_rule():
-    n = D.COMPILE_MIN_TOKENS
-    assert not compile_pays(n - 1, "cpu") and compile_pays(n, "cpu") and compile_pays(100 * n, torch.device("cpu"))
-    assert not compile_pays(100 * n, "meta")  # not measured there: stays eager
-
-
-def test_bucket_shapes():
-    assert [bucket(n) for n in (1, 256, 257, 700, 1024, 1025, 65000)] == [256, 256, 512, 768, 1024, 1280, 65536]
-    sizes = {bucket(n) for n in range(1, 1025)}
-    assert sizes == {256, 512, 768, 1024}  # a CPU's 1024-token batches: four shapes in all
-    assert all(n <= bucket(n) < max(n * 1.25, n + 256) for n in range(1, 70000, 97))
+    table = {"cpu": 50_000, "cuda": None}
+    assert not compile_pays(49_999, "cpu", table) and compile_pays(50_000, torch.device("cpu"), table)
+    assert not compile_pays(10 ** 9, "cuda", table) and not compile_pays(10 ** 9, "mps", table)  # no break-even known
+    for device, least in D.COMPILE_MIN_TOKENS.items():  # the recorded table: off below its break-even
+        assert not compile_pays(least - 1 if least else 10 ** 12, device)
 
 
 def test_auto_is_off_for_a_tiny_run(model):
     enc = Encoder(model, device="cpu", precision="fp32")
     assert enc.compile == "auto"
+    enc.expect(1000)  # what extract says of its run
     enc.encode_ids(ragged_ids(enc))
     assert enc.packed.compiled is None and enc.packed.compile_seconds == 0
 
 
 def test_compiled_matches_eager_and_keeps_the_fingerprint(model, capfd):
     eager = Encoder(model, device="cpu", precision="fp32", layers=2, batch_tokens=256, compile="off")
-    auto = Encoder(model, device="cpu", precision="fp32", layers=2, batch_tokens=256, workers=2)
-    auto.expect(D.COMPILE_MIN_TOKENS)  # what extract says of a long run: auto compiles
+    auto = Encoder(model, device="cpu", precision="fp32", layers=2, batch_tokens=256, workers=2, compile="on")
     ids = ragged_ids(eager) * 2  # several batches, on two worker threads
     assert max(map(len, ids)) == MAX and min(map(len, ids)) == 1
     a, b = eager.encode_ids(ids), auto.encode_ids(ids)
