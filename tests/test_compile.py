@@ -67,3 +67,35 @@ def test_unknown_compile_is_a_user_error(model):
     from pipeline.errors import UserError
     with pytest.raises(UserError, match="unknown compile"):
         Encoder(model, device="cpu", compile="yes")
+
+
+def test_extract_resumes_across_compile_on_and_off(tiny_model, tmp_path):
+    """--compile is not part of the cache's settings: a run started compiled resumes eagerly, same vectors."""
+    import h5py
+
+    import pipeline as bc
+    from tests.conftest import make_texts, write_split_files
+
+    data = write_split_files(str(tmp_path / "d"), "jsonl", {"train": make_texts(120, seed=4)})
+    eager = bc.Encoder(tiny_model, device="cpu", precision="fp32", compile="off")
+    full = bc.extract(tiny_model, data, str(tmp_path / "full.h5"), chunk_rows=40, progress=False, encoder=eager)
+    compiled = bc.Encoder(tiny_model, device="cpu", precision="fp32", compile="on")
+    original, calls = compiled.encode_ids, []
+
+    def stop_in_second_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    compiled.encode_ids = stop_in_second_chunk
+    out = str(tmp_path / "f.h5")
+    with pytest.raises(KeyboardInterrupt):
+        bc.extract(tiny_model, data, out, chunk_rows=40, progress=False, encoder=compiled)
+    assert compiled.packed.compile_seconds > 0
+    notes = []
+    bc.extract(tiny_model, data, out, chunk_rows=40, progress=False, encoder=eager, log=notes.append)
+    assert any("resuming" in n and "40 of 120" in n for n in notes), notes
+    with h5py.File(out, "r") as f, h5py.File(full, "r") as g:
+        for name in ("cls", "mean"):
+            np.testing.assert_allclose(f["train"][name][:], g["train"][name][:], atol=1e-5, rtol=0)
