@@ -101,8 +101,8 @@ def cli(debug):
 @click.option("--packing", default="auto", show_default=True, type=click.Choice(["auto", "off"]),
               help="auto: BERT/RoBERTa/XLM-R batches without padding; off: padded batches.")
 @click.option("--compile", "compile_", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
-              help="torch.compile the packed encoder layers: auto = when the run has tokens enough to pay back "
-                   "the compile time (CPU); same vectors either way.")
+              help="torch.compile the packed encoder layers (same vectors either way). auto: for runs longer than "
+                   "the device's measured break-even; on CPUs compiling did not pay, so eager there.")
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")
