@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .errors import UserError, read_json_file, write_error
-from .heads import Head
+from .heads import Ensemble, Head, model_from_shape
 
 FORMAT = "bertcache-head"
 WEIGHTS = ("best", "last")
@@ -122,15 +122,21 @@ def read_metrics(folder: str) -> dict:
         return {}
 
 
-def load_checkpoint(folder: str, weights: str = "best", device="cpu", allow_pickle: bool = False) -> tuple[dict, Head]:
-    """The checkpoint's config and its head (best or last weights), ready for inference."""
+def load_checkpoint(folder: str, weights: str = "best", device="cpu",
+                    allow_pickle: bool = False) -> tuple[dict, Head | Ensemble]:
+    """The checkpoint's config and its head (best or last weights), ready for inference.
+
+    The head is a heads.Head, or a heads.Ensemble when the sweep picked an ensemble (its members'
+    weights are stored in the same safetensors file, under `members.<i>.`).
+    """
     if weights not in WEIGHTS:
         raise UserError(f"unknown --weights {weights!r}; use best or last")
     config = read_config(folder, allow_pickle)
     path = _weights_file(folder, weights, allow_pickle)
-    shape = config["head"]
-    head = Head(shape["in_features"], shape["num_classes"], shape["type"], shape.get("hidden") or 0,
-                task=config.get("task", "classification"))
+    try:
+        head = model_from_shape(config["head"], config.get("task", "classification"))
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{folder}/config.json does not describe a head (missing {e})") from e
     try:
         state = load_file(path) if path.endswith(".safetensors") else _load_pickled_state(path)
     except UserError:

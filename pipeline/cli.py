@@ -105,12 +105,17 @@ def cli(debug):
                    "the device's measured break-even; on CPUs compiling did not pay, so eager there.")
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
+@click.option("--states", default=0, show_default=True,
+              help="Also cache the token-level hidden states entering the top K layers (for fit-head --tune-layers; "
+                   "BERT-family models).")
+@click.option("--states-dtype", default="bfloat16", show_default=True,
+              type=click.Choice(["bfloat16", "float16", "float32"]), help="How the token states are stored.")
 @click.option("--restart", is_flag=True, help="Start over instead of resuming or refusing an existing file.")
 @click.option("--chunk-rows", type=int, hidden=True, help="Rows per write, the most a killed run loses [2048].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def extract(model, data, out, text_column, label_column, label_names, task, label_sep, text_pair_column, pair_mode,
             max_length, long_texts, stride, prefix, instruction, layers, device, precision, batch_tokens, workers,
-            packing, compile_, store_dtype, revision, restart, chunk_rows, as_json):
+            packing, compile_, store_dtype, revision, states, states_dtype, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from .distributed import world
     from .extract import extract as run_extract
@@ -126,6 +131,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
                        revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
                        task=task, label_sep=label_sep, text_pair_column=text_pair_column, pair_mode=pair_mode,
                        long_texts=long_texts, stride=stride,
+                       **({"states": states, "states_dtype": states_dtype} if states else {}),
                        **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
     if world()[0] != 0:
         return
@@ -146,7 +152,9 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
 @click.option("--pooling", help="cls, mean, last, sentence, cls_<layer>, mean-avg<k>, cls-cat<k>, or terms "
                                 "joined by + [the cache's default: sentence for sentence-transformers folders, "
                                 "last for decoders, else cls].")
-@click.option("--head", default="linear", show_default=True, help="linear or mlp.")
+@click.option("--head", default="linear", show_default=True,
+              help="linear, mlp, or logreg (linear, fit full-batch by L-BFGS with its L2 strength chosen on "
+                   "validation; --lr, --epochs and --batch-size do not apply).")
 @click.option("--hidden", default=D.HIDDEN, show_default=True, help="Hidden units of the mlp head.")
 @click.option("--dropout", default=D.DROPOUT, show_default=True)
 @click.option("--epochs", default=D.EPOCHS, show_default=True)
@@ -159,14 +167,30 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
                                                                         "10 with --sweep).")
 @click.option("--label-smoothing", default=0.0, show_default=True)
 @click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
-@click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay; keep the best "
-                                            "by validation accuracy (then loss).")
+@click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay, and a greedy "
+                                            "ensemble of them; keep the best by validation (--sweep-select).")
 @click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [mean, cls+mean (decoders: last, "
                                        "last+mean), sentence where cached, and with K cached layers mean-avgK, "
                                        "cls-avgK+mean-avgK, mean-catK].")
-@click.option("--sweep-heads", help="Comma-separated heads for --sweep [linear,mlp].")
+@click.option("--sweep-heads", help="Comma-separated heads for --sweep [logreg,linear,mlp].")
+@click.option("--sweep-ensemble/--no-sweep-ensemble", default=True, show_default=True,
+              help="Also try a greedy ensemble of the sweep's heads (outputs averaged, chosen on validation).")
+@click.option("--sweep-select", type=click.Choice(["loss", "score"]),
+              help="What ranks the sweep: the validation loss (then the task's score), or the score (accuracy, "
+                   "micro-F1, Spearman; then loss) [loss for classification, score for the other tasks].")
+@click.option("--refit", is_flag=True, help="After choosing on validation (the epochs, C, or the sweep's winner), "
+                                            "train the head again on train + validation with those settings.")
 @click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
 @click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01].")
+@click.option("--tune-layers", type=int, default=0, help="Also tune a copy of the encoder's top K layers over the "
+              "token states cached by `extract --states K` (linear probe first, then layers + head; BERT family).")
+@click.option("--init", help="With --tune-layers: start from this checkpoint's head and pooling (e.g. the sweep's best "
+                             "single head) instead of fitting --head on --pooling first.")
+@click.option("--layer-lr", default=1e-4, show_default=True, help="With --tune-layers: the tuned layers' AdamW lr.")
+@click.option("--head-lr", default=1e-4, show_default=True, help="With --tune-layers: the head's AdamW lr.")
+@click.option("--batch-tokens", default=4096, show_default=True, help="With --tune-layers: padded tokens per batch.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="With --tune-layers: autocast dtype (auto: bf16 where the hardware has it).")
 @click.option("--device", default="auto", show_default=True,
               help="auto: a GPU for heads whose steps are big enough to fill it (batch x input x output), else "
                    "the CPU; or cpu, cuda, cuda:N, mps.")
@@ -175,14 +199,31 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.pass_context
 def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, weight_decay, batch_size, seed, patience,
-             label_smoothing, class_weights, sweep, sweep_poolings, sweep_heads, sweep_lrs, sweep_weight_decays,
-             device, max_memory, as_json):
+             label_smoothing, class_weights, sweep, sweep_poolings, sweep_heads, sweep_ensemble, sweep_select, refit,
+             sweep_lrs, sweep_weight_decays, tune_layers, init, layer_lr, head_lr, batch_tokens, precision, device, max_memory,
+             as_json):
     """Train a head over cached features; keep the best and the last weights."""
     from . import plots
 
+    if tune_layers:
+        if sweep:
+            raise UserError("--tune-layers does not go with --sweep; pass the sweep's best single head with --init")
+        if refit:
+            raise UserError("--refit does not go with --tune-layers (the tuned layers keep their best epoch on validation)")
+        from .tuned import EPOCHS, fit_tuned
+        src = click.core.ParameterSource.COMMANDLINE
+        path, metrics = fit_tuned(features, tune_layers, out, pooling=pooling, head=head, init=init,
+                                  epochs=epochs if ctx.get_parameter_source("epochs") == src else EPOCHS,
+                                  layer_lr=layer_lr, head_lr=head_lr, batch_tokens=batch_tokens, precision=precision,
+                                  seed=seed, device=device, log=None if as_json else _log)
+        _report(path, metrics, as_json)
+        return
+    if init:
+        raise UserError("--init goes with --tune-layers")
+
     options = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, patience=patience or None,
                    label_smoothing=label_smoothing, class_weights=None if class_weights == "none" else class_weights,
-                   device=device, max_memory=max_memory)
+                   device=device, max_memory=max_memory, refit=refit)
     if sweep:
         clash = [f"--{n.replace('_', '-')}" for n in ("pooling", "head", "lr", "weight_decay")
                  if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
@@ -192,7 +233,7 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
         if ctx.get_parameter_source("patience") != click.core.ParameterSource.COMMANDLINE:
             del options["patience"]  # the sweep's own, shorter default
         path, metrics = _sweep(features, out, seed, options, sweep_poolings, sweep_heads, sweep_lrs,
-                               sweep_weight_decays, as_json)
+                               sweep_weight_decays, sweep_ensemble, sweep_select, as_json)
     else:
         if any((sweep_poolings, sweep_heads, sweep_lrs, sweep_weight_decays)):
             raise UserError("the --sweep-* options need --sweep")
@@ -201,6 +242,10 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
                                 log=None if as_json else _log, **options)
     if not plots.available():
         _log(f"no curves.png: {plots.HINT}")
+    _report(path, metrics, as_json)
+
+
+def _report(path, metrics, as_json):
     if as_json:
         click.echo(json.dumps({"checkpoint": path, **{k: v for k, v in metrics.items() if k != "history"}},
                               ensure_ascii=False))
@@ -208,8 +253,9 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
     from .tasks import SCORE
 
     best, score = metrics["best"], SCORE[metrics["task"]]
-    line = (f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']} ({metrics['seconds']:.2f}s): "
-            f"{score.replace('_', ' ')} {best[score]:.4f} loss {best['val_loss']:.4f}")
+    done = ("ensemble" if metrics["best_epoch"] is None
+            else f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']}")
+    line = f"{done} ({metrics['seconds']:.2f}s): {score.replace('_', ' ')} {best[score]:.4f} loss {best['val_loss']:.4f}"
     if "test" in metrics:
         line += "; test " + _summary(metrics["test"], metrics["task"])
     click.echo(line)
@@ -227,24 +273,35 @@ def _summary(report: dict, task: str) -> str:
     return f"acc {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f}"
 
 
-def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, as_json):
+def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, ensemble, selection, as_json):
     from .sweep import sweep
 
     path, ranked, metrics = sweep(features, out, poolings=poolings, heads=heads, lrs=lrs, weight_decays=weight_decays,
-                                  seed=seed, progress=not as_json or sys.stderr.isatty(), **options)
+                                  seed=seed, ensemble=ensemble, selection=selection,
+                                  progress=not as_json or sys.stderr.isatty(), **options)
     if as_json:
         metrics["ranked"] = ranked
         return path, metrics
     score = metrics["sweep"]["score"]
     title = score.replace("_", " ")
-    click.echo(f"{'rank':>4}  {'pooling':<24} {'head':<6} {'lr':>7} {'wd':>6}  {title:>12}  {'val loss':>8}  "
-               f"{'epoch':>5}  {'s':>5}")
+
+    def num(v, width):
+        return f"{'-' if v is None else format(v, 'g'):>{width}}"
+
+    click.echo(f"{'rank':>4}  {'pooling':<24} {'head':<8} {'lr':>7} {'wd':>6} {'C':>6}  {title:>12}  "
+               f"{'val loss':>8}  {'epoch':>5}  {'s':>5}")
     for r in ranked:
-        click.echo(f"{r['rank']:>4}  {r['pooling']:<24} {r['head']:<6} {r['lr']:>7g} {r['weight_decay']:>6g}  "
-                   f"{r[score]:>12.4f}  {r['val_loss']:>8.4f}  {r['best_epoch']:>5}  {r['seconds']:>5.1f}")
+        click.echo(f"{r['rank']:>4}  {r['pooling']:<24} {r['head']:<8} {num(r['lr'], 7)} {num(r['weight_decay'], 6)} "
+                   f"{num(r.get('C'), 6)}  {r[score]:>12.4f}  {r['val_loss']:>8.4f}  "
+                   f"{'-' if r['best_epoch'] is None else r['best_epoch']:>5}  {r['seconds']:>5.1f}")
+    win = ranked[0]
+    if win["head"] == "ensemble":
+        what = "ensemble of " + ", ".join(f"{m['pooling']} {m['head']} ({m['weight']:.2f})" for m in win["members"])
+    else:
+        what = f"{win['pooling']} {win['head']}" + ("" if win["lr"] is None else f" lr {win['lr']:g} "
+                                                                                 f"wd {win['weight_decay']:g}")
     click.echo(f"{metrics['sweep']['configurations']} heads in {metrics['sweep']['seconds']:.1f}s; "
-               f"winner: {ranked[0]['pooling']} {ranked[0]['head']} lr {ranked[0]['lr']:g} "
-               f"wd {ranked[0]['weight_decay']:g} (table in {os.path.join(path, 'sweep.json')})")
+               f"winner: {what} (table in {os.path.join(path, 'sweep.json')})")
     return path, metrics
 
 

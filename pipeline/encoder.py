@@ -337,11 +337,22 @@ class Encoder:
                 np.add.at(total, ids.owner, v)
                 out[k] = total / np.maximum(counts, 1)
             return out
+        return self._encode(ids, on_progress, count)[0]
+
+    def encode_ids_with_states(self, ids: list[list[int]], layer: int, on_progress=None, *,
+                               count: str = "texts") -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """`encode_ids`, plus every text's token states hidden_states[layer] (float32 [its tokens, hidden]),
+        from the same forward pass (extract --states, and a tuned checkpoint's predict)."""
+        if isinstance(ids, Windows):
+            raise UserError("cached states need whole texts: use --long-texts truncate with --states")
+        return self._encode(ids, on_progress, count, layer)
+
+    def _encode(self, ids, on_progress=None, count: str = "texts", states_layer: int | None = None):
         names = self.feature_names()
         n = len(ids)
         dims = {k: self.feature_dims.get(k, self.hidden_size) for k in names}
         if n == 0:
-            return {k: np.zeros((0, dims[k]), np.float32) for k in names}
+            return {k: np.zeros((0, dims[k]), np.float32) for k in names}, []
         # Identical inputs are encoded once: review corpora repeat a tenth or more of their texts.
         keys = {}
         first = np.empty(n, dtype=np.int64)
@@ -353,6 +364,7 @@ class Encoder:
         lengths = np.fromiter((len(s) for s in uniq), dtype=np.int64, count=len(uniq))
         widths = np.minimum(-(-lengths // PAD_MULTIPLE) * PAD_MULTIPLE, max(self.max_length, lengths.max()))
         out = {k: torch.empty((len(uniq), dims[k]), dtype=torch.float32, device=self.device) for k in names}
+        states = [None] * len(uniq) if states_layer is not None else None
         # Packed batches hold real tokens only, so they are cut by real lengths.
         batches = plan_batches(lengths if self.packed is not None else widths, self.batch_tokens)
         self._maybe_compile(int(lengths.sum()))
@@ -360,21 +372,25 @@ class Encoder:
         def run(batch):
             with torch.inference_mode(), self._autocast():
                 if self.packed is not None:
-                    return batch, self._forward_packed([uniq[j] for j in batch])
+                    return batch, self._forward_packed([uniq[j] for j in batch], states_layer)
                 # A lone text (predict's one sentence) needs no padding at all.
                 width = int(lengths[batch[0]] if len(batch) == 1 else widths[batch[0]])
-                return batch, self._forward([uniq[j] for j in batch], width)
+                return batch, self._forward([uniq[j] for j in batch], width, states_layer)
 
         workers = self.resolve_workers(len(batches))
         with torch_threads(1, when=workers > 1), ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
             for batch, pooled in (pool.map(run, batches) if pool else map(run, batches)):
+                if states is not None:
+                    for j, st in zip(batch, pooled.pop(None)):
+                        states[j] = st
                 idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
                 for k in names:
                     out[k].index_copy_(0, idx, pooled[k])
                 if on_progress is not None:
                     on_progress(len(batch) if count == "texts" else int(lengths[batch].sum()))
         take = torch.from_numpy(first).to(self.device)
-        return {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
+        pooled = {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
+        return pooled, ([states[j] for j in first] if states is not None else [])
 
     def expect(self, tokens: int) -> None:
         """Say that the run will encode about `tokens` tokens in all (extract does, before its first chunk):
@@ -438,7 +454,8 @@ class Encoder:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _forward(self, seqs: list, width: int) -> dict[str, torch.Tensor]:
+    def _forward(self, seqs: list, width: int, states_layer: int | None = None) -> dict:
+        """Pooled features of a padded batch; with `states_layer`, also hidden_states[states_layer] under key None."""
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
@@ -452,7 +469,7 @@ class Encoder:
             ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
         ids_t = ids_t.to(self.device, non_blocking=True)
         mask_t = mask_t.to(self.device, non_blocking=True)
-        need_all = len(self.layers) > 1
+        need_all = len(self.layers) > 1 or (states_layer is not None and states_layer != self.num_layers)
         extra = {}
         if self.family == "decoder":  # positions count from each text's first real token, whatever the padding
             extra["position_ids"] = (mask_t.cumsum(1) - 1).clamp(min=0)
@@ -481,16 +498,20 @@ class Encoder:
             p = Packing.of(seqs, self.device)
             tokens = hidden[self.num_layers][mask_t.bool()]  # real tokens, text after text: Packing's layout
             pooled[SENTENCE] = self._sentence(tokens, p)
+        if states_layer is not None:  # every row's own tokens (wherever the padding is), float32 on the CPU
+            h = (result.hidden_states[states_layer] if need_all else result.last_hidden_state).float()
+            pooled[None] = [h[r][mask_t[r].bool()].cpu().numpy() for r in range(len(seqs))]
         return pooled
 
     def _sentence(self, tokens: torch.Tensor, p) -> torch.Tensor:
         return self.sentence.apply(tokens, p.starts, p.lengths, p.segment, skip=self.prompt_tokens)
 
-    def _forward_packed(self, seqs: list) -> dict[str, torch.Tensor]:
+    def _forward_packed(self, seqs: list, states_layer: int | None = None) -> dict:
         from .packed import Packing, pool
 
         p = Packing.of(seqs, self.device)
-        hidden = self.packed.forward(p, self.layers)
+        extra = [states_layer] if states_layer is not None and states_layer not in self.layers else []
+        hidden = self.packed.forward(p, self.layers + extra)
         pooled = {}
         ends = p.starts + p.lengths - 1
         for layer in self.layers:
@@ -500,6 +521,10 @@ class Encoder:
             pooled[feature_name("last", layer, self.num_layers)] = hidden[layer].float().index_select(0, ends)
         if self.sentence:
             pooled[SENTENCE] = self._sentence(hidden[self.num_layers], p)
+        if states_layer is not None:  # packed rows are already ragged: cut them apart
+            h = hidden[states_layer].float().cpu().numpy()
+            starts, lengths = p.starts.cpu().numpy(), p.lengths.cpu().numpy()
+            pooled[None] = [h[a:a + n].copy() for a, n in zip(starts, lengths)]
         return pooled
 
 

@@ -138,7 +138,7 @@ class _TextEstimator(BaseEstimator):
             train, val = holdout(y, self.validation_fraction, self.seed)
         else:
             train, val = np.arange(n), np.arange(0)
-        work = step_work(self.batch_size, X_all.shape[1], self.head, self.hidden, k)
+        work = step_work(self.batch_size, X_all.shape[1], self.head, self.hidden, k, rows=len(train))
         result = fit_arrays(X_all[train], y[train], X_all[val], y[val], k, device=head_device(self.device, work),
                             head=self.head, hidden=self.hidden, dropout=self.dropout, epochs=self.epochs, lr=self.lr,
                             weight_decay=self.weight_decay, batch_size=self.batch_size, seed=self.seed,

@@ -33,7 +33,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None,
             instruction: str | None = None, keep_texts: bool = True, task: str | None = None,
             label_sep: str | None = None, text_pair_column: str | None = None, pair_mode: str = "bi",
-            long_texts: str = "truncate", stride: int | None = None) -> str:
+            long_texts: str = "truncate", stride: int | None = None, states: int = 0,
+            states_dtype: str = "bfloat16") -> str:
     """Encode every split of `data` with `model` and cache the pooled vectors in one HDF5 file.
 
     Returns the path of the complete file. Re-running with the same arguments resumes an interrupted
@@ -82,6 +83,9 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         long_texts: "truncate" cuts texts past `max_length` (counted through `log`); "chunk" encodes every
             window of at most `max_length` tokens, neighbours sharing `stride` tokens, and averages them.
         stride: tokens shared by neighbouring windows with long_texts="chunk" [max_length // 4].
+        states: K > 0 also caches every text's token-level hidden states entering the top K layers
+            (hidden_states[L-K]), ragged, for `fit-head --tune-layers` (store.py: layout; tuned.py: models).
+        states_dtype: "bfloat16" (default), "float16" or "float32" for those states.
 
     Example:
 
@@ -93,6 +97,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     if encoder is None and corpus is None:
         from . import distributed
         if distributed.launched():
+            if states:
+                raise UserError("--states is not supported under torchrun yet; extract the states in one process")
             return distributed.extract(model, data, out, text_column=text_column, label_column=label_column,
                                        label_names=label_names, max_length=max_length, prefix=prefix,
                                        layers=layers, device=device, precision=precision,
@@ -127,6 +133,21 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     else:
         splits = split_specs(corpus)
     settings = cache_settings(encoder, corpus.task, pair_mode if paired else None)
+    if states:
+        if paired or encoder.long_texts == "chunk":
+            raise UserError("--states caches whole single texts: it does not go with sentence pairs or --long-texts chunk")
+        from .store import states_bytes, states_storage
+        from .tuned import check_supported
+        check_supported(encoder.model.config, states)
+        states_storage(states_dtype)
+        settings["states"] = {"layer": encoder.num_layers - states, "k": states, "dtype": states_dtype}
+        for name, s in corpus.splits.items():  # the layout is allocated up front: every text's token count
+            splits[name]["token_lengths"] = np.fromiter(
+                (len(ids) for a in range(0, len(s.texts), 8192) for ids in encoder.tokenize(list(s.texts[a:a + 8192]))),
+                dtype=np.int64, count=len(s.texts))
+        tokens = sum(int(v["token_lengths"].sum()) for v in splits.values())
+        log(f"token states of layer {encoder.num_layers - states} ({tokens} tokens, {states_dtype}) will take "
+            f"{states_bytes(settings, splits) / 2**20:.1f} MiB on disk")
     writer = StoreWriter(out, settings=settings, splits=splits, label_names=corpus.label_names,
                          feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size,
                          source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart,
@@ -142,7 +163,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     log(f"resuming {writer.tmp}: {done} of {total} {what} done" if writer.status == "resumed"
         else f"writing {writer.tmp}: {total} {what}")
     try:
-        _run(corpus, encoder, writer, writer.chunk_rows, progress)
+        _run(corpus, encoder, writer, writer.chunk_rows, progress, settings.get("states"))
     except BaseException:
         writer.abort()
         raise
@@ -208,7 +229,8 @@ def first_occurrence(texts_per_split) -> np.ndarray:
     return first
 
 
-def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_progress: bool):
+def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_progress: bool,
+         states: dict | None = None):
     from tqdm.auto import tqdm
 
     names = encoder.feature_names()
@@ -270,7 +292,16 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
             bar.refresh()
             chunk = {name: np.empty((n, encoder.feature_dims.get(name, encoder.hidden_size)), np.float32)
                      for name in names}
-            encoded = encoder.encode_ids(ids, on_progress=bar.update, count="tokens")
+            if states:
+                encoded, token_states = encoder.encode_ids_with_states(ids, states["layer"], on_progress=bar.update,
+                                                                       count="tokens")
+                row_states = [None] * n
+                for i, st in zip(encode_rows, token_states):
+                    row_states[i] = st
+                for i, (src_split, src_row) in zip(copy_rows, copy_from):
+                    row_states[i] = writer.read_states(src_split, src_row)
+            else:
+                encoded = encoder.encode_ids(ids, on_progress=bar.update, count="tokens")
             for name in names:
                 chunk[name][encode_rows] = encoded[name]
             for src_split in {s for s, _ in copy_from}:
@@ -279,7 +310,8 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
                 for name in names:
                     chunk[name][np.asarray(copy_rows)[sel]] = copied[name]
             s = corpus.splits[split]
-            writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop])
+            flat = np.concatenate(row_states) if states and n else None
+            writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop], states=flat)
             texts_done += n
     bar.set_postfix_str(f"{texts_done}/{total} texts")
     bar.close()

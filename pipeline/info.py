@@ -75,8 +75,9 @@ def describe_checkpoint(path: str) -> dict:
             "model": enc.get("model"), "model_fingerprint": enc.get("model_fingerprint"),
             "pooling": config["pooling"], "head": config["head"], "label_names": config["label_names"],
             "features": config.get("features"), "layers": enc.get("layers"), "max_length": enc.get("max_length"),
-            "prefix": enc.get("prefix"), "precision": enc.get("precision"), "weights": sorted(n[:-12] for n in os.listdir(path)
-                                                                  if n.endswith(".safetensors")),
+            "prefix": enc.get("prefix"), "precision": enc.get("precision"),
+            "weights": sorted(n[:-12] for n in os.listdir(path) if n.endswith(".safetensors") and ".top." not in n),
+            "tuned": ({k: config["tuned"][k] for k in ("k", "layer")} if config.get("tuned") else None),
             "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
             "seconds": metrics.get("seconds"), "validation": metrics.get("validation"), "best": metrics.get("best"),
             "test": {k: metrics["test"][k] for k in (*headline, "n")} if "test" in metrics else None}
@@ -88,9 +89,14 @@ _NAMES = {"macro_f1": "macro-F1", "micro_f1": "micro-F1", "subset_accuracy": "su
 def as_text(info: dict) -> list[str]:
     if info["kind"] == "checkpoint":
         head = info["head"]
-        lines = [f"{info['path']}: checkpoint, {head['type']} head {head['in_features']} -> {head['num_classes']}"
-                 + (f" (hidden {head['hidden']})" if head.get("hidden") else "")
-                 + f", {info['task']}" + (f" on pairs ({info['pair_mode']})" if info.get("pair_mode") else ""),
+        if head["type"] == "ensemble":
+            what = f"ensemble of {len(head['members'])} heads -> {head['num_classes']}: " + ", ".join(
+                f"{m['pooling']} {m['head']['type']} ({m['weight']:.2f})" for m in head["members"])
+        else:
+            what = f"{head['type']} head {head['in_features']} -> {head['num_classes']}" + (
+                f" (hidden {head['hidden']})" if head.get("hidden") else "")
+        lines = [f"{info['path']}: checkpoint, {what}, {info['task']}"
+                 + (f" on pairs ({info['pair_mode']})" if info.get("pair_mode") else ""),
                  f"  model        {info['model']} (fingerprint {info['model_fingerprint']})",
                  f"  pooling      {info['pooling']}; layers {info['layers']}; max_length {info['max_length']}; "
                  f"precision {info['precision']}",
@@ -98,6 +104,10 @@ def as_text(info: dict) -> list[str]:
                  f"  features     {(info['features'] or {}).get('path')} "
                  f"(fingerprint {(info['features'] or {}).get('fingerprint')})",
                  f"  weights      {', '.join(info['weights'])}"]
+        if info.get("tuned"):
+            t = info["tuned"]
+            lines.append(f"  tuned        the encoder's top {t['k']} layers (trained over the cached states of "
+                         f"hidden_states[{t['layer']}]); the layers below are frozen")
         if info["best"]:
             from .tasks import SCORE
             score = SCORE[info["task"]]

@@ -79,6 +79,7 @@ def build_features(arrays: dict[str, np.ndarray], spec: str, layers: list[int]) 
     (2, 6)
     """
     parts = []
+    tensors = hasattr(next(iter(arrays.values()), None), "detach")  # torch (a tuned top's layers): keep the graph
     for term in _terms(spec):
         combine, term = _split_term(term)
         names = _term_features(term, layers)
@@ -88,24 +89,43 @@ def build_features(arrays: dict[str, np.ndarray], spec: str, layers: list[int]) 
                 f"reads a pair cache (--pair-mode bi): write pair:{term} or cos:{term}" if paired else
                 f"{combine}:... needs a cache of sentence pairs made with --pair-mode bi"))
         if _TERM.match(term).group(3) == "avg":
-            got = [np.mean([arrays[n] for n in names], axis=0)]
+            got = [sum(arrays[n] for n in names) / len(names) if tensors
+                   else np.mean([arrays[n] for n in names], axis=0)]
         else:
             got = [arrays[n] for n in names]
         if not combine:
             parts.extend(got)
             continue
+        if tensors:
+            raise UserError(f"pooling {term!r}: pair features are computed from cached vectors, not tuned layers")
         u, v = (np.concatenate([g[:, i] for g in got], axis=1).astype(np.float32) for i in (0, 1))
         if combine == "cos":
             norms = np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1)
             parts.append(((u * v).sum(1) / np.maximum(norms, 1e-12))[:, None])
         else:
             parts.extend([u, v, np.abs(u - v), u * v])
+    if tensors:
+        return _cat(parts)
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+
+
+def _cat(parts):
+    import torch  # only reached with torch tensors in hand
+    return torch.cat(parts, 1)
 
 
 def is_pair_pooling(spec: str) -> bool:
     """Whether a pooling reads u and v of a pair cache (every term has pair: or cos:)."""
     return all(_split_term(t)[0] for t in _terms(spec))
+
+
+def single_text_pooling(spec: str) -> str:
+    """The per-text pooling under a pair pooling (its terms without pair: / cos:, each once).
+
+    >>> single_text_pooling("cos:mean+pair:mean+pair:cls")
+    'mean+cls'
+    """
+    return "+".join(dict.fromkeys(_split_term(t)[1] for t in _terms(spec)))
 
 
 def starts_with_cosine(spec: str) -> bool:

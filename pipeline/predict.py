@@ -9,9 +9,10 @@ from .checkpoint import load_checkpoint, read_config
 from .encoder import Encoder
 from .errors import UserError
 from .fingerprints import check_same_encoder
+from .heads import model_feature_names, predict_scores_features
 from .labels import prediction_dicts
 from .metrics import report
-from .poolings import build_features, pooling_features
+from .poolings import build_features, single_text_pooling
 from .store import FeatureStore
 from .tasks import labelled
 
@@ -62,7 +63,10 @@ class Predictor:
         self.task = self.config.get("task", "classification")
         self.pair_mode = self.config.get("pair_mode")
         self.thresholds = self.config.get("thresholds")
-        self._names = pooling_features(self.pooling, self.layers)
+        self.top = None
+        if self.config.get("tuned"):  # raw text -> frozen encoder -> states -> tuned top layers -> head
+            from .tuned import load_tuned
+            self.top = load_tuned(checkpoint, self.config, self.head, weights, self.encoder.device)
 
     def outputs(self, texts, on_progress=None, pairs=None) -> np.ndarray:
         """The head's outputs: [n, classes] probabilities (classification, multilabel) or [n] values
@@ -76,12 +80,17 @@ class Predictor:
         one, texts, pairs = self._items(texts, pairs)
         if not texts:
             return np.zeros((0,) if self.task == "regression" else (0, len(self.label_names)), np.float32)
-        out = self.head.predict(self._features(texts, on_progress, pairs))
+        out = self._scores(texts, on_progress, pairs)[0]
         return out[0] if one else out
 
-    def _features(self, texts: list, on_progress=None, pairs: list[str] | None = None) -> np.ndarray:
-        """The head's input matrix for a list of texts (or pairs: `pairs`, or (text, text_pair) items)."""
+    def _scores(self, texts: list, on_progress=None, pairs: list[str] | None = None):
+        """(outputs, logits, features) for a list of texts (or pairs: `pairs`, or (text, text_pair) items);
+        features are the pooled vectors the head reads (an ensemble's: its heaviest member's)."""
         _, texts, pairs = self._items(texts, pairs)
+        if self.top is not None:  # the frozen bottom layers, then the tuned top over their states
+            arrays, states = self.encoder.encode_ids_with_states(self.encoder.tokenize(texts),
+                                                                 self.config["tuned"]["states_layer"], on_progress)
+            return self.top.predict_scores(states, {n: arrays[n] for n in self.top.frozen_names})
         if self.pair_mode == "bi":  # each distinct text once, then u and v per pair
             distinct = list(dict.fromkeys(texts + pairs))
             where = {t: i for i, t in enumerate(distinct)}
@@ -90,7 +99,31 @@ class Predictor:
             arrays = {n: v[index] for n, v in vectors.items()}
         else:
             arrays = self.encoder.encode(texts, on_progress=on_progress, pairs=pairs)
-        return build_features(arrays, self.pooling, self.layers)
+        return predict_scores_features(self.head, self.pooling, arrays, self.layers)
+
+    def embed(self, texts) -> np.ndarray:
+        """Vectors of single texts, [n, width] (one row for one string): the pooled features the head reads,
+        or for a head on pairs encoded apart (`--pair-mode bi`) each text's own vector under its pooling
+        (cos:mean -> mean). A head on pairs encoded together (`cross`) has no vector of one text: UserError.
+
+        Example:
+
+            Predictor("checkpoints/snownlp-e5-small-sweep").embed(["物流很快"]).shape  # (1, 384)
+        """
+        one, texts = as_texts(texts)
+        if self.pair_mode == "cross":
+            raise UserError("this head reads two texts encoded together (--pair-mode cross): it has no vector of "
+                            "one text; a head made with --pair-mode bi has")
+        if self.pair_mode == "bi":
+            pooling = self.pooling
+            if pooling == "ensemble":
+                shape = self.config["head"]["members"]
+                pooling = max(shape, key=lambda m: m["weight"])["pooling"]
+            out = build_features(self.encoder.encode(texts), single_text_pooling(pooling), self.layers) if texts \
+                else np.zeros((0, 0), np.float32)
+        else:
+            out = self._scores(texts)[2] if texts else np.zeros((0, 0), np.float32)
+        return out[0] if one else out
 
     def _items(self, texts, pairs) -> tuple[bool, list[str], list[str] | None]:
         """(one item given, first texts, second texts or None), checked against the head's pair mode."""
@@ -148,8 +181,7 @@ class Predictor:
         """outputs (the task's: class or label probabilities, or regression scores), logits and features (the
         pooled vectors the head reads) for a list of texts (or pairs), in order: what serve's endpoints
         read (OnnxPredictor.run gives the same); `probabilities` too, except for regression."""
-        features = self._features(texts)
-        outputs, logits = self.head.predict_scores(features)
+        outputs, logits, features = self._scores(texts)
         out = {"outputs": outputs, "logits": logits, "features": features}
         if self.task != "regression":
             out["probabilities"] = outputs
@@ -233,17 +265,20 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         if store.label_names != config["label_names"]:
             raise UserError(f"{features} has labels {store.label_names}, the checkpoint {config['label_names']}")
         layers = store.settings["layers"]
-        X = build_features(store.features(split, pooling_features(config["pooling"], layers)), config["pooling"],
-                           layers)
         y = store.labels(split)
-        if X.shape[1] != head.in_features:
-            raise UserError(f"{features} gives {X.shape[1]} features for pooling {config['pooling']!r}, "
-                            f"the head expects {head.in_features}")
         keep = labelled(y)
         if not keep.any():
             raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
+        arrays = {n: v[keep] for n, v in store.features(split, model_feature_names(head, config["pooling"],
+                                                                                    layers)).items()}
         task = config.get("task", "classification")
-        out = head.predict(X[keep])
+        if config.get("tuned"):
+            out = _tuned_outputs(checkpoint, config, head, weights, store, split, keep, arrays)
+        else:
+            try:
+                out = predict_scores_features(head, config["pooling"], arrays, layers)[0]
+            except UserError as e:
+                raise UserError(f"{features}: {e}") from e
         result = report(config, y[keep], out)
         result["task"] = task
         result["split"] = split
@@ -271,3 +306,22 @@ def confident_errors(store: FeatureStore, split: str, rows: np.ndarray, y: np.nd
         out[name] = [{"text": t, "true": name, "predicted": label_names[int(pred[i])],
                       "probability": float(confidence[i]), "row": int(rows[i])} for t, i in zip(texts, top)]
     return out
+
+
+def _tuned_outputs(checkpoint, config, head, weights, store, split, keep, arrays) -> np.ndarray:
+    """A tuned checkpoint's probabilities over the cached token states (extract --states) of a split's rows."""
+    from .tuned import RaggedRows, load_tuned
+
+    st = store.states_settings
+    if not st or st["layer"] != config["tuned"]["states_layer"]:
+        raise UserError(f"{store.path} holds no token states of layer {config['tuned']['states_layer']}, which this "
+                        f"tuned checkpoint reads; extract with --states {config['tuned']['cached_k']}")
+    top = load_tuned(checkpoint, config, head, weights)
+    rows = RaggedRows.from_store(store, split, np.flatnonzero(keep), {n: arrays[n] for n in top.frozen_names},
+                                 np.zeros(int(keep.sum()), np.int64))
+    probs = np.zeros((rows.n, top.head.num_classes), np.float32)
+    import torch
+    with torch.no_grad():
+        for idx, h, mask, fz, _ in rows.batches(np.arange(rows.n), 4096, "cpu"):
+            probs[idx] = torch.softmax(top(h, mask, fz), -1).numpy()
+    return probs

@@ -86,6 +86,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
     from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model
 
     for name, value in (("max_texts", max_texts), ("max_chars", max_chars), ("max_body_bytes", max_body_bytes),
@@ -227,6 +228,10 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         status, detail, problems = describe_validation_errors(exc.errors(), max_texts, max_chars, field)
         return JSONResponse({"detail": detail, "errors": problems}, status_code=status)
 
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError):  # what the request asked cannot be done by this head
+        return JSONResponse({"detail": str(exc), "errors": [{"loc": ["body"], "msg": str(exc)}]}, status_code=422)
+
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -251,10 +256,10 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
             items = [tuple(p) for p in body.pairs] if pair_mode else list(body.texts)
             out = await batcher.predict_proba(items)
             return {"predictions": predictor.results(items, out.get("outputs", out.get("probabilities")))}
-        if pair_mode or task == "regression":
-            return unprocessable("TEI's /predict body is for classification heads over single texts; this head "
-                                 f'({task}{", pairs" if pair_mode else ""}) takes bertcache\'s '
-                                 f'{{"{field}": [...]}}', ["inputs"])
+        if task == "regression":
+            return unprocessable("TEI's /predict body is for classification heads; this head (regression"
+                                 f'{", pairs" if pair_mode else ""}) takes bertcache\'s {{"{field}": [...]}}',
+                                 ["inputs"])
         inputs, single = body.inputs, True
         if isinstance(inputs, str):
             inputs = [[inputs]]
@@ -262,13 +267,16 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
             inputs = [inputs]
         else:
             single = False
-        pairs = [i for i, seq in enumerate(inputs) if len(seq) == 2]
-        if pairs:
-            where = ["inputs"] if single else ["inputs", pairs[0]]
-            return unprocessable(f"{'.'.join(map(str, where))} is a pair of texts [a, b] (TEI's reading of a "
-                                 "two-string list), and bertcache has no pair tasks yet: send one text per entry, "
-                                 'e.g. {"inputs": [["first"], ["second"]]} for a batch', where)
-        texts = [seq[0] for seq in inputs]
+        wrong = [i for i, seq in enumerate(inputs) if (len(seq) == 2) != bool(pair_mode)]
+        if wrong:
+            where = ["inputs"] if single else ["inputs", wrong[0]]
+            return unprocessable(
+                f"{'.'.join(map(str, where))}: this head reads pairs of texts: send each as [a, b], e.g. "
+                '{"inputs": [["first a", "first b"], ["second a", "second b"]]}' if pair_mode else
+                f"{'.'.join(map(str, where))} is a pair of texts [a, b] (TEI's reading of a two-string list), and "
+                'this head reads single texts: send one text per entry, e.g. {"inputs": [["first"], ["second"]]}',
+                where)
+        texts = [tuple(seq) for seq in inputs] if pair_mode else [seq[0] for seq in inputs]
         out = await batcher.predict_proba(texts)
         scores = out["logits" if body.raw_scores else "probabilities"]
         ranked = [sorted(({"score": float(v), "label": name} for name, v in zip(predictor.label_names, row)),
@@ -276,7 +284,10 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         return ranked[0] if single else ranked
 
     async def vectors(texts: list, normalize: bool):
-        features = (await batcher.predict_proba(texts))["features"]
+        if pair_mode:  # a pair head's batches hold pairs: one text's vector is the encoder's, apart from them
+            features = await run_in_threadpool(predictor.embed, texts)
+        else:
+            features = (await batcher.predict_proba(texts))["features"]
         if normalize:
             norms = np.linalg.norm(features, axis=1, keepdims=True)
             features = features / np.where(norms > 0, norms, 1)
@@ -293,11 +304,11 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
     async def openai_embeddings(body: OpenAIRequest):  # type: ignore[valid-type]
         """OpenAI's embeddings API: the same vectors as /embed (unit length), as floats or base64 float32."""
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        width = int(predictor.config["head"]["in_features"])
+        features = await vectors(texts, True)
+        width = features.shape[1]
         if body.dimensions is not None and body.dimensions != width:
             return unprocessable(f"dimensions is {body.dimensions}, but this model's vectors have {width}: leave "
                                  "it out", ["dimensions"])
-        features = await vectors(texts, True)
         tokens = sum(len(ids) for ids in encoder.tokenize(texts))
         data = [{"object": "embedding", "index": i,
                  "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"

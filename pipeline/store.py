@@ -10,6 +10,11 @@ Layout (readable with plain h5py; see README):
     /<split>/text_utf8     uint8 [B]    every row's text, UTF-8, back to back (B bytes in all)
     /<split>/text_offsets  int64 [N+1]  row i's text is text_utf8[text_offsets[i]:text_offsets[i+1]]
     /<split>          attrs: rows, rows_done, data_fingerprint, skipped
+  with `extract --states K` (settings["states"] = {"layer": L-K, "k": K, "dtype": ...}), per split also:
+    /<split>/states   [tokens, hidden]  the token-level hidden states entering the top K layers
+                      (hidden_states[L-K]), every row's tokens one after another, no padding; float32,
+                      float16, or bfloat16 stored as its raw 16 bits (uint16)
+    /<split>/offsets  int64 [N + 1]  row i's tokens are states[offsets[i]:offsets[i+1]]
 
 Sentence pairs cached apart (settings' pair_mode "bi"): every distinct text of either column is one row
 of the group `texts` (its features, label -1, row = its number); a data split then holds no features but
@@ -59,6 +64,7 @@ FORMAT = "bertcache-features"
 TEXTS = "texts"  # the group of distinct texts in a pair cache (pair_mode "bi")
 FORMAT_VERSION = 1
 STORE_DTYPES = ("float32", "float16")
+STATES_DTYPES = ("bfloat16", "float16", "float32")  # bfloat16 is kept as its upper 16 bits in uint16
 _RESUMABLE = " (the rows written so far are kept: run extract again to resume)"
 
 
@@ -112,6 +118,14 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
             if not isinstance(offsets, h5py.Dataset) or not isinstance(data, h5py.Dataset) \
                     or offsets.shape != (rows + 1,) or len(data.shape) != 1:
                 return f"split {s!r} has a broken text_offsets / text_utf8 pair"
+        states = settings.get("states")
+        if states:
+            hidden = int(settings["hidden_size"])
+            st, off = g.get("states"), g.get("offsets")
+            if not isinstance(st, h5py.Dataset) or not isinstance(off, h5py.Dataset) or off.shape != (rows + 1,):
+                return f"split {s!r} has no valid states / offsets datasets"
+            if st.shape[1:] != (hidden,) or st.dtype != np.dtype(states_storage(states["dtype"])):
+                return f"split {s!r}: states are {st.dtype}{list(st.shape)}, expected {states['dtype']} [*, {hidden}]"
         if not 0 <= done <= rows or (complete and done != rows):
             return f"split {s!r} has {done} of {rows} rows written"
         if complete and rows and task == "classification" and not is_texts:
@@ -216,11 +230,24 @@ class FeatureStore:
             return [blob[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
         return [data[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8") for i in np.asarray(index, dtype=np.int64)]
 
+    @property
+    def states_settings(self) -> dict | None:
+        """{"layer", "k", "dtype"} of the cached token states (extract --states), None when there are none."""
+        return self.settings.get("states")
+
+    def states(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split's token states as stored (flat [tokens, hidden]; bfloat16 as uint16 bits) and its offsets."""
+        if not self.states_settings:
+            raise UserError(f"{self.path} holds no token states; extract with --states K")
+        g = self.require_split(split)
+        return g["states"][:], g["offsets"][:]
+
     def info(self) -> dict:
         return {"path": self.path, "source": self.source, "task": self.task, "label_names": self.label_names,
                 "features": self.feature_names, "settings": self.settings,
                 "fingerprint": self.file.attrs.get("fingerprint"), "shards": self.shards,
-                "splits": {s: {"rows": self.rows(s), "labelled": int(labelled(self.labels(s)).sum())}
+                "splits": {s: {"rows": self.rows(s), "labelled": int(labelled(self.labels(s)).sum()),
+                               **({"tokens": int(self.file[s]["offsets"][-1])} if self.states_settings and s != TEXTS else {})}
                            for s in self.splits}}
 
 
@@ -313,6 +340,7 @@ class StoreWriter:
         itemsize = np.dtype(store_dtype).itemsize
         width = sum(feature_dim(settings, n) for n in feature_names)
         need = sum(int(v["rows"]) * (width * itemsize + 16) for v in splits.values())
+        need += states_bytes(settings, splits)
         folder = os.path.dirname(os.path.abspath(self.tmp))
         free = shutil.disk_usage(folder).free
         if need > free:
@@ -369,6 +397,12 @@ class StoreWriter:
                         g[name][:] = values
             if split in self.texts:
                 _write_texts(g, self.texts[split])
+            if settings.get("states"):
+                offsets = np.zeros(n + 1, dtype=np.int64)
+                np.cumsum(spec["token_lengths"], out=offsets[1:])
+                g.create_dataset("states", shape=(int(offsets[-1]), hidden_size),
+                                 dtype=states_storage(settings["states"]["dtype"]), dcpl=_allocated())
+                g.create_dataset("offsets", data=offsets)
             g.attrs["rows"] = n
             g.attrs["rows_done"] = np.int64(n if written is not None else 0)
             g.attrs["data_fingerprint"] = spec["fingerprint"]
@@ -377,11 +411,18 @@ class StoreWriter:
     def rows_done(self, split: str) -> int:
         return int(self.file[split].attrs["rows_done"])
 
-    def write(self, split: str, start: int, features: dict[str, np.ndarray], labels: np.ndarray, rows: np.ndarray):
-        """Write rows [start, start + len(labels)) of `split`, then record them as done."""
+    def write(self, split: str, start: int, features: dict[str, np.ndarray], labels: np.ndarray, rows: np.ndarray,
+              states: np.ndarray | None = None):
+        """Write rows [start, start + len(labels)) of `split` (and their token states, flat float32, when
+        the file holds states), then record them as done."""
         g = self.file[split]
         stop = start + len(labels)
         try:
+            if states is not None:
+                lo, hi = (int(v) for v in g["offsets"][[start, stop]])
+                if len(states) != hi - lo:
+                    raise ValueError(f"{len(states)} token states for rows {start}:{stop}, the layout has {hi - lo}")
+                g["states"][lo:hi] = to_storage(states, json.loads(self.file.attrs["settings"])["states"]["dtype"])
             for name, values in features.items():
                 g[name][start:stop] = values
             g["label"][start:stop] = labels
@@ -397,6 +438,12 @@ class StoreWriter:
         uniq, inverse = np.unique(index, return_inverse=True)
         g = self.file[split]
         return {n: g[n][uniq][inverse].astype(np.float32) for n in names}
+
+    def read_states(self, split: str, row: int) -> np.ndarray:
+        """One written row's token states, float32 [tokens, hidden] (for a text seen earlier in the run)."""
+        g = self.file[split]
+        lo, hi = (int(v) for v in g["offsets"][[row, row + 1]])
+        return from_storage(g["states"][lo:hi], json.loads(self.file.attrs["settings"])["states"]["dtype"])
 
     def finish(self):
         try:
@@ -426,6 +473,40 @@ def _write_texts(group: h5py.Group, texts, piece: int = 65536) -> None:
         stop = min(start + piece, n)
         blob = "".join(str(t) for t in texts[start:stop]).encode("utf-8")
         data[offsets[start]:offsets[stop]] = np.frombuffer(blob, dtype=np.uint8)
+
+
+def states_storage(dtype: str) -> str:
+    """The HDF5 dtype token states of `dtype` are kept in (HDF5 has no bfloat16: its 16 bits as uint16)."""
+    if dtype not in STATES_DTYPES:
+        raise UserError(f"unknown --states-dtype {dtype!r}; use one of {', '.join(STATES_DTYPES)}")
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> the stored form (bfloat16: rounded to nearest even, as torch does, kept as uint16)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype != "bfloat16":
+        return x.astype(dtype)
+    bits = x.view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The stored form -> float32 (exact)."""
+    if dtype == "bfloat16":
+        return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return x.astype(np.float32)
+
+
+def states_bytes(settings: dict, splits: dict[str, dict]) -> int:
+    """Disk bytes the token states (and offsets) of `splits` take, 0 without states."""
+    states = settings.get("states")
+    if not states:
+        return 0
+    item = np.dtype(states_storage(states["dtype"])).itemsize
+    tokens = sum(int(np.sum(v["token_lengths"])) for v in splits.values())
+    return tokens * int(settings["hidden_size"]) * item + sum(8 * (int(v["rows"]) + 1) for v in splits.values())
 
 
 def _allocated():

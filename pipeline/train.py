@@ -164,8 +164,12 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
           batch_size: int = D.BATCH_SIZE, seed: int = D.SEED, patience: int | None = D.PATIENCE,
           label_smoothing: float = 0.0, class_weights: str | None = None, device: str = "auto",
           shuffle_block: int = D.SHUFFLE_BLOCK, shuffle_window: int = D.SHUFFLE_WINDOW,
-          log=None) -> tuple[FitResult, dict, dict]:
-    """One head over cached splits: (fit result, metrics, checkpoint config)."""
+          logreg_cs: list[float] | None = None, log=None) -> tuple[FitResult, dict, dict]:
+    """One head over cached splits: (fit result, metrics, checkpoint config).
+
+    `head="logreg"` fits multinomial logistic regression full-batch (training.fit_logreg) for every C in
+    `logreg_cs` (default defaults.LOGREG_CS) and keeps the best by validation; its config records the C.
+    """
     if head not in D.HEADS:
         raise UserError(f"unknown --head {head!r}; use one of {', '.join(D.HEADS)}")
     if class_weights not in CLASS_WEIGHTS:
@@ -175,13 +179,13 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
         raise UserError(f"--class-weights balanced is for classification, not {task}")
     k = outputs(task, data.label_names)
     dim = pooled_width(pooling, data.layers, data.settings["hidden_size"], data.settings.get("feature_dims"))
-    dev = head_device(device, step_work(batch_size, dim, head, hidden, k))
+    dev = head_device(device, step_work(batch_size, dim, head, hidden, k, rows=len(data.labels["train"])))
     train_rows, val_rows = (data.rows(s, pooling, dev, shuffle_block, shuffle_window) for s in ("train", "validation"))
     weights = class_weight_vector(data.labels["train"], k) if class_weights == "balanced" else None
     result = fit_rows(train_rows, val_rows, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
                         weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
                         label_smoothing=label_smoothing, class_weights=weights, device=dev, log=log,
-                        shuffle_block=shuffle_block, shuffle_window=shuffle_window, task=task,
+                        shuffle_block=shuffle_block, shuffle_window=shuffle_window, task=task, logreg_cs=logreg_cs,
                         from_first_column=head == "linear" and task != "multilabel" and starts_with_cosine(pooling))
     best = next(row for row in result.history if row["epoch"] == result.best_epoch)
     metrics = {"task": task, "label_names": data.label_names, "best_epoch": result.best_epoch,
@@ -206,6 +210,10 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
                      "seed": seed, "patience": patience, "label_smoothing": label_smoothing,
                      "class_weights": class_weights, "dropout": dropout, "best_epoch": result.best_epoch},
     }
+    if head == "logreg":
+        best = next(row for row in result.history if row["epoch"] == result.best_epoch)
+        config["training"] = {"method": "L-BFGS, full batch", "C": best["C"], "Cs": [r["C"] for r in result.history],
+                              "seed": seed, "class_weights": class_weights, "best_epoch": result.best_epoch}
     return result, metrics, config
 
 
@@ -213,13 +221,95 @@ def save(out: str, data: CachedSplits, result: FitResult, metrics: dict, config:
          files: dict | None = None) -> str:
     """Test metrics (when the cache has a labelled test split), then the checkpoint folder with curves.png."""
     if len(data.labels.get("test", ())):
-        rows = data.rows("test", config["pooling"], result.head.shift.device)
-        metrics["test"] = report(config, data.labels["test"], predict_rows(result.head, rows))
+        metrics["test"] = report(config, data.labels["test"], predict_split(data, "test", result.head, config["pooling"]))
     files = dict(files or {})
-    if plots.available():
+    if plots.available() and metrics["history"]:
         files["curves.png"] = lambda path: plots.curves_png(metrics["history"], metrics["best_epoch"], path,
                                                             SCORE[data.task])
     return save_checkpoint(out, config, {"best": result.best_state, "last": result.last_state}, metrics, files)
+
+
+def predict_split(data: CachedSplits, split: str, model, pooling: str) -> np.ndarray:
+    """Outputs (class or label probabilities, or values) of a Head (over `pooling`) or an Ensemble (over its
+    members' poolings) for a split's rows."""
+    from .heads import Ensemble
+
+    if isinstance(model, Ensemble):
+        return sum(w * predict_split(data, split, h, p) for h, p, w in zip(model.members, model.poolings,
+                                                                            model.weights))
+    return predict_rows(model, data.rows(split, pooling, model.shift.device))
+
+
+def refit_head(data: CachedSplits, model, config: dict, *, seed: int = D.SEED, device: str = "auto", log=None,
+          **options):
+    """The chosen head, or each member of a chosen ensemble, trained again with its chosen settings on the
+    train and validation rows together (scikit-learn's `refit`): the validation split chose the pooling,
+    head, learning rate, epoch count (the best epoch) or L2 strength, and its rows then train too.
+
+    Returns the new Head or Ensemble (an ensemble keeps its weights). A head whose best epoch was 0 (the
+    cosine alone, training.fit_rows' `from_first_column`) is kept as it was; a multilabel head keeps the
+    thresholds tuned before (no rows are left to tune them on). `options`: hidden, dropout, batch_size,
+    label_smoothing, class_weights, as `train` took them.
+
+    Example:
+
+        result, metrics, config = train(data, pooling="mean", head="mlp")
+        head = refit_head(data, result.head, config)
+    """
+    from .heads import Ensemble
+
+    if data.streamed:
+        raise UserError(f"refitting on train + validation needs {data.path}'s features in memory; raise --max-memory")
+    if not len(data.labels["validation"]):
+        return model
+    if isinstance(model, Ensemble):
+        members = config["training"]["members"]
+        heads = [_refit_one(data, m["pooling"], m["head"], h, m, seed, device, log, options)
+                 for m, h in zip(members, model.members)]
+        return Ensemble(heads, model.poolings, model.weights)
+    t = config["training"]
+    chosen = {"lr": t.get("lr"), "weight_decay": t.get("weight_decay"), "best_epoch": t.get("best_epoch"),
+              "C": t.get("C")}
+    return _refit_one(data, config["pooling"], config["head"]["type"], model, chosen, seed, device, log, options)
+
+
+def refit_result(data: CachedSplits, result: FitResult, metrics: dict, config: dict, *, seed: int = D.SEED,
+                 log=None, **options) -> tuple[FitResult, dict, dict]:
+    """(result, metrics, config) with the head refit (`refit_head`); the validation figures stay those of the
+    choice, made before."""
+    import time
+
+    t0 = time.perf_counter()
+    model = refit_head(data, result.head, config, seed=seed, log=log, **options)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = int(len(data.labels["train"]) + len(data.labels["validation"]))
+    metrics = {**metrics, "refit": {"rows": rows, "seconds": round(time.perf_counter() - t0, 3)}}
+    config = {**config, "training": {**config["training"], "refit": f"train + validation ({rows} rows)"}}
+    return FitResult(model, state, state, result.history, result.best_epoch, result.seconds), metrics, config
+
+
+def _refit_one(data, pooling, kind, head, chosen, seed, device, log, options):
+    if kind != "logreg" and not chosen.get("best_epoch"):
+        return head  # epoch 0: the cosine alone was best, nothing was trained
+    X = np.concatenate([data.xy(s, pooling)[0] for s in ("train", "validation")])
+    y = np.concatenate([data.labels[s] for s in ("train", "validation")])
+    k = outputs(data.task, data.label_names)
+    dev = head_device(device, step_work(options.get("batch_size", D.BATCH_SIZE), X.shape[1], kind,
+                                        options.get("hidden", D.HIDDEN), k, rows=len(X)))
+    weights = class_weight_vector(y, k) if options.get("class_weights") == "balanced" else None
+    if kind == "logreg":
+        settings = {"logreg_cs": [chosen["C"]]}
+    else:
+        settings = {"epochs": int(chosen["best_epoch"]), "lr": chosen["lr"], "weight_decay": chosen["weight_decay"],
+                    "patience": None, "from_first_column": kind == "linear" and data.task != "multilabel"
+                    and starts_with_cosine(pooling)}
+    if log:
+        log(f"refit {pooling} {kind} on train + validation ({len(y)} rows): "
+            + (f"C {chosen['C']:g}" if kind == "logreg" else f"{settings['epochs']} epochs"))
+    kept = {k_: v for k_, v in options.items() if k_ in ("hidden", "dropout", "batch_size", "label_smoothing")}
+    result = fit_rows(ArrayRows(X, y, dev), ArrayRows(X[:0], y[:0], dev), k, head=kind, seed=seed, device=dev,
+                      class_weights=weights, task=data.task, **kept, **settings)
+    return result.head
 
 
 def fit_head(features: str, out: str | None = None, *, pooling: str | None = None, head: str = "linear",
@@ -227,7 +317,7 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
              weight_decay: float = D.WEIGHT_DECAY, batch_size: int = D.BATCH_SIZE, seed: int = D.SEED,
              patience: int | None = D.PATIENCE, label_smoothing: float = 0.0, class_weights: str | None = None,
              device: str = "auto", max_memory: int | str | None = None, shuffle_block: int = D.SHUFFLE_BLOCK,
-             shuffle_window: int = D.SHUFFLE_WINDOW, log=None) -> tuple[str, dict]:
+             shuffle_window: int = D.SHUFFLE_WINDOW, refit: bool = False, log=None) -> tuple[str, dict]:
     """Train a head on a features file; returns (checkpoint folder, metrics).
 
     Args:
@@ -246,6 +336,8 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
         max_memory: hold the features in memory up to this size (bytes or "8G"), else stream them from
             the file [half the available memory].
         shuffle_block, shuffle_window: rows kept together / shuffled together per epoch (streaming).
+        refit: then train the head again on train + validation for its best epoch count (or C), as
+            scikit-learn's refit (`refit_head`); test metrics are the refit head's.
         log: a callable given a line every 10 epochs.
 
     The metrics: best_epoch, epochs_run, seconds, best (its train / validation loss and accuracy),
@@ -267,5 +359,9 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
                                         seed=seed, patience=patience, label_smoothing=label_smoothing,
                                         class_weights=class_weights, device=device, shuffle_block=shuffle_block,
                                         shuffle_window=shuffle_window, log=log)
+        if refit:
+            result, metrics, config = refit_result(data, result, metrics, config, seed=seed, device=device, log=log,
+                                                   hidden=hidden, dropout=dropout, batch_size=batch_size,
+                                                   label_smoothing=label_smoothing, class_weights=class_weights)
         out = save(out or default_checkpoint_path(features, pooling, head), data, result, metrics, config)
     return out, metrics

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .defaults import (BATCH_SIZE, DROPOUT, EPOCHS, GPU_MIN_STEP_WORK, HIDDEN, LR, PATIENCE, SEED, SHUFFLE_BLOCK,
-                       SHUFFLE_WINDOW, WEIGHT_DECAY)
+from .defaults import (BATCH_SIZE, DROPOUT, EPOCHS, GPU_MIN_STEP_WORK, HIDDEN, LOGREG_CS, LOGREG_MAX_ITER,
+                       LOGREG_PATIENCE, LR, PATIENCE, SEED, SHUFFLE_BLOCK, SHUFFLE_WINDOW, WEIGHT_DECAY)
 from .errors import UserError
 from .heads import Head
 from .threads import torch_threads
@@ -29,9 +29,12 @@ from .tasks import SCORE, pearson, spearman
 SMALL_STEP_FLOPS = 1 << 26  # step_work below which the CPU training loop runs on one thread
 
 
-def step_work(batch_size: int, dim: int, head: str, hidden: int, outputs: int) -> int:
-    """Numbers an optimizer step multiplies, batch x input x output of the head's first layer: what
-    decides its device (`head_device`) and its CPU threads."""
+def step_work(batch_size: int, dim: int, head: str, hidden: int, outputs: int, rows: int | None = None) -> int:
+    """Numbers an optimizer step multiplies, batch x input x output of the head's first layer (a logreg
+    head's steps are full-batch: `rows` x input x output): what decides its device (`head_device`) and
+    its CPU threads."""
+    if head == "logreg" and rows is not None:
+        return rows * dim * outputs
     return batch_size * dim * (hidden if head == "mlp" else outputs)
 
 
@@ -124,8 +127,11 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
              class_weights: np.ndarray | None = None, standardize: bool = True, device: str | torch.device = "cpu",
              log=None, log_every: int = 10, shuffle_block: int = SHUFFLE_BLOCK,
              shuffle_window: int = SHUFFLE_WINDOW, task: str = "classification",
-             from_first_column: bool = False) -> FitResult:
+             from_first_column: bool = False, logreg_cs=None) -> FitResult:
     """Train a head with AdamW; keep the best (validation score, then loss) and last weights.
+
+    `head="logreg"` is fit by `fit_logreg` instead (full-batch L-BFGS for every C in `logreg_cs`,
+    default defaults.LOGREG_CS): the epoch-loop options do not apply to it.
 
     `train` and `val` are row sources (rows.ArrayRows in memory, rows.StoredRows from HDF5): `moments()`,
     `standardize(shift, scale)`, `batches(order, batch_size)` and `chunks()`, yielding (x, y) tensors on
@@ -135,6 +141,9 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     first input is a cosine), the head starts as the best fit of that column alone, epoch 0 is validated
     too, and training keeps it unless an epoch scores better: training can only add to the cosine.
     """
+    if head == "logreg":
+        return fit_logreg(train, val, num_classes, cs=logreg_cs or LOGREG_CS, class_weights=class_weights, seed=seed,
+                          device=device, log=log, task=task, standardize=standardize)
     if train.n == 0:
         raise UserError("the train split has no labelled rows to train on")
     if epochs < 1 or batch_size < 1 or lr <= 0:
@@ -179,33 +188,7 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     score = SCORE[task]
 
     def validate() -> dict:
-        """The validation loss and score(s) of the current weights (one host sync; Spearman on the host)."""
-        if not has_val:
-            return {"val_loss": float("nan"), score: float("nan")}
-        if task == "regression":
-            preds, ys = zip(*[(net(xb)[:, 0], yb) for xb, yb in val.chunks()])
-            p, y = torch.cat(preds).cpu().numpy(), torch.cat(ys).cpu().numpy()
-            std = float(model.target_std)
-            return {"val_loss": float(np.mean((p - (y - float(model.target_mean)) / std) ** 2)),
-                    "val_spearman": spearman(p, y), "val_pearson": pearson(p, y)}
-        vloss = vweight = hits = torch.zeros((), device=device)
-        tp = fp = fn = torch.zeros((), device=device)
-        for xb, yb in val.chunks():
-            vlogits = net(xb)
-            if classify:  # weighted mean cross-entropy = sum of weighted losses / sum of weights
-                vloss = vloss + nn.functional.cross_entropy(vlogits, yb, weight=weight, reduction="sum")
-                vweight = vweight + (weight[yb].sum() if weight is not None else len(yb))
-                hits = hits + (vlogits.argmax(1) == yb).sum()
-            else:
-                vloss = vloss + nn.functional.binary_cross_entropy_with_logits(vlogits, yb, reduction="sum")
-                vweight = vweight + yb.numel()
-                pred, truth = vlogits > 0, yb > 0.5
-                tp, fp, fn = tp + (pred & truth).sum(), fp + (pred & ~truth).sum(), fn + (~pred & truth).sum()
-        if classify:
-            loss, value = torch.stack([vloss / vweight, hits / val.n]).tolist()
-        else:
-            loss, value = torch.stack([vloss / vweight, 2 * tp / torch.clamp(2 * tp + fp + fn, min=1)]).tolist()
-        return {"val_loss": loss, score: value}
+        return _validate(model, val, task, weight)
 
     def consider(row: dict, epoch: int):
         nonlocal best_key, best_state, best_epoch, since_best
@@ -270,6 +253,136 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     model.load_state_dict(best_state)
     model.eval()
     return FitResult(model, best_state, last_state, history, best_epoch, seconds)
+
+
+def fit_logreg(train, val, num_classes: int, *, cs=LOGREG_CS, max_iter: int = LOGREG_MAX_ITER,
+               class_weights: np.ndarray | None = None, seed: int = SEED, device: str | torch.device = "cpu",
+               log=None, task: str = "classification", standardize: bool = True, **_ignored) -> FitResult:
+    """A linear head on standardized rows fit full-batch to convergence by L-BFGS for every L2 strength in
+    `cs`; keep the C with the best validation score (then loss).
+
+    Multinomial logistic regression for classification, one per label for multilabel, ridge regression on
+    the standardized target for regression. The objective per C is scikit-learn's (LogisticRegression(C);
+    for ridge, alpha = 1 / (2 C)) divided by C * n: the mean loss + |W|^2 / (2 C n), the bias not penalized.
+    Cs run from strong to weak regularization, each warm-started from the previous solution; the path stops
+    once `LOGREG_PATIENCE` Cs in a row have not beaten the best validation score. `history` has one row per
+    C fit (its "epoch" is the C's position, "C" the value); "last" is the weakest fit C's weights. Options
+    of the epoch loop (lr, epochs, batch size, ...) do not apply and are ignored.
+
+    >>> X = np.r_[np.zeros((5, 2)), np.ones((5, 2))]; y = np.r_[[0] * 5, [1] * 5]
+    >>> r = fit_logreg(ArrayRows(X, y, torch.device("cpu")), ArrayRows(X, y, torch.device("cpu")), 2, cs=[1.0])
+    >>> r.history[0]["val_acc"]
+    1.0
+    """
+    if train.n == 0:
+        raise UserError("the train split has no labelled rows to train on")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = Head(train.dim, num_classes, "logreg", task=task).to(device)
+    if standardize:
+        mean, std = train.moments()
+        model.shift.copy_(torch.from_numpy(mean).float())
+        model.scale.copy_(torch.from_numpy(1.0 / np.where(std > 1e-6, std, 1.0)).float())
+        for rows in (train, val):
+            rows.standardize(model.shift, model.scale)
+    X, y = _whole(train)
+    if task == "regression":
+        yn = y.double().cpu().numpy()
+        model.target_mean.fill_(float(yn.mean()))
+        model.target_std.fill_(float(yn.std()) if yn.std() > 1e-12 else 1.0)
+    weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
+    score = SCORE[task]
+
+    def data_loss(out):
+        if task == "classification":
+            return nn.functional.cross_entropy(out, y, weight=weight)
+        if task == "multilabel":
+            return nn.functional.binary_cross_entropy_with_logits(out, y)
+        return 0.5 * nn.functional.mse_loss(out[:, 0], (y - model.target_mean) / model.target_std)
+
+    lin = model.net
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    history, best_key, best_state, best_epoch = [], None, None, 0
+    t0 = time.perf_counter()
+    with torch_threads(1, when=device.type == "cpu" and len(y) * train.dim * num_classes <= SMALL_STEP_FLOPS):
+        for i, c in enumerate(sorted(float(c) for c in cs), 1):
+            if val.n and i - best_epoch > LOGREG_PATIENCE:
+                break  # weaker L2 only overfits more from here: the path stops (the remaining Cs are not fit)
+            penalty = 1.0 / (c * len(y))
+            # gradient tolerance as scikit-learn's lbfgs (tol 1e-4 on the same mean-scaled objective), tighter
+            opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=max_iter, history_size=10,
+                                    tolerance_grad=1e-5, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                loss = data_loss(lin(X)) + 0.5 * penalty * lin.weight.square().sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            model.eval()
+            with torch.no_grad():
+                logits = lin(X)
+                row = {"epoch": i, "C": c, "train_loss": float(data_loss(logits))}
+                if task == "classification":
+                    row["train_acc"] = (logits.argmax(1) == y).float().mean().item()
+                row.update(_validate(model, val, task, weight))
+                row["iterations"] = int(opt.state[opt._params[0]].get("n_iter", 0))
+            history.append(row)
+            value = row[score] if row[score] == row[score] else -float("inf")
+            key = (value, -row["val_loss"]) if val.n else (0.0, -c)  # no validation: the strongest L2
+            if best_key is None or key > best_key:
+                best_key, best_epoch = key, i
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if log:
+                log(f"C {c:<8g} train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f} "
+                    f"{score[4:].replace('_', '-')} {row[score]:.4f}  ({row['iterations']} iterations)")
+    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(model, best_state, last_state, history, best_epoch, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _validate(model: Head, val, task: str, weight: torch.Tensor | None = None) -> dict:
+    """The validation loss and score(s) of a head's current weights over standardized rows (one host sync;
+    Spearman on the host)."""
+    score = SCORE[task]
+    if not val.n:
+        return {"val_loss": float("nan"), score: float("nan")}
+    net = model.net
+    if task == "regression":
+        preds, ys = zip(*[(net(xb)[:, 0], yb) for xb, yb in val.chunks()])
+        p, y = torch.cat(preds).cpu().numpy(), torch.cat(ys).cpu().numpy()
+        std = float(model.target_std)
+        return {"val_loss": float(np.mean((p - (y - float(model.target_mean)) / std) ** 2)),
+                "val_spearman": spearman(p, y), "val_pearson": pearson(p, y)}
+    device = model.shift.device
+    vloss = vweight = hits = torch.zeros((), device=device)
+    tp = fp = fn = torch.zeros((), device=device)
+    for xb, yb in val.chunks():
+        vlogits = net(xb)
+        if task == "classification":  # weighted mean cross-entropy = sum of weighted losses / sum of weights
+            vloss = vloss + nn.functional.cross_entropy(vlogits, yb, weight=weight, reduction="sum")
+            vweight = vweight + (weight[yb].sum() if weight is not None else len(yb))
+            hits = hits + (vlogits.argmax(1) == yb).sum()
+        else:
+            vloss = vloss + nn.functional.binary_cross_entropy_with_logits(vlogits, yb, reduction="sum")
+            vweight = vweight + yb.numel()
+            pred, truth = vlogits > 0, yb > 0.5
+            tp, fp, fn = tp + (pred & truth).sum(), fp + (pred & ~truth).sum(), fn + (~pred & truth).sum()
+    if task == "classification":
+        loss, value = torch.stack([vloss / vweight, hits / val.n]).tolist()
+    else:
+        loss, value = torch.stack([vloss / vweight, 2 * tp / torch.clamp(2 * tp + fp + fn, min=1)]).tolist()
+    return {"val_loss": loss, score: value}
+
+
+def _whole(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row source's rows as two tensors (full-batch methods need them all at once)."""
+    parts = list(rows.chunks())
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
 @torch.no_grad()

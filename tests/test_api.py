@@ -88,7 +88,7 @@ def test_quickstart_runs_its_steps(tiny_model, data, tmp_path):
         "== 2/4 fit-head --sweep: poolings x heads x learning rates, picked by validation",
         "== 3/4 evaluate on test", "== 4/4 predict"]
     assert f"{features}: train 80, validation 40, test 40 rows" in out  # extract's summary
-    assert re.search(r"^ +1  \S+ +(linear|mlp) ", out, re.M)  # the sweep's ranked table
+    assert re.search(r"^ +1  \S+ +(linear|mlp|logreg|ensemble) ", out, re.M)  # the sweep's ranked table
     assert re.search(r"^split test: n 40  accuracy [\d.]+  macro-F1", out, re.M)  # evaluate
     predictions = [line.split("\t") for line in out.splitlines() if line.count("\t") == 2]
     assert [p[2] for p in predictions] == list(QUICKSTART_TEXTS)

@@ -238,7 +238,7 @@ def test_bi_cache_holds_each_text_once(bi_cache, pair_data, tiny_model):
 def test_bi_sweep_starts_from_the_cosine(bi_cache, tmp_path):
     ckpt, ranked, metrics = bc.sweep(bi_cache, str(tmp_path / "sw"), heads=["linear"], lrs=[1e-3], epochs=10,
                                      progress=False, device="cpu")
-    assert {r["pooling"] for r in ranked} == {"cos:mean", "pair:mean", "cos:mean+pair:mean"}
+    assert {r["pooling"] for r in ranked} - {"ensemble"} == {"cos:mean", "pair:mean", "cos:mean+pair:mean"}
     with bc.FeatureStore(bi_cache) as store:
         val = store.features("validation", ["mean"])["mean"]
         y = store.labels("validation")
@@ -249,6 +249,9 @@ def test_bi_sweep_starts_from_the_cosine(bi_cache, tmp_path):
     assert by["cos:mean"]["val_spearman"] >= cosine - 1e-6
     assert by["cos:mean+pair:mean"]["val_spearman"] >= cosine - 1e-6
     assert ranked[0]["val_spearman"] >= cosine - 1e-6
+    # whatever won (a head or an ensemble of them) predicts pairs from raw text as the cache says
+    predictor = bc.Predictor(ckpt, device="cpu")
+    assert predictor.outputs([("a b", "c d"), ("e", "f")]).shape == (2,)
     assert "val spearman" in ok("fit-head", "-f", bi_cache, "--sweep", "--sweep-heads", "linear", "--sweep-lrs", "1e-3",
                                 "-o", tmp_path / "sw2", "--epochs", "3", "--device", "cpu").stdout
     fit, metrics = bc.fit_head(bi_cache, str(tmp_path / "c"), pooling="cos:mean", epochs=3, device="cpu")
@@ -271,6 +274,14 @@ def test_bi_predict_and_serve(bi_cache, tmp_path):
         assert bad.status_code == 422 and "blank" in bad.json()["detail"]
         assert client.post("/predict", json={"texts": ["好"]}).status_code == 422
         assert client.get("/info").json()["pair_mode"] == "bi"
+        # one text's vector under a pair head: the text's own pooled vector (cos:mean+pair:mean -> mean)
+        emb = client.post("/embed", json={"inputs": ["好棒赞"], "normalize": False})
+        assert emb.status_code == 200, emb.text
+        mean = predictor.encoder.encode(["好棒赞"])["mean"][0]
+        assert np.allclose(emb.json()[0], mean, atol=1e-4)
+        assert np.allclose(predictor.embed("好棒赞"), mean, atol=1e-5)
+        # TEI's /predict body is for classifiers: a regression head says so
+        assert client.post("/predict", json={"inputs": [["好棒赞", "喜欢满意"]]}).status_code == 422
 
 
 def test_cross_pairs_use_token_types(tiny_model, tmp_path):
@@ -298,6 +309,19 @@ def test_cross_pairs_use_token_types(tiny_model, tmp_path):
     with served(predictor) as client:
         r = client.post("/predict", json={"pairs": [[row["a"], row["b"]]]}).json()["predictions"]
         assert r[0]["label"] == got[0]["label"] and r[0]["probs"] == pytest.approx(got[0]["probs"], abs=1e-4)
+        # TEI's body: [a, b] is one pair; a batch of pairs; a single text is refused by a pair head
+        tei = client.post("/predict", json={"inputs": [row["a"], row["b"]]})
+        assert tei.status_code == 200, tei.text
+        best = tei.json()[0]
+        assert best["label"] == got[0]["label"] and best["score"] == pytest.approx(got[0]["probs"][best["label"]],
+                                                                                    abs=1e-4)
+        batch = client.post("/predict", json={"inputs": [[row["a"], row["b"]], [row["b"], row["a"]]]}).json()
+        assert len(batch) == 2 and batch[0][0] == best
+        refused = client.post("/predict", json={"inputs": [["only one"]]})
+        assert refused.status_code == 422 and "pairs" in refused.json()["detail"]
+        # encoded together, a pair has no vector of one text: a clear 422, not a server error
+        emb = client.post("/embed", json={"inputs": ["x"]})
+        assert emb.status_code == 422 and "cross" in emb.json()["detail"]
 
 
 # -- long texts --------------------------------------------------------------------------------------

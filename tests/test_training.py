@@ -134,7 +134,8 @@ def test_sweep_ranks_by_validation_and_saves_the_winner(cache3, tmp_path, monkey
     monkeypatch.setattr(FeatureStore, "features", counting)
     grid = dict(poolings=["cls", "mean+cls_2", "mean-avg3"], heads=["linear", "mlp"], lrs=[1e-2, 1e-3],
                 weight_decays=[0.01])
-    ckpt, ranked, metrics = sweep(cache3, str(tmp_path / "sw"), epochs=6, progress=False, **grid)
+    ckpt, ranked, metrics = sweep(cache3, str(tmp_path / "sw"), epochs=6, progress=False, ensemble=False,
+                                  selection="score", **grid)
     assert sorted(reads) == ["test", "train", "validation"]  # each split read once for all 12 heads
     assert len(ranked) == 12 and [r["rank"] for r in ranked] == list(range(1, 13))
     keys = [(-r["val_acc"], r["val_loss"]) for r in ranked]
@@ -157,7 +158,8 @@ def test_sweep_ranks_by_validation_and_saves_the_winner(cache3, tmp_path, monkey
 def test_sweep_cli_prints_the_table(cache3, tmp_path):
     out = tmp_path / "sw"
     result = cli_run("fit-head", "-f", cache3, "-o", out, "--sweep", "--sweep-poolings", "cls,mean",
-                     "--sweep-heads", "linear", "--sweep-lrs", "1e-2,1e-3", "--sweep-weight-decays", "0", "--epochs", 4)
+                     "--sweep-heads", "linear", "--sweep-lrs", "1e-2,1e-3", "--sweep-weight-decays", "0", "--epochs", 4,
+                     "--no-sweep-ensemble", "--sweep-select", "score")
     assert result.exit_code == 0, result.output
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows[:4]] == ["1", "2", "3", "4"] and {r[1] for r in rows[:4]} == {"cls", "mean"}
@@ -172,7 +174,7 @@ def test_sweep_cli_prints_the_table(cache3, tmp_path):
 
 def test_default_sweep_grid_on_a_layered_cache(cache3, tmp_path):
     ckpt, ranked, _ = sweep(cache3, str(tmp_path / "sw"), heads=["linear"], lrs=[1e-2], weight_decays=[0.0],
-                            epochs=2, progress=False)
+                            epochs=2, progress=False, ensemble=False)
     assert [r["pooling"] for r in sorted(ranked, key=lambda r: r["pooling"])] == sorted(
         ["mean", "cls+mean", "mean-avg3", "cls-avg3+mean-avg3", "mean-cat3"])
 
@@ -218,11 +220,13 @@ def test_fit_head_device_rule_by_step_size():
 
     from pipeline import defaults as D
     from pipeline.encoder import resolve_device
-    from pipeline.training import gpu_pays, head_device
+    from pipeline.training import gpu_pays, head_device, step_work
 
     least = D.GPU_MIN_STEP_WORK
     assert not gpu_pays(least - 1) and gpu_pays(least)
     assert not gpu_pays(256 * 768 * 2)  # the recorded case: a linear head over 768 features trained slower on an H200
+    assert step_work(256, 768, "mlp", 64, 2) == 256 * 768 * 64 and step_work(256, 768, "linear", 64, 2) == 256 * 768 * 2
+    assert step_work(256, 768, "logreg", 64, 2, rows=10_000) == 10_000 * 768 * 2  # full-batch steps
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert head_device("auto", least - 1, found=cuda) == cpu
     assert head_device("auto", least, found=cuda) == cuda

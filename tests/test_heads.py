@@ -1,0 +1,155 @@
+"""Frozen heads past a tuned logistic regression: the logreg head (L-BFGS, C on validation) and the sweep's
+greedy ensemble, saved as one checkpoint that evaluate, predict and info understand (tiny model)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline as bc
+from pipeline.checkpoint import load_checkpoint
+from pipeline.data import load_corpus
+from pipeline.heads import Ensemble
+from pipeline.info import as_text, describe
+from pipeline.rows import ArrayRows
+from pipeline.sweep import greedy_ensemble, sweep
+from pipeline.training import fit_logreg
+from conftest import default_splits, write_split_files
+from helpers import run as cli_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Three classes, a quarter of the labels replaced at random: no single head is right everywhere."""
+    rng = np.random.default_rng(0)
+    splits = {s: [(t, int(rng.integers(3)) if rng.random() < 0.25 else y) for t, y in rows]
+              for s, rows in default_splits(3, n_train=150).items()}
+    return write_split_files(str(tmp_path_factory.mktemp("data")), "jsonl", splits)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, data, tmp_path_factory):
+    return bc.extract(tiny_model, data, str(tmp_path_factory.mktemp("f") / "f.h5"), precision="fp32", layers=2,
+                      progress=False)
+
+
+def _blobs(n, d=6, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.5, 3, d) + 1.5 * np.eye(k, d)[y] + 4
+    return X.astype(np.float32), y
+
+
+def test_logreg_matches_scikit_learn_at_the_same_C():
+    sklearn = pytest.importorskip("sklearn")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    assert sklearn
+    X, y = _blobs(300)
+    cpu = torch.device("cpu")
+    for c in (0.01, 1.0):
+        r = fit_logreg(ArrayRows(X, y, cpu), ArrayRows(X[:0], y[:0], cpu), 3, cs=[c])
+        scaler = StandardScaler().fit(X)
+        ref = LogisticRegression(C=c, max_iter=10000, tol=1e-10).fit(scaler.transform(X), y)
+        np.testing.assert_allclose(r.head.predict_proba(X), ref.predict_proba(scaler.transform(X)), atol=1e-3)
+
+
+def test_logreg_keeps_the_C_with_the_best_validation_score():
+    X, y = _blobs(200, seed=1)
+    Xv, yv = _blobs(200, seed=2)
+    cpu = torch.device("cpu")
+    cs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+    r = fit_logreg(ArrayRows(X, y, cpu), ArrayRows(Xv, yv, cpu), 3, cs=cs)
+    fit_cs = [h["C"] for h in r.history]
+    assert fit_cs == cs[:len(fit_cs)] and len(fit_cs) >= 3
+    keys = [(h["val_acc"], -h["val_loss"]) for h in r.history]
+    assert r.best_epoch == 1 + keys.index(max(keys))
+    if len(fit_cs) < len(cs):  # the path stopped: the last Cs fit did not beat the best
+        assert len(fit_cs) - r.best_epoch == 2
+    # the penalty shrinks the weights: the weakest C fit has the largest norm
+    norms = [torch.linalg.norm(s["net.weight"]).item() for s in (r.best_state, r.last_state)]
+    assert r.best_epoch == len(fit_cs) or norms[0] < norms[1]
+    assert (r.head.predict_proba(Xv).argmax(1) == yv).mean() == pytest.approx(r.history[r.best_epoch - 1]["val_acc"])
+
+
+def test_fit_head_logreg_cli(cache, tmp_path):
+    out = tmp_path / "lr"
+    result = cli_run("fit-head", "-f", cache, "-o", out, "--head", "logreg", "--pooling", "mean", "--json")
+    assert result.exit_code == 0, result.output
+    config = json.load(open(out / "config.json"))
+    assert config["head"]["type"] == "logreg" and config["training"]["C"] in config["training"]["Cs"]
+    assert bc.evaluate(str(out))["accuracy"] == json.loads(result.stdout)["test"]["accuracy"]
+
+
+def test_greedy_ensemble_prefers_complementary_members():
+    y = np.array([0, 0, 1, 1])
+    right_on_0 = np.array([[.9, .1], [.9, .1], [.5, .5], [.5, .5]])
+    right_on_1 = np.array([[.5, .5], [.5, .5], [.1, .9], [.1, .9]])
+    wrong = np.array([[.2, .8], [.2, .8], [.8, .2], [.8, .2]])
+    picks = greedy_ensemble([wrong, right_on_0, right_on_1], y)
+    assert set(picks) == {1, 2} and abs(picks.count(1) - picks.count(2)) <= 1
+
+
+def test_sweep_ensemble_checkpoint_evaluate_predict_info(cache, data, tmp_path):
+    grid = dict(poolings=["cls", "mean", "mean-cat2"], heads=["logreg", "mlp"], lrs=[1e-2], epochs=15, progress=False)
+    ckpt, ranked, metrics = sweep(cache, str(tmp_path / "sw"), **grid)
+    ens = [r for r in ranked if r["head"] == "ensemble"]
+    assert len(ens) == 1 and len(ens[0]["members"]) >= 2
+    assert abs(sum(m["weight"] for m in ens[0]["members"]) - 1) < 1e-9
+    keys = [(r["val_loss"], -r["val_acc"]) for r in ranked]  # ranked by validation log-loss
+    assert keys == sorted(keys)
+    # greedy selection starts from the best single head's log-loss and only adds what lowers it
+    assert ranked[0] is ens[0] and ens[0]["val_loss"] < min(r["val_loss"] for r in ranked if r["head"] != "ensemble")
+    config, model = load_checkpoint(ckpt)
+    assert isinstance(model, Ensemble) and config["head"]["type"] == "ensemble"
+    assert len(model.members) == len(ens[0]["members"])
+    assert bc.evaluate(ckpt)["accuracy"] == metrics["test"]["accuracy"]
+    texts = load_corpus(data).splits["test"].texts
+    live = bc.Predictor(ckpt, device="cpu").predict_proba(texts)
+    with bc.FeatureStore(cache) as store:
+        arrays = store.features("test")
+        layers = store.settings["layers"]
+        y = store.labels("test")
+    cached = model.predict_features(arrays, layers)
+    np.testing.assert_allclose(live, cached, atol=1e-4)
+    assert metrics["test"]["accuracy"] == pytest.approx(float((cached.argmax(1) == y).mean()))
+    assert "ensemble of" in as_text(describe(ckpt))[0]
+    by_accuracy = sweep(cache, str(tmp_path / "acc"), selection="score", **grid)[1]
+    keys = [(-r["val_acc"], r["val_loss"]) for r in by_accuracy]
+    assert keys == sorted(keys)
+
+
+def test_refit_trains_the_chosen_head_again_on_train_and_validation(cache, tmp_path):
+    from pipeline import train as T
+    from pipeline.training import fit
+
+    _, plain = bc.fit_head(cache, str(tmp_path / "a"), pooling="mean", head="mlp", epochs=8, lr=1e-2, device="cpu")
+    ckpt, metrics = bc.fit_head(cache, str(tmp_path / "b"), pooling="mean", head="mlp", epochs=8, lr=1e-2,
+                                device="cpu", refit=True)
+    assert metrics["best_epoch"] == plain["best_epoch"] >= 1
+    with T.load_cache(cache, ["mean"], device="cpu") as data:
+        X = np.concatenate([data.xy(s, "mean")[0] for s in ("train", "validation")])
+        y = np.concatenate([data.labels[s] for s in ("train", "validation")])
+        k = len(data.label_names)
+    assert metrics["refit"]["rows"] == len(y)
+    # the same as training that head by hand on both splits' rows for its best epoch count
+    direct = fit(X, y, X[:0], y[:0], k, head="mlp", epochs=plain["best_epoch"], lr=1e-2, patience=None)
+    config, head = load_checkpoint(ckpt)
+    assert "refit" in config["training"]
+    for name, value in direct.head.state_dict().items():
+        np.testing.assert_allclose(head.state_dict()[name].numpy(), value.numpy(), atol=1e-6, err_msg=name)
+    assert metrics["test"]["accuracy"] == bc.evaluate(ckpt)["accuracy"]
+    # a sweep refits its winner, an ensemble member by member (each with its own epochs or C)
+    grid = dict(poolings=["cls", "mean"], heads=["logreg", "mlp"], lrs=[1e-2], epochs=8, progress=False)
+    ckpt, ranked, metrics = sweep(cache, str(tmp_path / "sw"), refit=True, **grid)
+    config, model = load_checkpoint(ckpt)
+    assert metrics["sweep"]["refit"] and metrics["refit"]["rows"] == len(y)
+    if isinstance(model, Ensemble):
+        assert all("best_epoch" in m and "C" in m for m in config["training"]["members"])
+    assert bc.evaluate(ckpt)["accuracy"] == metrics["test"]["accuracy"]
+    assert "--refit" in cli_run("fit-head", "--help").stdout

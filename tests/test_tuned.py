@@ -1,0 +1,174 @@
+"""extract --states and fit-head --tune-layers (tiny random BERT): ragged states exact, the copied top layers
+reproduce the frozen vectors, raw text equals the cached-states path, a killed extract resumes bit for bit."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import pipeline as bc
+from pipeline.checkpoint import load_checkpoint
+from pipeline.data import load_corpus
+from pipeline.info import as_text, describe
+from pipeline.store import FeatureStore, from_storage, to_storage
+from pipeline.tuned import RaggedRows, TunedTop, fit_tuned, load_tuned
+from conftest import default_splits, make_texts, write_split_files
+from helpers import child_env, one_line_error, run as cli_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+K = 2
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_split_files(str(tmp_path_factory.mktemp("data")), "jsonl", default_splits(n_train=80, n_val=30,
+                                                                                           n_test=30))
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, data, tmp_path_factory):
+    """States of the top 2 layers (of 3), float32, and pooled features of the last 2 layers."""
+    return bc.extract(tiny_model, data, str(tmp_path_factory.mktemp("f") / "s.h5"), precision="fp32", layers=2,
+                      states=K, states_dtype="float32", progress=False)
+
+
+def _hf_states(model, texts, layer):
+    from transformers import AutoModel, AutoTokenizer
+    tok, m = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
+    out = []
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt", truncation=True, max_length=128)
+            out.append(m(**enc, output_hidden_states=True).hidden_states[layer][0].numpy())
+    return out
+
+
+def test_states_are_ragged_and_exact(tiny_model, data, cache):
+    texts = load_corpus(data).splits["validation"].texts
+    with FeatureStore(cache) as store:
+        assert store.states_settings == {"layer": 1, "k": K, "dtype": "float32"}
+        flat, offsets = store.states("validation")
+        info = store.info()
+    ref = _hf_states(tiny_model, texts, 1)
+    lengths = np.diff(offsets)
+    assert offsets[0] == 0 and list(lengths) == [len(r) for r in ref]  # no padding stored
+    assert flat.shape == (int(offsets[-1]), 32) and info["splits"]["validation"]["tokens"] == int(offsets[-1])
+    for i, r in enumerate(ref):
+        np.testing.assert_allclose(flat[offsets[i]:offsets[i + 1]], r, atol=1e-5)
+
+
+def test_bfloat16_storage_is_torchs_rounding():
+    x = np.random.default_rng(0).normal(size=(50, 7)).astype(np.float32) * 10
+    stored = to_storage(x, "bfloat16")
+    assert stored.dtype == np.uint16
+    np.testing.assert_array_equal(from_storage(stored, "bfloat16"), torch.from_numpy(x).bfloat16().float().numpy())
+
+
+def test_tuned_layers_at_init_reproduce_the_frozen_vectors(tiny_model, cache):
+    from transformers import AutoModel
+    from pipeline.heads import Head
+    with FeatureStore(cache) as store:
+        layers = store.settings["layers"]
+        feats = store.features("test")
+        rows = RaggedRows.from_store(store, "test", np.arange(store.rows("test")), {}, store.labels("test"))
+    top = TunedTop.from_encoder(AutoModel.from_pretrained(tiny_model, attn_implementation="sdpa"), K, "mean-cat2",
+                                layers, Head(64, 2)).eval()
+    assert top.tuned_names == ["mean", "mean_2"] and top.frozen_names == []
+    with torch.no_grad():
+        for idx, h, mask, _, _ in rows.batches(np.arange(rows.n), 256, "cpu"):
+            pooled = top.pooled(h, mask)
+            for name in ("cls", "mean", "cls_2", "mean_2"):
+                np.testing.assert_allclose(pooled[name].numpy(), feats[name][idx], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tuned(cache, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ck") / "tuned")
+    return fit_tuned(cache, 1, out, pooling="cls+mean_2", head="logreg", epochs=2, layer_lr=1e-3, head_lr=1e-3,
+                     batch_tokens=512, precision="fp32")
+
+
+def test_tuned_checkpoint_predict_equals_cached_states(tuned, data, cache):
+    ckpt, metrics = tuned
+    config, head = load_checkpoint(ckpt)
+    assert config["tuned"]["k"] == 1 and config["tuned"]["layer"] == 2
+    assert os.path.exists(os.path.join(ckpt, "best.top.safetensors")) and len(metrics["history"]) == 3
+    top = load_tuned(ckpt, config, head)
+    with FeatureStore(cache) as store:
+        feats = store.features("test")
+        rows = RaggedRows.from_store(store, "test", np.arange(store.rows("test")),
+                                     {n: feats[n] for n in top.frozen_names}, store.labels("test"))
+    cached = np.zeros((rows.n, 2), np.float32)
+    with torch.no_grad():
+        for idx, h, mask, fz, _ in rows.batches(np.arange(rows.n), 512, "cpu"):
+            cached[idx] = torch.softmax(top(h, mask, fz), -1).numpy()
+    live = bc.Predictor(ckpt, device="cpu").predict_proba(load_corpus(data).splits["test"].texts)
+    np.testing.assert_allclose(live, cached, atol=1e-5)
+    assert bc.evaluate(ckpt)["accuracy"] == metrics["test"]["accuracy"]
+    assert any("top 1 layers" in line for line in as_text(describe(ckpt)))
+
+
+def test_tuning_changes_only_the_tuned_layer(tuned, tiny_model):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+    ckpt, _ = tuned
+    state = load_file(os.path.join(ckpt, "last.top.safetensors"))  # after the last epoch (best may be the probe)
+    orig = AutoModel.from_pretrained(tiny_model).encoder.layer
+    below = {k[2:]: v for k, v in state.items() if k.startswith("0.")}
+    above = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
+    assert all(torch.equal(v, orig[1].state_dict()[k]) for k, v in below.items())  # frozen: layer 2 of 3
+    assert any(not torch.equal(v, orig[2].state_dict()[k]) for k, v in above.items())
+
+
+def test_tune_layers_refusals(cache, tiny_cache, tmp_path):
+    one_line_error(cli_run("fit-head", "-f", tiny_cache, "--tune-layers", "1", "-o", tmp_path / "x"), "--states")
+    one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "3", "-o", tmp_path / "x"), "--states 3")
+
+
+def test_states_refused_for_other_model_families(tmp_path, data):
+    from transformers import DistilBertConfig, DistilBertModel
+    from conftest import build_tiny_bert
+    folder = build_tiny_bert(str(tmp_path / "m"))
+    DistilBertModel(DistilBertConfig(vocab_size=200, dim=32, n_layers=2, n_heads=4, hidden_dim=64)).save_pretrained(folder)
+    result = cli_run("extract", "-m", folder, "-d", data, "-o", tmp_path / "x.h5", "--states", "1")
+    one_line_error(result, "BERT-family")
+
+
+@pytest.mark.slow
+def test_killed_extract_with_states_resumes_bit_for_bit(tiny_model, tmp_path):
+    rows = make_texts(500, seed=3)  # short texts that repeat: copied rows' states are covered too
+    data = write_split_files(str(tmp_path / "d"), "jsonl", {"train": rows[:400], "test": rows[400:]})
+    common = ["--device", "cpu", "--precision", "fp32", "--chunk-rows", "20", "--states", "2"]
+    env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    ref, out = str(tmp_path / "ref.h5"), str(tmp_path / "k.h5")
+    subprocess.run([sys.executable, "-m", "pipeline", "extract", "-m", tiny_model, "-d", data, "-o", ref, *common],
+                   env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "-m", tiny_model, "-d", data, "-o", out,
+                             *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with h5py.File(out + ".partial", "r", locking=False) as f:
+                if int(f["train"].attrs["rows_done"]) >= 100:
+                    break
+        except Exception:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(out + ".partial") and not os.path.exists(out)
+    subprocess.run([sys.executable, "-m", "pipeline", "extract", "-m", tiny_model, "-d", data, "-o", out, *common],
+                   env=env, check=True, capture_output=True)
+    with h5py.File(ref, "r") as a, h5py.File(out, "r") as b:
+        for split in ("train", "test"):
+            for name in a[split]:
+                assert a[split][name][()].tobytes() == b[split][name][()].tobytes(), (split, name)
+        assert json.loads(a.attrs["settings"])["states"]["dtype"] == "bfloat16"
