@@ -336,6 +336,16 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
             for name, m in report["per_label"].items():
                 click.echo(f"{name:<{width}}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  "
                            f"{m['support']}")
+            for name, rows in report.get("errors", {}).items():
+                click.echo(f"most confidently wrong on {name}: {len(rows)}")
+                for r in rows:
+                    what = "given, not true" if r["predicted"] else "true, not given"
+                    click.echo(f"  {r['probability']:.4f}  {what}  row {r['row']}  {_row_text(r)}")
+        if report["task"] == "regression" and "errors" in report:
+            click.echo(f"largest errors: {len(report['errors']['largest'])}")
+        for r in report.get("errors", {}).get("largest", []) if report["task"] == "regression" else ():
+            click.echo(f"  error {r['error']:+.4f}  true {r['true']:g}  predicted {r['predicted']:.4f}  "
+                       f"row {r['row']}  {_row_text(r)}")
         return
     if confusion_png and plots.available():
         _log(f"wrote {plots.confusion_png(report, confusion_png)}")
@@ -355,9 +365,13 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
     for name, rows in report.get("errors", {}).items():
         click.echo(f"most confidently wrong, true {name}: {len(rows)}")
         for r in rows:
-            text = r["text"].replace("\n", " ")
-            click.echo(f"  {r['probability']:.4f}  predicted {r['predicted']}  row {r['row']}  "
-                       f"{text[:200] + ('…' if len(text) > 200 else '')}")
+            click.echo(f"  {r['probability']:.4f}  predicted {r['predicted']}  row {r['row']}  {_row_text(r)}")
+
+
+def _row_text(r: dict) -> str:
+    """A row's text for a terminal line (a pair's two texts tab-separated, as predict takes them)."""
+    text = r.get("text", "").replace("\n", " ") + ("\t" + r["text_pair"].replace("\n", " ") if "text_pair" in r else "")
+    return text[:200] + ("…" if len(text) > 200 else "")
 
 
 @cli.command()

@@ -13,7 +13,7 @@ from .heads import model_feature_names, predict_scores_features
 from .labels import prediction_dicts
 from .metrics import report
 from .poolings import build_features, single_text_pooling
-from .store import FeatureStore
+from .store import TEXTS, FeatureStore
 from .tasks import labelled
 
 
@@ -240,13 +240,16 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         split: the cached split, e.g. "test" or "validation".
         weights: "best" or "last".
         allow_pickle: accept head weights in a .pt/.pth pickle (tensors only).
-        errors: list, per true class, the N most confidently wrong rows (the cache keeps each row's text).
+        errors: list the N most confidently wrong rows (the cache keeps each row's text): per true class
+            (classification), per label (multilabel), or the N largest errors (regression).
 
     Returns a dict per the head's task, with n, task and split: classification accuracy, macro_f1,
     per_class (precision / recall / f1 / support), confusion_matrix (rows: truth), label_names, and with
     `errors` also errors: {true label: [{text, true, predicted, probability, row}]}, most confident
-    first; regression pearson, spearman, mse, mae; multilabel micro_f1, macro_f1, subset_accuracy,
-    per_label (precision / recall / f1 / support), label_names.
+    first; regression pearson, spearman, mse, mae (errors: {"largest": [{text, true, predicted, error,
+    row}]}); multilabel micro_f1, macro_f1, subset_accuracy, per_label (precision / recall / f1 /
+    support), label_names (errors: {label: [{text, true, predicted, probability, row}]}, true and
+    predicted being whether the label applies). A pair's rows carry text_pair too.
 
     Example (after `bertcache quickstart`):
 
@@ -283,29 +286,71 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         result["task"] = task
         result["split"] = split
         if errors > 0:
-            if task != "classification":
-                raise UserError("--errors lists the most confident wrong classes: it is for classification heads")
-            if not store.has_texts(split):
+            if not store.has_texts(split if store.pair_mode != "bi" else TEXTS):
                 raise UserError(f"{features} keeps no texts (it was extracted before bertcache stored them, or "
                                 "with keep_texts=False): extract it again with --restart to list errors")
-            result["errors"] = confident_errors(store, split, np.flatnonzero(keep), y[keep], out, errors,
-                                                config["label_names"])
+            pick = {"classification": confident_errors, "multilabel": label_errors,
+                    "regression": largest_errors}[task]
+            result["errors"] = pick(RowTexts(store, split), np.flatnonzero(keep), y[keep], out, errors, config)
     return result
 
 
-def confident_errors(store: FeatureStore, split: str, rows: np.ndarray, y: np.ndarray, probs: np.ndarray, n: int,
-                     label_names: list[str]) -> dict[str, list[dict]]:
+class RowTexts:
+    """The stored text(s) of a split's rows: {"text"} or, in a pair cache, {"text", "text_pair"}."""
+
+    def __init__(self, store: FeatureStore, split: str):
+        self.store, self.split = store, split
+        self.pair = store.file[split]["pair"][:] if store.pair_mode == "bi" else None
+
+    def __call__(self, rows) -> list[dict]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return []
+        if self.pair is None:
+            texts = self.store.texts(self.split, rows)
+            return [{"text": t} for t in texts] if texts is not None else [{} for _ in rows]
+        a, b = (self.store.texts(TEXTS, self.pair[rows, i]) for i in (0, 1))
+        return [{"text": x, "text_pair": y} for x, y in zip(a, b)]
+
+
+def confident_errors(texts: RowTexts, rows: np.ndarray, y: np.ndarray, probs: np.ndarray, n: int,
+                     config: dict) -> dict[str, list[dict]]:
     """Per true class, its `n` wrong rows with the most probable wrong answers, most confident first."""
+    label_names = config["label_names"]
     pred = probs.argmax(1)
     confidence = probs[np.arange(len(pred)), pred]
     out = {}
     for c, name in enumerate(label_names):
         wrong = np.flatnonzero((y == c) & (pred != c))
         top = wrong[np.argsort(-confidence[wrong], kind="stable")[:n]]
-        texts = store.texts(split, rows[top]) if len(top) else []
-        out[name] = [{"text": t, "true": name, "predicted": label_names[int(pred[i])],
-                      "probability": float(confidence[i]), "row": int(rows[i])} for t, i in zip(texts, top)]
+        out[name] = [{**t, "true": name, "predicted": label_names[int(pred[i])],
+                      "probability": float(confidence[i]), "row": int(rows[i])} for t, i in zip(texts(rows[top]), top)]
     return out
+
+
+def label_errors(texts: RowTexts, rows: np.ndarray, y: np.ndarray, probs: np.ndarray, n: int,
+                 config: dict) -> dict[str, list[dict]]:
+    """Multilabel: per label, its `n` rows where the label was most confidently wrong (given over its
+    threshold but not true, or true but left under it), most confident first."""
+    out = {}
+    for j, name in enumerate(config["label_names"]):
+        cut = config["thresholds"][name]
+        p, truth = probs[:, j], y[:, j] > 0.5
+        wrong = np.flatnonzero((p >= cut) != truth)
+        confidence = np.where(truth, 1 - p, p)  # how sure the head was of the wrong answer
+        top = wrong[np.argsort(-confidence[wrong], kind="stable")[:n]]
+        out[name] = [{**t, "true": bool(truth[i]), "predicted": bool(p[i] >= cut), "probability": float(p[i]),
+                      "row": int(rows[i])} for t, i in zip(texts(rows[top]), top)]
+    return out
+
+
+def largest_errors(texts: RowTexts, rows: np.ndarray, y: np.ndarray, scores: np.ndarray, n: int,
+                   config: dict) -> dict[str, list[dict]]:
+    """Regression: the `n` rows whose predicted score is farthest from the target, largest first."""
+    err = scores - y
+    top = np.argsort(-np.abs(err), kind="stable")[:n]
+    return {"largest": [{**t, "true": float(y[i]), "predicted": float(scores[i]), "error": float(err[i]),
+                         "row": int(rows[i])} for t, i in zip(texts(rows[top]), top)]}
 
 
 def _tuned_outputs(checkpoint, config, head, weights, store, split, keep, arrays) -> np.ndarray:

@@ -216,12 +216,16 @@ class FeatureStore:
                     for n in names}
         return {n: group[n][:].astype(np.float32, copy=False) for n in names}
 
+    def _text_group(self, split: str) -> h5py.Group:
+        """A split, or in a pair cache (`--pair-mode bi`) also `texts`, the group of its distinct texts."""
+        return self.file[TEXTS] if split == TEXTS and self.pair_mode == "bi" else self.require_split(split)
+
     def has_texts(self, split: str) -> bool:
-        return "text_offsets" in self.require_split(split)
+        return "text_offsets" in self._text_group(split)
 
     def texts(self, split: str, index: np.ndarray | None = None) -> list[str] | None:
         """Texts of a split's rows (all, or rows `index`, in that order); None for a file without texts."""
-        group = self.require_split(split)
+        group = self._text_group(split)
         if "text_offsets" not in group:
             return None
         offsets, data = group["text_offsets"][:], group["text_utf8"]

@@ -82,7 +82,7 @@ def regression_cache(tiny_model, regression_data, tmp_path_factory):
     return out
 
 
-def test_regression_end_to_end(regression_cache, tmp_path):
+def test_regression_end_to_end(regression_cache, regression_data, tmp_path):
     with bc.FeatureStore(regression_cache) as store:
         assert store.task == "regression" and store.label_names == []
         assert store.labels("train").dtype == np.float64
@@ -102,6 +102,13 @@ def test_regression_end_to_end(regression_cache, tmp_path):
     assert report["task"] == "regression" and abs(report["spearman"] - fit["test"]["spearman"]) < 1e-9
     text = ok("evaluate", "-c", ckpt).stdout
     assert "spearman" in text and "mae" in text
+    # error analysis: the rows farthest from their targets, largest first, with their texts
+    worst = json.loads(ok("evaluate", "-c", ckpt, "--json", "--errors", "3").stdout)["errors"]["largest"]
+    assert len(worst) == 3 and [abs(r["error"]) for r in worst] == sorted((abs(r["error"]) for r in worst), reverse=True)
+    test_texts = [json.loads(line)["text"] for line in open(os.path.join(regression_data, "test.jsonl"),
+                                                                       encoding="utf-8")]
+    assert all(r["text"] == test_texts[r["row"]] and abs(r["predicted"] - r["true"] - r["error"]) < 1e-9 for r in worst)
+    assert "largest errors: 3" in ok("evaluate", "-c", ckpt, "--errors", "3").stdout
     # predict: the score in the target's units, the same as the API's
     out = ok("predict", "-c", ckpt, "--device", "cpu", "好棒赞", "差烂坏").stdout.splitlines()
     scores = [float(line.split("\t")[0]) for line in out]
@@ -151,6 +158,11 @@ def test_multilabel_end_to_end(multilabel_cache, tmp_path):
     assert set(config["thresholds"]) == {"neg", "pos"} and all(0 < t < 1 for t in config["thresholds"].values())
     report = json.loads(ok("evaluate", "-c", ckpt, "--json").stdout)
     assert report["micro_f1"] == fit["test"]["micro_f1"] and "per_label" in report
+    wrong = json.loads(ok("evaluate", "-c", ckpt, "--json", "--errors", "2").stdout)["errors"]
+    assert set(wrong) == {"neg", "pos"}
+    for name, rows in wrong.items():  # each one a wrong call on that label, against its threshold
+        for r in rows:
+            assert r["predicted"] != r["true"] and (r["probability"] >= config["thresholds"][name]) == r["predicted"]
     predictor = bc.Predictor(ckpt, device="cpu")
     results = predictor.predict(["好棒赞喜欢", "差烂坏糟", "这个东西"])
     for r in results:  # every label over its threshold, most probable first
@@ -266,6 +278,10 @@ def test_bi_predict_and_serve(bi_cache, tmp_path):
     lines = ok("predict", "-c", ckpt, "--device", "cpu", "好棒赞\t喜欢满意").stdout.splitlines()
     assert lines == [f"{got[0]['score']:.4f}\t好棒赞\t喜欢满意"]
     one_line_error(run("predict", "-c", ckpt, "--device", "cpu", "好棒赞"), "pairs", "tab")
+    worst = bc.evaluate(ckpt, errors=1)["errors"]["largest"][0]  # a pair's error names both texts
+    with bc.FeatureStore(bi_cache) as store:
+        a, b = store.file["test"]["pair"][worst["row"]]
+        assert [worst["text"], worst["text_pair"]] == store.texts("texts", [a, b])
     with served(predictor) as client:
         r = client.post("/predict", json={"pairs": [["好棒赞", "喜欢满意"], ["差烂坏", "好棒赞"]]})
         assert r.status_code == 200, r.text
