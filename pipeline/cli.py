@@ -100,6 +100,9 @@ def cli(debug):
                                           "batch at a time on all torch threads.")
 @click.option("--packing", default="auto", show_default=True, type=click.Choice(["auto", "off"]),
               help="auto: BERT/RoBERTa/XLM-R batches without padding; off: padded batches.")
+@click.option("--compile", "compile_", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="torch.compile the packed encoder layers (same vectors either way). auto: for runs longer than "
+                   "the device's measured break-even; on CPUs compiling did not pay, so eager there.")
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--states", default=0, show_default=True,
@@ -112,7 +115,7 @@ def cli(debug):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def extract(model, data, out, text_column, label_column, label_names, task, label_sep, text_pair_column, pair_mode,
             max_length, long_texts, stride, prefix, instruction, layers, device, precision, batch_tokens, workers,
-            packing, store_dtype, revision, states, states_dtype, restart, chunk_rows, as_json):
+            packing, compile_, store_dtype, revision, states, states_dtype, restart, chunk_rows, as_json):
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from .distributed import world
     from .extract import extract as run_extract
@@ -124,7 +127,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
     path = run_extract(model, data, out, text_column=text_column, label_column=label_column,
                        label_names=_names(label_names), max_length=max_length, prefix=prefix, layers=layers,
                        instruction=instruction, device=device, precision=precision, batch_tokens=batch_tokens,
-                       workers=workers, packing=packing, store_dtype=store_dtype,
+                       workers=workers, packing=packing, compile=compile_, store_dtype=store_dtype,
                        revision=revision, restart=restart, progress=not as_json or sys.stderr.isatty(), log=_log,
                        task=task, label_sep=label_sep, text_pair_column=text_pair_column, pair_mode=pair_mode,
                        long_texts=long_texts, stride=stride,
@@ -188,7 +191,9 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
 @click.option("--batch-tokens", default=4096, show_default=True, help="With --tune-layers: padded tokens per batch.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="With --tune-layers: autocast dtype (auto: bf16 where the hardware has it).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="auto: a GPU for heads whose steps are big enough to fill it (batch x input x output), else "
+                   "the CPU; or cpu, cuda, cuda:N, mps.")
 @click.option("--max-memory", help="Hold the features in memory up to this size (e.g. 8G), else stream them from "
                                    "the file [half the available memory].")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")

@@ -16,3 +16,14 @@ SEED = 0
 VAL_FRACTION = 0.1  # held out of train when the cache has no labelled validation split
 SHUFFLE_BLOCK = 1024  # rows that stay together when an epoch is shuffled: a streamed epoch reads whole blocks
 SHUFFLE_WINDOW = 65536  # rows shuffled together (from blocks drawn at random): what a streamed epoch holds at once
+# --compile auto: the fewest tokens a run must have for compiling the encoder's layers to pay back the compile
+# time, per device type (None: never). CPU: never. Measured (benchmarks/compile_breakeven.py, RESULTS.md issue
+# 17, 2 vCPU AVX2, fp32): the compiled layers ran at 0.93x eager on e5-small and on the bert-base shape after a
+# 13 s compile, their matmuls already near the CPU's peak. GPU: not measured yet (no GPU lent): None until it is.
+COMPILE_MIN_TOKENS = {"cpu": None, "cuda": None}
+# fit-head --device auto trains on a GPU only when an optimizer step multiplies at least this many numbers
+# (batch x input x output, training.step_work): below it, kernel launches cost a GPU more than the arithmetic
+# costs a CPU. From an H200's 0.7 ms per step for a linear head over 768 features (launch-bound, 28.6 ms per
+# epoch vs 10.3 on this CPU) against this CPU's quiet ms per step (benchmarks/fit_device.py): 0.26 (2^18.6),
+# 0.67 (mlp 64, 2^23.6), 1.8 (mlp 256, 2^25.6). RESULTS.md, issue 17.
+GPU_MIN_STEP_WORK = 1 << 24

@@ -81,6 +81,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     encoder = Encoder(model, device=device, precision=precision, max_length=max_length, prefix=prefix,
                       layers=layers, revision=revision, batch_tokens=batch_tokens, instruction=instruction,
                       workers=kwargs.pop("workers", None), packing=kwargs.pop("packing", "auto"),
+                      compile=kwargs.pop("compile", "auto"),
                       log=kwargs.get("log"), long_texts=kwargs.pop("long_texts", "truncate"),
                       stride=kwargs.pop("stride", None))
     settings = cache_settings(encoder, corpus.task, None)

@@ -10,6 +10,8 @@ Models come from pipeline/models.py (folder, hub, ModelScope); decoder-only mode
 token appended and cache `mean` and `last` (no `cls`); a sentence-transformers folder also caches its own
 `sentence` vector (pipeline/sentence.py) and brings its prompt. On a CPU, batches run
 on `workers` threads with one torch thread each: no per-operation barrier for a busy core to stall.
+With compile="on" (or "auto" and a run long enough to pay back the compile time, `compile_pays`), packed
+layers run through torch.compile (pipeline/packed.py); the vectors are the same either way.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from . import defaults as D
 from . import models as M
 from .poolings import DECODER_POOLS, POOLS as POOLINGS, SENTENCE, feature_name, feature_names
 from .threads import torch_threads
@@ -38,6 +41,7 @@ BATCH_TOKENS = {"cpu": 1024, "cuda": 65536, "mps": 16384}
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Models whose position ids start after the padding index, so two positions are never used.
 PACKINGS = ("auto", "off")
+COMPILES = ("auto", "on", "off")
 _told = set()  # fallback notes already printed: once per process
 LONG_TEXTS = ("truncate", "chunk")
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text", "xlm-roberta-xl"}
@@ -70,6 +74,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return "bf16"
     return "fp32"
+
+
+def compile_pays(tokens: int, device: torch.device | str, min_tokens: dict | None = None) -> bool:
+    """Whether compile="auto" compiles a run of `tokens` tokens on `device`: when `min_tokens` (default
+    defaults.COMPILE_MIN_TOKENS, the measured break-evens) has a number for the device type and the run
+    has at least that many tokens. Never where no break-even is known (None, or the type is missing).
+
+        >>> compile_pays(10_000, "cpu", {"cpu": 50_000}), compile_pays(80_000, "cpu", {"cpu": 50_000})
+        (False, True)
+    """
+    least = (D.COMPILE_MIN_TOKENS if min_tokens is None else min_tokens).get(torch.device(device).type)
+    return least is not None and int(tokens) >= least
 
 
 def resolve_model(model: str) -> str:
@@ -108,7 +124,7 @@ class Encoder:
                  max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, layers: int = 1,
                  revision: str | None = None, batch_tokens: int | None = None, packing: str = "auto",
                  workers: int | None = None, instruction: str | None = None, log=None, long_texts: str = "truncate",
-                 stride: int | None = None):
+                 stride: int | None = None, compile: str = "auto"):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
         from .sentence import SentenceModules
@@ -143,6 +159,11 @@ class Encoder:
         self._cast_linear_weights()
         self.packed = self._packed(packing)
         self.packing = "on" if self.packed is not None else "off"
+        if compile not in COMPILES:
+            raise UserError(f"unknown compile {compile!r}; use one of {', '.join(COMPILES)}")
+        self.compile = compile
+        self._expected_tokens = 0
+        self._log = log
         self.workers = workers
         cfg = self.model.config
         if len(self.tokenizer) > cfg.vocab_size:
@@ -346,6 +367,7 @@ class Encoder:
         states = [None] * len(uniq) if states_layer is not None else None
         # Packed batches hold real tokens only, so they are cut by real lengths.
         batches = plan_batches(lengths if self.packed is not None else widths, self.batch_tokens)
+        self._maybe_compile(int(lengths.sum()))
 
         def run(batch):
             with torch.inference_mode(), self._autocast():
@@ -369,6 +391,26 @@ class Encoder:
         take = torch.from_numpy(first).to(self.device)
         pooled = {k: v.index_select(0, take).cpu().numpy() for k, v in out.items()}
         return pooled, ([states[j] for j in first] if states is not None else [])
+
+    def expect(self, tokens: int) -> None:
+        """Say that the run will encode about `tokens` tokens in all (extract does, before its first chunk):
+        compile="auto" decides by the run, not by one call's share of it."""
+        self._expected_tokens = max(self._expected_tokens, int(tokens))
+
+    def _maybe_compile(self, tokens: int) -> None:
+        """Turn compile on before a call of `tokens` tokens when `compile` asks for it (once; see compile_pays)."""
+        if self.compile == "off" or (self.packed is not None and self.packed.compiled is not None):
+            return
+        if self.compile == "auto" and not compile_pays(max(tokens, self._expected_tokens), self.device):
+            return
+        if self.packed is None:
+            if self.compile == "on" and "compile-padded" not in _told:
+                _told.add("compile-padded")
+                self._log("compile: padded batches run eagerly (compile covers packed BERT-family batches)")
+            self.compile = "off"
+            return
+        if not self.packed.compile_failed:
+            self.packed.compile(self._log)
 
     def resolve_workers(self, n_batches: int) -> int:
         """Threads that run batches side by side (each with one torch thread): `workers` when given, else

@@ -32,13 +32,13 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
                       "(or pip install scikit-learn)") from e
 
 from . import defaults as D
-from .encoder import DEFAULT_MAX_LENGTH, Encoder, resolve_device
+from .encoder import DEFAULT_MAX_LENGTH, Encoder
 from .errors import UserError
 from .poolings import build_features
 from .predict import as_texts
 from .tasks import tune_thresholds
 from .training import class_weight_vector, holdout
-from .training import fit as fit_arrays
+from .training import fit as fit_arrays, head_device, step_work
 
 # Process-wide caches: loaded encoders by their arguments, vectors by (encoder fingerprint, text digest).
 _LOCK = threading.RLock()
@@ -138,7 +138,8 @@ class _TextEstimator(BaseEstimator):
             train, val = holdout(y, self.validation_fraction, self.seed)
         else:
             train, val = np.arange(n), np.arange(0)
-        result = fit_arrays(X_all[train], y[train], X_all[val], y[val], k, device=resolve_device(self.device),
+        work = step_work(self.batch_size, X_all.shape[1], self.head, self.hidden, k, rows=len(train))
+        result = fit_arrays(X_all[train], y[train], X_all[val], y[val], k, device=head_device(self.device, work),
                             head=self.head, hidden=self.hidden, dropout=self.dropout, epochs=self.epochs, lr=self.lr,
                             weight_decay=self.weight_decay, batch_size=self.batch_size, seed=self.seed,
                             patience=self.patience, label_smoothing=self.label_smoothing,

@@ -28,7 +28,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             label_column: str = "label", label_names: list[str] | None = None,
             max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, layers: int = 1, device: str = "auto",
             precision: str = "auto", batch_tokens: int | None = None, workers: int | None = None,
-            packing: str = "auto", store_dtype: str = "float32",
+            packing: str = "auto", compile: str = "auto", store_dtype: str = "float32",
             chunk_rows: int = CHUNK_ROWS, restart: bool = False, revision: str | None = None,
             progress: bool = True, encoder: Encoder | None = None, log=None, corpus: Corpus | None = None,
             instruction: str | None = None, keep_texts: bool = True, task: str | None = None,
@@ -60,6 +60,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         batch_tokens: tokens per forward pass [1024 on CPU, 65536 on GPU].
         workers: CPU threads running batches side by side, one torch thread each [chosen by the Encoder].
         packing: "auto" (BERT/RoBERTa/XLM-R batches without padding) or "off" (padded batches).
+        compile: "auto" (torch.compile the packed layers when the run is long enough to pay back the
+            compile time, `encoder.compile_pays`), "on" or "off"; the vectors are the same either way.
         store_dtype: "float32" or "float16" (half the file).
         chunk_rows: rows per write, the most work a killed run loses.
         restart: start over instead of resuming (or refusing) an existing file.
@@ -101,6 +103,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
                                        label_names=label_names, max_length=max_length, prefix=prefix,
                                        layers=layers, device=device, precision=precision,
                                        batch_tokens=batch_tokens, workers=workers, packing=packing,
+                                       compile=compile,
                                        store_dtype=store_dtype, restart=restart,
                                        revision=revision, progress=progress, log=log, chunk_rows=chunk_rows,
                                        instruction=instruction, keep_texts=keep_texts, task=task, label_sep=label_sep,
@@ -118,7 +121,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
                                  prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens,
-                                 workers=workers, packing=packing, instruction=instruction, log=log,
+                                 workers=workers, packing=packing, compile=compile, instruction=instruction, log=log,
                                  long_texts=long_texts, stride=stride)
     out = out or default_features_path(model, data)
     paired = _paired(corpus)
@@ -283,6 +286,8 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
                 pending = pool.submit(plan, jobs[k + 1])
             n = stop - start
             bar.total = bar.n + tokens + eta.remaining(k, tokens)
+            if k == 0:
+                encoder.expect(bar.total - bar.n)  # the run's size, for compile="auto"
             bar.set_postfix_str(f"{texts_done}/{total} texts", refresh=False)
             bar.refresh()
             chunk = {name: np.empty((n, encoder.feature_dims.get(name, encoder.hidden_size)), np.float32)

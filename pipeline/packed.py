@@ -20,6 +20,10 @@ vector does not depend on its batch neighbours beyond the last bits of matmul bl
 """
 from __future__ import annotations
 
+import sys
+import threading
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -94,6 +98,11 @@ class PackedEncoder:
         model: a loaded HF BertModel / RobertaModel / XLMRobertaModel (`unsupported(model)` is None).
     The q, k and v weights of every layer are made views of one fused [3 * hidden, hidden] weight
     (one matmul instead of three; the model's own forward still works and gives the same numbers).
+
+    `compile(log)` runs every layer's feed-forward half (output dense + residual + LayerNorm, intermediate +
+    activation, output + residual + LayerNorm) through `torch.compile` (inductor): one graph serves every
+    layer (the weights are its inputs) and, with `dynamic=True`, every token count. Attention stays eager.
+    If compiling fails (no C++ compiler, an op inductor does not cover) the layers run eagerly, said once.
     """
 
     def __init__(self, model):
@@ -114,6 +123,53 @@ class PackedEncoder:
                 lin.weight = torch.nn.Parameter(weight[i * h:(i + 1) * h], requires_grad=False)
                 lin.bias = torch.nn.Parameter(bias[i * h:(i + 1) * h], requires_grad=False)
             self.fused.append((weight, bias))
+        self.ffn = [_ffn_args(layer) for layer in model.encoder.layer]
+        self.compiled = None  # the compiled _ffn while compile is on
+        self.compile_failed = False
+        self.compile_seconds = 0.0
+        self._ready = set()  # shape keys already compiled: their calls need no lock
+        self._lock = threading.Lock()
+        self._log = None
+
+    def compile(self, log=None, backend="inductor") -> None:
+        """Compile the layers' feed-forward half on its first call (lazily; see the class docstring).
+        `log` gets one line: the compile time, or why the layers run eagerly.
+
+        dynamic=True: one graph for every token count. Measured against dynamic=False with token counts
+        padded up to a few buckets (RESULTS.md, issue 17): the same speed, half the compile time."""
+        self.compiled = torch.compile(_ffn, dynamic=True, backend=backend)
+        self._log = log or (lambda msg: print(msg, file=sys.stderr))
+
+    def _block(self, a: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
+        fn = self.compiled
+        if fn is None:
+            return _ffn(a, x, *self.ffn[i])
+        # One graph for any token count but 1 (torch specializes on it). Threads wait while a shape
+        # compiles: compiling is not thread-safe; running compiled code is.
+        key = min(len(x), 2)
+        if key in self._ready:
+            return fn(a, x, *self.ffn[i])
+        with self._lock:
+            if self.compiled is None:  # another thread's compile failed meanwhile
+                return _ffn(a, x, *self.ffn[i])
+            start = time.perf_counter()
+            try:
+                out = fn(a, x, *self.ffn[i])
+            except Exception as e:  # any compiler failure: the eager layers give the same numbers
+                self.compiled, self.compile_failed = None, True
+                while getattr(e, "inner_exception", None) or e.__cause__:  # torch wraps the compiler's error
+                    e = getattr(e, "inner_exception", None) or e.__cause__
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self._log(f"compile: failed ({type(e).__name__}: {first[:200]}); running eagerly "
+                          "(--compile off skips the attempt)")
+                return _ffn(a, x, *self.ffn[i])
+            seconds = time.perf_counter() - start
+            if not self._ready:
+                self._log(f"compile: the encoder's layers compiled in {seconds:.1f} s (torch.compile, inductor; "
+                          "--compile off skips this)")
+            self.compile_seconds += seconds
+            self._ready.add(key)
+            return out
 
     def embed(self, p: Packing) -> torch.Tensor:
         emb = self.model.embeddings
@@ -149,14 +205,25 @@ class PackedEncoder:
         for i, (layer, (w, b)) in enumerate(zip(self.model.encoder.layer, self.fused), start=1):
             if i > max(want):
                 break
-            att = layer.attention
-            qkv = F.linear(x, w, b)
-            x = att.output.LayerNorm(att.output.dense(self.attention(qkv, p)) + x)
-            x = layer.output.LayerNorm(layer.output.dense(layer.intermediate.intermediate_act_fn(
-                layer.intermediate.dense(x))) + x)
+            x = self._block(self.attention(F.linear(x, w, b), p), x, i - 1)
             if i in want:
                 out[i] = x
         return out
+
+
+def _ffn_args(layer) -> tuple:
+    """What `_ffn` needs of one HF layer: its tensors, LayerNorm epsilons and activation module."""
+    att, mid, out = layer.attention.output, layer.intermediate, layer.output
+    return (att.dense.weight, att.dense.bias, att.LayerNorm.weight, att.LayerNorm.bias, att.LayerNorm.eps,
+            mid.dense.weight, mid.dense.bias, mid.intermediate_act_fn, out.dense.weight, out.dense.bias,
+            out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps)
+
+
+def _ffn(a, x, wo, bo, g1, c1, eps1, wi, bi, act, wf, bf, g2, c2, eps2):
+    """A BERT layer after attention, as its modules compute it: LayerNorm(a @ Wo + x), then the
+    feed-forward block with its residual and LayerNorm. Row by row: no token's output depends on another's."""
+    x = F.layer_norm(F.linear(a, wo, bo) + x, x.shape[-1:], g1, c1, eps1)
+    return F.layer_norm(F.linear(act(F.linear(x, wi, bi)), wf, bf) + x, x.shape[-1:], g2, c2, eps2)
 
 
 def pool(hidden: torch.Tensor, p: Packing) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from .poolings import build_features, default_pooling, feature_dim, pooled_width
 from .rows import IN_MEMORY_COPIES, ArrayRows, StoredRows, memory_budget
 from .store import FeatureStore
 from .tasks import SCORE, labelled, outputs, task_of, tune_thresholds
-from .training import FitResult, class_weight_vector, fit_rows, holdout, predict_rows
+from .training import FitResult, class_weight_vector, fit_rows, head_device, holdout, predict_rows, step_work
 
 CLASS_WEIGHTS = (None, "none", "balanced")
 SPLITS = ("train", "validation", "test")
@@ -177,7 +177,9 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
     task = data.task
     if class_weights == "balanced" and task != "classification":
         raise UserError(f"--class-weights balanced is for classification, not {task}")
-    k, dev = outputs(task, data.label_names), resolve_device(device)
+    k = outputs(task, data.label_names)
+    dim = pooled_width(pooling, data.layers, data.settings["hidden_size"], data.settings.get("feature_dims"))
+    dev = head_device(device, step_work(batch_size, dim, head, hidden, k, rows=len(data.labels["train"])))
     train_rows, val_rows = (data.rows(s, pooling, dev, shuffle_block, shuffle_window) for s in ("train", "validation"))
     weights = class_weight_vector(data.labels["train"], k) if class_weights == "balanced" else None
     result = fit_rows(train_rows, val_rows, k, head=head, hidden=hidden, dropout=dropout, epochs=epochs, lr=lr,
@@ -289,10 +291,11 @@ def refit_result(data: CachedSplits, result: FitResult, metrics: dict, config: d
 def _refit_one(data, pooling, kind, head, chosen, seed, device, log, options):
     if kind != "logreg" and not chosen.get("best_epoch"):
         return head  # epoch 0: the cosine alone was best, nothing was trained
-    dev = resolve_device(device)
     X = np.concatenate([data.xy(s, pooling)[0] for s in ("train", "validation")])
     y = np.concatenate([data.labels[s] for s in ("train", "validation")])
     k = outputs(data.task, data.label_names)
+    dev = head_device(device, step_work(options.get("batch_size", D.BATCH_SIZE), X.shape[1], kind,
+                                        options.get("hidden", D.HIDDEN), k, rows=len(X)))
     weights = class_weight_vector(y, k) if options.get("class_weights") == "balanced" else None
     if kind == "logreg":
         settings = {"logreg_cs": [chosen["C"]]}

@@ -18,15 +18,50 @@ import numpy as np
 import torch
 from torch import nn
 
-from .defaults import (BATCH_SIZE, DROPOUT, EPOCHS, HIDDEN, LOGREG_CS, LOGREG_MAX_ITER, LOGREG_PATIENCE, LR,
-                       PATIENCE, SEED, SHUFFLE_BLOCK, SHUFFLE_WINDOW, WEIGHT_DECAY)
+from .defaults import (BATCH_SIZE, DROPOUT, EPOCHS, GPU_MIN_STEP_WORK, HIDDEN, LOGREG_CS, LOGREG_MAX_ITER,
+                       LOGREG_PATIENCE, LR, PATIENCE, SEED, SHUFFLE_BLOCK, SHUFFLE_WINDOW, WEIGHT_DECAY)
 from .errors import UserError
 from .heads import Head
 from .threads import torch_threads
 from .rows import ArrayRows
 from .tasks import SCORE, pearson, spearman
 
-SMALL_STEP_FLOPS = 1 << 26  # batch x in x out below which the CPU training loop runs on one thread
+SMALL_STEP_FLOPS = 1 << 26  # step_work below which the CPU training loop runs on one thread
+
+
+def step_work(batch_size: int, dim: int, head: str, hidden: int, outputs: int, rows: int | None = None) -> int:
+    """Numbers an optimizer step multiplies, batch x input x output of the head's first layer (a logreg
+    head's steps are full-batch: `rows` x input x output): what decides its device (`head_device`) and
+    its CPU threads."""
+    if head == "logreg" and rows is not None:
+        return rows * dim * outputs
+    return batch_size * dim * (hidden if head == "mlp" else outputs)
+
+
+def gpu_pays(work: int) -> bool:
+    """Whether a head whose optimizer step multiplies `work` numbers (`step_work`) trains faster on a GPU
+    than on a CPU (defaults.GPU_MIN_STEP_WORK: below it, kernel launches cost a GPU more than the
+    arithmetic costs a CPU).
+
+        >>> gpu_pays(step_work(256, 768, "linear", 256, 2)), gpu_pays(step_work(256, 768, "mlp", 256, 2))
+        (False, True)
+    """
+    return int(work) >= GPU_MIN_STEP_WORK
+
+
+def head_device(device: str | None, work: int, found: torch.device | None = None) -> torch.device:
+    """The device a head trains on: `device` as given, or for "auto" the accelerator `found` (default:
+    what resolve_device("auto") finds) only when `gpu_pays` for a step of `work`, else the CPU.
+
+        >>> head_device("auto", 256 * 768 * 2, torch.device("cuda")), head_device("cpu", 10 ** 12)
+        (device(type='cpu'), device(type='cpu'))
+    """
+    from .encoder import resolve_device
+
+    if device not in (None, "auto"):
+        return resolve_device(device)
+    found = found if found is not None else resolve_device("auto")
+    return found if found.type == "cpu" or gpu_pays(work) else torch.device("cpu")
 
 
 @dataclass
@@ -169,8 +204,8 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     t0 = time.perf_counter()
     # One CPU thread for small heads: their per-step ops are too small to split, and on a shared machine every
     # op of a two-thread loop waits for the thread the scheduler put aside (10x slower).
-    step_flops = batch_size * train.dim * (hidden if head == "mlp" else num_classes)
-    with torch_threads(1, when=device.type == "cpu" and step_flops <= SMALL_STEP_FLOPS):
+    small = step_work(batch_size, train.dim, head, hidden, num_classes) <= SMALL_STEP_FLOPS
+    with torch_threads(1, when=device.type == "cpu" and small):
         if from_first_column and has_val:  # epoch 0: the cosine alone, which training has to beat
             model.eval()
             with torch.no_grad():

@@ -212,3 +212,24 @@ def test_commands_work_without_matplotlib(cache3, tmp_path, monkeypatch):
     ev = cli_run("evaluate", "-c", ck, "--confusion-png", tmp_path / "c.png")
     assert ev.exit_code == 0 and "accuracy" in ev.stdout
     assert "bertcache[plots]" in ev.stderr and not os.path.exists(tmp_path / "c.png")
+
+
+def test_fit_head_device_rule_by_step_size():
+    """--device auto: the GPU only for heads whose optimizer steps are big enough to fill it."""
+    import torch
+
+    from pipeline import defaults as D
+    from pipeline.encoder import resolve_device
+    from pipeline.training import gpu_pays, head_device, step_work
+
+    least = D.GPU_MIN_STEP_WORK
+    assert not gpu_pays(least - 1) and gpu_pays(least)
+    assert not gpu_pays(256 * 768 * 2)  # the recorded case: a linear head over 768 features trained slower on an H200
+    assert step_work(256, 768, "mlp", 64, 2) == 256 * 768 * 64 and step_work(256, 768, "linear", 64, 2) == 256 * 768 * 2
+    assert step_work(256, 768, "logreg", 64, 2, rows=10_000) == 10_000 * 768 * 2  # full-batch steps
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert head_device("auto", least - 1, found=cuda) == cpu
+    assert head_device("auto", least, found=cuda) == cuda
+    assert head_device(None, 10 ** 12, found=cpu) == cpu  # nothing better found: the CPU whatever the size
+    assert head_device("cpu", 10 ** 12, found=cuda) == cpu  # given: as given
+    assert head_device("auto", 10 ** 12) == resolve_device("auto")  # this machine: its best device for a big head
