@@ -81,7 +81,8 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
         raise UserError("export covers classification heads over single, truncated texts; this head's task "
                         f"{config.get('task')!r}, pair mode {config.get('pair_mode')!r} or long texts "
                         f"{enc.get('long_texts')!r} are served by `bertcache serve` without --backend onnx")
-    if "sentence" in str(config["pooling"]).split("+"):
+    members = config["head"].get("members") or [{"pooling": config["pooling"]}]  # an ensemble: each member's
+    if any("sentence" in str(m["pooling"]).split("+") for m in members):
         raise UserError("pooling 'sentence' (a sentence-transformers folder's own modules) cannot be exported to "
                         "ONNX yet; export a head trained on cls / mean / last pooling")
     encoder = Encoder(model or locate_model(enc), device="cpu", precision="fp32", max_length=enc["max_length"],
@@ -146,12 +147,16 @@ class ExportGraph(torch.nn.Module):
     """
 
     def __init__(self, model, layers: list[int], pooling: str, head):
+        from .heads import Ensemble
         from .poolings import build_features, pooling_features
 
         super().__init__()
         self.model, self.head = model, head
         self.last = max(layers)
-        self.names = pooling_features(pooling, layers)
+        # an ensemble (the sweep's winner): every member's head over its own pooling, probabilities averaged
+        members = list(zip(head.members, head.poolings, head.weights)) if isinstance(head, Ensemble) \
+            else [(head, pooling, 1.0)]
+        self.names = head.feature_names(layers) if isinstance(head, Ensemble) else pooling_features(pooling, layers)
         self.need_all = any("_" in n for n in self.names)
         hidden = int(model.config.hidden_size)
         # build_features is linear in the pooled vectors (concatenations and averages): pushing the identity
@@ -159,7 +164,11 @@ class ExportGraph(torch.nn.Module):
         # reads the pooling spec through the same code as predict, not a second copy of its grammar.
         eye = np.eye(len(self.names) * hidden, dtype=np.float32)
         blocks = {n: eye[:, i * hidden:(i + 1) * hidden] for i, n in enumerate(self.names)}
-        self.register_buffer("mix", torch.from_numpy(build_features(blocks, pooling, layers)))
+        self.heads = torch.nn.ModuleList(h for h, _, _ in members)
+        self.weights = [float(w) for _, _, w in members]
+        for i, (_, p, _) in enumerate(members):
+            self.register_buffer(f"mix{i}", torch.from_numpy(build_features(blocks, p, layers)))
+        self.shown = int(np.argmax(self.weights))  # whose features the graph outputs (serve's /embed)
 
     def forward(self, input_ids, attention_mask):
         result = self.model(input_ids=input_ids, attention_mask=attention_mask,
@@ -178,9 +187,17 @@ class ExportGraph(torch.nn.Module):
                 pooled.append(h[rows, last])
             else:
                 pooled.append(torch.where(m > 0, h, 0.0).sum(1) / denom)
-        features = torch.cat(pooled, dim=1) @ self.mix
-        logits = self.head(features)
-        return torch.softmax(logits, dim=-1), logits, features
+        stacked = torch.cat(pooled, dim=1)
+        if len(self.heads) == 1:
+            features = stacked @ self.mix0
+            logits = self.heads[0](features)
+            return torch.softmax(logits, dim=-1), logits, features
+        probs, features = 0.0, None
+        for i, (h, w) in enumerate(zip(self.heads, self.weights)):
+            x = stacked @ getattr(self, f"mix{i}")
+            probs = probs + w * torch.softmax(h(x), dim=-1)
+            features = x if i == self.shown else features
+        return probs, torch.log(probs.clamp_min(1e-7)), features
 
 
 def example_inputs(encoder) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,7 +128,7 @@ class OnnxPredictor:
         if not ids:
             return {"probabilities": np.zeros((0, len(self.label_names)), np.float32),
                     "logits": np.zeros((0, len(self.label_names)), np.float32),
-                    "features": np.zeros((0, int(self.meta["head"]["in_features"])), np.float32)}
+                    "features": np.zeros((0, feature_width(self.meta["head"])), np.float32)}
         return out
 
     def predict_proba(self, texts: str | list[str]) -> np.ndarray:
@@ -168,3 +168,10 @@ def load_predictor(checkpoint: str, backend: str, *, model=None, device="auto", 
 
     return Predictor(checkpoint, model=model, device=device, weights=weights, batch_tokens=batch_tokens,
                      allow_pickle=allow_pickle)
+
+
+def feature_width(head: dict) -> int:
+    """The width of the graph's `features` output: the head's input (an ensemble's: its heaviest member's)."""
+    if head.get("type") == "ensemble":
+        head = max(head["members"], key=lambda m: m["weight"])["head"]
+    return int(head["in_features"])

@@ -110,3 +110,25 @@ def test_the_runner_needs_no_torch(exported):
     label, loaded = out.stdout.strip().splitlines()
     assert label in json.load(open(os.path.join(exported, "bertcache.json")))["label_names"]
     assert loaded == "[]"
+
+
+def test_an_ensemble_exports_as_one_graph(checkpoint, tmp_path):
+    """The sweep's winner is often an ensemble: every member's pooling and head in the graph, averaged."""
+    import torch
+
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.heads import Ensemble, Head
+
+    config, head = load_checkpoint(checkpoint)
+    torch.manual_seed(0)
+    other = Head(int(config["encoder"]["hidden_size"]), 2, "linear")  # a second member over another pooling
+    torch.nn.init.normal_(other.net.weight, std=3.0)
+    ens = Ensemble([head, other], [config["pooling"], "mean"], [3, 1])
+    ckpt = save_checkpoint(str(tmp_path / "ens"), {**config, "pooling": "ensemble", "head": ens.shape()},
+                           {"best": ens.state_dict()}, {})
+    out = ok("export", ckpt, "--format", "onnx", str(tmp_path / "onnx")).stdout.split()[-1]
+    predictor, runner = bc.Predictor(ckpt, device="cpu"), OnnxPredictor(out, threads=1)
+    want, got = predictor.predict_proba(TEXTS[:30]), runner.predict_proba(TEXTS[:30])
+    assert np.abs(want - got).max() < 1e-4 and np.abs(want - head.predict_proba(
+        predictor.embed(TEXTS[:30]))).max() > 1e-3  # the average, not the heaviest member alone
+    np.testing.assert_allclose(runner.embed(TEXTS[:30]), predictor.embed(TEXTS[:30]), atol=1e-4)
