@@ -109,7 +109,9 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
 
     def write(tmp: str) -> None:
         if log:
-            log(f"tracing {encoder.model_ref} + {config['pooling']} pooling + {config['head']['type']} head "
+            what = (f"an ensemble of {len(members)} heads" if config["head"]["type"] == "ensemble"
+                    else f"{config['pooling']} pooling + {config['head']['type']} head")
+            log(f"tracing {encoder.model_ref} + {what} "
                 "with torch.onnx (dynamo)")
         batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=encoder.max_length)
         with torch.no_grad(), _quiet_exporter():

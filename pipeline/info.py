@@ -111,7 +111,9 @@ def as_text(info: dict) -> list[str]:
         if info["best"]:
             from .tasks import SCORE
             score = SCORE[info["task"]]
-            lines.append(f"  best epoch   {info['best_epoch']}: {score.replace('_', ' ')} {info['best'][score]:.4f}")
+            value = f"{score.replace('_', ' ')} {info['best'][score]:.4f}"
+            lines.append(f"  best epoch   {info['best_epoch']}: {value}" if info["best_epoch"] is not None
+                         else f"  validation   {value} (an ensemble of trained heads: no epochs of its own)")
         if info["test"]:
             lines.append("  test         " + ", ".join(f"{_NAMES.get(k, k)} {v:.4f}" for k, v in info["test"].items()
                                                        if k != "n" and v is not None) + f", n {info['test']['n']}")

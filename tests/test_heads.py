@@ -119,6 +119,18 @@ def test_sweep_ensemble_checkpoint_evaluate_predict_info(cache, data, tmp_path):
     np.testing.assert_allclose(live, cached, atol=1e-4)
     assert metrics["test"]["accuracy"] == pytest.approx(float((cached.argmax(1) == y).mean()))
     assert "ensemble of" in as_text(describe(ckpt))[0]
+    assert any("no epochs of its own" in line for line in as_text(describe(ckpt)))
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+    from pipeline.serve import create_app
+    predictor = bc.Predictor(ckpt, device="cpu")
+    with TestClient(create_app(predictor)) as client:  # serve reads an ensemble like any checkpoint
+        got = client.post("/predict", json={"texts": texts[:3]}).json()["predictions"]
+        np.testing.assert_allclose([list(p["probs"].values()) for p in got], live[:3], atol=1e-4)
+        vectors = client.post("/v1/embeddings", json={"input": texts[:2]}).json()["data"]
+        assert len(vectors) == 2 and len(vectors[0]["embedding"]) == predictor.embed(texts[0]).shape[0]
+        assert client.get("/info").json()["head"]["type"] == "ensemble"
     by_accuracy = sweep(cache, str(tmp_path / "acc"), selection="score", **grid)[1]
     keys = [(-r["val_acc"], r["val_loss"]) for r in by_accuracy]
     assert keys == sorted(keys)
