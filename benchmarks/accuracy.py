@@ -34,10 +34,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import describe_winner, load  # noqa: E402
+from benchmarks.common import load  # noqa: E402
 from pipeline.training import fit  # noqa: E402
 from pipeline import train as T  # noqa: E402
-from pipeline.sweep import sweep  # noqa: E402
+from pipeline.sweep import describe_row, sweep  # noqa: E402
 
 C_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
 
@@ -108,7 +108,7 @@ def bench(features: str, out: str) -> tuple[list, dict]:
     for name, refit in (("(c) fit-head --sweep winner", False), ("(d) fit-head --sweep --refit winner", True)):
         t0 = time.perf_counter()
         ckpt, ranked, metrics = sweep(features, out + ("-refit" if refit else ""), refit=refit)
-        rows.append((name, ranked[0]["val_acc"], metrics["test"]["accuracy"], describe_winner(ranked[0]),
+        rows.append((name, ranked[0]["val_acc"], metrics["test"]["accuracy"], describe_row(ranked[0]),
                      time.perf_counter() - t0))
     best_single = next(r for r in ranked if r["head"] != "ensemble")
     return rows, {"ranked": ranked, "best_single": best_single}

@@ -77,12 +77,3 @@ def timed(fn):
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
-
-
-def describe_winner(win: dict) -> str:
-    """A sweep table's row in a few words: an ensemble's members with their weights, or pooling, head and
-    its setting (C for logreg, lr otherwise)."""
-    if win["head"] == "ensemble":
-        return "ensemble: " + ", ".join(f"{m['pooling']} {m['head']} {m['weight']:.2f}" for m in win["members"])
-    return f"{win['pooling']} {win['head']}" + (f" C {win['C']:g}" if win.get("C") is not None else
-                                                f" lr {win['lr']:g}")

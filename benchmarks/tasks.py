@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 import pipeline as bc  # noqa: E402
-from benchmarks.common import describe_winner, load, median  # noqa: E402
+from benchmarks.common import load, median  # noqa: E402
+from pipeline.sweep import describe_row  # noqa: E402
 from pipeline.tasks import multilabel_report, spearman  # noqa: E402
 
 GROUPS = [{"finance", "stock", "house"}, {"tech", "game", "car"}, {"entertainment", "culture", "story"},
@@ -145,7 +146,7 @@ def sweep_row(features, out, task_score, test_metric):
     ckpt, ranked, metrics = bc.sweep(features, out, progress=False, device="cpu")
     win = ranked[0]
     return {"method": "bertcache sweep", "val": win[task_score], "test": metrics["test"][test_metric],
-            "note": describe_winner(win), "seconds": time.perf_counter() - t0}
+            "note": describe_row(win), "seconds": time.perf_counter() - t0}
 
 
 def extract(model_dir, data, out, **kw):

@@ -274,7 +274,7 @@ def _summary(report: dict, task: str) -> str:
 
 
 def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, ensemble, selection, as_json):
-    from .sweep import sweep
+    from .sweep import describe_row, sweep
 
     path, ranked, metrics = sweep(features, out, poolings=poolings, heads=heads, lrs=lrs, weight_decays=weight_decays,
                                   seed=seed, ensemble=ensemble, selection=selection,
@@ -294,14 +294,8 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
         click.echo(f"{r['rank']:>4}  {r['pooling']:<24} {r['head']:<8} {num(r['lr'], 7)} {num(r['weight_decay'], 6)} "
                    f"{num(r.get('C'), 6)}  {r[score]:>12.4f}  {r['val_loss']:>8.4f}  "
                    f"{'-' if r['best_epoch'] is None else r['best_epoch']:>5}  {r['seconds']:>5.1f}")
-    win = ranked[0]
-    if win["head"] == "ensemble":
-        what = "ensemble of " + ", ".join(f"{m['pooling']} {m['head']} ({m['weight']:.2f})" for m in win["members"])
-    else:
-        what = f"{win['pooling']} {win['head']}" + ("" if win["lr"] is None else f" lr {win['lr']:g} "
-                                                                                 f"wd {win['weight_decay']:g}")
     click.echo(f"{metrics['sweep']['configurations']} heads in {metrics['sweep']['seconds']:.1f}s; "
-               f"winner: {what} (table in {os.path.join(path, 'sweep.json')})")
+               f"winner: {describe_row(ranked[0])} (table in {os.path.join(path, 'sweep.json')})")
     return path, metrics
 
 

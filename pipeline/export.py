@@ -170,7 +170,7 @@ class ExportGraph(torch.nn.Module):
         self.weights = [float(w) for _, _, w in members]
         for i, (_, p, _) in enumerate(members):
             self.register_buffer(f"mix{i}", torch.from_numpy(build_features(blocks, p, layers)))
-        self.shown = int(np.argmax(self.weights))  # whose features the graph outputs (serve's /embed)
+        self.shown = head.heaviest if isinstance(head, Ensemble) else 0  # whose features the graph outputs
 
     def forward(self, input_ids, attention_mask):
         result = self.model(input_ids=input_ids, attention_mask=attention_mask,

@@ -121,9 +121,14 @@ class Ensemble(nn.Module):
             names += [n for n in pooling_features(p, layers) if n not in names]
         return names
 
+    @property
+    def heaviest(self) -> int:
+        """The member with the largest weight: whose pooled vectors stand for the ensemble's (serve's /embed)."""
+        return int(np.argmax(self.weights))
+
     def features(self, arrays: dict[str, np.ndarray], layers: list[int]) -> np.ndarray:
         """The pooled vectors of the heaviest member (what serve's /embed gives for an ensemble)."""
-        return build_features(arrays, self.poolings[int(np.argmax(self.weights))], layers)
+        return build_features(arrays, self.poolings[self.heaviest], layers)
 
     def predict_features(self, arrays: dict[str, np.ndarray], layers: list[int]) -> np.ndarray:
         """Averaged outputs from cached (or freshly encoded) features, feature name -> [n, hidden]."""

@@ -9,7 +9,7 @@ from .checkpoint import load_checkpoint, read_config
 from .encoder import Encoder
 from .errors import UserError
 from .fingerprints import check_same_encoder
-from .heads import model_feature_names, predict_scores_features
+from .heads import Ensemble, model_feature_names, predict_scores_features
 from .labels import prediction_dicts
 from .metrics import report
 from .poolings import build_features, single_text_pooling
@@ -115,10 +115,7 @@ class Predictor:
             raise UserError("this head reads two texts encoded together (--pair-mode cross): it has no vector of "
                             "one text; a head made with --pair-mode bi has")
         if self.pair_mode == "bi":
-            pooling = self.pooling
-            if pooling == "ensemble":
-                shape = self.config["head"]["members"]
-                pooling = max(shape, key=lambda m: m["weight"])["pooling"]
+            pooling = self.head.poolings[self.head.heaviest] if isinstance(self.head, Ensemble) else self.pooling
             out = build_features(self.encoder.encode(texts), single_text_pooling(pooling), self.layers) if texts \
                 else np.zeros((0, 0), np.float32)
         else:
@@ -364,9 +361,4 @@ def _tuned_outputs(checkpoint, config, head, weights, store, split, keep, arrays
     top = load_tuned(checkpoint, config, head, weights)
     rows = RaggedRows.from_store(store, split, np.flatnonzero(keep), {n: arrays[n] for n in top.frozen_names},
                                  np.zeros(int(keep.sum()), np.int64))
-    probs = np.zeros((rows.n, top.head.num_classes), np.float32)
-    import torch
-    with torch.no_grad():
-        for idx, h, mask, fz, _ in rows.batches(np.arange(rows.n), 4096, "cpu"):
-            probs[idx] = torch.softmax(top(h, mask, fz), -1).numpy()
-    return probs
+    return top.head.predict_proba(top.features_of(rows))

@@ -27,6 +27,7 @@ from .checkpoint import write_json
 from .errors import UserError
 from .store import FeatureStore
 from .tasks import SCORE, spearman, tune_thresholds
+from .training import rank_value
 
 # The default grid: poolings (see default_poolings) x heads x learning rates x weight decays (logreg
 # takes neither: it picks its own L2 strength on validation, one fit per pooling). Weight decay matters
@@ -177,7 +178,7 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
     selection = options.pop("selection", None) or default_selection(data.task)
 
     def _key(row):
-        value = row[score] if row[score] == row[score] else -float("inf")  # NaN ranks last
+        value = rank_value(row, score)
         return (row["val_loss"], -value) if selection == "loss" else (-value, row["val_loss"])
 
     rows, fits, best = [], [], None
@@ -258,7 +259,7 @@ def greedy_ensemble(outputs: list[np.ndarray], y: np.ndarray, rounds: int = ENSE
     whose averaged outputs have the lowest `loss(y, average)` (default: classification log-loss); the best
     prefix of `rounds` picks.
 
-    >>> y = np.array([0, 1]); a = np.array([[.9, .1], [.6, .4]]); b = np.array([[.6, .4], [.1, .9]])
+    >>> y = np.array([0, 1]); a = np.array([[.9, .1], [.6, .4]]); b = np.array([[.4, .6], [.1, .9]])
     >>> sorted(set(greedy_ensemble([a, b], y)))
     [0, 1]
     """
@@ -293,7 +294,8 @@ def _ensemble(fits, data, best, log):
     out = sum(w * fits[j][2] for j, w in zip(counts, model.weights))
     score = SCORE[task]
     described = [{"pooling": r["pooling"], "head": r["head"], "lr": r["lr"], "weight_decay": r["weight_decay"],
-                  "best_epoch": r["best_epoch"], "C": r.get("C"), "weight": w} for (r, _, _), w in zip(members, model.weights)]
+                  "best_epoch": r["best_epoch"], "C": r.get("C"), "weight": w}
+                 for (r, _, _), w in zip(members, model.weights)]
     row = {"pooling": "ensemble", "head": "ensemble", "lr": None, "weight_decay": None,
            score: validation_score(task, y, out), "val_loss": validation_loss(task, y, out, std),
            "best_epoch": None, "epochs_run": None, "seconds": round(time.perf_counter() - t0, 3),
@@ -323,6 +325,18 @@ def _as_candidate(row, model, best, val_out, data):
         config["thresholds"] = dict(zip(data.label_names,
                                         tune_thresholds(data.labels["validation"], val_out).tolist()))
     return row, result, metrics, config
+
+
+def describe_row(row: dict) -> str:
+    """A ranked row in a few words: an ensemble's members with their weights, or pooling, head and its
+    setting (C for logreg, lr and weight decay otherwise).
+
+    >>> describe_row({"pooling": "mean", "head": "logreg", "lr": None, "weight_decay": None, "C": 0.001})
+    'mean logreg C 0.001'
+    """
+    if row["head"] == "ensemble":
+        return "ensemble of " + ", ".join(f"{m['pooling']} {m['head']} ({m['weight']:.2f})" for m in row["members"])
+    return f"{row['pooling']} {row['head']} {_settings(row)}".rstrip()
 
 
 def _settings(row: dict) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,7 +187,7 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
                         weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience,
                         label_smoothing=label_smoothing, class_weights=weights, device=dev, log=log,
                         shuffle_block=shuffle_block, shuffle_window=shuffle_window, task=task, logreg_cs=logreg_cs,
-                        from_first_column=head == "linear" and task != "multilabel" and starts_with_cosine(pooling))
+                        from_first_column=starts_from_cosine(head, task, pooling))
     best = next(row for row in result.history if row["epoch"] == result.best_epoch)
     metrics = {"task": task, "label_names": data.label_names, "best_epoch": result.best_epoch,
                "epochs_run": result.history[-1]["epoch"], "seconds": result.seconds, "validation": data.val_note,
@@ -211,7 +212,6 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
                      "class_weights": class_weights, "dropout": dropout, "best_epoch": result.best_epoch},
     }
     if head == "logreg":
-        best = next(row for row in result.history if row["epoch"] == result.best_epoch)
         config["training"] = {"method": "L-BFGS, full batch", "C": best["C"], "Cs": [r["C"] for r in result.history],
                               "seed": seed, "class_weights": class_weights, "best_epoch": result.best_epoch}
     return result, metrics, config
@@ -229,6 +229,12 @@ def save(out: str, data: CachedSplits, result: FitResult, metrics: dict, config:
     return save_checkpoint(out, config, {"best": result.best_state, "last": result.last_state}, metrics, files)
 
 
+def starts_from_cosine(head: str, task: str, pooling: str) -> bool:
+    """Whether a head starts as the best fit of its first input column, a cosine (training.fit_rows'
+    `from_first_column`): a linear head over a pooling that begins with cos:, for classification or regression."""
+    return head == "linear" and task != "multilabel" and starts_with_cosine(pooling)
+
+
 def predict_split(data: CachedSplits, split: str, model, pooling: str) -> np.ndarray:
     """Outputs (class or label probabilities, or values) of a Head (over `pooling`) or an Ensemble (over its
     members' poolings) for a split's rows."""
@@ -241,7 +247,7 @@ def predict_split(data: CachedSplits, split: str, model, pooling: str) -> np.nda
 
 
 def refit_head(data: CachedSplits, model, config: dict, *, seed: int = D.SEED, device: str = "auto", log=None,
-          **options):
+               **options):
     """The chosen head, or each member of a chosen ensemble, trained again with its chosen settings on the
     train and validation rows together (scikit-learn's `refit`): the validation split chose the pooling,
     head, learning rate, epoch count (the best epoch) or L2 strength, and its rows then train too.
@@ -277,8 +283,6 @@ def refit_result(data: CachedSplits, result: FitResult, metrics: dict, config: d
                  log=None, **options) -> tuple[FitResult, dict, dict]:
     """(result, metrics, config) with the head refit (`refit_head`); the validation figures stay those of the
     choice, made before."""
-    import time
-
     t0 = time.perf_counter()
     model = refit_head(data, result.head, config, seed=seed, log=log, **options)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -301,8 +305,7 @@ def _refit_one(data, pooling, kind, head, chosen, seed, device, log, options):
         settings = {"logreg_cs": [chosen["C"]]}
     else:
         settings = {"epochs": int(chosen["best_epoch"]), "lr": chosen["lr"], "weight_decay": chosen["weight_decay"],
-                    "patience": None, "from_first_column": kind == "linear" and data.task != "multilabel"
-                    and starts_with_cosine(pooling)}
+                    "patience": None, "from_first_column": starts_from_cosine(kind, data.task, pooling)}
     if log:
         log(f"refit {pooling} {kind} on train + validation ({len(y)} rows): "
             + (f"C {chosen['C']:g}" if kind == "logreg" else f"{settings['epochs']} epochs"))

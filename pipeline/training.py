@@ -151,20 +151,9 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = Head(train.dim, num_classes, head, hidden, dropout, task)
-    if standardize:
-        mean, std = train.moments()
-        model.shift.copy_(torch.from_numpy(mean).float())
-        model.scale.copy_(torch.from_numpy(1.0 / np.where(std > 1e-6, std, 1.0)).float())
+    model = Head(train.dim, num_classes, head, hidden, dropout, task).to(device)
+    _fit_statistics(model, train, val, standardize)
     classify = task == "classification"
-    if task == "regression":
-        y_all = np.concatenate([y.cpu().numpy() for _, y in train.chunks()])
-        model.target_mean.fill_(float(y_all.mean()))
-        model.target_std.fill_(float(y_all.std()) if y_all.std() > 1e-12 else 1.0)
-    model.to(device)
-    if standardize:  # the sources hand over ready rows, and the loop runs the bare net
-        for rows in (train, val):
-            rows.standardize(model.shift, model.scale)
     net = model.net
     if from_first_column:
         _start_from_first_column(model, train, task, num_classes)
@@ -192,8 +181,8 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
 
     def consider(row: dict, epoch: int):
         nonlocal best_key, best_state, best_epoch, since_best
-        value = row[score] if row[score] == row[score] else -float("inf")  # NaN (constant outputs) ranks last
-        key = (value, -row["val_loss"]) if has_val else (epoch, 0.0)  # no validation: the last is the best
+        # no validation: the last is the best
+        key = (rank_value(row, score), -row["val_loss"]) if has_val else (epoch, 0.0)
         if best_key is None or key > best_key:
             best_key = key
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -279,17 +268,8 @@ def fit_logreg(train, val, num_classes: int, *, cs=LOGREG_CS, max_iter: int = LO
     device = torch.device(device)
     torch.manual_seed(seed)
     model = Head(train.dim, num_classes, "logreg", task=task).to(device)
-    if standardize:
-        mean, std = train.moments()
-        model.shift.copy_(torch.from_numpy(mean).float())
-        model.scale.copy_(torch.from_numpy(1.0 / np.where(std > 1e-6, std, 1.0)).float())
-        for rows in (train, val):
-            rows.standardize(model.shift, model.scale)
+    _fit_statistics(model, train, val, standardize)
     X, y = _whole(train)
-    if task == "regression":
-        yn = y.double().cpu().numpy()
-        model.target_mean.fill_(float(yn.mean()))
-        model.target_std.fill_(float(yn.std()) if yn.std() > 1e-12 else 1.0)
     weight = torch.as_tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
     score = SCORE[task]
 
@@ -305,7 +285,8 @@ def fit_logreg(train, val, num_classes: int, *, cs=LOGREG_CS, max_iter: int = LO
     nn.init.zeros_(lin.bias)
     history, best_key, best_state, best_epoch = [], None, None, 0
     t0 = time.perf_counter()
-    with torch_threads(1, when=device.type == "cpu" and len(y) * train.dim * num_classes <= SMALL_STEP_FLOPS):
+    small = step_work(len(y), train.dim, "logreg", 0, num_classes, rows=len(y)) <= SMALL_STEP_FLOPS
+    with torch_threads(1, when=device.type == "cpu" and small):
         for i, c in enumerate(sorted(float(c) for c in cs), 1):
             if val.n and i - best_epoch > LOGREG_PATIENCE:
                 break  # weaker L2 only overfits more from here: the path stops (the remaining Cs are not fit)
@@ -330,8 +311,8 @@ def fit_logreg(train, val, num_classes: int, *, cs=LOGREG_CS, max_iter: int = LO
                 row.update(_validate(model, val, task, weight))
                 row["iterations"] = int(opt.state[opt._params[0]].get("n_iter", 0))
             history.append(row)
-            value = row[score] if row[score] == row[score] else -float("inf")
-            key = (value, -row["val_loss"]) if val.n else (0.0, -c)  # no validation: the strongest L2
+            # no validation: the strongest L2
+            key = (rank_value(row, score), -row["val_loss"]) if val.n else (0.0, -c)
             if best_key is None or key > best_key:
                 best_key, best_epoch = key, i
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -377,6 +358,29 @@ def _validate(model: Head, val, task: str, weight: torch.Tensor | None = None) -
     else:
         loss, value = torch.stack([vloss / vweight, 2 * tp / torch.clamp(2 * tp + fp + fn, min=1)]).tolist()
     return {"val_loss": loss, score: value}
+
+
+@torch.no_grad()
+def _fit_statistics(model: Head, train, val, standardize: bool) -> None:
+    """What a head takes from the train split before training: with `standardize`, its input's mean and
+    standard deviation (buffers saved with the weights, so predict applies them identically; both row
+    sources hand over standardized rows from then on, and training runs the bare net); for regression,
+    the target's mean and standard deviation."""
+    if standardize:
+        mean, std = train.moments()
+        model.shift.copy_(torch.from_numpy(mean).float())
+        model.scale.copy_(torch.from_numpy(1.0 / np.where(std > 1e-6, std, 1.0)).float())
+        for rows in (train, val):
+            rows.standardize(model.shift, model.scale)
+    if model.task == "regression":
+        y = np.concatenate([y.cpu().numpy() for _, y in train.chunks()]).astype(np.float64)
+        model.target_mean.fill_(float(y.mean()))
+        model.target_std.fill_(float(y.std()) if y.std() > 1e-12 else 1.0)
+
+
+def rank_value(row: dict, score: str) -> float:
+    """A history or sweep row's validation score for ranking: NaN (constant outputs) ranks last."""
+    return row[score] if row[score] == row[score] else -float("inf")
 
 
 def _whole(rows) -> tuple[torch.Tensor, torch.Tensor]:

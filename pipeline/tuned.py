@@ -119,27 +119,21 @@ class TunedTop(nn.Module):
         return self.head(build_features(feats, self.pooling, self.layers).float())
 
     @torch.no_grad()
-    def features(self, states: list[np.ndarray], frozen: dict[str, np.ndarray],
-                 batch_tokens: int = BATCH_TOKENS) -> np.ndarray:
-        """The head's input (the pooling over the tuned layers' outputs and the frozen features) from per-text
-        token states (float32 [tokens, hidden]) and the frozen pooled features."""
+    def features_of(self, rows: "RaggedRows", batch_tokens: int = BATCH_TOKENS) -> np.ndarray:
+        """The head's input for every row of `rows` (cached or freshly encoded states), in order."""
         self.eval()
-        device = self.head.shift.device
-        out = np.zeros((len(states), self.head.in_features), np.float32)
-        rows = RaggedRows.from_list(states, frozen, np.zeros(len(states), np.int64))
-        for idx, h, mask, fz, _ in rows.batches(np.arange(len(states)), batch_tokens, device):
+        out = np.zeros((rows.n, self.head.in_features), np.float32)
+        for idx, h, mask, fz, _ in rows.batches(np.arange(rows.n), batch_tokens, self.head.shift.device):
             feats = {**fz, **self.pooled(h, mask)}
             out[idx] = build_features(feats, self.pooling, self.layers).float().cpu().numpy()
         return out
 
     def predict_scores(self, states: list[np.ndarray], frozen: dict[str, np.ndarray]):
-        """(probabilities, logits, features) from per-text token states and the frozen pooled features."""
-        x = self.features(states, frozen)
+        """(probabilities, logits, features) from per-text token states (float32 [tokens, hidden]) and the
+        frozen pooled features; features are the head's input (the pooling over the tuned layers' outputs
+        and the frozen features)."""
+        x = self.features_of(RaggedRows.from_list(states, frozen, np.zeros(len(states), np.int64)))
         return (*self.head.predict_scores(x), x)
-
-    def predict_proba(self, states: list[np.ndarray], frozen: dict[str, np.ndarray]) -> np.ndarray:
-        """Probabilities from per-text token states (float32 [tokens, hidden]) and the frozen pooled features."""
-        return self.predict_scores(states, frozen)[0]
 
 
 def _layer_of(name: str, num_layers: int) -> int:
@@ -379,13 +373,8 @@ def fit_tuned(features: str, k: int, out: str | None = None, log=None, **options
 
     result, metrics, config, data, rows = tune(features, k, log=log, **options)
     if "test" in rows:
-        r = rows["test"]
         top = result.top
-        dev = top.head.shift.device
-        pred = np.zeros(r.n, np.int64)
-        with torch.no_grad():
-            for idx, h, mask, fz, _ in r.batches(np.arange(r.n), BATCH_TOKENS, dev):
-                pred[idx] = top(h, mask, fz).argmax(1).cpu().numpy()
+        pred = top.head.predict_proba(top.features_of(rows["test"])).argmax(1)
         metrics["test"] = classification_report(data.labels["test"], pred, data.label_names)
     files = {f"{name}.top.safetensors": (lambda state: lambda p: save_file(
         {k_: v.contiguous() for k_, v in state.items()}, p, metadata={"format": "pt"}))(state)
