@@ -90,8 +90,9 @@ def as_text(info: dict) -> list[str]:
     if info["kind"] == "checkpoint":
         head = info["head"]
         if head["type"] == "ensemble":
+            from .sweep import group_members
             what = f"ensemble of {len(head['members'])} heads -> {head['num_classes']}: " + ", ".join(
-                f"{m['pooling']} {m['head']['type']} ({m['weight']:.2f})" for m in head["members"])
+                f"{p} {h} ({w:.2f})" for p, h, w in group_members(head["members"]))
         else:
             what = f"{head['type']} head {head['in_features']} -> {head['num_classes']}" + (
                 f" (hidden {head['hidden']})" if head.get("hidden") else "")

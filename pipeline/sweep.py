@@ -85,7 +85,7 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
           epochs: int = D.EPOCHS, batch_size: int = D.BATCH_SIZE, seed: int = D.SEED,
           patience: int | None = PATIENCE, label_smoothing: float = 0.0, class_weights: str | None = None,
           device: str = "auto", max_memory: int | str | None = None, ensemble: bool = True,
-          selection: str | None = None, refit: bool = False,
+          selection: str | None = None, refit: bool = False, folds: int | str = "auto",
           progress: bool = True, log=None) -> tuple[str, list[dict], dict]:
     """Fit every head of a grid over one features file; keep the best by validation (see `selection`),
     a greedy ensemble of them included.
@@ -112,6 +112,12 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
         refit: train the winner again on train + validation with the settings validation chose (its
             epochs, learning rate or L2 strength; an ensemble member by member), as scikit-learn's refit;
             the table and the validation figures are those of the choice.
+        folds: cross-fit over this many folds: train and validation rows together, split into `folds`
+            stratified folds; each configuration is trained once per fold (its early stopping or C on the
+            held-out fold) and its fold models averaged, and the grid and the ensemble are ranked on the
+            out-of-fold outputs of every row, not on one small validation split. "auto" [default]: 5 when
+            train + validation have at most 10,000 rows (where one split's noise exceeds the gaps between
+            heads) and no refit is asked, else 1. Costs `folds` times the training.
         progress: show a progress bar (one step per head) on stderr.
         log: a callable given one line per configuration trained.
 
@@ -140,8 +146,28 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
         raise UserError(f"unknown selection {selection!r} (--sweep-select); use loss or score")
     options["selection"] = selection
     with T.load_cache(features, poolings, seed, max_memory, device, log) as data:
+        folds = resolve_folds(folds, data, refit)
         return _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, ensemble, refit,
-                    progress, log, options)
+                    folds, progress, log, options)
+
+
+def resolve_folds(folds: int | str | None, data: T.CachedSplits, refit: bool = False) -> int:
+    """How many folds the sweep cross-fits over: "auto" (or None) gives defaults.FOLDS when train + validation
+    have at most defaults.FOLD_MAX_ROWS rows, are held in memory and no refit is asked, else 1 (one split)."""
+    if folds in (None, "auto"):
+        rows = len(data.labels["train"]) + len(data.labels["validation"])
+        small = rows <= D.FOLD_MAX_ROWS and len(data.labels["validation"]) > 0
+        return D.FOLDS if small and not data.streamed and not refit else 1
+    try:
+        folds = int(folds)
+    except (TypeError, ValueError):
+        raise UserError(f"--sweep-folds takes a number of folds or auto, not {folds!r}") from None
+    if folds < 1:
+        raise UserError(f"--sweep-folds takes 1 (one train / validation split) or more, not {folds}")
+    if folds > 1 and refit:
+        raise UserError("--refit does not go with --sweep-folds: cross-fitting already trains on every train and "
+                        "validation row (use --sweep-folds 1 to refit one split's winner)")
+    return folds
 
 
 # The command-line option each grid argument comes from, for error messages.
@@ -169,8 +195,8 @@ def grid_of(poolings, heads, lrs, weight_decays) -> list[tuple]:
             for lr, wd in ([(None, None)] if h == "logreg" else itertools.product(lrs, weight_decays))]
 
 
-def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, ensemble, refit, progress, log,
-         options):
+def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, ensemble, refit, folds, progress,
+         log, options):
     from tqdm.auto import tqdm
 
     grid = grid_of(poolings, heads, lrs, weight_decays)
@@ -182,29 +208,40 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
         return (row["val_loss"], -value) if selection == "loss" else (-value, row["val_loss"])
 
     rows, fits, best = [], [], None
+    if folds > 1:
+        y_val, fold, view = T.fold_views(data, folds, seed)
+        val_note = f"out of fold: train + validation, {len(y_val)} rows in {folds} folds"
+    else:
+        y_val, val_note = data.labels["validation"], data.val_note
     t0 = time.perf_counter()
     bar = tqdm(grid, desc="sweep", unit="head", disable=not progress, dynamic_ncols=True)
     for pooling, head, lr, wd in bar:
         bar.set_postfix_str(f"{pooling} {head}" + (f" lr {lr:g} wd {wd:g}" if lr is not None else ""))
         kwargs = {} if head == "logreg" else {"lr": lr, "weight_decay": wd, "patience": patience}
-        result, metrics, config = T.train(data, pooling=pooling, head=head, seed=seed, **kwargs, **options)
-        row = {"pooling": pooling, "head": head, "lr": lr, "weight_decay": wd,
-               score: metrics["best"][score], "val_loss": metrics["best"]["val_loss"],
-               "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
-               "seconds": round(metrics["seconds"], 3)}
-        if head == "logreg":
-            row["C"] = config["training"]["C"]
+        if folds > 1:
+            candidate, val_out = _cross_fitted(view, fold, y_val, data, pooling, head, lr, wd, seed, kwargs, options)
+            row = candidate[0]
+        else:
+            result, metrics, config = T.train(data, pooling=pooling, head=head, seed=seed, **kwargs, **options)
+            row = {"pooling": pooling, "head": head, "lr": lr, "weight_decay": wd,
+                   score: metrics["best"][score], "val_loss": metrics["best"]["val_loss"],
+                   "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
+                   "seconds": round(metrics["seconds"], 3)}
+            if head == "logreg":
+                row["C"] = config["training"]["C"]
+            candidate = (row, result, metrics, config)
+            val_out = T.predict_split(data, "validation", result.head, pooling) if ensemble else None
         rows.append(row)
         if ensemble:
-            fits.append((row, result.head, T.predict_split(data, "validation", result.head, pooling)))
+            fits.append((row, candidate[1].head, val_out))
         if best is None or _key(row) < _key(best[0]):
-            best = (row, result, metrics, config)
+            best = candidate
         if log:
             log(f"{pooling:<24} {head:<6} {_settings(row):<18} {score} {row[score]:.4f} "
                 f"loss {row['val_loss']:.4f} ({row['seconds']:.1f}s)")
     bar.close()
     if ensemble and len(fits) > 1:
-        candidate = _ensemble(fits, data, best, log)
+        candidate = _ensemble(fits, data, y_val, best, log)
         if candidate is not None:
             rows.append(candidate[0])
             if _key(candidate[0]) < _key(best[0]):
@@ -213,13 +250,14 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
     for rank, row in enumerate(ranked, 1):
         row["rank"] = rank
     row, result, metrics, config = best
+    metrics["validation"] = val_note
     if refit:
         result, metrics, config = T.refit_result(data, result, metrics, config, seed=seed, log=log, **options)
     metrics["sweep"] = {"configurations": len(grid), "seconds": time.perf_counter() - t0,
                         "selection": describe_selection(data.task, selection), "score": score, "ensemble": ensemble,
-                        "refit": refit}
+                        "refit": refit, "folds": folds}
     table = {"features": os.path.abspath(features), "task": data.task,
-             "selection": describe_selection(data.task, selection), "score": score, "validation": data.val_note,
+             "selection": describe_selection(data.task, selection), "score": score, "validation": val_note, "folds": folds,
              "grid": {"poolings": poolings, "heads": heads, "lrs": lrs, "weight_decays": weight_decays,
                       "ensemble": ensemble},
              "options": {"patience": patience, **{k: v for k, v in options.items() if k != "device"}}, "seed": seed,
@@ -276,37 +314,87 @@ def greedy_ensemble(outputs: list[np.ndarray], y: np.ndarray, rounds: int = ENSE
     return picks[:best_len]
 
 
-def _ensemble(fits, data, best, log):
-    """The greedy ensemble as a sweep candidate (row, result, metrics, config), or None when it is one head."""
+def _ensemble(fits, data, y, best, log):
+    """The greedy ensemble as a sweep candidate (row, result, metrics, config), or None when it is one head.
+    `y`: the labels the outputs in `fits` are judged against (validation, or every row out of fold)."""
     from .heads import Ensemble
 
-    task, y = data.task, data.labels["validation"]
+    task = data.task
     if len(y) == 0:
         return None
-    std = float(fits[0][1].target_std) if task == "regression" else 1.0
+    std = _target_std(fits[0][1]) if task == "regression" else 1.0
     t0 = time.perf_counter()
     picks = greedy_ensemble([p for _, _, p in fits], y, loss=lambda y_, out: validation_loss(task, y_, out, std))
     counts = {j: picks.count(j) for j in sorted(set(picks))}
     if len(counts) < 2:
         return None
-    members = [fits[j] for j in counts]
-    model = Ensemble([h for _, h, _ in members], [r["pooling"] for r, _, _ in members], list(counts.values()))
-    out = sum(w * fits[j][2] for j, w in zip(counts, model.weights))
+    parts = [(h, p, d, c * share) for j, c in counts.items() for h, p, d, share in _parts(*fits[j][:2])]
+    model = Ensemble([h for h, _, _, _ in parts], [p for _, p, _, _ in parts], [w for _, _, _, w in parts])
+    out = sum(c * fits[j][2] for j, c in counts.items()) / sum(counts.values())
     score = SCORE[task]
-    described = [{"pooling": r["pooling"], "head": r["head"], "lr": r["lr"], "weight_decay": r["weight_decay"],
-                  "best_epoch": r["best_epoch"], "C": r.get("C"), "weight": w}
-                 for (r, _, _), w in zip(members, model.weights)]
     row = {"pooling": "ensemble", "head": "ensemble", "lr": None, "weight_decay": None,
            score: validation_score(task, y, out), "val_loss": validation_loss(task, y, out, std),
            "best_epoch": None, "epochs_run": None, "seconds": round(time.perf_counter() - t0, 3),
-           "members": described}
+           "members": [{**d, "weight": w} for (_, _, d, _), w in zip(parts, model.weights)]}
     if log:
-        log(f"ensemble of {len(members)} heads ({len(picks)} picks): {score} {row[score]:.4f} "
+        log(f"ensemble of {len(counts)} heads ({len(picks)} picks): {score} {row[score]:.4f} "
             f"loss {row['val_loss']:.4f}")
-    return _as_candidate(row, model, best, out, data)
+    return _as_candidate(row, model, best, out, data, y, {
+        "method": "greedy ensemble selection (Caruana et al. 2004) on the validation loss", "rounds": ENSEMBLE_ROUNDS})
 
 
-def _as_candidate(row, model, best, val_out, data):
+def _parts(row, model):
+    """(head, pooling, description, share) of each model a grid entry holds: itself, or its fold models."""
+    from .heads import Ensemble
+
+    base = {k: row[k] for k in ("pooling", "head", "lr", "weight_decay")}
+    if isinstance(model, Ensemble):
+        return [(h, p, {**base, **f}, w) for h, p, w, f in zip(model.members, model.poolings, model.weights,
+                                                                row["folds"])]
+    return [(model, row["pooling"], {**base, "best_epoch": row["best_epoch"], "C": row.get("C")}, 1.0)]
+
+
+def _target_std(model) -> float:
+    from .heads import Ensemble
+
+    return float((model.members[0] if isinstance(model, Ensemble) else model).target_std)
+
+
+def _cross_fitted(view, fold, y, data, pooling, head, lr, wd, seed, kwargs, options):
+    """One configuration trained on every fold view, its fold models averaged (heads.Ensemble): a sweep
+    candidate (row, result, metrics, config) whose figures are out of fold, and those outputs."""
+    from .heads import Ensemble
+
+    folds, out, heads, per_fold, seconds, template = int(fold.max()) + 1, None, [], [], 0.0, None
+    for k in range(folds):
+        part = view(k)
+        result, metrics, config = T.train(part, pooling=pooling, head=head, seed=seed, **kwargs, **options)
+        pred = T.predict_split(part, "validation", result.head, pooling)
+        if out is None:
+            out = np.zeros((len(y), *pred.shape[1:]), dtype=np.float64)
+        out[fold == k] = pred
+        heads.append(result.head)
+        per_fold.append({"fold": k + 1, "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
+                         "C": config["training"].get("C")})
+        seconds += metrics["seconds"]
+        template = template or (None, None, metrics, config)
+    model = Ensemble(heads, [pooling] * folds, [1.0] * folds)
+    task, score = data.task, SCORE[data.task]
+    std = _target_std(model) if task == "regression" else 1.0
+    epochs = [f["best_epoch"] for f in per_fold]
+    row = {"pooling": pooling, "head": head, "lr": lr, "weight_decay": wd, score: validation_score(task, y, out),
+           "val_loss": validation_loss(task, y, out, std), "best_epoch": int(np.median(epochs)),
+           "epochs_run": max(f["epochs_run"] for f in per_fold), "seconds": round(seconds, 3), "folds": per_fold}
+    if head == "logreg":
+        row["C"] = float(np.median([f["C"] for f in per_fold]))
+    members = [{**d, "weight": w} for _, _, d, w in _parts(row, model)]
+    candidate = _as_candidate({**row, "members": members}, model, template, out, data, y,
+                              {"method": f"cross-fitted: the mean of {folds} fold models, each trained on the "
+                                         "other folds", "folds": folds})
+    return (row, *candidate[1:]), out
+
+
+def _as_candidate(row, model, best, val_out, data, y, training):
     from .training import FitResult
 
     state = model.state_dict()
@@ -319,11 +407,9 @@ def _as_candidate(row, model, best, val_out, data):
                "history": [], "ensemble": row["members"]}
     config = {**{k: v for k, v in single_config.items() if k not in ("pooling", "head", "training", "thresholds")},
               "pooling": "ensemble", "head": model.shape(),
-              "training": {"method": "greedy ensemble selection (Caruana et al. 2004) on the validation loss",
-                           "rounds": ENSEMBLE_ROUNDS, "members": row["members"]}}
-    if data.task == "multilabel":  # the ensemble's own cuts, tuned on validation as a single head's
-        config["thresholds"] = dict(zip(data.label_names,
-                                        tune_thresholds(data.labels["validation"], val_out).tolist()))
+              "training": {**training, "members": row["members"]}}
+    if data.task == "multilabel":  # the ensemble's own cuts, tuned on its validation outputs as a single head's
+        config["thresholds"] = dict(zip(data.label_names, tune_thresholds(y, val_out).tolist()))
     return row, result, metrics, config
 
 
@@ -335,8 +421,19 @@ def describe_row(row: dict) -> str:
     'mean logreg C 0.001'
     """
     if row["head"] == "ensemble":
-        return "ensemble of " + ", ".join(f"{m['pooling']} {m['head']} ({m['weight']:.2f})" for m in row["members"])
+        return "ensemble of " + ", ".join(f"{p} {h} ({w:.2f})" for p, h, w in group_members(row["members"]))
     return f"{row['pooling']} {row['head']} {_settings(row)}".rstrip()
+
+
+def group_members(members: list[dict]) -> list[tuple[str, str, float]]:
+    """(pooling, head, summed weight) per distinct pooling and head (and lr) of an ensemble's members, in order
+    of appearance: a cross-fitted configuration's fold models are one entry. `head` is a name or a shape."""
+    out = {}
+    for m in members:
+        head = m["head"]["type"] if isinstance(m["head"], dict) else m["head"]
+        key = (m["pooling"], head, m.get("lr"))
+        out[key] = out.get(key, 0.0) + m["weight"]
+    return [(p, h, w) for (p, h, _), w in out.items()]
 
 
 def _settings(row: dict) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -23,7 +24,8 @@ from .poolings import build_features, default_pooling, feature_dim, pooled_width
 from .rows import IN_MEMORY_COPIES, ArrayRows, StoredRows, memory_budget
 from .store import FeatureStore
 from .tasks import SCORE, labelled, outputs, task_of, tune_thresholds
-from .training import FitResult, class_weight_vector, fit_rows, head_device, holdout, predict_rows, step_work
+from .training import (FitResult, class_weight_vector, fit_rows, fold_ids, head_device, holdout, predict_rows,
+                       step_work)
 
 CLASS_WEIGHTS = (None, "none", "balanced")
 SPLITS = ("train", "validation", "test")
@@ -91,6 +93,40 @@ class CachedSplits:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def fold_views(data: CachedSplits, folds: int, seed: int = D.SEED) -> tuple[np.ndarray, np.ndarray,
+                                                                          Callable[[int], CachedSplits]]:
+    """Cross-fitting over train + validation: (their labels together, each row's fold, `view(k)`), where
+    `view(k)` is a CachedSplits that trains on the other folds and validates on fold k (test unchanged).
+
+    A view is made when asked for, so that only one copy of the rows is held beside the cache's.
+
+    Example:
+
+        y, fold, view = fold_views(data, 5)
+        result, metrics, config = train(view(0), pooling="mean", head="mlp")
+    """
+    if data.streamed:
+        raise UserError(f"cross-fitting (--sweep-folds) needs {data.path}'s features in memory; raise --max-memory "
+                        "or use --sweep-folds 1")
+    if folds < 2:
+        raise UserError(f"--sweep-folds takes 2 or more folds (or 1 for none), not {folds}")
+    y = np.concatenate([data.labels["train"], data.labels["validation"]])
+    if len(y) < folds:
+        raise UserError(f"{len(y)} labelled train + validation rows cannot make {folds} folds; use fewer --sweep-folds")
+    pooled = {n: np.concatenate([data.arrays["train"][n], data.arrays["validation"][n]]) for n in data.arrays["train"]}
+    fold = fold_ids(y, folds, seed)
+
+    def view(k: int) -> CachedSplits:
+        parts = {"train": fold != k, "validation": fold == k}
+        arrays = {s: {n: v[m] for n, v in pooled.items()} for s, m in parts.items()}
+        labels = {s: y[m] for s, m in parts.items()}
+        if "test" in data.arrays:
+            arrays["test"], labels["test"] = data.arrays["test"], data.labels["test"]
+        return replace(data, arrays=arrays, labels=labels, index={}, val_note=f"fold {k + 1} of {folds}")
+
+    return y, fold, view
 
 
 def load_cache(features: str, poolings: list[str], seed: int = D.SEED, max_memory: int | str | None = None,

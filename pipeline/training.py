@@ -98,6 +98,23 @@ def holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def fold_ids(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Seeded fold number (0 .. folds-1) of every row: stratified by class for class ids (each class dealt
+    round-robin from a shuffle), a plain shuffle dealt round-robin for targets and label matrices.
+
+    >>> np.bincount(fold_ids(np.array([0] * 6 + [1] * 4), 2, 0)).tolist()
+    [5, 5]
+    """
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(y), dtype=np.int64)
+    groups = [np.arange(len(y))] if y.ndim > 1 or y.dtype.kind == "f" else [np.flatnonzero(y == c) for c in np.unique(y)]
+    start = 0
+    for idx in groups:  # each group continues the deal where the last stopped, so fold sizes differ by one at most
+        out[rng.permutation(idx)] = (start + np.arange(len(idx))) % folds
+        start += len(idx)
+    return out
+
+
 def epoch_order(n: int, gen: torch.Generator, block: int = SHUFFLE_BLOCK, window: int = SHUFFLE_WINDOW) -> torch.Tensor:
     """One epoch's row order: blocks of `block` rows in random order, rows shuffled within each `window` rows.
 

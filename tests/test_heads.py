@@ -18,7 +18,7 @@ from pipeline.rows import ArrayRows
 from pipeline.sweep import greedy_ensemble, sweep
 from pipeline.training import fit_logreg
 from conftest import default_splits, write_split_files
-from helpers import run as cli_run
+from helpers import one_line_error, run as cli_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,6 +134,79 @@ def test_sweep_ensemble_checkpoint_evaluate_predict_info(cache, data, tmp_path):
     by_accuracy = sweep(cache, str(tmp_path / "acc"), selection="score", **grid)[1]
     keys = [(-r["val_acc"], r["val_loss"]) for r in by_accuracy]
     assert keys == sorted(keys)
+
+
+def test_fold_ids_are_stratified_balanced_and_seeded():
+    from pipeline.training import fold_ids
+
+    y = np.array([0] * 7 + [1] * 5 + [2] * 2)
+    f = fold_ids(y, 3, seed=4)
+    assert np.bincount(f).tolist() == [5, 5, 4]  # sizes differ by one at most
+    for c in (0, 1):  # every class spread over the folds as evenly as it can be
+        counts = np.bincount(f[y == c], minlength=3)
+        assert counts.max() - counts.min() <= 1
+    assert (fold_ids(y, 3, seed=4) == f).all() and not (fold_ids(y, 3, seed=5) == f).all()
+    assert np.bincount(fold_ids(np.linspace(0, 1, 10), 4, 0)).tolist() == [3, 3, 2, 2]  # targets: a plain deal
+
+
+def test_cross_fitted_sweep_ranks_out_of_fold_and_averages_the_fold_models(cache, tmp_path):
+    from pipeline import train as T
+    from pipeline.sweep import resolve_folds, validation_loss
+
+    ckpt, ranked, metrics = sweep(cache, str(tmp_path / "sw"), poolings=["mean"], heads=["mlp"], lrs=[1e-2],
+                                  epochs=8, folds=3, ensemble=False, progress=False, device="cpu")
+    row = ranked[0]
+    assert [f["fold"] for f in row["folds"]] == [1, 2, 3] and metrics["sweep"]["folds"] == 3
+    assert metrics["validation"].startswith("out of fold") and "3 folds" in metrics["validation"]
+    # the row's figures are those of every train + validation row, each predicted by the model that did not see it
+    with T.load_cache(cache, ["mean"]) as data:
+        y, fold, view = T.fold_views(data, 3)
+        assert len(y) == len(data.labels["train"]) + len(data.labels["validation"])
+        out = np.zeros((len(y), len(data.label_names)))
+        pooled = np.concatenate([data.arrays[s]["mean"] for s in ("train", "validation")])
+        for k in range(3):
+            part = view(k)  # trains on the other folds' rows, validates on fold k's: no row in both
+            np.testing.assert_array_equal(part.arrays["train"]["mean"], pooled[fold != k])
+            np.testing.assert_array_equal(part.arrays["validation"]["mean"], pooled[fold == k])
+            np.testing.assert_array_equal(part.labels["validation"], y[fold == k])
+            head = T.train(part, pooling="mean", head="mlp", lr=1e-2, epochs=8, device="cpu",
+                           patience=10)[0].head
+            out[fold == k] = T.predict_split(part, "validation", head, "mean")
+        assert row["val_loss"] == pytest.approx(validation_loss("classification", y, out), abs=1e-6)
+        assert row["val_acc"] == pytest.approx(float((out.argmax(1) == y).mean()))
+        # the saved model is the mean of the three fold models, and predicts test as they do together
+        config, model = load_checkpoint(ckpt)
+        assert isinstance(model, Ensemble) and len(model.members) == 3
+        assert model.weights == pytest.approx([1 / 3] * 3) and config["training"]["folds"] == 3
+        assert "cross-fitted" in config["training"]["method"]
+        mean = np.mean([T.predict_split(data, "test", h, "mean") for h in model.members], axis=0)
+        np.testing.assert_allclose(T.predict_split(data, "test", model, "mean"), mean, atol=1e-6)
+        assert bc.evaluate(ckpt)["accuracy"] == pytest.approx(float((mean.argmax(1) == data.labels["test"]).mean()))
+        # auto: cross-fit small caches unless a refit is asked; a refit of cross-fitted heads is refused
+        assert resolve_folds("auto", data) == 5 and resolve_folds("auto", data, refit=True) == 1
+        with pytest.raises(bc.UserError, match="--refit does not go with --sweep-folds"):
+            resolve_folds(3, data, refit=True)
+        with pytest.raises(bc.UserError, match="--sweep-folds"):
+            resolve_folds("many", data)
+    # the greedy ensemble over cross-fitted heads keeps every fold model, info names each configuration once
+    ckpt2, ranked2, _ = sweep(cache, str(tmp_path / "ens"), poolings=["cls", "mean"], heads=["logreg", "mlp"],
+                              lrs=[1e-2], epochs=8, folds=2, progress=False, device="cpu")
+    ens = next(r for r in ranked2 if r["head"] == "ensemble")
+    assert len(ens["members"]) % 2 == 0 and {m["fold"] for m in ens["members"]} == {1, 2}
+    assert abs(sum(m["weight"] for m in ens["members"]) - 1) < 1e-9
+    text = as_text(describe(ckpt2))[0] if ranked2[0] is ens else ""
+    assert not text or text.count(" mlp (") + text.count(" logreg (") <= 4
+
+
+def test_sweep_folds_on_the_command_line(cache, tmp_path):
+    out = cli_run("fit-head", "-f", cache, "--sweep", "--sweep-poolings", "mean", "--sweep-heads", "linear",
+                  "--sweep-lrs", "1e-2", "--sweep-folds", "2", "--epochs", "3", "-o", tmp_path / "a", "--device", "cpu")
+    assert out.exit_code == 0 and "ranked out of fold" in out.stdout and "2 folds" in out.stdout
+    for args, needle in ((["--sweep-folds", "0"], "1 (one train / validation split) or more"),
+                         (["--sweep-folds", "2", "--refit"], "--refit does not go with --sweep-folds")):
+        one_line_error(cli_run("fit-head", "-f", cache, "--sweep", "--sweep-heads", "linear", *args,
+                               "-o", tmp_path / "b"), needle)
+    one_line_error(cli_run("fit-head", "-f", cache, "--sweep-folds", "2", "-o", tmp_path / "c"), "need --sweep")
 
 
 def test_refit_trains_the_chosen_head_again_on_train_and_validation(cache, tmp_path):

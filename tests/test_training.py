@@ -135,7 +135,7 @@ def test_sweep_ranks_by_validation_and_saves_the_winner(cache3, tmp_path, monkey
     grid = dict(poolings=["cls", "mean+cls_2", "mean-avg3"], heads=["linear", "mlp"], lrs=[1e-2, 1e-3],
                 weight_decays=[0.01])
     ckpt, ranked, metrics = sweep(cache3, str(tmp_path / "sw"), epochs=6, progress=False, ensemble=False,
-                                  selection="score", **grid)
+                                  selection="score", folds=1, **grid)
     assert sorted(reads) == ["test", "train", "validation"]  # each split read once for all 12 heads
     assert len(ranked) == 12 and [r["rank"] for r in ranked] == list(range(1, 13))
     keys = [(-r["val_acc"], r["val_loss"]) for r in ranked]
