@@ -12,6 +12,9 @@ replacement (Caruana et al. 2004) builds an ensemble of the trained heads (their
 minimizes the validation loss; it competes with the single heads on the same key and is saved as one
 checkpoint (heads.Ensemble) when it wins.
 The winner is saved as a normal checkpoint, with the ranked table as sweep.json beside it.
+Below defaults.FOLD_MAX_ROWS train + validation rows the sweep cross-fits (`folds`, resolve_folds):
+every configuration is trained once per fold of train + validation (train.fold_views) and its fold
+models averaged; the table and the ensemble are then ranked on every row's out-of-fold output.
 """
 from __future__ import annotations
 
