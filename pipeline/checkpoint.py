@@ -1,7 +1,7 @@
 """Checkpoints: a folder of safetensors weights + JSON. Nothing here unpickles unless asked to.
 
     <folder>/best.safetensors   head weights with the best validation accuracy (+ standardization)
-    <folder>/last.safetensors   head weights after the last epoch
+    <folder>/last.safetensors   head weights after the last epoch (not for an ensemble: best is its one state)
     <folder>/config.json        all predict needs: encoder reference + fingerprint, pooling, head shape, labels
     <folder>/metrics.json       per-epoch history, best epoch, test metrics
     <folder>/curves.png         train / validation loss and accuracy per epoch (with matplotlib)
@@ -132,6 +132,9 @@ def load_checkpoint(folder: str, weights: str = "best", device="cpu",
     if weights not in WEIGHTS:
         raise UserError(f"unknown --weights {weights!r}; use best or last")
     config = read_config(folder, allow_pickle)
+    if weights == "last" and config.get("head", {}).get("type") == "ensemble" and os.path.isdir(folder) \
+            and not os.path.exists(os.path.join(folder, "last.safetensors")):
+        weights = "best"  # an ensemble has no epochs: one state, saved as best
     path = _weights_file(folder, weights, allow_pickle)
     try:
         head = model_from_shape(config["head"], config.get("task", "classification"))

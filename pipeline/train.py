@@ -262,7 +262,10 @@ def save(out: str, data: CachedSplits, result: FitResult, metrics: dict, config:
     if plots.available() and metrics["history"]:
         files["curves.png"] = lambda path: plots.curves_png(metrics["history"], metrics["best_epoch"], path,
                                                             SCORE[data.task])
-    return save_checkpoint(out, config, {"best": result.best_state, "last": result.last_state}, metrics, files)
+    # An ensemble has no epochs: its best and last are one state, stored once (load_checkpoint reads it as either).
+    states = {"best": result.best_state} if config["head"]["type"] == "ensemble" else \
+        {"best": result.best_state, "last": result.last_state}
+    return save_checkpoint(out, config, states, metrics, files)
 
 
 def starts_from_cosine(head: str, task: str, pooling: str) -> bool:

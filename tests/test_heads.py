@@ -177,6 +177,10 @@ def test_cross_fitted_sweep_ranks_out_of_fold_and_averages_the_fold_models(cache
         # the saved model is the mean of the three fold models, and predicts test as they do together
         config, model = load_checkpoint(ckpt)
         assert isinstance(model, Ensemble) and len(model.members) == 3
+        # one state, stored once; --weights last reads it as best
+        assert not os.path.exists(os.path.join(ckpt, "last.safetensors"))
+        last = load_checkpoint(ckpt, weights="last")[1]
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values()))
         assert model.weights == pytest.approx([1 / 3] * 3) and config["training"]["folds"] == 3
         assert "cross-fitted" in config["training"]["method"]
         mean = np.mean([T.predict_split(data, "test", h, "mean") for h in model.members], axis=0)
