@@ -6,7 +6,8 @@ classification (log-loss, a proper score, varies less than accuracy on a few hun
 task's validation score (accuracy; micro-F1 for multilabel; Spearman for regression) then loss, the
 default for the other tasks; ties then by grid order; never test. On a pair cache (`--pair-mode bi`) the
 grid holds the cosine alone (whose linear head starts as the cosine itself and is validated before any
-training, so that candidate is at least the zero-shot cosine), the pair features, and both, with the
+training, so that on one split that candidate is at least the zero-shot cosine; cross-fitted, each fold's
+is), the pair features, and both, with the
 linear head starting from the cosine (training.fit_rows). After the grid, greedy forward selection with
 replacement (Caruana et al. 2004) builds an ensemble of the trained heads (their outputs averaged) that
 minimizes the validation loss; it competes with the single heads on the same key and is saved as one
