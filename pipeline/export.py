@@ -168,8 +168,11 @@ class ExportGraph(torch.nn.Module):
         blocks = {n: eye[:, i * hidden:(i + 1) * hidden] for i, n in enumerate(self.names)}
         self.heads = torch.nn.ModuleList(h for h, _, _ in members)
         self.weights = [float(w) for _, _, w in members]
-        for i, (_, p, _) in enumerate(members):
-            self.register_buffer(f"mix{i}", torch.from_numpy(build_features(blocks, p, layers)))
+        # one mixing matrix per distinct pooling (a cross-fitted configuration's fold models share theirs)
+        distinct = head.distinct_poolings() if isinstance(head, Ensemble) else [pooling]
+        for j, p in enumerate(distinct):
+            self.register_buffer(f"mix{j}", torch.from_numpy(build_features(blocks, p, layers)))
+        self.mix_of, self.mixes = [distinct.index(p) for _, p, _ in members], len(distinct)
         self.shown = head.heaviest if isinstance(head, Ensemble) else 0  # whose features the graph outputs
 
     def forward(self, input_ids, attention_mask):
@@ -194,9 +197,10 @@ class ExportGraph(torch.nn.Module):
             features = stacked @ self.mix0
             logits = self.heads[0](features)
             return torch.softmax(logits, dim=-1), logits, features
+        mixed = [stacked @ getattr(self, f"mix{j}") for j in range(self.mixes)]
         probs, features = 0.0, None
         for i, (h, w) in enumerate(zip(self.heads, self.weights)):
-            x = stacked @ getattr(self, f"mix{i}")
+            x = mixed[self.mix_of[i]]
             probs = probs + w * torch.softmax(h(x), dim=-1)
             features = x if i == self.shown else features
         return probs, torch.log(probs.clamp_min(1e-7)), features

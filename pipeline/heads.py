@@ -121,6 +121,11 @@ class Ensemble(nn.Module):
             names += [n for n in pooling_features(p, layers) if n not in names]
         return names
 
+    def distinct_poolings(self) -> list[str]:
+        """Each pooling the members read, once, in order of first use: what to build once and share (a
+        cross-fitted configuration's fold models all read the same one)."""
+        return list(dict.fromkeys(self.poolings))
+
     @property
     def heaviest(self) -> int:
         """The member with the largest weight: whose pooled vectors stand for the ensemble's (serve's /embed)."""
@@ -136,15 +141,32 @@ class Ensemble(nn.Module):
 
     def predict_scores(self, arrays: dict[str, np.ndarray], layers: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(averaged outputs, logits that give them back: log-probabilities, log-odds, or standardized values)."""
+        built = {p: build_features(arrays, p, layers) for p in self.distinct_poolings()}
         out = None
         for head, pooling, w in zip(self.members, self.poolings, self.weights):
-            p = w * head.predict(build_features(arrays, pooling, layers))
+            p = w * head.predict(built[pooling])
             out = p if out is None else out + p
         if self.task == "regression":
             first = self.members[0]
             return out, ((out - float(first.target_mean)) / float(first.target_std))[:, None]
         p = np.clip(out, 1e-7, 1 - 1e-7)
         return out, (np.log(p / (1 - p)) if self.task == "multilabel" else np.log(p))
+
+
+def group_members(members: list[dict]) -> list[tuple[str, str, float]]:
+    """(pooling, head, summed weight) per distinct pooling and head (and lr) of an ensemble's members, in order
+    of appearance: a cross-fitted configuration's fold models are one entry. `head` is a name or a shape.
+
+    >>> group_members([{"pooling": "mean", "head": "mlp", "weight": .25}, {"pooling": "mean", "head": "mlp",
+    ...                "weight": .25}, {"pooling": "cls", "head": {"type": "linear"}, "weight": .5}])
+    [('mean', 'mlp', 0.5), ('cls', 'linear', 0.5)]
+    """
+    out = {}
+    for m in members:
+        head = m["head"]["type"] if isinstance(m["head"], dict) else m["head"]
+        key = (m["pooling"], head, m.get("lr"))
+        out[key] = out.get(key, 0.0) + m["weight"]
+    return [(p, h, w) for (p, h, _), w in out.items()]
 
 
 def model_from_shape(shape: dict, task: str = "classification") -> Head | Ensemble:

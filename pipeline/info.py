@@ -90,7 +90,7 @@ def as_text(info: dict) -> list[str]:
     if info["kind"] == "checkpoint":
         head = info["head"]
         if head["type"] == "ensemble":
-            from .sweep import group_members
+            from .heads import group_members
             what = f"ensemble of {len(head['members'])} heads -> {head['num_classes']}: " + ", ".join(
                 f"{p} {h} ({w:.2f})" for p, h, w in group_members(head["members"]))
         else:

@@ -425,19 +425,9 @@ def describe_row(row: dict) -> str:
     'mean logreg C 0.001'
     """
     if row["head"] == "ensemble":
+        from .heads import group_members
         return "ensemble of " + ", ".join(f"{p} {h} ({w:.2f})" for p, h, w in group_members(row["members"]))
     return f"{row['pooling']} {row['head']} {_settings(row)}".rstrip()
-
-
-def group_members(members: list[dict]) -> list[tuple[str, str, float]]:
-    """(pooling, head, summed weight) per distinct pooling and head (and lr) of an ensemble's members, in order
-    of appearance: a cross-fitted configuration's fold models are one entry. `head` is a name or a shape."""
-    out = {}
-    for m in members:
-        head = m["head"]["type"] if isinstance(m["head"], dict) else m["head"]
-        key = (m["pooling"], head, m.get("lr"))
-        out[key] = out.get(key, 0.0) + m["weight"]
-    return [(p, h, w) for (p, h, _), w in out.items()]
 
 
 def _settings(row: dict) -> str:

@@ -279,9 +279,9 @@ def predict_split(data: CachedSplits, split: str, model, pooling: str) -> np.nda
     members' poolings) for a split's rows."""
     from .heads import Ensemble
 
-    if isinstance(model, Ensemble):
-        return sum(w * predict_split(data, split, h, p) for h, p, w in zip(model.members, model.poolings,
-                                                                            model.weights))
+    if isinstance(model, Ensemble):  # each pooling's rows built once, read by every member over it
+        rows = {p: data.rows(split, p, model.members[0].shift.device) for p in model.distinct_poolings()}
+        return sum(w * predict_rows(h, rows[p]) for h, p, w in zip(model.members, model.poolings, model.weights))
     return predict_rows(model, data.rows(split, pooling, model.shift.device))
 
 

@@ -81,17 +81,21 @@ def class_weight_vector(y: np.ndarray, num_classes: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
+def _strata(y: np.ndarray) -> list[np.ndarray]:
+    """The row groups a split is stratified over: one per class for class ids; all rows as one group for
+    targets and label matrices."""
+    if y.ndim > 1 or y.dtype.kind == "f":
+        return [np.arange(len(y))]
+    return [np.flatnonzero(y == c) for c in np.unique(y)]
+
+
 def holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train / validation index split of one labelled array: stratified by class for class ids,
     a plain random share for targets and label matrices."""
     rng = np.random.default_rng(seed)
-    if y.ndim > 1 or y.dtype.kind == "f":
-        idx = rng.permutation(len(y))
-        k = int(round(len(y) * fraction))
-        return np.sort(idx[k:]), np.sort(idx[:k])
     train, val = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
+    for group in _strata(y):
+        idx = rng.permutation(group)
         k = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
         val.append(idx[:k])
         train.append(idx[k:])
@@ -107,9 +111,8 @@ def fold_ids(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """
     rng = np.random.default_rng(seed)
     out = np.empty(len(y), dtype=np.int64)
-    groups = [np.arange(len(y))] if y.ndim > 1 or y.dtype.kind == "f" else [np.flatnonzero(y == c) for c in np.unique(y)]
     start = 0
-    for idx in groups:  # each group continues the deal where the last stopped, so fold sizes differ by one at most
+    for idx in _strata(y):  # each group continues the deal where the last stopped, so fold sizes differ by one at most
         out[rng.permutation(idx)] = (start + np.arange(len(idx))) % folds
         start += len(idx)
     return out

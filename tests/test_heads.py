@@ -182,6 +182,7 @@ def test_cross_fitted_sweep_ranks_out_of_fold_and_averages_the_fold_models(cache
         last = load_checkpoint(ckpt, weights="last")[1]
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values()))
         assert model.weights == pytest.approx([1 / 3] * 3) and config["training"]["folds"] == 3
+        assert model.distinct_poolings() == ["mean"]  # built once for the three fold models
         assert "cross-fitted" in config["training"]["method"]
         mean = np.mean([T.predict_split(data, "test", h, "mean") for h in model.members], axis=0)
         np.testing.assert_allclose(T.predict_split(data, "test", model, "mean"), mean, atol=1e-6)
