@@ -1,12 +1,13 @@
 """Past the frozen ceiling: the frozen sweep vs tuning the top K layers over cached states vs full fine-tuning.
 
-    python benchmarks/tune_top.py --features F.h5 [--ks 1,2] [--epochs 2] [--out checkpoints/bench-tune]
+    python benchmarks/tune_top.py --features F.h5 [--ks 1,2] [--epochs 2] [--lrs 1e-4:1e-4] [--out checkpoints/bench-tune]
 
 F.h5 is made once with `bertcache extract --model e5-small --prefix "query: " --layers 4 --states 2 ...`
 (the largest K tried); it serves (a) and (b). In one run, on the same splits:
 (a) `fit-head --sweep` (default grid, ensemble included) over the cached pooled features;
 (b) `fit-head --tune-layers K` for each K: linear probe = the sweep's best single head (--init), then the
-    top K layers + head over the cached states (defaults of pipeline/tuned.py, `--epochs` epochs);
+    top K layers + head over the cached states (defaults of pipeline/tuned.py, `--epochs` epochs), for each
+    K and each layer:head learning-rate pair of `--lrs`; the best (b) is the one with the best validation;
 (c) full fine-tuning of the same encoder with a plain HF loop: AutoModel + mean pooling + a linear layer,
     AdamW (lr 5e-5 encoder, 1e-3 head, weight decay 0.01), warmup 10% + linear decay, the same token-budget
     batches (4096), gradient clipping 1.0, `--epochs` epochs, the epoch with the best validation accuracy kept.
@@ -106,11 +107,13 @@ def main():
     ap.add_argument("--features", required=True)
     ap.add_argument("--ks", default="1,2")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lrs", default="1e-4:1e-4", help="layer_lr:head_lr pairs for (b), comma-separated")
     ap.add_argument("--out", default="checkpoints/bench-tune")
     ap.add_argument("--skip-full", action="store_true", help="leave out (c)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     from pipeline import train as T
+    from pipeline.predict import evaluate
     from pipeline.sweep import sweep
     from pipeline.tuned import fit_tuned
 
@@ -140,13 +143,18 @@ def main():
                                       head=single["head"], **kwargs)
     results["probe"] = {"test_acc": probe_metrics["test"]["accuracy"], "head": f"{single['pooling']} {single['head']}"}
     log(f"(a) {results['a']}; probe {results['probe']}")
+    lrs = [tuple(float(v) for v in pair.split(":")) for pair in args.lrs.split(",")]
     for k in [int(x) for x in args.ks.split(",")]:
-        t0 = time.perf_counter()
-        _, m = fit_tuned(args.features, k, f"{args.out}-k{k}", init=probe, epochs=args.epochs, log=log)
-        results[f"b{k}"] = {"test_acc": m["test"]["accuracy"], "val_acc": m["best"]["val_acc"],
-                            "best_epoch": m["best_epoch"], "seconds_per_epoch": m["seconds_per_epoch"],
-                            "seconds": time.perf_counter() - t0, "history": m["history"]}
-        log(f"(b) K={k}: {results[f'b{k}']}")
+        for layer_lr, head_lr in lrs:
+            name = f"b{k}" if len(lrs) == 1 else f"b{k} lr {layer_lr:g}:{head_lr:g}"
+            t0 = time.perf_counter()
+            ckpt_k, m = fit_tuned(args.features, k, f"{args.out}-k{k}-{layer_lr:g}-{head_lr:g}", init=probe,
+                                  epochs=args.epochs, layer_lr=layer_lr, head_lr=head_lr, log=log)
+            last = evaluate(ckpt_k, weights="last")["accuracy"]
+            results[name] = {"test_acc": m["test"]["accuracy"], "val_acc": m["best"]["val_acc"], "last_test_acc": last,
+                             "best_epoch": m["best_epoch"], "seconds_per_epoch": m["seconds_per_epoch"],
+                             "seconds": time.perf_counter() - t0, "history": m["history"]}
+            log(f"(b) K={k} layer lr {layer_lr:g} head lr {head_lr:g}: {results[name]}")
     if not args.skip_full:
         results["c"] = full_finetune(args.features, args.epochs, log=log)
     print("\n| method | test acc | validation acc | s / epoch | note |")
@@ -158,8 +166,9 @@ def main():
     bs = [v for key, v in results.items() if key.startswith("b")]
     for key in [k for k in results if k.startswith("b")]:
         v = results[key]
-        print(f"| (b) --tune-layers {key[1:]} | {v['test_acc']:.4f} | {v['val_acc']:.4f} | "
-              f"{v['seconds_per_epoch']:.0f} | best epoch {v['best_epoch']} of {args.epochs} (0 = the probe) |")
+        print(f"| (b) --tune-layers {key[1:].replace(' lr ', ', lr ')} | {v['test_acc']:.4f} | {v['val_acc']:.4f} | "
+              f"{v['seconds_per_epoch']:.0f} | best epoch {v['best_epoch']} of {args.epochs} (0 = the probe); "
+              f"last epoch's test {v['last_test_acc']:.4f} |")
     if "c" in results:
         c = results["c"]
         print(f"| (c) full fine-tuning (plain HF loop) | {c['test_acc']:.4f} | {c['val_acc']:.4f} | "
