@@ -335,3 +335,16 @@ def test_prefix_and_instruction_together_are_refused(tiny_model, data, tmp_path)
     result = run("extract", "--model", tiny_model, "--data", data, "--out", tmp_path / "f.h5", "--prefix", "x",
                  "--instruction", "y")
     one_line_error(result, "--instruction")
+
+
+def test_sentence_folder_extracts_under_bf16(tmp_path, tiny_model, data):
+    """Its Dense module under bf16 autocast hands back bf16 vectors; the cache stays float32 and close to fp32's.
+    (Found on a CPU with AVX512-BF16, where --precision auto is bf16.)"""
+    st = _kinds(tmp_path, tiny_model, tiny_model)["sentence"][0]
+    out = {p: bc.extract(st, data, str(tmp_path / f"{p}.h5"), device="cpu", precision=p, progress=False)
+           for p in ("fp32", "bf16")}
+    with FeatureStore(out["fp32"]) as a, FeatureStore(out["bf16"]) as b:
+        x, y = a.features("test", ["sentence"])["sentence"], b.features("test", ["sentence"])["sentence"]
+    assert y.dtype == np.float32 and y.shape == x.shape
+    cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    assert cos.min() > 0.99

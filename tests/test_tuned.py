@@ -111,7 +111,9 @@ def test_tuned_checkpoint_predict_equals_cached_states(tuned, data, cache):
         for idx, h, mask, fz, _ in rows.batches(np.arange(rows.n), 512, "cpu"):
             cached[idx] = torch.softmax(top(h, mask, fz), -1).numpy()
     live = bc.Predictor(ckpt, device="cpu").predict_proba(load_corpus(data).splits["test"].texts)
-    np.testing.assert_allclose(live, cached, atol=1e-5)
+    # 1e-4, not 1e-5: the logreg head standardizes its input, which magnifies the last-bit differences of
+    # other batch shapes (AVX512 kernels: up to 1.5e-5 measured); a wrong layer or state is off by far more.
+    np.testing.assert_allclose(live, cached, atol=1e-4)
     assert bc.evaluate(ckpt)["accuracy"] == metrics["test"]["accuracy"]
     assert any("top 1 layers" in line for line in as_text(describe(ckpt)))
 
