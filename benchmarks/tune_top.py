@@ -151,7 +151,8 @@ def main():
             ckpt_k, m = fit_tuned(args.features, k, f"{args.out}-k{k}-{layer_lr:g}-{head_lr:g}", init=probe,
                                   epochs=args.epochs, layer_lr=layer_lr, head_lr=head_lr, log=log)
             last = evaluate(ckpt_k, weights="last")["accuracy"]
-            results[name] = {"test_acc": m["test"]["accuracy"], "val_acc": m["best"]["val_acc"], "last_test_acc": last,
+            results[name] = {"k": k, "layer_lr": layer_lr, "head_lr": head_lr,
+                             "test_acc": m["test"]["accuracy"], "val_acc": m["best"]["val_acc"], "last_test_acc": last,
                              "best_epoch": m["best_epoch"], "seconds_per_epoch": m["seconds_per_epoch"],
                              "seconds": time.perf_counter() - t0, "history": m["history"]}
             log(f"(b) K={k} layer lr {layer_lr:g} head lr {head_lr:g}: {results[name]}")
@@ -164,9 +165,9 @@ def main():
     print(f"| probe (best single head, the init of (b)) | {results['probe']['test_acc']:.4f} | - | - | "
           f"{results['probe']['head']} |")
     bs = [v for key, v in results.items() if key.startswith("b")]
-    for key in [k for k in results if k.startswith("b")]:
-        v = results[key]
-        print(f"| (b) --tune-layers {key[1:].replace(' lr ', ', lr ')} | {v['test_acc']:.4f} | {v['val_acc']:.4f} | "
+    for v in bs:
+        lr = f", lr {v['layer_lr']:g}:{v['head_lr']:g}" if len(lrs) > 1 else ""
+        print(f"| (b) --tune-layers {v['k']}{lr} | {v['test_acc']:.4f} | {v['val_acc']:.4f} | "
               f"{v['seconds_per_epoch']:.0f} | best epoch {v['best_epoch']} of {args.epochs} (0 = the probe); "
               f"last epoch's test {v['last_test_acc']:.4f} |")
     if "c" in results:

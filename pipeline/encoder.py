@@ -384,9 +384,8 @@ class Encoder:
                     for j, st in zip(batch, pooled.pop(None)):
                         states[j] = st
                 idx = torch.from_numpy(batch).to(self.device, non_blocking=True)
-                # A module under bf16 autocast (a sentence-transformers Dense) may hand back bf16 vectors.
                 for k in names:
-                    out[k].index_copy_(0, idx, pooled[k].to(out[k].dtype))
+                    out[k].index_copy_(0, idx, pooled[k])
                 if on_progress is not None:
                     on_progress(len(batch) if count == "texts" else int(lengths[batch].sum()))
         take = torch.from_numpy(first).to(self.device)

@@ -158,11 +158,13 @@ class SentenceModules:
                 denom = denom.clamp(min=1e-9)[:, None]
                 out.append(total / (denom.sqrt() if mode == "mean_sqrt_len" else denom))
         x = torch.cat(out, dim=1)
-        for d in self.dense:
-            x = F.linear(x, d["weight"], d["bias_t"])
-            if d["activation"]:
-                x = getattr(torch, d["activation"])(x) if d["activation"] != "gelu" else F.gelu(x)
-        return F.normalize(x, p=2, dim=1) if self.normalize else x
+        # float32 like every other pooling: under the encoder's bf16 autocast F.linear would run in bf16
+        with torch.autocast(h.device.type, enabled=False):
+            for d in self.dense:
+                x = F.linear(x, d["weight"], d["bias_t"])
+                if d["activation"]:
+                    x = getattr(torch, d["activation"])(x) if d["activation"] != "gelu" else F.gelu(x)
+            return F.normalize(x, p=2, dim=1) if self.normalize else x
 
 
 def _dense(folder: str, sub: str) -> dict:

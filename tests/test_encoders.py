@@ -239,8 +239,12 @@ def data(tmp_path_factory) -> str:
     return write_split_files(str(tmp_path_factory.mktemp("enc-data")), "jsonl", default_splits())
 
 
+def _sentence_folder(tmp_path, tiny_model):
+    return write_sentence_folder(str(tmp_path / "st"), tiny_model, ["mean"], dense=16, prompts={"query": "query: "})
+
+
 def _kinds(tmp_path, tiny_model, qwen):
-    st = write_sentence_folder(str(tmp_path / "st"), tiny_model, ["mean"], dense=16, prompts={"query": "query: "})
+    st = _sentence_folder(tmp_path, tiny_model)
     return {"bert": (tiny_model, "cls"), "decoder": (qwen, "last"), "sentence": (st, "sentence")}
 
 
@@ -338,9 +342,9 @@ def test_prefix_and_instruction_together_are_refused(tiny_model, data, tmp_path)
 
 
 def test_sentence_folder_extracts_under_bf16(tmp_path, tiny_model, data):
-    """Its Dense module under bf16 autocast hands back bf16 vectors; the cache stays float32 and close to fp32's.
-    (Found on a CPU with AVX512-BF16, where --precision auto is bf16.)"""
-    st = _kinds(tmp_path, tiny_model, tiny_model)["sentence"][0]
+    """Its Dense module runs in float32 under the encoder's bf16 autocast (it used to hand bf16 vectors to the
+    float32 cache and fail); the vectors stay close to fp32's. Found on a CPU with AVX512-BF16 (auto = bf16)."""
+    st = _sentence_folder(tmp_path, tiny_model)
     out = {p: bc.extract(st, data, str(tmp_path / f"{p}.h5"), device="cpu", precision=p, progress=False)
            for p in ("fp32", "bf16")}
     with FeatureStore(out["fp32"]) as a, FeatureStore(out["bf16"]) as b:
