@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .fingerprints import hash_files
 from . import defaults as D
 from . import models as M
 from .poolings import DECODER_POOLS, POOLS as POOLINGS, SENTENCE, feature_name, feature_names
@@ -94,13 +95,8 @@ def resolve_model(model: str) -> str:
 
 
 def _hash_files(folder: str, names: list[str]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(names):
-        h.update(name.encode())
-        with open(os.path.join(folder, name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
+    from .e5 import cache_home
+    return hash_files(folder, names, memo=os.path.join(cache_home(), "file-hashes.json"))
 
 
 class Encoder:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 
 import numpy as np
 
@@ -37,6 +39,74 @@ def data_fingerprint(texts: list[str], labels: np.ndarray, rows: np.ndarray | No
         h.update(b"rows")
         h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
     return h.hexdigest()[:32]
+
+
+MEMO_MIN_BYTES = 64 << 20  # file sets smaller than this hash in under 0.05 s: not worth remembering
+MEMO_ENTRIES = 64
+_RACY_NS = 3_000_000_000  # files modified this recently are not remembered (coarse file-system clocks)
+
+
+def hash_files(folder: str, names: list[str], memo: str | None = None, min_bytes: int = MEMO_MIN_BYTES) -> str:
+    """sha256 over each file's name and bytes, in name order (a model's weights or tokenizer files).
+
+    Every load of a model fingerprints its weights, gigabytes for today's embedders (seconds per
+    `predict`). With `memo` (a JSON file), a set of at least `min_bytes` whose files have the same size,
+    modification time and inode as when it was last hashed is not read again; the digest is the same
+    either way. Files modified in the last few seconds are not remembered, as git does for its index.
+
+        >>> import tempfile, pathlib
+        >>> d = tempfile.mkdtemp(); _ = pathlib.Path(d, "w.bin").write_bytes(b"weights")
+        >>> hash_files(d, ["w.bin"]) == hash_files(d, ["w.bin"], memo=f"{d}/memo.json", min_bytes=0)
+        True
+    """
+    names = sorted(names)
+    paths = [os.path.join(folder, n) for n in names]
+
+    def state():
+        return [[s.st_size, s.st_mtime_ns, s.st_ino] for s in map(os.stat, paths)]
+    before = state()
+    use = memo is not None and sum(s[0] for s in before) >= min_bytes
+    key = json.dumps([os.path.realpath(folder), names], ensure_ascii=False)
+    table = _read_memo(memo) if use else {}
+    hit = table.get(key)
+    if isinstance(hit, dict) and hit.get("state") == before and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    h = hashlib.sha256()
+    for name, path in zip(names, paths):
+        h.update(name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    digest = h.hexdigest()
+    now = time.time_ns()
+    if use and state() == before and all(now - s[1] > _RACY_NS for s in before):
+        table.pop(key, None)
+        table[key] = {"state": before, "sha256": digest}
+        _write_memo(memo, dict(list(table.items())[-MEMO_ENTRIES:]))
+    return digest
+
+
+def _read_memo(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+        return table if isinstance(table, dict) else {}
+    except (OSError, ValueError):  # none yet, unreadable or half-understood: hash as if there were none
+        return {}
+
+
+def _write_memo(path: str, table: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(table, f, ensure_ascii=False)
+        os.replace(tmp, path)  # concurrent writers: the last one wins, the others' entries are hashed again
+    except (OSError, ValueError):  # a read-only home, say: remembering is an optimization only
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
 
 
 def cache_fingerprint(settings: dict, store_dtype: str, splits: dict[str, dict]) -> str:

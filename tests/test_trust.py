@@ -1,8 +1,10 @@
 """Determinism of fit-head, and fingerprints that follow what a model is, not where it lies."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -75,3 +77,39 @@ def test_other_weights_or_tokenizer_in_the_same_folder_are_another_model(tiny_mo
     r = run("extract", "-m", changed, "-d", data, "-o", tiny_cache, "--device", "cpu",
                                  "--precision", "fp32")
     assert r.exit_code == 2 and "model_fingerprint" in r.stderr and "--restart" in r.stderr, r.stderr
+
+
+def test_remembered_weight_hashes_follow_every_change(tmp_path):
+    from pipeline.fingerprints import hash_files
+    folder, names, memo = str(tmp_path / "m"), ["model.safetensors", "tokenizer.json"], str(tmp_path / "memo.json")
+    os.makedirs(folder)
+    weights = os.path.join(folder, names[0])
+    for name in names:
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(name.encode() * 100)
+    old = time.time() - 60
+    for name in names:
+        os.utime(os.path.join(folder, name), (old, old))
+
+    def memoized():
+        return hash_files(folder, names, memo=memo, min_bytes=0)
+    first = hash_files(folder, names)
+    assert memoized() == first and json.load(open(memo))  # the same digest, now remembered
+    with open(weights, "r+b") as f:  # same size, same time stamp, same file: the remembered digest stands
+        f.write(b"X")
+    os.utime(weights, (old, old))
+    assert memoized() == first
+    os.utime(weights, (old + 1, old + 1))  # any new time stamp: read again
+    second = memoized()
+    assert second == hash_files(folder, names) != first
+    os.replace(os.path.join(folder, names[1]), weights + ".new")  # another file under the old name
+    shutil.copy2(weights + ".new", os.path.join(folder, names[1]))
+    assert memoized() == hash_files(folder, names) == second
+    with open(weights, "ab") as f:  # just written: hashed, but not remembered (coarse clocks)
+        f.write(b"more")
+    third = memoized()
+    assert third == hash_files(folder, names) != second
+    assert third not in {v["sha256"] for v in json.load(open(memo)).values()}
+    os.utime(weights, (old, old))
+    unwritable = os.path.join(weights, "memo.json")  # under a file: remembering fails, hashing does not
+    assert hash_files(folder, names, memo=unwritable, min_bytes=0) == third
