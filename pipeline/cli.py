@@ -406,8 +406,16 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     from .onnx_runner import load_predictor
 
-    predictor = load_predictor(checkpoint, backend, model=model, device=device, weights=weights,
-                               batch_tokens=batch_tokens, allow_pickle=allow_pickle)
+    # Loading takes seconds (imports, tokenizer, weights): say so on a terminal, then clear the line.
+    waiting = sys.stderr.isatty()
+    if waiting:
+        click.echo(f"loading {checkpoint} ...", err=True, nl=False)
+    try:
+        predictor = load_predictor(checkpoint, backend, model=model, device=device, weights=weights,
+                                   batch_tokens=batch_tokens, allow_pickle=allow_pickle)
+    finally:
+        if waiting:
+            click.echo("\r\033[K", err=True, nl=False)
 
     def items(lines):
         if not getattr(predictor, "pair_mode", None):
