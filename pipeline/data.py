@@ -90,6 +90,14 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
 
     `task` (classification, multilabel, regression; see tasks.py) is detected from the labels when None:
     lists (or `label_sep` given) make multilabel, numbers with fractions regression.
+
+    Runnable, on pipeline.toy's model and data (seconds):
+
+        >>> import tempfile
+        >>> from pipeline.toy import toy_data
+        >>> corpus = load_corpus(toy_data(tempfile.mkdtemp()))
+        >>> corpus.task, corpus.label_names, list(corpus.splits), len(corpus.splits["test"].texts)
+        ('classification', ['正向', '负向'], ['train', 'validation', 'test'], 40)
     """
     check_task(task)
     raw, class_names = _read_source(source)

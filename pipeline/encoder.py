@@ -114,6 +114,14 @@ class Encoder:
         >>> enc = Encoder("path/to/qwen3-embedding", instruction="Classify the topic of a news title")  # doctest: +SKIP
         >>> enc.encode(["今天天气不错"])["last"].shape  # doctest: +SKIP
         (1, 1024)
+
+    Runnable, on pipeline.toy's model and data (seconds):
+
+        >>> import tempfile
+        >>> from pipeline.toy import toy_model
+        >>> enc = Encoder(toy_model(tempfile.mkdtemp()), precision="fp32")
+        >>> {name: vectors.shape for name, vectors in enc.encode(["很好", "这个东西真的很差"]).items()}
+        {'cls': (2, 32), 'mean': (2, 32), 'last': (2, 32)}
     """
 
     def __init__(self, model: str, *, device: str | None = "auto", precision: str = "auto",

@@ -199,6 +199,15 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
         texts, y = ["这本书写得真好", "质量太差了", "物流很快", "屏幕有坏点"], ["pos", "neg", "pos", "neg"]
         clf = TextClassifier("e5-small", prefix="query: ", pooling="mean").fit(texts, y)
         clf.predict(["价格便宜，性价比很高"])               # array(['pos'], dtype='<U3')
+
+    Runnable, on pipeline.toy's model and data (seconds):
+
+        >>> import tempfile
+        >>> from pipeline.toy import make_texts, toy_model
+        >>> texts, y = zip(*make_texts(120))
+        >>> clf = TextClassifier(toy_model(tempfile.mkdtemp()), epochs=20).fit(list(texts), ["neg pos".split()[i] for i in y])
+        >>> clf.classes_.tolist(), clf.predict(["好棒", "太差"]).shape, clf.predict_proba(["好棒"]).shape
+        (['neg', 'pos'], (2,), (1, 2))
     """
 
     def fit(self, X, y):
@@ -265,6 +274,15 @@ class TextRegressor(RegressorMixin, _TextEstimator):
         reg = TextRegressor("e5-small", prefix="query: ").fit(["很好", "还行", "很差"], [5.0, 3.0, 1.0])
         reg.predict(["不错"])                               # array([...]), in the targets' units
         reg.score(["很好", "很差"], [5.0, 1.0])             # R^2 (scikit-learn's RegressorMixin)
+
+    Runnable, on pipeline.toy's model and data (seconds):
+
+        >>> import tempfile
+        >>> from pipeline.toy import make_texts, toy_model
+        >>> texts, y = zip(*make_texts(120))
+        >>> reg = TextRegressor(toy_model(tempfile.mkdtemp()), epochs=20).fit(list(texts), [1.0 + 4 * v for v in y])
+        >>> reg.predict(["好棒", "太差"]).shape
+        (2,)
     """
 
     def fit(self, X, y):

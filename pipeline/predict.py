@@ -43,6 +43,18 @@ class Predictor:
         p.predict(["物流很快", "质量太差了"])           # a list, a list of dicts
         p.predict_proba("物流很快")                   # array of shape (2,): one probability per class
         Predictor("checkpoints/sts").predict("一只猫", pairs="一只小猫")  # {'text': ..., 'text_pair': ..., 'score': 4.2}
+
+    Runnable, on pipeline.toy's model and data (seconds):
+
+        >>> import tempfile
+        >>> from pipeline.toy import toy_features
+        >>> from pipeline.train import fit_head
+        >>> tmp = tempfile.mkdtemp()
+        >>> p = Predictor(fit_head(toy_features(tmp), f"{tmp}/head", epochs=5)[0], device="cpu")
+        >>> sorted(p.predict("这个东西真的很好"))
+        ['label', 'label_id', 'probs', 'text']
+        >>> p.predict_proba(["很好", "很差", "还可以"]).shape
+        (3, 2)
     """
 
     def __init__(self, checkpoint: str, *, model: str | None = None, device: str = "auto", weights: str = "best",
@@ -254,6 +266,16 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
 
         report = evaluate("checkpoints/snownlp-e5-small-sweep", split="test")
         print(report["accuracy"], report["macro_f1"], report["label_names"])
+
+    Runnable, on pipeline.toy's model and data (seconds):
+
+        >>> import tempfile
+        >>> from pipeline.toy import toy_features
+        >>> from pipeline.train import fit_head
+        >>> tmp = tempfile.mkdtemp()
+        >>> report = evaluate(fit_head(toy_features(tmp), f"{tmp}/head", epochs=5)[0], errors=1)
+        >>> report["n"], report["label_names"], len(report["confusion_matrix"]), list(report["errors"])
+        (40, ['正向', '负向'], 2, ['正向', '负向'])
     """
     config, head = load_checkpoint(checkpoint, weights, allow_pickle=allow_pickle)
     features = features or config["features"]["path"]

@@ -138,7 +138,17 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
 
 
 class FeatureStore:
-    """Read side of a complete cache file."""
+    """Read side of a complete cache file: its splits, pooled features, labels, texts and settings.
+
+    Args:
+        path: a features file written by `extract` (a `.partial` one is refused: resume the extract).
+
+        >>> import tempfile
+        >>> from pipeline.toy import toy_features
+        >>> with FeatureStore(toy_features(tempfile.mkdtemp())) as store:
+        ...     store.splits, store.feature_names, store.rows("test"), store.features("train", ["cls"])["cls"].shape
+        (['train', 'validation', 'test'], ['cls', 'mean', 'last'], 40, (160, 32))
+    """
 
     def __init__(self, path: str):
         if not os.path.exists(path):

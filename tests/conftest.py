@@ -6,54 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
 
-POS = "好棒赞喜欢满意推荐快美"
-NEG = "差烂坏慢贵失望退糟破"
-FILLER = "这个东西我们买了一次觉得真的很还是不可以"
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def make_texts(n: int, num_classes: int = 2, seed: int = 0) -> list[tuple[str, int]]:
-    """Texts whose label shows in their characters, with varied lengths (1 to ~60 characters)."""
-    rng = random.Random(seed)
-    marks = [POS, NEG] if num_classes == 2 else [chr(0x4E00 + 40 * c + i) * 1 for c in range(num_classes) for i in [0]]
-    out = []
-    for i in range(n):
-        label = i % num_classes
-        length = rng.choice([2, 5, 9, 15, 30, 60])
-        chars = [rng.choice(FILLER) for _ in range(length)]
-        for _ in range(max(1, length // 4)):
-            mark = marks[label]
-            chars[rng.randrange(length)] = rng.choice(mark)
-        out.append(("".join(chars), label))
-    return out
-
-
-def vocab_chars(num_classes: int = 8) -> list[str]:
-    chars = set(POS + NEG + FILLER + "我爱北京天安门今天不错")
-    chars |= {chr(0x4E00 + 40 * c) for c in range(num_classes)}
-    return sorted(chars)
-
-
-def build_tiny_bert(folder: str, hidden: int = 32, layers: int = 3, seed: int = 0) -> str:
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    os.makedirs(folder, exist_ok=True)
-    vocab = SPECIAL + vocab_chars() + [c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(vocab) + "\n")
-    tok = BertTokenizer(vocab=os.path.join(folder, "vocab.txt"), model_max_length=128)  # transformers 5: vocab=
-    assert tok.unk_token_id not in tok(vocab_chars()[0])["input_ids"]
-    tok.save_pretrained(folder)
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=2 * hidden, max_position_embeddings=128, pad_token_id=0)
-    BertModel(cfg).eval().save_pretrained(folder)
-    return folder
+from pipeline.toy import FILLER, NEG, POS, SPECIAL, make_texts, vocab_chars  # noqa: F401 (tests import them here)
+from pipeline.toy import toy_model as build_tiny_bert
 
 
 @pytest.fixture(scope="session")

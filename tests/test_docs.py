@@ -1,10 +1,14 @@
 """The docs stay true to the code: docs/cli.md is what scripts/cli_docs.py generates from the click
-commands (the cog pattern), no option is missing from it, the README stays short, and no relative link
-in README.md or docs/ points at a file or heading that is not there."""
+commands (the cog pattern), no option is missing from it, the README stays short, no relative link
+in README.md or docs/ points at a file or heading that is not there, and every `>>>` example in the
+package's docstrings runs and prints what it says."""
 from __future__ import annotations
 
+import doctest
+import importlib
 import importlib.util
 import re
+import tempfile
 from pathlib import Path
 
 import click
@@ -158,3 +162,15 @@ def test_code_the_docs_name_still_exists():
                 if hasattr(pipeline, cls) and not hasattr(getattr(pipeline, cls), attr):
                     missing.append(f"{page.name}: {cls}.{attr}")
     assert not missing, "the docs name code that is not there (update the docs):\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__main__"))
+def test_docstring_examples_run(name, one_thread, tmp_path, monkeypatch):
+    try:
+        module = importlib.import_module(f"pipeline.{name}" if name != "__init__" else "pipeline")
+    except ModuleNotFoundError as e:  # a module of an optional extra
+        pytest.skip(f"pipeline.{name} needs {e.name}")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp() folders land here
+    failed, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert failed == 0, f"{failed} of {attempted} examples in pipeline/{name}.py failed (printed above)"
+
