@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 17's GPU figures in one call on a lent GPU machine (the `device` tool), well inside its 10-minute
-# limit: speed.py on the bert-base shape (texts/s, share of the bf16 matmul peak), fit_device.py on CPU
-# and GPU (what `fit-head --device auto` reads), and compile_breakeven.py (what `--compile auto` reads).
-# That machine has torch, transformers, h5py and click but no PyPI; the reviews travel in .gpu/.
+# limit: the packed-vs-padded, neighbour-independence and compile parity tests on the GPU, speed.py on the
+# bert-base shape (texts/s, share of the bf16 matmul peak), fit_device.py on CPU and GPU (what `fit-head
+# --device auto` reads), and compile_breakeven.py (what `--compile auto` reads).
+# That machine has torch, transformers, h5py, click and pytest but no PyPI; the reviews travel in .gpu/.
 #
 #   bash benchmarks/gpu_checks.sh --prepare          # here, once: .gpu/ (git-ignored) with the reviews
 #   run(command="bash benchmarks/gpu_checks.sh", carry=[".gpu"], timeout_s=600)    # there
@@ -45,6 +46,7 @@ step() {  # name, seconds, command...: run it with a time limit, keep its output
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
   date -u; } 2>&1 | tee "$out/machine.txt"
+step tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_packed.py tests/test_compile.py -k "$DEVICE"
 step speed 300 "$PY" benchmarks/speed.py --device "$DEVICE" --models bert-base-shape --precision bf16 --no-st \
   --skip-extras --json "$out/speed.json" "${speed[@]}"
 step fit_device 120 "$PY" benchmarks/fit_device.py --devices "cpu,$DEVICE" "${fit[@]}"

@@ -5,7 +5,7 @@ import torch
 
 from pipeline import defaults as D
 from pipeline.encoder import Encoder, compile_pays
-from tests.test_packed import MAX, build, ragged_ids
+from tests.test_packed import DEVICES, MAX, build, ragged_ids
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,11 @@ def test_auto_is_off_for_a_tiny_run(model):
     assert enc.packed.compiled is None and enc.packed.compile_seconds == 0
 
 
-def test_compiled_matches_eager_and_keeps_the_fingerprint(model, capfd):
-    eager = Encoder(model, device="cpu", precision="fp32", layers=2, batch_tokens=256, compile="off")
-    auto = Encoder(model, device="cpu", precision="fp32", layers=2, batch_tokens=256, workers=2, compile="on")
-    ids = ragged_ids(eager) * 2  # several batches, on two worker threads
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_matches_eager_and_keeps_the_fingerprint(model, capfd, device):
+    eager = Encoder(model, device=device, precision="fp32", layers=2, batch_tokens=256, compile="off")
+    auto = Encoder(model, device=device, precision="fp32", layers=2, batch_tokens=256, workers=2, compile="on")
+    ids = ragged_ids(eager) * 2  # several batches, on two worker threads (on a CPU)
     assert max(map(len, ids)) == MAX and min(map(len, ids)) == 1
     a, b = eager.encode_ids(ids), auto.encode_ids(ids)
     assert auto.packed.compiled is not None and not auto.packed.compile_failed and auto.packed.compile_seconds > 0

@@ -9,6 +9,9 @@ from pipeline.encoder import Encoder
 from tests.conftest import SPECIAL, vocab_chars
 
 MAX = 64  # the tiny models' longest text, in tokens
+# The GPU path is the same code; where a GPU is present (benchmarks/gpu_checks.sh runs these there) it is
+# held to the same tolerances.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def build(folder: str, family: str, pad_id: int = 0, seed: int = 0) -> str:
@@ -59,9 +62,10 @@ def _cos(a, b):
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_packed_matches_padded_fp32(family_model):
-    packed = Encoder(family_model, device="cpu", precision="fp32", layers=2, batch_tokens=256)
-    padded = Encoder(family_model, device="cpu", precision="fp32", layers=2, batch_tokens=256, packing="off")
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_matches_padded_fp32(family_model, device):
+    packed = Encoder(family_model, device=device, precision="fp32", layers=2, batch_tokens=256)
+    padded = Encoder(family_model, device=device, precision="fp32", layers=2, batch_tokens=256, packing="off")
     assert packed.packing == "on" and padded.packing == "off"
     ids = ragged_ids(packed)
     assert max(map(len, ids)) == packed.max_length == MAX and min(map(len, ids)) == 1
@@ -72,26 +76,28 @@ def test_packed_matches_padded_fp32(family_model):
     # and the model's own forward, one text at a time, without any padding
     with torch.inference_mode():
         for i, seq in enumerate(ids):
-            ref = padded.model(input_ids=torch.tensor([seq])).last_hidden_state[0]
+            ref = padded.model(input_ids=torch.tensor([seq], device=device)).last_hidden_state[0].cpu()
             np.testing.assert_allclose(a["cls"][i], ref[0].numpy(), atol=1e-5, rtol=0)
             np.testing.assert_allclose(a["mean"][i], ref.mean(0).numpy(), atol=1e-5, rtol=0)
 
 
-def test_packed_matches_padded_bf16(family_model):
-    packed = Encoder(family_model, device="cpu", precision="bf16", batch_tokens=256)
-    padded = Encoder(family_model, device="cpu", precision="bf16", batch_tokens=256, packing="off")
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_matches_padded_bf16(family_model, device):
+    packed = Encoder(family_model, device=device, precision="bf16", batch_tokens=256)
+    padded = Encoder(family_model, device=device, precision="bf16", batch_tokens=256, packing="off")
     ids = ragged_ids(packed)
     a, b = packed.encode_ids(ids), padded.encode_ids(ids)
     for name in a:
         assert _cos(a[name], b[name]).min() >= 0.9999
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 2e-4)])
-def test_vector_independent_of_batch_neighbours(family_model, precision, tol):
+def test_vector_independent_of_batch_neighbours(family_model, precision, tol, device):
     """The same text alone and among others of many lengths: fp32 within 1e-5; bf16 within 2e-4 (measured
     here up to ~2e-5: a matmul's blocking follows the row count, and a bf16 rounding can flip with it),
     well inside the 4 decimals predict prints."""
-    enc = Encoder(family_model, device="cpu", precision=precision, batch_tokens=256)
+    enc = Encoder(family_model, device=device, precision=precision, batch_tokens=256)
     ids = ragged_ids(enc)
     together = enc.encode_ids(ids)
     for i in (0, 3, 4, len(ids) - 1):
