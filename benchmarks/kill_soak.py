@@ -23,7 +23,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import build_tiny_bert, make_texts, write_split_files  # noqa: E402
+from conftest import write_split_files  # noqa: E402
+from pipeline.toy import make_texts, toy_model  # noqa: E402
 
 # Popen.kill's exit status: -SIGKILL on POSIX; on Windows TerminateProcess's 1 (as an unexpected error's).
 KILLED = 1 if os.name == "nt" else -signal.SIGKILL
@@ -39,7 +40,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bc-soak-")
-    model = build_tiny_bert(os.path.join(work, "model"))
+    model = toy_model(os.path.join(work, "model"))
     rows = make_texts(3000, seed=7)
     data = write_split_files(os.path.join(work, "data"), "jsonl",
                              {"train": rows[:2400], "validation": rows[2400:2700], "test": rows[2700:]})

