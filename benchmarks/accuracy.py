@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import load  # noqa: E402
+from benchmarks.common import load, machine  # noqa: E402
 from pipeline.training import fit  # noqa: E402
 from pipeline import train as T  # noqa: E402
 from pipeline.sweep import describe_row, sweep  # noqa: E402
@@ -131,6 +131,7 @@ def main():
     args = ap.parse_args()
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; machine {platform.machine()} "
           f"{os.cpu_count()} cores; load average at start {load()}; command: python {' '.join(sys.argv)}")
+    print(f"machine: {machine()}")
     verdicts = []
     for features in args.features:
         stem = os.path.splitext(os.path.basename(features))[0]

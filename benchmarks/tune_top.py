@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import load  # noqa: E402
+from benchmarks.common import load, machine  # noqa: E402
 
 BATCH_TOKENS = 4096
 
@@ -123,6 +123,7 @@ def main():
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; machine {platform.machine()} "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}; load average at start {load()}; "
           f"command: python {' '.join(sys.argv)}")
+    print(f"machine: {machine()}")
     size = os.path.getsize(args.features)
     with T.FeatureStore(args.features) as store:
         info = store.info()
