@@ -9,7 +9,8 @@
 #   run(command="bash benchmarks/gpu_checks.sh", carry=[".gpu"], timeout_s=600)    # there
 #   DEVICE=cpu SMOKE=1 bash benchmarks/gpu_checks.sh # here: the same steps at toy sizes, to check the script
 #
-# Each step's output goes to $OUT (the device tool's) or ./gpu-out; a failing step is said and skipped.
+# Each step's output goes to $OUT (the device tool's) or ./gpu-out, 8 files in all (the most the device
+# tool brings back); a failing step is said and skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = --prepare ]; then
