@@ -543,6 +543,8 @@ def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | N
     if log and not app_options.get("api_key") and not is_loopback(host):
         log(f"warning: listening on {host} (beyond this machine) without an API key: anyone who can reach it "
             f"can use the model; pass --api-key or set {API_KEY_ENV}")
+    if log:  # seconds of imports, tokenizer and weights before the server listens
+        log(f"loading {checkpoint} ...")
     predictor = load_predictor(checkpoint, backend, model=model, device=device, weights=weights,
                                batch_tokens=batch_tokens, allow_pickle=allow_pickle, threads=threads)
     app = create_app(predictor, **app_options)
