@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 
@@ -129,9 +128,8 @@ def main():
     ap.add_argument("--out", default="checkpoints/bench-sweep", help="where each sweep's winner is saved "
                                                                       "(<out>-<features stem>)")
     args = ap.parse_args()
-    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; machine {platform.machine()} "
-          f"{os.cpu_count()} cores; load average at start {load()}; command: python {' '.join(sys.argv)}")
-    print(f"machine: {machine()}")
+    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {machine()}; "
+          f"load average at start {load()}; command: python {' '.join(sys.argv)}")
     verdicts = []
     for features in args.features:
         stem = os.path.splitext(os.path.basename(features))[0]

@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -120,10 +119,9 @@ def main():
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; machine {platform.machine()} "
-          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}; load average at start {load()}; "
+    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {machine()}; "
+          f"torch threads {torch.get_num_threads()}; load average at start {load()}; "
           f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {machine()}")
     size = os.path.getsize(args.features)
     with T.FeatureStore(args.features) as store:
         info = store.info()

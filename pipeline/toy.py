@@ -87,9 +87,19 @@ def toy_model(folder: str, hidden: int = 32, layers: int = 3, seed: int = 0) -> 
     return folder
 
 
+def toy_splits(num_classes: int = 2, train: int = 160, validation: int = 40, test: int = 40) -> dict:
+    """{"train", "validation", "test"} -> `make_texts` rows (seeds 1, 2, 3): the splits of `toy_data`.
+
+        >>> {split: len(rows) for split, rows in toy_splits(train=8).items()}
+        {'train': 8, 'validation': 40, 'test': 40}
+    """
+    return {"train": make_texts(train, num_classes, seed=1), "validation": make_texts(validation, num_classes, seed=2),
+            "test": make_texts(test, num_classes, seed=3)}
+
+
 def toy_data(folder: str, train: int = 160, validation: int = 40, test: int = 40) -> str:
     """Write `train.jsonl`, `validation.jsonl` and `test.jsonl` ({"text", "label"}, labels as LABEL_NAMES)
-    of `make_texts` in `folder` (made if missing); return it. `extract` and `load_corpus` read it.
+    of `toy_splits` in `folder` (made if missing); return it. `extract` and `load_corpus` read it.
 
     Args:
         folder: where to write.
@@ -100,9 +110,9 @@ def toy_data(folder: str, train: int = 160, validation: int = 40, test: int = 40
         ['test.jsonl', 'train.jsonl', 'validation.jsonl']
     """
     os.makedirs(folder, exist_ok=True)
-    for seed, (split, n) in enumerate((("train", train), ("validation", validation), ("test", test)), start=1):
+    for split, rows in toy_splits(2, train, validation, test).items():
         with open(os.path.join(folder, f"{split}.jsonl"), "w", encoding="utf-8") as f:
-            for text, label in make_texts(n, seed=seed):
+            for text, label in rows:
                 f.write(json.dumps({"text": text, "label": LABEL_NAMES[label]}, ensure_ascii=False) + "\n")
     return folder
 
@@ -122,4 +132,3 @@ def toy_features(folder: str) -> str:
 
     return extract(toy_model(os.path.join(folder, "model")), toy_data(os.path.join(folder, "data")),
                    os.path.join(folder, "toy.h5"), precision="fp32", device="cpu", progress=False, log=lambda msg: None)
-

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from pipeline.toy import FILLER, NEG, POS, SPECIAL, make_texts, vocab_chars  # noqa: F401 (tests import them here)
-from pipeline.toy import toy_model as build_tiny_bert
+from pipeline.toy import toy_model as build_tiny_bert, toy_splits
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +48,7 @@ def write_split_files(folder: str, fmt: str, splits: dict[str, list[tuple[str, i
 
 
 def default_splits(num_classes: int = 2, n_train: int = 160, n_val: int = 40, n_test: int = 40):
-    return {"train": make_texts(n_train, num_classes, seed=1), "validation": make_texts(n_val, num_classes, seed=2),
-            "test": make_texts(n_test, num_classes, seed=3)}
+    return toy_splits(num_classes, n_train, n_val, n_test)
 
 
 @pytest.fixture(scope="session")

@@ -173,4 +173,3 @@ def test_docstring_examples_run(name, one_thread, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp() folders land here
     failed, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert failed == 0, f"{failed} of {attempted} examples in pipeline/{name}.py failed (printed above)"
-
