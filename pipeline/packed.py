@@ -24,6 +24,7 @@ import platform
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -141,7 +142,7 @@ class PackedEncoder:
         if onednn is None:
             onednn = onednn_supported(self.fused[0][0])
         # Per layer: the fused q/k/v, attention output, intermediate (+ GELU) and output matmuls.
-        self.onednn = [_onednn_layer(w, b, args) for (w, b), args in zip(self.fused, self.ffn)] if onednn else None
+        self.onednn = [_onednn_layer(w, b, *args) for (w, b), args in zip(self.fused, self.ffn)] if onednn else None
         self.compiled = None  # the compiled _ffn while compile is on
         self.compile_failed = False
         self.compile_seconds = 0.0
@@ -162,7 +163,7 @@ class PackedEncoder:
         fn = self.compiled
         if fn is None:
             if self.onednn is not None:
-                return _ffn_onednn(a, x, self.onednn[i], self.ffn[i])
+                return _ffn_onednn(a, x, self.onednn[i], *self.ffn[i])
             return _ffn(a, x, *self.ffn[i])
         # One graph for any token count but 1 (torch specializes on it). Threads wait while a shape
         # compiles: compiling is not thread-safe; running compiled code is.
@@ -226,7 +227,7 @@ class PackedEncoder:
         for i, (layer, (w, b)) in enumerate(zip(self.model.encoder.layer, self.fused), start=1):
             if i > max(want):
                 break
-            qkv = F.linear(x, w, b) if self.onednn is None or self.compiled else self.onednn[i - 1][0](x)
+            qkv = F.linear(x, w, b) if self.onednn is None or self.compiled else self.onednn[i - 1].qkv(x)
             x = self._block(self.attention(qkv, p), x, i - 1)
             if i in want:
                 out[i] = x
@@ -296,20 +297,27 @@ def _exact_gelu(act) -> bool:
     return getattr(act, "act", None) is F.gelu  # transformers' GELUActivation (the "gelu" of BERT configs)
 
 
-def _onednn_layer(w, b, args) -> tuple:
-    wo, bo, wi, bi, act, wf, bf = args[0], args[1], args[5], args[6], args[7], args[8], args[9]
+class _OneDNNLayer(NamedTuple):
+    """One layer's matmuls from reordered weights; `act` is None where the GELU rides in `intermediate`."""
+    qkv: OneDNNLinear
+    attn_out: OneDNNLinear
+    intermediate: OneDNNLinear
+    act: object
+    output: OneDNNLinear
+
+
+def _onednn_layer(w, b, wo, bo, g1, c1, eps1, wi, bi, act, wf, bf, g2, c2, eps2) -> _OneDNNLayer:
+    """The fused q/k/v weight `w`, `b` and a layer's `_ffn_args`, reordered for oneDNN."""
     gelu = _exact_gelu(act)
-    return (OneDNNLinear(w, b), OneDNNLinear(wo, bo), OneDNNLinear(wi, bi, gelu=gelu), None if gelu else act,
-            OneDNNLinear(wf, bf))
+    return _OneDNNLayer(OneDNNLinear(w, b), OneDNNLinear(wo, bo), OneDNNLinear(wi, bi, gelu=gelu),
+                        None if gelu else act, OneDNNLinear(wf, bf))
 
 
-def _ffn_onednn(a, x, lins, args):
-    """`_ffn` with the layer's matmuls from oneDNN's reordered weights (`lins`, from `_onednn_layer`)."""
-    _, lo, li, act, lf = lins
-    g1, c1, eps1, g2, c2, eps2 = args[2], args[3], args[4], args[10], args[11], args[12]
-    x = F.layer_norm(lo(a) + x, x.shape[-1:], g1, c1, eps1)
-    h = li(x)
-    return F.layer_norm(lf(h if act is None else act(h)) + x, x.shape[-1:], g2, c2, eps2)
+def _ffn_onednn(a, x, lins, wo, bo, g1, c1, eps1, wi, bi, act, wf, bf, g2, c2, eps2):
+    """`_ffn` (same arguments after `lins`) with the matmuls from `lins`, a `_OneDNNLayer`."""
+    x = F.layer_norm(lins.attn_out(a) + x, x.shape[-1:], g1, c1, eps1)
+    h = lins.intermediate(x)
+    return F.layer_norm(lins.output(h if lins.act is None else lins.act(h)) + x, x.shape[-1:], g2, c2, eps2)
 
 
 def pool(hidden: torch.Tensor, p: Packing) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from pipeline.packed import OneDNNLinear, Packing, PackedEncoder, onednn_support
 from tests.conftest import SPECIAL, vocab_chars
 
 MAX = 64  # the tiny models' longest text, in tokens
+ONEDNN = onednn_supported(torch.zeros(1))  # x86 CPUs
 # The GPU path is the same code; where a GPU is present (benchmarks/gpu_checks.sh runs these there) it is
 # held to the same tolerances.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -108,7 +109,7 @@ def test_vector_independent_of_batch_neighbours(family_model, precision, tol, de
             np.testing.assert_allclose(together[name][i], alone[name][0], atol=tol, rtol=0)
 
 
-@pytest.mark.skipif(not onednn_supported(torch.zeros(1)), reason="oneDNN matmuls are for x86 CPUs")
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN matmuls are for x86 CPUs")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_onednn_matmuls_match_torch_linears(family_model, precision):
     """The packed encoder's matmuls from oneDNN-reordered weights (the default on x86 CPUs) against torch's
@@ -119,7 +120,7 @@ def test_onednn_matmuls_match_torch_linears(family_model, precision):
     plain = Encoder(family_model, device="cpu", precision=precision, batch_tokens=256)
     plain.packed = PackedEncoder(plain.model, onednn=False)
     assert fast.packed.onednn is not None and plain.packed.onednn is None
-    assert fast.packed.onednn[0][2].attr == "gelu"  # BERT's exact GELU rides in the matmul
+    assert fast.packed.onednn[0].intermediate.attr == "gelu"  # BERT's exact GELU rides in the matmul
     ids = ragged_ids(fast)
     a, b = fast.encode_ids(ids), plain.encode_ids(ids)
     for name in a:
@@ -129,7 +130,7 @@ def test_onednn_matmuls_match_torch_linears(family_model, precision):
             assert _cos(a[name], b[name]).min() >= 0.9999
 
 
-@pytest.mark.skipif(not onednn_supported(torch.zeros(1)), reason="oneDNN matmuls are for x86 CPUs")
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN matmuls are for x86 CPUs")
 def test_onednn_linear_is_linear_then_exact_gelu():
     """Pre-activations of a few units, where the tanh approximation of GELU is 1e-4 off the exact one."""
     g = torch.Generator().manual_seed(0)
@@ -139,14 +140,13 @@ def test_onednn_linear_is_linear_then_exact_gelu():
         torch.testing.assert_close(OneDNNLinear(w, b, gelu=True)(x), F.gelu(F.linear(x, w, b)), atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN matmuls are for x86 CPUs")
 def test_onednn_leaves_other_activations_to_the_model(tmp_path):
     """A layer whose activation is not the exact GELU keeps it as a separate step, with the same numbers."""
     from transformers import AutoModel
     model = AutoModel.from_pretrained(build(str(tmp_path), "bert"), hidden_act="gelu_new").eval()
-    if not onednn_supported(model.encoder.layer[0].output.dense.weight):
-        pytest.skip("oneDNN matmuls are for x86 CPUs")
     fast, plain = PackedEncoder(model, onednn=True), PackedEncoder(model, onednn=False)
-    assert fast.onednn[0][2].attr == "none" and fast.onednn[0][3] is not None
+    assert fast.onednn[0].intermediate.attr == "none" and fast.onednn[0].act is not None
     p = Packing.of([[2, 5, 9, 3], [2, 7, 3], [2]])
     with torch.inference_mode():
         torch.testing.assert_close(fast.forward(p, [2])[2], plain.forward(p, [2])[2], atol=1e-5, rtol=0)
