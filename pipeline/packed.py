@@ -5,7 +5,8 @@ The texts of a batch are concatenated into one [tokens, hidden] sequence with pe
 activation runs on real tokens only, with the HF model's own modules (so its weights, dtype casts and
 autocast rules apply unchanged). Attention is the only step that needs texts apart: q, k and v are
 gathered into a [texts, heads, longest, head_dim] block, run through SDPA with a key-padding mask
-(texts of a length-sorted batch are close in length, so little is wasted) and gathered back.
+(texts of a length-sorted batch are close in length, so little is wasted) and gathered back. In bf16 on
+the CPU, batches of short texts run attention as two batched matmuls instead (`matmul_attention`).
 
 No padded token ever enters a Linear or a LayerNorm, and no text's rows meet another's, so a text's
 vector does not depend on its batch neighbours beyond the last bits of matmul blocking.
@@ -35,6 +36,11 @@ import torch.nn.functional as F
 # padding_idx + 1.
 FAMILIES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+# bf16 CPU batches whose longest text has at most this many tokens run `matmul_attention`: 1.2-2x SDPA's
+# flash kernel up to here, slower past ~200 tokens (benchmarks/RESULTS.md, issue 17, section 3e).
+MATMUL_ATTENTION_MAX = 160
+# Its blocks are padded to a multiple of this: torch's bf16 softmax is ~2.5x slower on rows that are not.
+_SLOT_MULTIPLE = 16
 
 
 def unsupported(model) -> str | None:
@@ -76,6 +82,7 @@ class Packing:
     def __init__(self, ids, positions, lengths, starts, segment, scatter, gather, longest):
         self.ids, self.positions, self.lengths, self.starts = ids, positions, lengths, starts
         self.segment, self.scatter, self.gather, self.longest = segment, scatter, gather, longest
+        self._blocks = None  # matmul_attention's layout, see `blocks`
 
     @classmethod
     def of(cls, seqs: list, device: torch.device | str = "cpu") -> "Packing":
@@ -97,6 +104,23 @@ class Packing:
                       longest)
         packing.max_id = int(ids.max()) if total else 0  # on the host: embed needs no device sync to read it
         return packing
+
+    def blocks(self, heads: int, dtype: torch.dtype) -> tuple:
+        """`matmul_attention`'s layout, made on the first layer's call and kept for the others:
+        (slots: `longest` rounded up to a multiple of 16, gather [B * slots], scatter [T], bias
+        [B * heads, slots, slots] with -inf on padding keys)."""
+        key = (heads, dtype)
+        if self._blocks is None or self._blocks[0] != key:
+            batch = self.lengths.shape[0]
+            slots = -(-self.longest // _SLOT_MULTIPLE) * _SLOT_MULTIPLE
+            slot = torch.arange(slots, device=self.ids.device)
+            real = slot < self.lengths[:, None]
+            gather = (self.starts[:, None] + torch.where(real, slot, 0)).reshape(-1).clamp_(max=max(len(self.ids) - 1, 0))
+            scatter = self.segment * slots + self.positions
+            bias = torch.zeros(batch, 1, 1, slots, dtype=dtype, device=self.ids.device)
+            bias = bias.masked_fill_(~real[:, None, None, :], float("-inf")).expand(batch, heads, slots, slots)
+            self._blocks = (key, (slots, gather, scatter, bias.reshape(batch * heads, slots, slots)))
+        return self._blocks[1]
 
 
 class PackedEncoder:
@@ -204,9 +228,12 @@ class PackedEncoder:
     def attention(self, qkv: torch.Tensor, p: Packing) -> torch.Tensor:
         """Self-attention within each text: [T, 3 * hidden] -> [T, hidden]."""
         total, width = qkv.shape
+        batch = p.lengths.shape[0]
+        if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and batch > 1 and p.longest <= MATMUL_ATTENTION_MAX:
+            return self.matmul_attention(qkv, p)
         hidden = width // 3
         d = hidden // self.heads
-        batch, longest = p.lengths.shape[0], p.longest
+        longest = p.longest
         if batch == 1 or total == batch * longest:  # no padding needed (one text, or all of one length)
             block, mask = qkv.view(batch, longest, 3, self.heads, d), None
         else:
@@ -218,6 +245,26 @@ class PackedEncoder:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(batch * longest, hidden)
         return out if mask is None else out.index_select(0, p.scatter)
+
+    def matmul_attention(self, qkv: torch.Tensor, p: Packing) -> torch.Tensor:
+        """`attention` as a scores matmul, a softmax and a values matmul over padded [B * heads, slots, d]
+        blocks. For bf16 batches of short texts on the CPU, where SDPA's flash kernel is slow: e5-small's
+        encoder 3% faster (benchmarks/RESULTS.md, issue 17).
+
+        The keys are centred per text and head first. Softmax over keys ignores any vector subtracted
+        from all of them (it shifts a query's scores by one constant), and centred keys give smaller
+        scores, which lose less where the matmul rounds them to bf16: e5-small's min cosine against the
+        padded path is 0.999992 with centring and 0.99994 without (SDPA: 0.999993)."""
+        hidden = qkv.shape[1] // 3
+        d = hidden // self.heads
+        batch = p.lengths.shape[0]
+        slots, gather, scatter, bias = p.blocks(self.heads, qkv.dtype)
+        block = qkv.index_select(0, gather).view(batch, slots, 3, self.heads, d)
+        q, k, v = block.permute(2, 0, 3, 1, 4).reshape(3, batch * self.heads, slots, d).unbind(0)
+        k = k - k.mean(1, keepdim=True)
+        probs = torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=d ** -0.5), -1)
+        out = torch.bmm(probs, v).view(batch, self.heads, slots, d).transpose(1, 2).reshape(batch * slots, hidden)
+        return out.index_select(0, scatter)
 
     def forward(self, p: Packing, layers: list[int]) -> dict[int, torch.Tensor]:
         """Hidden states [T, hidden] of `layers` (0 = embeddings, as HF's hidden_states count)."""
