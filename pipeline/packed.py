@@ -6,7 +6,7 @@ activation runs on real tokens only, with the HF model's own modules (so its wei
 autocast rules apply unchanged). Attention is the only step that needs texts apart: q, k and v are
 gathered into a [texts, heads, longest, head_dim] block, run through SDPA with a key-padding mask
 (texts of a length-sorted batch are close in length, so little is wasted) and gathered back. In bf16 on
-the CPU, batches of short texts run attention as two batched matmuls instead (`matmul_attention`).
+the CPU, batches of several texts run attention as two batched matmuls instead (`matmul_attention`).
 
 No padded token ever enters a Linear or a LayerNorm, and no text's rows meet another's, so a text's
 vector does not depend on its batch neighbours beyond the last bits of matmul blocking.
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 # padding_idx + 1.
 FAMILIES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-# bf16 CPU batches whose longest text has at most this many tokens run `matmul_attention`: 1.2-2x SDPA's
-# flash kernel up to here, slower past ~200 tokens (benchmarks/RESULTS.md, issue 17, section 3e).
-MATMUL_ATTENTION_MAX = 160
-# Its blocks are padded to a multiple of this: torch's bf16 softmax is ~2.5x slower on rows that are not.
+# `matmul_attention` pads blocks to a multiple of _SLOT_MULTIPLE tokens (torch's bf16 softmax is ~2.5x slower
+# on rows that are not) and scores _QUERY_CHUNK queries at a time (scores of long texts at once do not stay
+# in cache: 0.5-0.7x SDPA's speed at 150-512 tokens, 1.2-1.5x in chunks of 64; 32 and 128 measured slower).
 _SLOT_MULTIPLE = 16
+_QUERY_CHUNK = 64
 
 
 def unsupported(model) -> str | None:
@@ -108,7 +108,7 @@ class Packing:
     def blocks(self, heads: int, dtype: torch.dtype) -> tuple:
         """`matmul_attention`'s layout, made on the first layer's call and kept for the others:
         (slots: `longest` rounded up to a multiple of 16, gather [B * slots], scatter [T], bias
-        [B * heads, slots, slots] with -inf on padding keys)."""
+        [B * heads, min(64, slots), slots] with -inf on padding keys: one chunk of queries' worth)."""
         key = (heads, dtype)
         if self._blocks is None or self._blocks[0] != key:
             batch = self.lengths.shape[0]
@@ -117,9 +117,10 @@ class Packing:
             real = slot < self.lengths[:, None]
             gather = (self.starts[:, None] + torch.where(real, slot, 0)).reshape(-1).clamp_(max=max(len(self.ids) - 1, 0))
             scatter = self.segment * slots + self.positions
+            rows = min(_QUERY_CHUNK, slots)
             bias = torch.zeros(batch, 1, 1, slots, dtype=dtype, device=self.ids.device)
-            bias = bias.masked_fill_(~real[:, None, None, :], float("-inf")).expand(batch, heads, slots, slots)
-            self._blocks = (key, (slots, gather, scatter, bias.reshape(batch * heads, slots, slots)))
+            bias = bias.masked_fill_(~real[:, None, None, :], float("-inf")).expand(batch, heads, rows, slots)
+            self._blocks = (key, (slots, gather, scatter, bias.reshape(batch * heads, rows, slots)))
         return self._blocks[1]
 
 
@@ -128,6 +129,9 @@ class PackedEncoder:
 
     Args:
         model: a loaded HF BertModel / RobertaModel / XLMRobertaModel (`unsupported(model)` is None).
+        onednn: matmuls from oneDNN-reordered weights (below); None: where `onednn_supported`.
+        matmul_attention: attention of several texts by `matmul_attention` instead of SDPA; None: in bf16
+            on the CPU, where it is faster.
     The q, k and v weights of every layer are made views of one fused [3 * hidden, hidden] weight
     (one matmul instead of three; the model's own forward still works and gives the same numbers).
 
@@ -144,7 +148,7 @@ class PackedEncoder:
     If compiling fails (no C++ compiler, an op inductor does not cover) the layers run eagerly, said once.
     """
 
-    def __init__(self, model, onednn: bool | None = None):
+    def __init__(self, model, onednn: bool | None = None, matmul_attention: bool | None = None):
         reason = unsupported(model)
         if reason:
             raise ValueError(f"cannot pack this model: {reason}")
@@ -167,6 +171,7 @@ class PackedEncoder:
             onednn = onednn_supported(self.fused[0][0])
         # Per layer: the fused q/k/v, attention output, intermediate (+ GELU) and output matmuls.
         self.onednn = [_onednn_layer(w, b, *args) for (w, b), args in zip(self.fused, self.ffn)] if onednn else None
+        self.matmul_attention_on = matmul_attention  # None: for bf16 on the CPU (see `attention`)
         self.compiled = None  # the compiled _ffn while compile is on
         self.compile_failed = False
         self.compile_seconds = 0.0
@@ -229,7 +234,8 @@ class PackedEncoder:
         """Self-attention within each text: [T, 3 * hidden] -> [T, hidden]."""
         total, width = qkv.shape
         batch = p.lengths.shape[0]
-        if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and batch > 1 and p.longest <= MATMUL_ATTENTION_MAX:
+        if batch > 1 and (self.matmul_attention_on if self.matmul_attention_on is not None
+                          else qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu"):
             return self.matmul_attention(qkv, p)
         hidden = width // 3
         d = hidden // self.heads
@@ -248,8 +254,9 @@ class PackedEncoder:
 
     def matmul_attention(self, qkv: torch.Tensor, p: Packing) -> torch.Tensor:
         """`attention` as a scores matmul, a softmax and a values matmul over padded [B * heads, slots, d]
-        blocks. For bf16 batches of short texts on the CPU, where SDPA's flash kernel is slow: e5-small's
-        encoder 3% faster (benchmarks/RESULTS.md, issue 17).
+        blocks, 64 queries at a time. For bf16 batches on the CPU, where SDPA's flash kernel is slow for
+        many texts: the encoder 4-5% faster on e5-small and the bert-base shape (benchmarks/RESULTS.md,
+        issue 17). One text alone keeps SDPA, which needs no mask then.
 
         The keys are centred per text and head first. Softmax over keys ignores any vector subtracted
         from all of them (it shifts a query's scores by one constant), and centred keys give smaller
@@ -261,9 +268,13 @@ class PackedEncoder:
         slots, gather, scatter, bias = p.blocks(self.heads, qkv.dtype)
         block = qkv.index_select(0, gather).view(batch, slots, 3, self.heads, d)
         q, k, v = block.permute(2, 0, 3, 1, 4).reshape(3, batch * self.heads, slots, d).unbind(0)
-        k = k - k.mean(1, keepdim=True)
-        probs = torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=d ** -0.5), -1)
-        out = torch.bmm(probs, v).view(batch, self.heads, slots, d).transpose(1, 2).reshape(batch * slots, hidden)
+        keys = (k - k.mean(1, keepdim=True)).transpose(1, 2)
+        out = torch.empty_like(q)
+        for start in range(0, slots, _QUERY_CHUNK):
+            end = min(start + _QUERY_CHUNK, slots)
+            scores = torch.baddbmm(bias[:, :end - start], q[:, start:end], keys, alpha=d ** -0.5)
+            torch.bmm(torch.softmax(scores, -1), v, out=out[:, start:end])
+        out = out.view(batch, self.heads, slots, d).transpose(1, 2).reshape(batch * slots, hidden)
         return out.index_select(0, scatter)
 
     def forward(self, p: Packing, layers: list[int]) -> dict[int, torch.Tensor]:

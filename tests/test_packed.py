@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.encoder import Encoder
-import pipeline.packed as packed_mod
 from pipeline.packed import OneDNNLinear, Packing, PackedEncoder, onednn_supported
 from tests.conftest import SPECIAL, vocab_chars
 
@@ -86,12 +85,12 @@ def test_packed_matches_padded_fp32(family_model, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
-def test_packed_matches_padded_bf16(family_model, device, attention, monkeypatch):
-    """bf16 on the CPU: the tiny models' texts (<= 64 tokens) take matmul_attention, or SDPA as longer ones do."""
-    if attention == "sdpa":
-        monkeypatch.setattr(packed_mod, "MATMUL_ATTENTION_MAX", 0)
+@pytest.mark.parametrize("attention", ["auto", "sdpa", "matmul"])
+def test_packed_matches_padded_bf16(family_model, device, attention):
+    """bf16 with each attention kernel (auto: matmul_attention on the CPU, SDPA on a GPU)."""
     packed = Encoder(family_model, device=device, precision="bf16", batch_tokens=256)
+    if attention != "auto":
+        packed.packed = PackedEncoder(packed.model, matmul_attention=attention == "matmul")
     padded = Encoder(family_model, device=device, precision="bf16", batch_tokens=256, packing="off")
     ids = ragged_ids(packed)
     a, b = packed.encode_ids(ids), padded.encode_ids(ids)
@@ -100,14 +99,14 @@ def test_packed_matches_padded_bf16(family_model, device, attention, monkeypatch
 
 
 def test_matmul_attention_centres_keys():
-    """bf16 attention over ragged texts (1 to MATMUL_ATTENTION_MAX tokens) whose keys share a large component,
-    as trained models' keys do, against float32 attention of the same inputs. Without the centring the
-    scores round to bf16 at their full size and the outputs are off by ~0.05; with it, by ~0.01."""
+    """bf16 attention over ragged texts (1 to 160 tokens: three chunks of queries) whose keys share a large
+    component, as trained models' keys do, against float32 attention of the same inputs. Without the
+    centring the scores round to bf16 at their full size and the outputs are off by ~0.05; with it, ~0.01."""
     from transformers import BertConfig, BertModel
     hidden, heads = 32, 4
     encoder = PackedEncoder(BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads,
                                                  intermediate_size=64, vocab_size=50)).eval())
-    lengths = [1, packed_mod.MATMUL_ATTENTION_MAX, 7, 40, 2, 33]
+    lengths = [1, 160, 7, 40, 2, 33]
     p = Packing.of([[1] * n for n in lengths])
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(sum(lengths), 3 * hidden, generator=g)
