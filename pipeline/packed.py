@@ -93,35 +93,36 @@ class Packing:
         ids = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=total)
         segment = np.repeat(np.arange(len(seqs)), lengths)
         positions = np.arange(total, dtype=np.int64) - starts[segment]
-        scatter = segment * longest + positions
-        slot = np.arange(longest)
-        gather = (starts[:, None] + np.where(slot < lengths[:, None], slot, 0)).reshape(-1)
-        np.minimum(gather, max(total - 1, 0), out=gather)  # an empty text (no special tokens) points in range
-
-        def put(a):
-            return torch.from_numpy(a).to(device, non_blocking=True)
-        packing = cls(put(ids), put(positions), put(lengths), put(starts), put(segment), put(scatter), put(gather),
-                      longest)
+        host = [torch.from_numpy(a) for a in (ids, positions, lengths, starts, segment)]
+        _, gather, scatter = _block_layout(*host[1:], longest)  # host[1:]: positions, lengths, starts, segment
+        packing = cls(*(t.to(device, non_blocking=True) for t in (*host, scatter, gather)), longest)
         packing.max_id = int(ids.max()) if total else 0  # on the host: embed needs no device sync to read it
         return packing
 
     def blocks(self, heads: int, dtype: torch.dtype) -> tuple:
         """`matmul_attention`'s layout, made on the first layer's call and kept for the others:
         (slots: `longest` rounded up to a multiple of 16, gather [B * slots], scatter [T], bias
-        [B * heads, min(64, slots), slots] with -inf on padding keys: one chunk of queries' worth)."""
+        [B * heads, 1, slots] with -inf on padding keys, for every query)."""
         key = (heads, dtype)
         if self._blocks is None or self._blocks[0] != key:
             batch = self.lengths.shape[0]
             slots = -(-self.longest // _SLOT_MULTIPLE) * _SLOT_MULTIPLE
-            slot = torch.arange(slots, device=self.ids.device)
-            real = slot < self.lengths[:, None]
-            gather = (self.starts[:, None] + torch.where(real, slot, 0)).reshape(-1).clamp_(max=max(len(self.ids) - 1, 0))
-            scatter = self.segment * slots + self.positions
-            rows = min(_QUERY_CHUNK, slots)
-            bias = torch.zeros(batch, 1, 1, slots, dtype=dtype, device=self.ids.device)
-            bias = bias.masked_fill_(~real[:, None, None, :], float("-inf")).expand(batch, heads, rows, slots)
-            self._blocks = (key, (slots, gather, scatter, bias.reshape(batch * heads, rows, slots)))
+            real, gather, scatter = _block_layout(self.positions, self.lengths, self.starts, self.segment, slots)
+            bias = torch.zeros(batch, 1, slots, dtype=dtype, device=self.ids.device)
+            bias = bias.masked_fill_(~real[:, None, :], float("-inf")).expand(batch, heads, slots)
+            self._blocks = (key, (slots, gather, scatter, bias.reshape(batch * heads, 1, slots)))
         return self._blocks[1]
+
+
+def _block_layout(positions, lengths, starts, segment, width: int) -> tuple:
+    """Between packed rows [T] and a padded [B * width] block: `real` [B, width] (the slot holds a token),
+    `gather` [B * width] (the row each slot takes: its own token's, or for padding slots the text's first,
+    which the key mask hides) and `scatter` [T] (each token's slot)."""
+    slot = torch.arange(width, device=lengths.device)
+    real = slot < lengths[:, None]
+    gather = (starts[:, None] + torch.where(real, slot, 0)).reshape(-1)
+    gather.clamp_(max=max(len(positions) - 1, 0))  # an empty text (no special tokens) points in range
+    return real, gather, segment * width + positions
 
 
 class PackedEncoder:
@@ -274,7 +275,7 @@ class PackedEncoder:
         out = torch.empty_like(q)
         for start in range(0, slots, _QUERY_CHUNK):
             end = min(start + _QUERY_CHUNK, slots)
-            scores = torch.baddbmm(bias[:, :end - start], q[:, start:end], keys, alpha=d ** -0.5)
+            scores = torch.baddbmm(bias, q[:, start:end], keys, alpha=d ** -0.5)
             torch.bmm(torch.softmax(scores, -1), v, out=out[:, start:end])
         out = out.view(batch, self.heads, slots, d).transpose(1, 2).reshape(batch * slots, hidden)
         return out.index_select(0, scatter)
