@@ -1,16 +1,20 @@
-"""Start-up time of `bertcache --help` (`python -m pipeline --help` in a fresh process), per source tree,
-against a bare `import torch` for reference. Runs alternate between the trees; medians are printed.
+"""Start-up time of a bertcache command (`python -m pipeline --help` by default) in a fresh process, per
+source tree, against a bare `import torch` for reference. Runs alternate between the trees; medians are
+printed.
 
-    python benchmarks/startup.py [--runs 15] [--tree /path/to/another/checkout ...]
+    python benchmarks/startup.py [--runs 15] [--tree /path/to/another/checkout ...] [--args "predict -c CK 很好"]
 
 Without --tree it times this checkout only. Each tree is put first on PYTHONPATH, so any checkout of
 bertcache (for instance the one before the package root became lazy) can be compared in one run.
+`--args` times another command line instead of `--help` (split as a shell would), for instance a
+one-sentence `predict`, whose time is mostly loading the libraries, the tokenizer and the weights.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -32,9 +36,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=15, help="runs per command (the median is reported)")
     p.add_argument("--tree", action="append", default=[], help="another bertcache checkout to time (repeatable)")
+    p.add_argument("--args", default="--help", help="the bertcache command line to time (default: --help)")
     args = p.parse_args()
     trees = [HERE] + [os.path.abspath(t) for t in args.tree]
-    cases = [(f"bertcache --help  [{t}]", [sys.executable, "-m", "pipeline", "--help"], t) for t in trees]
+    words = shlex.split(args.args)
+    cases = [(f"bertcache {' '.join(words)[:40]}  [{t}]", [sys.executable, "-m", "pipeline", *words], t) for t in trees]
     cases.append(("python -c 'import torch'  (reference)", [sys.executable, "-c", "import torch"], None))
     for _, cmd, tree in cases:  # warm the page cache once
         seconds(cmd, tree)

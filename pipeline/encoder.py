@@ -31,6 +31,7 @@ from . import defaults as D
 from . import models as M
 from .poolings import DECODER_POOLS, POOLS as POOLINGS, SENTENCE, feature_name, feature_names
 from .threads import torch_threads
+from .tokenizer import load_tokenizer, tokenizer_files
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MAX_LENGTH = 512
 # Batches are padded to a multiple of this many tokens: few distinct shapes, so the kernels' per-shape
@@ -129,7 +130,7 @@ class Encoder:
                  revision: str | None = None, batch_tokens: int | None = None, packing: str = "auto",
                  workers: int | None = None, instruction: str | None = None, log=None, long_texts: str = "truncate",
                  stride: int | None = None, compile: str = "auto"):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
         from .sentence import SentenceModules
 
@@ -146,7 +147,7 @@ class Encoder:
         hf_logging.disable_progress_bar()
         where = {"revision": revision, **({"local_files_only": True} if source.offline else {})}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, **where)
+            self.tokenizer, self.tokenizer_class = load_tokenizer(path, **where)
         except Exception as e:  # OSError, ValueError, ...: transformers uses several for "cannot load"
             raise UserError(f"cannot load the tokenizer of model {model!r}: {_first_line(e)}") from e
         try:
@@ -243,10 +244,8 @@ class Encoder:
         if os.path.isdir(path):
             files = os.listdir(path)
             weights = [f for f in files if f.endswith((".safetensors", ".bin")) and not f.startswith("training_args")]
-            tok = [f for f in files if f.startswith(("tokenizer", "vocab", "special_tokens", "sentencepiece",
-                                                     "spiece", "merges", "added_tokens")) or f.endswith((".model", ".spm"))]
             h.update(_hash_files(path, weights).encode())
-            h.update(_hash_files(path, tok).encode())
+            h.update(_hash_files(path, tokenizer_files(path)).encode())
         else:
             h.update(f"{self.model_ref}@{self.commit or self.revision or ''}".encode())
         return h.hexdigest()[:32]
@@ -257,7 +256,7 @@ class Encoder:
                "commit": self.commit, "model_fingerprint": self.model_fingerprint, "config_hash": self.config_hash,
                "max_length": self.max_length, "prefix": self.prefix, "instruction": self.instruction,
                "precision": self.precision, "layers": self.layers, "poolings": list(self.pools),
-               "hidden_size": self.hidden_size, "tokenizer": type(self.tokenizer).__name__,
+               "hidden_size": self.hidden_size, "tokenizer": self.tokenizer_class,
                "family": self.family, "model_type": self.model.config.model_type,
                "default_pooling": self.default_pooling()}
         if self.eos_id is not None:

@@ -29,6 +29,7 @@ import torch
 from .checkpoint import load_checkpoint, read_config, write_folder, write_json
 from .errors import UserError
 from .onnx_runner import FORMAT, INPUTS, META_FILE, MODEL_FILE, OUTPUTS
+from .tokenizer import save_tokenizer
 
 FORMATS = ("onnx",)
 INSTALL_HINT = "pip install 'bertcache[onnx]'"
@@ -104,7 +105,7 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
             "label_names": config["label_names"], "pooling": config["pooling"], "head": config["head"],
             "tokenizer": {"prefix": encoder.prefix, "max_length": encoder.max_length, "pad_id": encoder.pad_id,
                           "truncation_side": getattr(encoder.tokenizer, "truncation_side", "right"),
-                          "class": type(encoder.tokenizer).__name__},
+                          "class": encoder.tokenizer_class},
             "encoder": {**enc, "precision_exported": "fp32"}, "torch_version": torch.__version__}
 
     def write(tmp: str) -> None:
@@ -120,7 +121,7 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
                                         dynamic_shapes={"input_ids": {0: batch, 1: length},
                                                         "attention_mask": {0: batch, 1: length}})
         program.save(os.path.join(tmp, MODEL_FILE))
-        encoder.tokenizer.save_pretrained(tmp)
+        save_tokenizer(encoder.tokenizer, encoder.tokenizer_class, tmp)
         if not os.path.exists(os.path.join(tmp, "tokenizer.json")):
             raise UserError(f"the tokenizer of {encoder.model_ref!r} has no fast (tokenizers) version, which the "
                             "ONNX runner needs")

@@ -1,0 +1,177 @@
+"""A model's tokenizer, loaded as AutoTokenizer does, and remembered when that is slow.
+
+transformers 5 builds some tokenizers again from the parts of their tokenizer.json on every load, in
+Python: XLM-R's 250,002-piece Unigram (e5, bge-m3) takes over 2 s on a laptop core, a third of a
+one-sentence `predict`. The first load here goes through AutoTokenizer as always. When it took longer
+than `MEMO_MIN_SECONDS` and the class adds nothing to transformers' generic TokenizersBackend but its
+constructor, the tokenizer it built is saved once under `$BERTCACHE_HOME/tokenizers/<key>`. The copy is
+kept only if it reads back as a plain TokenizersBackend that encodes a set of probe texts (singles and
+pairs, special tokens, odd spaces, truncation with overflow) to the same ids, masks, token types and
+offsets and has the same special tokens and limits. Later loads read it back in under half the time.
+The key covers the tokenizer files' bytes and the transformers and tokenizers versions: a changed file
+or library makes a new copy; the newest `MEMO_KEEP` are kept.
+
+    >>> import tempfile
+    >>> from pipeline.toy import toy_model
+    >>> tok, name = load_tokenizer(toy_model(tempfile.mkdtemp()))
+    >>> name, tok("很好")["input_ids"][0] == tok.cls_token_id
+    ('BertTokenizer', True)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from .fingerprints import hash_files
+
+MEMO_MIN_SECONDS = 0.5  # tokenizers that load faster than this are not worth a copy on disk
+MEMO_KEEP = 8  # copies kept (each the size of a tokenizer.json: 17 MB for XLM-R)
+MEMO_FILE = "bertcache.json"  # written last: a folder without it is not a finished copy
+PROBES = ["这本书写得真好，值得一读", "Hello,  world!\tTabs\nand  lines ", "  ", "", "a",
+          "Ünïcödé ｆｕｌｌｗｉｄｔｈ １２３ 😀👍🏽", "query: 混合 English 文本 3.14"]
+CLASS_ATTRS = ("model_input_names", "padding_side", "truncation_side")
+SPECIAL_ATTRS = ("pad_token_id", "cls_token_id", "sep_token_id", "eos_token_id", "bos_token_id", "unk_token_id",
+                 "mask_token_id", "all_special_ids", "model_max_length", "is_fast") + CLASS_ATTRS
+
+
+def tokenizer_files(folder: str) -> list[str]:
+    """The files in `folder` that define its tokenizer (what the model fingerprint hashes)."""
+    return sorted(f for f in os.listdir(folder)
+                  if f.startswith(("tokenizer", "vocab", "special_tokens", "sentencepiece", "spiece", "merges",
+                                   "added_tokens")) or f.endswith((".model", ".spm")))
+
+
+def load_tokenizer(path: str, folder: str | None = None, *, memo_home: str | None = None,
+                   min_seconds: float | None = None, **where):
+    """(tokenizer, class name): `AutoTokenizer.from_pretrained(path, **where)`, or its remembered copy.
+
+    Args:
+        path: what from_pretrained takes (a folder or a hub id).
+        folder: the local folder holding the tokenizer files; None: `path` if it is a folder, else
+            nothing is remembered.
+        memo_home: where copies go (default `$BERTCACHE_HOME/tokenizers`).
+        min_seconds: a load faster than this is not remembered (default MEMO_MIN_SECONDS).
+        where: from_pretrained's keyword arguments (revision, local_files_only).
+
+    The class name is AutoTokenizer's class even when the copy (a TokenizersBackend) is returned, so
+    that settings and fingerprints do not depend on which path loaded it. See the module doc.
+    """
+    from transformers import AutoTokenizer
+
+    folder = folder or (path if os.path.isdir(path) else None)
+    memo = _memo_folder(folder, memo_home) if folder else None
+    if memo and os.path.exists(os.path.join(memo, MEMO_FILE)):
+        try:
+            return _read_copy(memo)
+        except Exception:  # unreadable (a library changed underneath, a file removed): load and copy again
+            shutil.rmtree(memo, ignore_errors=True)
+    start = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(path, **where)
+    name = type(tok).__name__
+    least = MEMO_MIN_SECONDS if min_seconds is None else min_seconds
+    if memo and time.perf_counter() - start >= least and _plain(type(tok)):
+        _write_copy(tok, name, memo)
+    return tok, name
+
+
+def save_tokenizer(tok, name: str, folder: str) -> None:
+    """`tok.save_pretrained(folder)`, with `name` (load_tokenizer's class name) as the saved tokenizer class,
+    so that a remembered copy saves as the model's own tokenizer would."""
+    tok.save_pretrained(folder)
+    config = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(config):
+        with open(config, encoding="utf-8") as f:
+            settings = json.load(f)
+        settings["tokenizer_class"] = name
+        with open(config, "w", encoding="utf-8") as f:
+            json.dump(settings, f, ensure_ascii=False, indent=2)
+
+
+def _memo_folder(folder: str, home: str | None) -> str | None:
+    import tokenizers
+    import transformers
+    try:
+        files = tokenizer_files(folder)
+    except OSError:
+        return None
+    if "tokenizer.json" not in files:  # only fast tokenizers are rebuilt, and only they can be copied
+        return None
+    from .e5 import cache_home
+    digest = hash_files(folder, files, memo=os.path.join(cache_home(), "file-hashes.json"))
+    key = hashlib.sha256(f"{digest} {transformers.__version__} {tokenizers.__version__}".encode()).hexdigest()
+    return os.path.join(home or os.path.join(cache_home(), "tokenizers"), key[:32])
+
+
+def _plain(cls) -> bool:
+    """Whether `cls` is a TokenizersBackend whose classes between it and TokenizersBackend define only a
+    constructor and data (no methods that would behave differently on the generic class)."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    if not issubclass(cls, TokenizersBackend) or cls is TokenizersBackend:
+        return False
+    for klass in cls.__mro__[:cls.__mro__.index(TokenizersBackend)]:
+        for attr, value in vars(klass).items():
+            if attr in ("__init__", "model") or attr.startswith("__"):
+                continue
+            if callable(value) or isinstance(value, (property, classmethod, staticmethod)):
+                return False
+    return True
+
+
+def _read_copy(memo: str):
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    with open(os.path.join(memo, MEMO_FILE), encoding="utf-8") as f:
+        meta = json.load(f)
+    # The class's own defaults (BERT's token_type_ids among the inputs) are not in its saved config.
+    return TokenizersBackend.from_pretrained(memo, **meta["init"]), meta["class"]
+
+
+def _write_copy(tok, name: str, memo: str) -> None:
+    """Save, read back, compare, then publish with one rename; any failure leaves no copy (an optimization)."""
+    home = os.path.dirname(memo)
+    tmp = None
+    try:
+        os.makedirs(home, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=home)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, MEMO_FILE), "w", encoding="utf-8") as f:
+            json.dump({"class": name, "init": {k: getattr(tok, k) for k in CLASS_ATTRS}}, f)
+        copy, _ = _read_copy(tmp)
+        if not same_tokenizer(tok, copy):
+            return
+        os.rename(tmp, memo)  # another process may have published first: then ours is dropped below
+        tmp = None
+        _prune(home)
+    except Exception:
+        pass
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune(home: str) -> None:
+    copies = [os.path.join(home, d) for d in os.listdir(home) if not d.startswith(".")]
+    for old in sorted(copies, key=os.path.getmtime, reverse=True)[MEMO_KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether tokenizers `a` and `b` encode `PROBES` (alone, in pairs, cut with overflow) the same and agree
+    on special tokens, vocabulary size and limits.
+
+        >>> import tempfile
+        >>> from pipeline.toy import toy_model
+        >>> folder = toy_model(tempfile.mkdtemp())
+        >>> same_tokenizer(load_tokenizer(folder)[0], load_tokenizer(folder)[0])
+        True
+    """
+    if any(getattr(a, k, None) != getattr(b, k, None) for k in SPECIAL_ATTRS) or len(a) != len(b):
+        return False
+    texts = PROBES + [" ".join(a.all_special_tokens) + " x"]
+    calls = [((texts,), {"return_offsets_mapping": True}), ((texts,), {"add_special_tokens": False}),
+             ((texts,), {"truncation": True, "max_length": 6, "stride": 2, "return_overflowing_tokens": True}),
+             ((texts, texts[::-1]), {"truncation": True, "max_length": 12, "return_token_type_ids": True})]
+    return all(dict(a(*args, **kw)) == dict(b(*args, **kw)) for args, kw in calls)

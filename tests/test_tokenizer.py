@@ -1,0 +1,120 @@
+"""The remembered tokenizer (pipeline/tokenizer.py): a copy reads back encoding exactly as AutoTokenizer's
+tokenizer does, follows its files, survives damage, and the encoder's vectors and settings do not change."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import tokenizer as T
+from pipeline.toy import make_texts, toy_model, vocab_chars
+
+TEXTS = [t for t, _ in make_texts(12)] + ["Hello  world", "", "我爱北京天安门 abc", "<mask> 今天 </s>"]
+
+
+def xlmr_folder(folder: str) -> str:
+    """A tiny XLM-R-style (Unigram) tokenizer, the kind transformers 5 rebuilds on every load."""
+    from transformers import XLMRobertaTokenizer
+    pieces = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(c, -1.0 - i / 10) for i, c in enumerate(vocab_chars())] + [("▁" + c, -9.0) for c in "abcdehlorw"]
+    pieces += [("▁", -2.0), ("<mask>", 0.0)]
+    XLMRobertaTokenizer(vocab=pieces).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(params=["bert", "xlmr"])
+def folder(request, tmp_path):
+    return toy_model(str(tmp_path / "bert")) if request.param == "bert" else xlmr_folder(str(tmp_path / "xlmr"))
+
+
+def copies(home) -> list[str]:
+    return sorted(d for d in os.listdir(home) if not d.startswith(".")) if os.path.isdir(home) else []
+
+
+def test_a_slow_tokenizer_is_copied_once_and_reads_back_the_same(folder, tmp_path):
+    home = str(tmp_path / "memo")
+    first, name = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    assert type(first).__name__ == name and name in ("BertTokenizer", "XLMRobertaTokenizer")
+    assert len(copies(home)) == 1
+    second, name2 = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    assert type(second).__name__ == "TokenizersBackend" and name2 == name  # read from the copy, named as before
+    assert T.same_tokenizer(first, second)
+    assert first(TEXTS)["input_ids"] == second(TEXTS)["input_ids"]
+    assert first(TEXTS, padding=True, return_tensors="np")["attention_mask"].tolist() == \
+        second(TEXTS, padding=True, return_tensors="np")["attention_mask"].tolist()
+    assert copies(home) == copies(home) and len(copies(home)) == 1  # read, not written again
+
+
+def test_the_copy_follows_the_tokenizer_files(tmp_path):
+    folder, home = toy_model(str(tmp_path / "bert")), str(tmp_path / "memo")
+    T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    config = os.path.join(folder, "tokenizer_config.json")
+    settings = json.load(open(config))
+    settings["model_max_length"] = 7
+    json.dump(settings, open(config, "w"))
+    tok, name = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    assert type(tok).__name__ == name == "BertTokenizer" and tok.model_max_length == 7  # not the old copy
+    assert len(copies(home)) == 2
+    again, _ = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    assert type(again).__name__ == "TokenizersBackend" and again.model_max_length == 7
+
+
+def test_a_damaged_copy_is_loaded_again_and_replaced(tmp_path):
+    folder, home = xlmr_folder(str(tmp_path / "xlmr")), str(tmp_path / "memo")
+    T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    (copy,) = copies(home)
+    os.remove(os.path.join(home, copy, "tokenizer.json"))
+    tok, name = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    assert type(tok).__name__ == name == "XLMRobertaTokenizer"
+    assert copies(home) == [copy] and os.path.exists(os.path.join(home, copy, "tokenizer.json"))
+
+
+def test_fast_loads_and_generic_tokenizers_are_not_copied(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    home = str(tmp_path / "memo")
+    T.load_tokenizer(toy_model(str(tmp_path / "bert")), memo_home=home, min_seconds=60)
+    generic = str(tmp_path / "generic")
+    PreTrainedTokenizerFast(tokenizer_file=os.path.join(tmp_path, "bert", "tokenizer.json"),
+                            unk_token="[UNK]").save_pretrained(generic)
+    tok, name = T.load_tokenizer(generic, memo_home=home, min_seconds=0)
+    assert name == "TokenizersBackend"
+    assert copies(home) == [] and not T._plain(type(tok))
+
+
+def test_same_tokenizer_tells_tokenizers_apart(tmp_path):
+    folder = toy_model(str(tmp_path / "bert"))
+    a, _ = T.load_tokenizer(folder)
+    b, _ = T.load_tokenizer(folder)
+    assert T.same_tokenizer(a, b)
+    b.add_tokens(["很好"])  # a token more: "很好" splits differently
+    assert not T.same_tokenizer(a, b)
+    c, _ = T.load_tokenizer(folder)
+    c.truncation_side = "left"
+    assert not T.same_tokenizer(a, c)
+
+
+def test_encoder_vectors_and_settings_are_the_same_from_the_copy(tmp_path, monkeypatch):
+    from pipeline.encoder import Encoder
+    monkeypatch.setenv("BERTCACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(T, "MEMO_MIN_SECONDS", 0.0)
+    folder = toy_model(str(tmp_path / "bert"))
+    first = Encoder(folder, precision="fp32", prefix="前缀")
+    second = Encoder(folder, precision="fp32", prefix="前缀")
+    assert type(first.tokenizer).__name__ == "BertTokenizer"
+    assert type(second.tokenizer).__name__ == "TokenizersBackend"
+    assert first.settings() == second.settings() and first.model_fingerprint == second.model_fingerprint
+    a, b = first.encode(TEXTS), second.encode(TEXTS)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_a_copy_saves_as_the_models_own_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+    folder, home = xlmr_folder(str(tmp_path / "xlmr")), str(tmp_path / "memo")
+    T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    copy, name = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    T.save_tokenizer(copy, name, str(tmp_path / "saved"))
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert type(again).__name__ == "XLMRobertaTokenizer" and T.same_tokenizer(again, copy)
