@@ -45,14 +45,12 @@ def tokenizer_files(folder: str) -> list[str]:
                                    "added_tokens")) or f.endswith((".model", ".spm")))
 
 
-def load_tokenizer(path: str, folder: str | None = None, *, memo_home: str | None = None,
-                   min_seconds: float | None = None, **where):
+def load_tokenizer(path: str, *, memo_home: str | None = None, min_seconds: float | None = None, **where):
     """(tokenizer, class name): `AutoTokenizer.from_pretrained(path, **where)`, or its remembered copy.
 
     Args:
-        path: what from_pretrained takes (a folder or a hub id).
-        folder: the local folder holding the tokenizer files; None: `path` if it is a folder, else
-            nothing is remembered.
+        path: what from_pretrained takes: a folder, or a hub id (remembered once its tokenizer.json is in
+            the Hugging Face cache).
         memo_home: where copies go (default `$BERTCACHE_HOME/tokenizers`).
         min_seconds: a load faster than this is not remembered (default MEMO_MIN_SECONDS).
         where: from_pretrained's keyword arguments (revision, local_files_only).
@@ -62,7 +60,7 @@ def load_tokenizer(path: str, folder: str | None = None, *, memo_home: str | Non
     """
     from transformers import AutoTokenizer
 
-    folder = folder or (path if os.path.isdir(path) else None)
+    folder = path if os.path.isdir(path) else _hub_folder(path, where.get("revision"))
     memo = _memo_folder(folder, memo_home) if folder else None
     if memo and os.path.exists(os.path.join(memo, MEMO_FILE)):
         try:
@@ -89,6 +87,16 @@ def save_tokenizer(tok, name: str, folder: str) -> None:
         settings["tokenizer_class"] = name
         with open(config, "w", encoding="utf-8") as f:
             json.dump(settings, f, ensure_ascii=False, indent=2)
+
+
+def _hub_folder(repo_id: str, revision: str | None) -> str | None:
+    """The snapshot folder of a hub model's cached tokenizer.json, if it is cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(repo_id, "tokenizer.json", revision=revision)
+    except Exception:  # not a valid repo id, say: then nothing to remember
+        return None
+    return os.path.dirname(hit) if isinstance(hit, str) else None
 
 
 def _memo_folder(folder: str, home: str | None) -> str | None:

@@ -118,3 +118,22 @@ def test_a_copy_saves_as_the_models_own_tokenizer(tmp_path):
     T.save_tokenizer(copy, name, str(tmp_path / "saved"))
     again = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
     assert type(again).__name__ == "XLMRobertaTokenizer" and T.same_tokenizer(again, copy)
+
+
+def test_a_hub_model_in_the_cache_is_remembered(tmp_path, monkeypatch):
+    """A hub id found in the Hugging Face cache (laid out as huggingface_hub writes it) gets a copy too."""
+    import shutil
+    cache, commit = tmp_path / "hub", "0" * 40
+    snapshot = cache / "models--org--tiny-bert" / "snapshots" / commit
+    shutil.copytree(toy_model(str(tmp_path / "bert")), snapshot)
+    (cache / "models--org--tiny-bert" / "refs").mkdir()
+    (cache / "models--org--tiny-bert" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    home = str(tmp_path / "memo")
+    first, name = T.load_tokenizer("org/tiny-bert", memo_home=home, min_seconds=0)
+    second, name2 = T.load_tokenizer("org/tiny-bert", memo_home=home, min_seconds=0)
+    assert (type(first).__name__, type(second).__name__) == ("BertTokenizer", "TokenizersBackend")
+    assert name == name2 == "BertTokenizer" and T.same_tokenizer(first, second)
+    assert T._hub_folder("org/not-cached", None) is None and T._hub_folder("not a repo id!", None) is None
