@@ -29,6 +29,11 @@ def folder(request, tmp_path):
     return toy_model(str(tmp_path / "bert")) if request.param == "bert" else xlmr_folder(str(tmp_path / "xlmr"))
 
 
+def loaded_first(folder: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def copies(home) -> list[str]:
     return sorted(d for d in os.listdir(home) if not d.startswith(".")) if os.path.isdir(home) else []
 
@@ -137,3 +142,22 @@ def test_a_hub_model_in_the_cache_is_remembered(tmp_path, monkeypatch):
     assert (type(first).__name__, type(second).__name__) == ("BertTokenizer", "TokenizersBackend")
     assert name == name2 == "BertTokenizer" and T.same_tokenizer(first, second)
     assert T._hub_folder("org/not-cached", None) is None and T._hub_folder("not a repo id!", None) is None
+
+
+def test_an_unwritable_home_or_a_race_leaves_loading_as_it_was(tmp_path):
+    """The copy is an optimization: a read-only home loads as AutoTokenizer does; writers that race publish
+    one copy and leave no temporary folders."""
+    from concurrent.futures import ThreadPoolExecutor
+    folder = xlmr_folder(str(tmp_path / "xlmr"))
+    blocked = tmp_path / "a-file"  # a home below a file cannot be made, not even by root (chmod would not stop root)
+    blocked.write_text("")
+    for _ in range(2):
+        tok, name = T.load_tokenizer(folder, memo_home=str(blocked / "memo"), min_seconds=0)
+        assert type(tok).__name__ == name == "XLMRobertaTokenizer" and T.same_tokenizer(tok, loaded_first(folder))
+    home = str(tmp_path / "memo")
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: T.load_tokenizer(folder, memo_home=home, min_seconds=0), range(4)))
+    assert {name for _, name in loaded} == {"XLMRobertaTokenizer"}
+    assert len(copies(home)) == 1 and os.listdir(home) == copies(home)  # no .tmp- folders left
+    copy, _ = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    assert type(copy).__name__ == "TokenizersBackend" and T.same_tokenizer(loaded[0][0], copy)
