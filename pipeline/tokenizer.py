@@ -8,8 +8,9 @@ constructor, the tokenizer it built is saved once under `$BERTCACHE_HOME/tokeniz
 kept only if it reads back as a plain TokenizersBackend that encodes a set of probe texts (singles and
 pairs, special tokens, odd spaces, truncation with overflow) to the same ids, masks, token types and
 offsets and has the same special tokens and limits. Later loads read it back in under half the time.
-The key covers the tokenizer files' bytes and the transformers and tokenizers versions: a changed file
-or library makes a new copy; the newest `MEMO_KEEP` are kept.
+The key covers the bytes of the tokenizer files and config.json (whose model type can pick the class)
+and the transformers and tokenizers versions: a changed file or library makes a new copy; the newest
+`MEMO_KEEP` are kept.
 
     >>> import tempfile
     >>> from pipeline.toy import toy_model
@@ -109,6 +110,8 @@ def _memo_folder(folder: str, home: str | None) -> str | None:
     if "tokenizer.json" not in files:  # only fast tokenizers are rebuilt, and only they can be copied
         return None
     from .e5 import cache_home
+    # config.json too: without a tokenizer_class in tokenizer_config.json, the model type picks the class.
+    files += ["config.json"] if os.path.isfile(os.path.join(folder, "config.json")) else []
     digest = hash_files(folder, files, memo=os.path.join(cache_home(), "file-hashes.json"))
     key = hashlib.sha256(f"{digest} {transformers.__version__} {tokenizers.__version__}".encode()).hexdigest()
     return os.path.join(home or os.path.join(cache_home(), "tokenizers"), key[:32])

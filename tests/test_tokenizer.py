@@ -64,6 +64,12 @@ def test_the_copy_follows_the_tokenizer_files(tmp_path):
     assert len(copies(home)) == 2
     again, _ = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
     assert type(again).__name__ == "TokenizersBackend" and again.model_max_length == 7
+    config = os.path.join(folder, "config.json")  # the model type can pick the class: a new copy too
+    settings = json.load(open(config))
+    settings["max_position_embeddings"] = int(settings["max_position_embeddings"]) + 1
+    json.dump(settings, open(config, "w"))
+    T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    assert len(copies(home)) == 3
 
 
 def test_a_damaged_copy_is_loaded_again_and_replaced(tmp_path):
