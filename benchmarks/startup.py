@@ -50,6 +50,9 @@ def main() -> None:
             times[name].append(seconds(cmd, tree))
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"median of {args.runs} runs")
+    sys.path.insert(0, HERE)
+    from benchmarks.common import machine  # imports torch: only after the timed runs
+    print(f"# machine: {machine()}")
     first = statistics.median(times[cases[0][0]])
     for name, _, _ in cases:
         med = statistics.median(times[name])
