@@ -7,7 +7,7 @@ than `MEMO_MIN_SECONDS` and the class adds nothing to transformers' generic Toke
 constructor, the tokenizer it built is saved once under `$BERTCACHE_HOME/tokenizers/<key>`. The copy is
 kept only if it reads back as a plain TokenizersBackend that encodes a set of probe texts (singles and
 pairs, special tokens, odd spaces, truncation with overflow) to the same ids, masks, token types and
-offsets and has the same special tokens and limits. Later loads read it back in under half the time.
+offsets and has the same special tokens and limits. Later loads read it back in about half the time.
 The key covers the bytes of the tokenizer files and config.json (whose model type can pick the class)
 and the transformers and tokenizers versions: a changed file or library makes a new copy; the newest
 `MEMO_KEEP` are kept.
