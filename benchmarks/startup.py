@@ -56,7 +56,8 @@ def main() -> None:
     first = statistics.median(times[cases[0][0]])
     for name, _, _ in cases:
         med = statistics.median(times[name])
-        print(f"{name:<70} {med:7.3f} s  ({med / first:5.2f}x this checkout)")
+        print(f"{name:<70} {med:7.3f} s  ({med / first:5.2f}x this checkout; runs {min(times[name]):.3f}-"
+              f"{max(times[name]):.3f} s)")
 
 
 if __name__ == "__main__":
