@@ -9,8 +9,8 @@ kept only if it reads back as a plain TokenizersBackend that encodes a set of pr
 pairs, special tokens, odd spaces, truncation with overflow) to the same ids, masks, token types and
 offsets and has the same special tokens and limits. Later loads read it back in about half the time.
 The key covers the bytes of the tokenizer files and config.json (whose model type can pick the class)
-and the transformers and tokenizers versions: a changed file or library makes a new copy; the newest
-`MEMO_KEEP` are kept.
+and the transformers and tokenizers versions: a changed file or library makes a new copy; the most
+recently used `MEMO_KEEP` are kept.
 
     >>> import tempfile
     >>> from pipeline.toy import toy_model
@@ -65,9 +65,15 @@ def load_tokenizer(path: str, *, memo_home: str | None = None, min_seconds: floa
     memo = _memo_folder(folder, memo_home) if folder else None
     if memo and os.path.exists(os.path.join(memo, MEMO_FILE)):
         try:
-            return _read_copy(memo)
+            copy = _read_copy(memo)
         except Exception:  # unreadable (a library changed underneath, a file removed): load and copy again
             shutil.rmtree(memo, ignore_errors=True)
+        else:
+            try:
+                os.utime(memo)  # pruning keeps the most recently used copies
+            except OSError:
+                pass
+            return copy
     start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(path, **where)
     name = type(tok).__name__

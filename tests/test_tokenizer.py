@@ -167,3 +167,22 @@ def test_an_unwritable_home_or_a_race_leaves_loading_as_it_was(tmp_path):
     assert len(copies(home)) == 1 and os.listdir(home) == copies(home)  # no .tmp- folders left
     copy, _ = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
     assert type(copy).__name__ == "TokenizersBackend" and T.same_tokenizer(loaded[0][0], copy)
+
+
+def test_pruning_keeps_the_most_recently_used_copies(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "MEMO_KEEP", 2)
+    home = str(tmp_path / "memo")
+    folders = [xlmr_folder(str(tmp_path / f"xlmr{i}")) for i in range(3)]
+    for i, folder in enumerate(folders):  # three tokenizers: three keys
+        config = os.path.join(folder, "tokenizer_config.json")
+        json.dump({**json.load(open(config)), "model_max_length": 100 + i}, open(config, "w"))
+    T.load_tokenizer(folders[0], memo_home=home, min_seconds=0)
+    T.load_tokenizer(folders[1], memo_home=home, min_seconds=0)
+    # made within a second: give them distinct ages, the first tokenizer's copy the oldest
+    (a, b) = sorted(copies(home), key=lambda d: T._read_copy(os.path.join(home, d))[0].model_max_length)
+    os.utime(os.path.join(home, a), (1_000_000, 1_000_000))
+    os.utime(os.path.join(home, b), (2_000_000, 2_000_000))
+    tok, _ = T.load_tokenizer(folders[0], memo_home=home, min_seconds=0)  # a read makes a the newest
+    assert type(tok).__name__ == "TokenizersBackend"
+    T.load_tokenizer(folders[2], memo_home=home, min_seconds=0)  # a third copy: the least recently used goes
+    assert a in copies(home) and b not in copies(home) and len(copies(home)) == 2
