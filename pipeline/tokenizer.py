@@ -109,16 +109,16 @@ def _hub_folder(repo_id: str, revision: str | None) -> str | None:
 def _memo_folder(folder: str, home: str | None) -> str | None:
     import tokenizers
     import transformers
+    from .e5 import cache_home
     try:
         files = tokenizer_files(folder)
-    except OSError:
+        if "tokenizer.json" not in files:  # only fast tokenizers are rebuilt, and only they can be copied
+            return None
+        # config.json too: without a tokenizer_class in tokenizer_config.json, the model type picks the class.
+        files += ["config.json"] if os.path.isfile(os.path.join(folder, "config.json")) else []
+        digest = hash_files(folder, files, memo=os.path.join(cache_home(), "file-hashes.json"))
+    except OSError:  # an unreadable or dangling file: AutoTokenizer may not need it, so load without a copy
         return None
-    if "tokenizer.json" not in files:  # only fast tokenizers are rebuilt, and only they can be copied
-        return None
-    from .e5 import cache_home
-    # config.json too: without a tokenizer_class in tokenizer_config.json, the model type picks the class.
-    files += ["config.json"] if os.path.isfile(os.path.join(folder, "config.json")) else []
-    digest = hash_files(folder, files, memo=os.path.join(cache_home(), "file-hashes.json"))
     key = hashlib.sha256(f"{digest} {transformers.__version__} {tokenizers.__version__}".encode()).hexdigest()
     return os.path.join(home or os.path.join(cache_home(), "tokenizers"), key[:32])
 

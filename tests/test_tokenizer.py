@@ -186,3 +186,10 @@ def test_pruning_keeps_the_most_recently_used_copies(tmp_path, monkeypatch):
     assert type(tok).__name__ == "TokenizersBackend"
     T.load_tokenizer(folders[2], memo_home=home, min_seconds=0)  # a third copy: the least recently used goes
     assert a in copies(home) and b not in copies(home) and len(copies(home)) == 2
+
+
+def test_an_unreadable_extra_file_loads_without_a_copy(tmp_path):
+    folder, home = toy_model(str(tmp_path / "bert")), str(tmp_path / "memo")
+    os.symlink(str(tmp_path / "nowhere"), os.path.join(folder, "tokenizer.extra.json"))  # dangling
+    tok, name = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
+    assert name == "BertTokenizer" and copies(home) == []
