@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .fingerprints import hash_files
+from .fingerprints import hash_model_files
 from . import defaults as D
 from . import models as M
 from .poolings import DECODER_POOLS, POOLS as POOLINGS, SENTENCE, feature_name, feature_names
@@ -93,11 +93,6 @@ def compile_pays(tokens: int, device: torch.device | str, min_tokens: dict | Non
 def resolve_model(model: str) -> str:
     """A local folder, a built-in name, a ModelScope id or a hub id (see pipeline/models.py): what to load."""
     return M.resolve(model).path
-
-
-def _hash_files(folder: str, names: list[str]) -> str:
-    from .e5 import cache_home
-    return hash_files(folder, names, memo=os.path.join(cache_home(), "file-hashes.json"))
 
 
 class Encoder:
@@ -240,12 +235,12 @@ class Encoder:
         self.config_hash = hashlib.sha256(cfg.encode()).hexdigest()
         h = hashlib.sha256(self.config_hash.encode())
         if self.sentence:  # its pooling, Dense and prompts decide the `sentence` vector
-            h.update(_hash_files(self.sentence.folder, self.sentence.files).encode())
+            h.update(hash_model_files(self.sentence.folder, self.sentence.files).encode())
         if os.path.isdir(path):
             files = os.listdir(path)
             weights = [f for f in files if f.endswith((".safetensors", ".bin")) and not f.startswith("training_args")]
-            h.update(_hash_files(path, weights).encode())
-            h.update(_hash_files(path, tokenizer_files(path)).encode())
+            h.update(hash_model_files(path, weights).encode())
+            h.update(hash_model_files(path, tokenizer_files(path)).encode())
         else:
             h.update(f"{self.model_ref}@{self.commit or self.revision or ''}".encode())
         return h.hexdigest()[:32]

@@ -86,6 +86,12 @@ def hash_files(folder: str, names: list[str], memo: str | None = None, min_bytes
     return digest
 
 
+def hash_model_files(folder: str, names: list[str]) -> str:
+    """`hash_files` of a model's files (weights, tokenizer), remembered in `$BERTCACHE_HOME/file-hashes.json`."""
+    from .e5 import cache_home
+    return hash_files(folder, names, memo=os.path.join(cache_home(), "file-hashes.json"))
+
+
 def _read_memo(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:

@@ -101,7 +101,7 @@ class Packing:
 
     def blocks(self, heads: int, dtype: torch.dtype) -> tuple:
         """`matmul_attention`'s layout, made on the first layer's call and kept for the others:
-        (slots: `longest` rounded up to a multiple of 16, gather [B * slots], scatter [T], bias
+        (slots: `longest` rounded up to a multiple of `_SLOT_MULTIPLE`, gather [B * slots], scatter [T], bias
         [B * heads, 1, slots] with -inf on padding keys, for every query)."""
         key = (heads, dtype)
         if self._blocks is None or self._blocks[0] != key:

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 
-from .fingerprints import hash_files
+from .fingerprints import hash_model_files
 
 MEMO_MIN_SECONDS = 0.5  # tokenizers that load faster than this are not worth a copy on disk
 MEMO_KEEP = 8  # copies kept (each the size of a tokenizer.json: 17 MB for XLM-R)
@@ -116,7 +116,7 @@ def _memo_folder(folder: str, home: str | None) -> str | None:
             return None
         # config.json too: without a tokenizer_class in tokenizer_config.json, the model type picks the class.
         files += ["config.json"] if os.path.isfile(os.path.join(folder, "config.json")) else []
-        digest = hash_files(folder, files, memo=os.path.join(cache_home(), "file-hashes.json"))
+        digest = hash_model_files(folder, files)
     except OSError:  # an unreadable or dangling file: AutoTokenizer may not need it, so load without a copy
         return None
     key = hashlib.sha256(f"{digest} {transformers.__version__} {tokenizers.__version__}".encode()).hexdigest()

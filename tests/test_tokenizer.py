@@ -42,14 +42,17 @@ def test_a_slow_tokenizer_is_copied_once_and_reads_back_the_same(folder, tmp_pat
     home = str(tmp_path / "memo")
     first, name = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
     assert type(first).__name__ == name and name in ("BertTokenizer", "XLMRobertaTokenizer")
-    assert len(copies(home)) == 1
+    made = copies(home)
+    assert len(made) == 1
+    mtime = os.path.getmtime(os.path.join(home, made[0], "tokenizer.json"))
     second, name2 = T.load_tokenizer(folder, memo_home=home, min_seconds=0)
     assert type(second).__name__ == "TokenizersBackend" and name2 == name  # read from the copy, named as before
     assert T.same_tokenizer(first, second)
     assert first(TEXTS)["input_ids"] == second(TEXTS)["input_ids"]
     assert first(TEXTS, padding=True, return_tensors="np")["attention_mask"].tolist() == \
         second(TEXTS, padding=True, return_tensors="np")["attention_mask"].tolist()
-    assert copies(home) == copies(home) and len(copies(home)) == 1  # read, not written again
+    assert copies(home) == made  # read, not written again
+    assert os.path.getmtime(os.path.join(home, made[0], "tokenizer.json")) == mtime
 
 
 def test_the_copy_follows_the_tokenizer_files(tmp_path):
