@@ -179,7 +179,7 @@ class Encoder:
         self.max_length = min(int(max_length), self.model_limit())
         if self.sentence and self.sentence.max_seq_length:
             self.max_length = min(self.max_length, int(self.sentence.max_seq_length))
-        if self.max_length < 2:
+        if self.max_length < 8:
             raise UserError(f"--max-length {max_length} is too small; use at least 8")
         self.instruction = instruction or None
         if prefix is None and instruction:
@@ -264,6 +264,8 @@ class Encoder:
             out["feature_dims"] = dict(self.feature_dims)
         if self.long_texts != "truncate":  # only when set: caches made before this setting keep their fingerprint
             out.update(long_texts=self.long_texts, stride=self.stride)
+            if self.prefix:  # every window starts with the prefix (before: only the first did)
+                out["window_prefix"] = "every"
         return out
 
     def default_pooling(self) -> str:
@@ -293,6 +295,8 @@ class Encoder:
         room = self.max_length - (self.eos_id is not None)
         second = None if pairs is None else [self.prefix + t for t in pairs]
         chunk = self.long_texts == "chunk"
+        if chunk and self.prefix and pairs is None:
+            return self._windows(texts, room)
         enc = self.tokenizer([self.prefix + t for t in texts], second, truncation=True, max_length=room,
                              add_special_tokens=True, return_attention_mask=False,
                              return_token_type_ids=pairs is not None, return_overflowing_tokens=chunk,
@@ -311,6 +315,40 @@ class Encoder:
         else:  # a slow tokenizer does not say: a text that fills max_length exactly counts too
             self.truncated += sum(1 for seq in ids if len(seq) >= self.max_length)
         return ids
+
+    def _windows(self, texts: list[str], room: int) -> "Windows":
+        """long_texts="chunk" with a prefix: every window starts with the prefix's tokens (e5's "query: ", an
+        instruction), as the model expects of every input. The text is tokenized with its prefix once, as in
+        truncate mode, so a text that fits in one window gets the same ids either way; the rest of the text is
+        cut into windows of the tokenizer's own overflow layout (neighbours share `stride` tokens)."""
+        enc = self.tokenizer([self.prefix + t for t in texts], add_special_tokens=False, return_attention_mask=False,
+                             return_offsets_mapping=True)
+        lead, trail = self._special_frame()
+        ids, owner = [], []
+        for i, (seq, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+            k = sum(1 for start, _ in offsets if start < len(self.prefix))  # tokens that begin in the prefix
+            head, body = list(seq[:k]), list(seq[k:])
+            width = room - len(lead) - len(trail) - len(head)
+            if width - self.stride < 1:
+                raise UserError(f"the prefix takes {len(head)} of {room} tokens: no room for windows of the text; "
+                                "use a larger --max-length or a smaller --stride")
+            start = 0
+            while True:
+                ids.append(lead + head + body[start:start + width] + trail)
+                owner.append(i)
+                if start + width >= len(body):
+                    break
+                start += width - self.stride
+        if self.eos_id is not None:
+            ids = [s + [self.eos_id] for s in ids]
+        return Windows(ids, np.asarray(owner, dtype=np.int64), len(texts))
+
+    def _special_frame(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts before and after a single text's own tokens."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        at = next(i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain)
+        return list(full[:at]), list(full[at + len(plain):])
 
     def encode(self, texts: list[str], on_progress=None, pairs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Pooled float32 vectors for `texts` (or text pairs, one vector per pair), in their order:

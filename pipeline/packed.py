@@ -156,7 +156,9 @@ class PackedEncoder:
         self.model = model
         cfg = model.config
         self.heads = int(cfg.num_attention_heads)
-        self.position_offset = (int(cfg.pad_token_id) + 1) if FAMILIES[cfg.model_type] else 0
+        # RoBERTa-style positions count real tokens from padding_idx + 1; a pad id inside a text gets padding_idx
+        # and is not counted (HF's create_position_ids_from_input_ids), which `embed` follows.
+        self.pad_positions = int(cfg.pad_token_id) if FAMILIES[cfg.model_type] else None
         self.fused = []
         for layer in model.encoder.layer:
             att = layer.attention.self
@@ -226,10 +228,18 @@ class PackedEncoder:
         emb = self.model.embeddings
         vocab = emb.word_embeddings.num_embeddings
         paired = getattr(p, "max_id", 0) >= vocab  # text pairs: token types folded into the ids (encoder.py)
-        x = emb.word_embeddings(p.ids % vocab if paired else p.ids)
+        words = p.ids % vocab if paired else p.ids
+        x = emb.word_embeddings(words)
         if getattr(emb, "token_type_embeddings", None) is not None:  # HF's order of sums
             x = x + (emb.token_type_embeddings(p.ids // vocab) if paired else emb.token_type_embeddings.weight[0])
-        return emb.LayerNorm(x + emb.position_embeddings(p.positions + self.position_offset))
+        positions = p.positions
+        if self.pad_positions is not None:
+            pad = self.pad_positions
+            real = (words != pad).long()
+            counted = torch.cat([real.new_zeros(1), real.cumsum(0)])  # [T + 1]: an empty last text's start is T
+            counted = counted[1:] - counted[p.starts][p.segment]  # from 1 within each text
+            positions = counted * real + pad
+        return emb.LayerNorm(x + emb.position_embeddings(positions))
 
     def attention(self, qkv: torch.Tensor, p: Packing) -> torch.Tensor:
         """Self-attention within each text: [T, 3 * hidden] -> [T, hidden]."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -50,8 +51,8 @@ def load_tokenizer(path: str, *, memo_home: str | None = None, min_seconds: floa
     """(tokenizer, class name): `AutoTokenizer.from_pretrained(path, **where)`, or its remembered copy.
 
     Args:
-        path: what from_pretrained takes: a folder, or a hub id (remembered once its tokenizer.json is in
-            the Hugging Face cache).
+        path: what from_pretrained takes: a folder, or a hub id (remembered when its tokenizer.json is in
+            the Hugging Face cache and the load is offline or names a full commit hash).
         memo_home: where copies go (default `$BERTCACHE_HOME/tokenizers`).
         min_seconds: a load faster than this is not remembered (default MEMO_MIN_SECONDS).
         where: from_pretrained's keyword arguments (revision, local_files_only).
@@ -61,13 +62,13 @@ def load_tokenizer(path: str, *, memo_home: str | None = None, min_seconds: floa
     """
     from transformers import AutoTokenizer
 
-    folder = path if os.path.isdir(path) else _hub_folder(path, where.get("revision"))
+    folder = path if os.path.isdir(path) else _hub_folder(path, where) if _pinned(where) else None
     memo = _memo_folder(folder, memo_home) if folder else None
     if memo and os.path.exists(os.path.join(memo, MEMO_FILE)):
         try:
             copy = _read_copy(memo)
         except Exception:  # unreadable (a library changed underneath, a file removed): load and copy again
-            shutil.rmtree(memo, ignore_errors=True)
+            _remove(memo)
         else:
             try:
                 os.utime(memo)  # pruning keeps the most recently used copies
@@ -96,11 +97,20 @@ def save_tokenizer(tok, name: str, folder: str) -> None:
             json.dump(settings, f, ensure_ascii=False, indent=2)
 
 
-def _hub_folder(repo_id: str, revision: str | None) -> str | None:
+def _pinned(where: dict) -> bool:
+    """Whether a hub id's files cannot change under this load: offline, or a full commit hash asked for.
+    Online, from_pretrained may fetch a newer revision than the cached one, so no copy is read or written."""
+    from huggingface_hub import constants
+    revision = where.get("revision") or ""
+    return bool(where.get("local_files_only") or constants.HF_HUB_OFFLINE
+                or re.fullmatch(r"[0-9a-f]{40}", revision))
+
+
+def _hub_folder(repo_id: str, where: dict) -> str | None:
     """The snapshot folder of a hub model's cached tokenizer.json, if it is cached."""
     try:
         from huggingface_hub import try_to_load_from_cache
-        hit = try_to_load_from_cache(repo_id, "tokenizer.json", revision=revision)
+        hit = try_to_load_from_cache(repo_id, "tokenizer.json", revision=where.get("revision"))
     except Exception:  # not a valid repo id, say: then nothing to remember
         return None
     return os.path.dirname(hit) if isinstance(hit, str) else None
@@ -170,9 +180,29 @@ def _write_copy(tok, name: str, memo: str) -> None:
 
 
 def _prune(home: str) -> None:
-    copies = [os.path.join(home, d) for d in os.listdir(home) if not d.startswith(".")]
-    for old in sorted(copies, key=os.path.getmtime, reverse=True)[MEMO_KEEP:]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the MEMO_KEEP most recently used copies; drop temporary folders an hour old (a killed writer's)."""
+    names = os.listdir(home)
+    copies = [os.path.join(home, d) for d in names if not d.startswith(".")]
+    stale = [os.path.join(home, d) for d in names if d.startswith(".tmp-") and _age(os.path.join(home, d)) > 3600]
+    for old in sorted(copies, key=os.path.getmtime, reverse=True)[MEMO_KEEP:] + stale:
+        _remove(old)
+
+
+def _age(path: str) -> float:
+    try:
+        return time.time() - os.path.getmtime(path)
+    except OSError:  # gone meanwhile
+        return 0.0
+
+
+def _remove(folder: str) -> None:
+    """Take `folder` out of readers' sight in one rename, then delete it: no reader sees half a copy."""
+    gone = os.path.join(os.path.dirname(folder), f".tmp-gone-{os.getpid()}-{os.path.basename(folder)}")
+    try:
+        os.rename(folder, gone)
+    except OSError:  # another process took it first
+        return
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def same_tokenizer(a, b) -> bool:

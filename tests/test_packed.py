@@ -52,11 +52,12 @@ def family_model(request, tmp_path_factory):
 
 
 def ragged_ids(enc: Encoder, seed=0) -> list[list[int]]:
-    """Texts of 1 token, 2 tokens, the longest allowed, and lengths between, in no order."""
+    """Texts of 1 token, 2 tokens, the longest allowed, and lengths between, in no order; one holds the pad
+    token (a literal "<pad>" in a text), which RoBERTa-style positions do not count."""
     rng = np.random.default_rng(seed)
-    cls, sep = enc.tokenizer.cls_token_id, enc.tokenizer.sep_token_id
+    cls, sep, pad = enc.tokenizer.cls_token_id, enc.tokenizer.sep_token_id, enc.tokenizer.pad_token_id
     body = lambda n: [int(x) for x in rng.integers(len(SPECIAL), len(enc.tokenizer), n)]  # noqa: E731
-    seqs = [[cls], [cls, sep], [cls] + body(enc.max_length - 2) + [sep]]
+    seqs = [[cls], [cls, sep], [cls] + body(enc.max_length - 2) + [sep], [cls] + body(4) + [pad] + body(3) + [sep]]
     seqs += [[cls] + body(n) + [sep] for n in (3, 40, 7, 1, 17, 62, 5, 5, 5, 30)]
     return seqs
 

@@ -380,6 +380,31 @@ def test_long_texts_truncated_are_counted_and_chunks_are_averaged(tiny_model, tm
         "predict", "-c", str(tmp_path / "ck2"), "--device", "cpu", long[0]).stderr
 
 
+def test_chunk_windows_each_start_with_the_prefix(tiny_model):
+    """With a prefix (e5's "query: "), every window starts with it, not only the first; the first window is
+    truncate mode's ids, a short text is one window of the same ids, and the windows' own tokens cover the
+    text with `stride` tokens shared by neighbours."""
+    kw = dict(device="cpu", precision="fp32", max_length=32, prefix="query: ")
+    enc = bc.Encoder(tiny_model, long_texts="chunk", stride=4, **kw)
+    plain = bc.Encoder(tiny_model, **kw)
+    rng = random.Random(1)
+    long, short = "".join(rng.choice(FILLER) for _ in range(100)), "很好"
+    cls, sep = enc.tokenizer.cls_token_id, enc.tokenizer.sep_token_id
+    head = plain.tokenize([""])[0][1:-1]
+    assert head  # the prefix has tokens
+    wins = enc.tokenize([long, short])
+    n = len(wins) - 1
+    assert n >= 3 and wins.owner.tolist() == [0] * n + [1]
+    assert all(w[:1 + len(head)] == [cls] + head and w[-1] == sep and len(w) <= 32 for w in wins)
+    assert wins[0] == plain.tokenize([long])[0] and wins[-1] == plain.tokenize([short])[0]
+    bodies = [w[1 + len(head):-1] for w in wins[:n]]
+    assert all(a[-4:] == b[:4] for a, b in zip(bodies, bodies[1:]))
+    assert bodies[0] + [t for b in bodies[1:] for t in b[4:]] == enc.tokenizer(long, add_special_tokens=False)["input_ids"]
+    assert enc.settings()["window_prefix"] == "every" and "window_prefix" not in plain.settings()
+    with pytest.raises(bc.UserError, match="prefix takes"):
+        bc.Encoder(tiny_model, long_texts="chunk", stride=4, **{**kw, "prefix": "很" * 40}).tokenize([long])
+
+
 # -- bad input, one line each ------------------------------------------------------------------------
 
 def test_too_few_rows_to_hold_out_validation(tiny_model, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -150,7 +151,12 @@ def test_a_hub_model_in_the_cache_is_remembered(tmp_path, monkeypatch):
     second, name2 = T.load_tokenizer("org/tiny-bert", memo_home=home, min_seconds=0)
     assert (type(first).__name__, type(second).__name__) == ("BertTokenizer", "TokenizersBackend")
     assert name == name2 == "BertTokenizer" and T.same_tokenizer(first, second)
-    assert T._hub_folder("org/not-cached", None) is None and T._hub_folder("not a repo id!", None) is None
+    assert T._hub_folder("org/not-cached", {}) is None and T._hub_folder("not a repo id!", {}) is None
+    # Online, from_pretrained may fetch a newer revision than the cached snapshot the key would name: no copy
+    # unless the revision is a full commit hash.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    assert not T._pinned({}) and not T._pinned({"revision": "main"}) and not T._pinned({"revision": "0" * 39})
+    assert T._pinned({"revision": commit}) and T._pinned({"local_files_only": True})
 
 
 def test_an_unwritable_home_or_a_race_leaves_loading_as_it_was(tmp_path):
@@ -187,8 +193,13 @@ def test_pruning_keeps_the_most_recently_used_copies(tmp_path, monkeypatch):
     os.utime(os.path.join(home, b), (2_000_000, 2_000_000))
     tok, _ = T.load_tokenizer(folders[0], memo_home=home, min_seconds=0)  # a read makes a the newest
     assert type(tok).__name__ == "TokenizersBackend"
+    # a killed writer's temporary folder: removed once an hour old, a fresh one (a live writer's) kept
+    for name, age in ((".tmp-killed", 7200), (".tmp-live", 0)):
+        os.makedirs(os.path.join(home, name))
+        os.utime(os.path.join(home, name), (time.time() - age,) * 2)
     T.load_tokenizer(folders[2], memo_home=home, min_seconds=0)  # a third copy: the least recently used goes
     assert a in copies(home) and b not in copies(home) and len(copies(home)) == 2
+    assert sorted(d for d in os.listdir(home) if d.startswith(".")) == [".tmp-live"]
 
 
 def test_an_unreadable_extra_file_loads_without_a_copy(tmp_path):
