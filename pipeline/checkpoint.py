@@ -23,7 +23,7 @@ import uuid
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .errors import UserError, read_json_file, write_error
+from .errors import UserError, check_new_file, read_json_file, write_error
 from .heads import Ensemble, Head, model_from_shape
 
 FORMAT = "bertcache-head"
@@ -50,9 +50,50 @@ def save_checkpoint(folder: str, config: dict, states: dict[str, dict], metrics:
     return write_folder(folder, write)
 
 
-def write_folder(folder: str, write) -> str:
+# What marks a folder as one bertcache wrote, per kind (file, format): only such a folder of the same kind, or
+# an empty one, is replaced by a new one of the same name.
+KINDS = {"checkpoint": ("config.json", FORMAT), "export": ("bertcache.json", "bertcache-onnx")}
+
+
+def check_out(folder: str, *, kind: str = "checkpoint", source: str | None = None) -> None:
+    """Refuse, before any work, an output folder that must not or cannot be replaced: the folder being
+    read (`source`), an existing file, a folder that is not a bertcache `kind` ("checkpoint" or "export":
+    a data folder, another checkpoint under an export's name), or a path under a file. Called again by
+    `write_folder` as the last guard.
+
+        >>> import tempfile
+        >>> tmp = tempfile.mkdtemp()
+        >>> open(f"{tmp}/reviews.csv", "w").close()
+        >>> check_out(f"{tmp}/reviews.csv")
+        Traceback (most recent call last):
+        pipeline.errors.UserError: ...reviews.csv exists and is a file, not a bertcache checkpoint; choose another --out
+    """
+    folder = os.path.normpath(folder)
+    if source and os.path.exists(folder) and os.path.exists(source) and os.path.samefile(folder, source):
+        raise UserError(f"{folder} is what this command reads; choose another --out")
+    if os.path.lexists(folder):
+        if not os.path.isdir(folder) or os.path.islink(folder):
+            raise UserError(f"{folder} exists and is a file, not a bertcache checkpoint; choose another --out")
+        if os.listdir(folder) and not _is_kind(folder, kind):
+            raise UserError(f"{folder} exists and is not a bertcache {kind} (no {KINDS[kind][0]} of one in it); "
+                            "choose another --out, or remove it first")
+        return
+    check_new_file(folder, folder=True)
+
+
+def _is_kind(folder: str, kind: str) -> bool:
+    name, fmt = KINDS[kind]
+    try:
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            return json.load(f).get("format") == fmt
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_folder(folder: str, write, kind: str = "checkpoint") -> str:
     """Call `write(tmp)` on a new folder beside `folder`, then swap it in whole: never a half-written folder
-    under the final name (a failed write leaves the old one as it was)."""
+    under the final name (a failed write leaves the old one as it was). `folder` must pass `check_out`."""
+    check_out(folder, kind=kind)
     folder = os.path.normpath(folder)
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
@@ -62,6 +103,7 @@ def write_folder(folder: str, write) -> str:
     try:
         os.makedirs(tmp)
         write(tmp)
+        _umask_modes(tmp)
         old = None
         if os.path.exists(folder):
             old = f"{folder}.old-{uuid.uuid4().hex[:8]}"
@@ -77,6 +119,18 @@ def write_folder(folder: str, write) -> str:
                 raise err from e
         raise
     return folder
+
+
+def _umask_modes(folder: str) -> None:
+    """Give every file the mode a plain open() gives under the umask (safetensors writes 0600 files)."""
+    probe = os.path.join(folder, ".mode")
+    open(probe, "w").close()
+    mode = os.stat(probe).st_mode & 0o777
+    os.remove(probe)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.chmod(path, mode)
 
 
 def write_json(path: str, obj) -> None:
@@ -107,6 +161,8 @@ def read_config(folder: str, allow_pickle: bool = False) -> dict:
         raise UserError(f"{folder} holds only pickle files ({', '.join(_pickles(folder))}) and no config.json; "
                         "bertcache never unpickles a checkpoint without its JSON config: make one with "
                         "`bertcache fit-head`")
+    if _is_kind(folder, "export"):
+        raise UserError(f"{folder} is an ONNX export, not a head checkpoint: add --backend onnx to read it")
     if not os.path.isdir(folder) or not os.path.exists(path):
         raise UserError(f"checkpoint not found: {folder} is not a folder with config.json "
                         "(make one with `bertcache fit-head`)")
@@ -167,7 +223,9 @@ def _weights_file(folder: str, weights: str, allow_pickle: bool) -> str:
         raise UserError(f"{folder} has no {weights}.safetensors, only {pickles[0]}; {_REFUSED}")
     if pickles:
         return os.path.join(folder, pickles[0])
-    raise UserError(f"{folder} has no {weights}.safetensors")
+    other = "last" if weights == "best" else "best"
+    raise UserError(f"{folder} has no {weights}.safetensors (removed?); use --weights {other} if it has that one, "
+                    "or run fit-head again")
 
 
 _TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")

@@ -33,7 +33,8 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             if debug:
                 raise
-            click.echo("interrupted (an extraction resumes where it stopped when run again)", err=True)
+            resumes = " (an extraction resumes where it stopped when run again)" if ctx.invoked_subcommand in ("extract", "quickstart") else ""
+            click.echo(f"interrupted{resumes}", err=True)
             ctx.exit(130)
 
 
@@ -47,7 +48,7 @@ def _describe(e: Exception) -> str:
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"unexpected {type(e).__name__}: {first} (run with --debug for the traceback)"
+    return f"unexpected {type(e).__name__}: {first} (bertcache --debug COMMAND ... shows the traceback)"
 
 
 def _log(msg: str) -> None:
@@ -85,17 +86,17 @@ def cli(debug):
 @click.option("--max-length", default=512, show_default=True, help="Tokens per text (capped by the model).")
 @click.option("--long-texts", default="truncate", show_default=True, type=click.Choice(["truncate", "chunk"]),
               help="Texts past --max-length: cut them (counted on stderr), or encode every window and average.")
-@click.option("--stride", type=int, help="With --long-texts chunk: tokens shared by neighbouring windows "
+@click.option("--stride", type=click.IntRange(min=0), help="With --long-texts chunk: tokens shared by neighbouring windows "
                                          "[a quarter of --max-length].")
 @click.option("--prefix", default=None, help='Prepended to every text (e5 models expect "query: ") '
               "[a sentence-transformers folder's own prompt, else none].")
 @click.option("--instruction", help="Task instruction for instruction-following embedders (Qwen3-Embedding, "
                                     "gte-Qwen): texts become 'Instruct: <instruction>\\nQuery:<text>'.")
-@click.option("--layers", default=1, show_default=True, help="Cache [CLS] and mean of the last K layers.")
+@click.option("--layers", default=1, show_default=True, type=click.IntRange(min=1), help="Cache [CLS] and mean of the last K layers.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
-@click.option("--batch-tokens", type=int, help="Tokens per batch [1024 on CPU, 65536 on GPU].")
-@click.option("--workers", type=int, help="CPU: batches run side by side on this many threads, one torch thread "
+@click.option("--batch-tokens", type=click.IntRange(min=1), help="Tokens per batch [1024 on CPU, 65536 on GPU].")
+@click.option("--workers", type=click.IntRange(min=1), help="CPU: batches run side by side on this many threads, one torch thread "
                                           "each [torch's thread count, when there are batches enough]; 1 = one "
                                           "batch at a time on all torch threads.")
 @click.option("--packing", default="auto", show_default=True, type=click.Choice(["auto", "off"]),
@@ -155,17 +156,17 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
 @click.option("--head", default="linear", show_default=True,
               help="linear, mlp, or logreg (linear, fit full-batch by L-BFGS with its L2 strength chosen on "
                    "validation; --lr, --epochs and --batch-size do not apply).")
-@click.option("--hidden", default=D.HIDDEN, show_default=True, help="Hidden units of the mlp head.")
-@click.option("--dropout", default=D.DROPOUT, show_default=True)
-@click.option("--epochs", default=D.EPOCHS, show_default=True)
-@click.option("--lr", default=D.LR, show_default=True)
-@click.option("--weight-decay", default=D.WEIGHT_DECAY, show_default=True)
-@click.option("--batch-size", default=D.BATCH_SIZE, show_default=True)
+@click.option("--hidden", default=D.HIDDEN, show_default=True, type=click.IntRange(min=1), help="Hidden units of the mlp head.")
+@click.option("--dropout", default=D.DROPOUT, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--epochs", default=D.EPOCHS, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=D.LR, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--weight-decay", default=D.WEIGHT_DECAY, show_default=True, type=click.FloatRange(0))
+@click.option("--batch-size", default=D.BATCH_SIZE, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=D.SEED, show_default=True)
-@click.option("--patience", default=D.PATIENCE, show_default=True, help="Stop after this many epochs without "
+@click.option("--patience", default=D.PATIENCE, show_default=True, type=click.IntRange(min=0), help="Stop after this many epochs without "
                                                                         "a better validation score (0: never; "
                                                                         "10 with --sweep).")
-@click.option("--label-smoothing", default=0.0, show_default=True)
+@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
 @click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay, and a greedy "
                                             "ensemble of them; keep the best by validation (--sweep-select).")
@@ -190,9 +191,9 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
               "token states cached by `extract --states K` (linear probe first, then layers + head; BERT family).")
 @click.option("--init", help="With --tune-layers: start from this checkpoint's head and pooling (e.g. the sweep's best "
                              "single head) instead of fitting --head on --pooling first.")
-@click.option("--layer-lr", default=1e-4, show_default=True, help="With --tune-layers: the tuned layers' AdamW lr.")
-@click.option("--head-lr", default=1e-4, show_default=True, help="With --tune-layers: the head's AdamW lr.")
-@click.option("--batch-tokens", default=4096, show_default=True, help="With --tune-layers: padded tokens per batch.")
+@click.option("--layer-lr", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True), help="With --tune-layers: the tuned layers' AdamW lr.")
+@click.option("--head-lr", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True), help="With --tune-layers: the head's AdamW lr.")
+@click.option("--batch-tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="With --tune-layers: padded tokens per batch.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="With --tune-layers: autocast dtype (auto: bf16 where the hardware has it).")
 @click.option("--device", default="auto", show_default=True,
@@ -313,7 +314,7 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--confusion-png", type=click.Path(dir_okay=False), help="Also draw the confusion matrix as a PNG.")
-@click.option("--errors", "errors", default=0, show_default=True,
+@click.option("--errors", "errors", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also list the N most confidently wrong texts of each true class.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, errors, as_json):
@@ -383,7 +384,7 @@ def _row_text(r: dict) -> str:
 @click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
-@click.option("--batch-tokens", type=int, help="Padded tokens per batch.")
+@click.option("--batch-tokens", type=click.IntRange(min=1), help="Padded tokens per batch.")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
               help="onnx: run a `bertcache export` folder (given as --checkpoint) with onnxruntime.")
@@ -396,6 +397,9 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
     one argument or line, the two texts separated by a tab."""
 
     texts = list(texts)
+    blank = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    if blank is not None:  # as extract skips blank texts: no vector of nothing to classify
+        raise UserError(f"text {blank + 1} of the arguments is blank (empty or whitespace only); give texts to classify")
     interactive = False
     if file_:
         texts += _read_lines(file_)
@@ -467,7 +471,7 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
 @cli.command()
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
 @click.option("--host", default=S.HOST, show_default=True, help="Address to listen on (loopback by default).")
-@click.option("--port", default=S.PORT, show_default=True, help="Port to listen on (0: any free port).")
+@click.option("--port", default=S.PORT, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on (0: any free port).")
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
 @click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
 @click.option("--device", default="auto", show_default=True)
@@ -477,8 +481,8 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
               help="Texts per gathered encoder call.")
 @click.option("--max-batch-tokens", default=S.MAX_BATCH_TOKENS, show_default=True,
               help="Tokens (estimated) per gathered encoder call.")
-@click.option("--batch-tokens", type=int, help="Padded tokens per encoder forward pass [1024 on CPU, 65536 on GPU].")
-@click.option("--threads", type=int, help="Torch CPU threads [torch's default].")
+@click.option("--batch-tokens", type=click.IntRange(min=1), help="Padded tokens per encoder forward pass [1024 on CPU, 65536 on GPU].")
+@click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads [torch's default].")
 @click.option("--max-texts", default=S.MAX_TEXTS, show_default=True, help="Texts per request.")
 @click.option("--max-chars", default=S.MAX_CHARS, show_default=True,
               help="Characters per text; longer texts are refused (422).")
@@ -508,7 +512,7 @@ def serve(checkpoint, host, port, weights, model, device, max_wait_ms, max_batch
 
 @cli.command()
 @click.argument("path")
-@click.option("--rows", default=0, show_default=True, help="Also show the first N rows of each split (text, label).")
+@click.option("--rows", default=0, show_default=True, type=click.IntRange(min=0), help="Also show the first N rows of each split (text, label).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(path, rows, as_json):
     """Describe a features file (splits, rows, features, model, shards) or a checkpoint folder."""

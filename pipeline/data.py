@@ -107,6 +107,8 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
         raise UserError(f"no splits found in {source!r}")
     texts, label_values, rows, skipped, pairs = {}, {}, {}, {}, {}
     for split, columns in raw.items():
+        if not columns:
+            raise UserError(f"split {split!r} of {source!r} is empty (no rows); give a file with rows of text")
         if text_column not in columns:
             raise UserError(f"split {split!r} of {source!r} has no text column {text_column!r}; "
                             f"columns are: {', '.join(columns) or '(none)'}; pass --text-column")

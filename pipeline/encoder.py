@@ -151,6 +151,10 @@ class Encoder:
             try:
                 self.model = AutoModel.from_pretrained(path, **where)
             except Exception:
+                if "weights_only" in str(e):  # torch's advice to unpickle in full is not ours to give
+                    raise UserError(f"cannot load model {model!r}: its .bin weights hold more than tensors, and "
+                                    "bertcache never unpickles them; use the model saved as safetensors "
+                                    "(save_pretrained's default)") from e
                 raise UserError(f"cannot load model {model!r}: {_first_line(e)}") from e
         self.model.eval().to(self.device)
         self.model.requires_grad_(False)
@@ -193,6 +197,9 @@ class Encoder:
         if long_texts not in LONG_TEXTS:
             raise UserError(f"unknown --long-texts {long_texts!r}; use truncate or chunk")
         self.long_texts = long_texts
+        if stride is not None and long_texts != "chunk":
+            raise UserError("--stride is for --long-texts chunk (the tokens neighbouring windows share); add "
+                            "--long-texts chunk or drop --stride")
         # Windows overlap by `stride` tokens (HF's meaning of stride); default a quarter of a window.
         self.stride = int(stride if stride is not None else self.max_length // 4) if long_texts == "chunk" else 0
         if long_texts == "chunk":

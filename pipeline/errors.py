@@ -31,6 +31,18 @@ def write_error(e: Exception, path: str, then: str = "") -> Exception:
     return e
 
 
+def check_new_file(path: str, option: str = "--out", folder: bool = False) -> None:
+    """Refuse, before any work, a path that cannot be written: one under a file, or (unless `folder`) an
+    existing folder where a file is to go."""
+    if not folder and os.path.isdir(path):
+        raise UserError(f"{path} is a folder; give {option} a file name in it, e.g. {os.path.join(path, 'NAME.h5')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot create {path}: {parent} is a file, not a folder; choose another {option}")
+
+
 def read_json_file(path: str, folder: str, fmt: str, what: str) -> dict:
     """The JSON object at `path`, whose "format" must be `fmt`; else a UserError naming `folder` as not `what`."""
     try:

@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, read_config, write_folder, write_json
+from .checkpoint import check_out, load_checkpoint, read_config, write_folder, write_json
 from .errors import UserError
 from .onnx_runner import FORMAT, INPUTS, META_FILE, MODEL_FILE, OUTPUTS
 from .tokenizer import save_tokenizer
@@ -76,6 +76,7 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
     from .predict import locate_model
 
     config = read_config(checkpoint, allow_pickle)
+    check_out(out, kind="export", source=checkpoint)
     enc = config["encoder"]
     if config.get("task", "classification") != "classification" or config.get("pair_mode") \
             or (enc.get("long_texts") or "truncate") != "truncate":
@@ -131,7 +132,7 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
         if os.path.isfile(metrics):
             shutil.copyfile(metrics, os.path.join(tmp, "metrics.json"))
 
-    return write_folder(out, write)
+    return write_folder(out, write, kind="export")
 
 
 class ExportGraph(torch.nn.Module):

@@ -9,7 +9,7 @@ import numpy as np
 
 from .data import Corpus, Split, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
-from .errors import UserError
+from .errors import UserError, check_new_file
 from .fingerprints import data_fingerprint
 from .store import TEXTS, StoreWriter
 from .tasks import DEFAULT_TASK
@@ -127,11 +127,12 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     for name, n in corpus.skipped.items():
         if n:
             log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")
+    out = out or default_features_path(model, data)
+    check_new_file(out)
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
                                  prefix=prefix, layers=layers, revision=revision, batch_tokens=batch_tokens,
                                  workers=workers, packing=packing, compile=compile, instruction=instruction, log=log,
                                  long_texts=long_texts, stride=stride)
-    out = out or default_features_path(model, data)
     paired = _paired(corpus)
     if paired and pair_mode == "cross" and encoder.long_texts == "chunk":
         raise UserError("--long-texts chunk does not go with --pair-mode cross (a pair cut into windows has no "

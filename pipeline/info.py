@@ -18,6 +18,10 @@ def describe(path: str, rows: int = 0) -> dict:
     if os.path.isdir(path):
         return finite(describe_checkpoint(path))
     if not os.path.exists(path):
+        from .store import partial_path
+        if os.path.exists(partial_path(path)):
+            raise UserError(f"{path} does not exist yet: {partial_path(path)} is an extraction that did not finish; "
+                            "run extract again to resume it")
         raise UserError(f"{path} does not exist; give a features file (.h5) or a checkpoint folder")
     return finite(describe_features(path, rows))
 

@@ -76,6 +76,9 @@ class Source:
 def resolve(model: str, revision: str | None = None) -> Source:
     """Find `model`: a local folder, a built-in name, `modelscope:ORG/NAME`, or a hub id (see the module doc)."""
     if os.path.isdir(model):
+        if not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "modules.json")):
+            raise UserError(f"{model} is a folder but not a model folder (no config.json); give a Hugging Face model "
+                            "folder (save_pretrained), a hub id (ORG/NAME), modelscope:ORG/NAME or 'e5-small'")
         return Source(model, os.path.abspath(model), "folder")
     if model == "e5-small":
         from .e5 import ensure_e5_small

@@ -219,10 +219,13 @@ class Predictor:
 def locate_model(encoder_settings: dict) -> str:
     """Where a checkpoint's model is, from any working directory: the absolute folder it was loaded from
     when that still exists, else the reference as typed (a hub id, a built-in name, a relative path)."""
-    folder = encoder_settings.get("model_path")
+    folder, ref = encoder_settings.get("model_path"), encoder_settings["model"]
     if folder and os.path.isdir(folder):
         return folder
-    return encoder_settings["model"]
+    if folder and not os.path.isdir(ref) and ref != "e5-small" and not ref.startswith("modelscope:"):
+        raise UserError(f"the checkpoint's model folder {folder} is gone (moved or deleted); pass --model with "
+                        "where the model is now")
+    return ref
 
 
 def as_texts(texts) -> tuple[bool, list[str]]:

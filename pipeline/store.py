@@ -155,10 +155,19 @@ class FeatureStore:
             hint = " (a .partial file exists: the extraction did not finish; run extract again to resume)" \
                 if os.path.exists(partial_path(path)) else ""
             raise UserError(f"features file not found: {path}{hint}")
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder, not a features file; give the .h5 file `bertcache extract` wrote")
         try:
             self.file = h5py.File(path, "r")
         except OSError as e:
-            raise UserError(f"{path} is not a readable HDF5 file (truncated or another format): {e}") from e
+            raise UserError(f"{path} is not a readable HDF5 file (truncated or another format): {_first_line(e)}") from e
+        try:
+            self._open(path)
+        except OSError as e:  # HDF5's read errors: a file damaged after it opened
+            self.file.close()
+            raise UserError(f"{path} cannot be read: {_first_line(e)}; the file is damaged: extract it again") from e
+
+    def _open(self, path: str) -> None:
         attrs = self.file.attrs
         if attrs.get("format") != FORMAT:
             self.file.close()
@@ -194,8 +203,12 @@ class FeatureStore:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, exc, tb):
         self.close()
+        if isinstance(exc, OSError) and not getattr(exc, "errno", None) and "read" in str(exc).lower():
+            # HDF5's own read errors (no errno): a file damaged after it opened, inside a data block
+            raise UserError(f"{self.path} cannot be read: {_first_line(exc)}; the file is damaged: extract it "
+                            "again") from exc
 
     def close(self):
         self.file.close()

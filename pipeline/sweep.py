@@ -27,7 +27,7 @@ import numpy as np
 
 from . import defaults as D
 from . import train as T
-from .checkpoint import write_json
+from .checkpoint import check_out, write_json
 from .errors import UserError
 from .store import FeatureStore
 from .tasks import SCORE, spearman, tune_thresholds
@@ -159,6 +159,8 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
     if selection is not None and selection not in SELECTIONS:
         raise UserError(f"unknown selection {selection!r} (--sweep-select); use loss or score")
     options["selection"] = selection
+    out = out or T.default_checkpoint_path(features, "sweep")
+    check_out(out, source=features)
     with T.load_cache(features, poolings, seed, max_memory, device, log) as data:
         folds = resolve_folds(folds, data, refit)
         return _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, ensemble, refit,
@@ -276,7 +278,7 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
                       "ensemble": ensemble},
              "options": {"patience": patience, **{k: v for k, v in options.items() if k != "device"}}, "seed": seed,
              "ranked": ranked}
-    path = T.save(out or T.default_checkpoint_path(features, "sweep"), data, result, metrics, config,
+    path = T.save(out, data, result, metrics, config,
                   files={"sweep.json": lambda p: write_json(p, table)})
     return path, ranked, metrics
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import defaults as D
 from . import plots
-from .checkpoint import save_checkpoint
+from .checkpoint import check_out, save_checkpoint
 from .encoder import resolve_device
 from .errors import UserError
 from .metrics import report
@@ -175,6 +175,12 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
     if unseen:
         raise UserError(f"class {data.label_names[unseen[0]]!r} appears in validation but never in train; "
                         "the head cannot learn it: fix the split or drop that class")
+    if data.task == "classification" and "test" in labels and log:
+        never = sorted(set(np.unique(labels["test"])) - set(np.unique(labels["train"])))
+        if never:
+            log(f"note: {', '.join(repr(data.label_names[c]) for c in never)} appear{'s' if len(never) == 1 else ''} "
+                "in test but never in train: the head cannot predict "
+                f"{'it' if len(never) == 1 else 'them'}, and those test rows count as errors")
 
     dims = store.settings.get("feature_dims")
     width = max([sum(feature_dim(store.settings, n) for n in names)]
@@ -404,6 +410,8 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
     if pooling is None:
         with FeatureStore(features) as store:
             pooling = default_pooling(store.settings)
+    out = out or default_checkpoint_path(features, pooling, head)
+    check_out(out, source=features)
     with load_cache(features, [pooling], seed, max_memory, device, log) as data:
         result, metrics, config = train(data, pooling=pooling, head=head, hidden=hidden, dropout=dropout,
                                         epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
@@ -414,5 +422,5 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
             result, metrics, config = refit_result(data, result, metrics, config, seed=seed, device=device, log=log,
                                                    hidden=hidden, dropout=dropout, batch_size=batch_size,
                                                    label_smoothing=label_smoothing, class_weights=class_weights)
-        out = save(out or default_checkpoint_path(features, pooling, head), data, result, metrics, config)
+        out = save(out, data, result, metrics, config)
     return out, metrics

@@ -54,7 +54,7 @@ def check_supported(model_config, k: int) -> None:
                         f"bert-base-chinese, e5-small), not model_type {kind!r}")
     layers = int(model_config.num_hidden_layers)
     if not 1 <= k <= layers:
-        raise UserError(f"K must be between 1 and the model's {layers} layers, not {k}")
+        raise UserError(f"--states / --tune-layers K must be between 1 and the model's {layers} layers, not {k}")
 
 
 def layer_config(model_config: dict):
@@ -368,9 +368,11 @@ def fit_tuned(features: str, k: int, out: str | None = None, log=None, **options
     from safetensors.torch import save_file
 
     from . import train as T
-    from .checkpoint import save_checkpoint
+    from .checkpoint import check_out, save_checkpoint
     from .metrics import classification_report
 
+    out = out or T.default_checkpoint_path(features, f"tuned{k}")
+    check_out(out, source=features)
     result, metrics, config, data, rows = tune(features, k, log=log, **options)
     if "test" in rows:
         top = result.top
@@ -379,7 +381,6 @@ def fit_tuned(features: str, k: int, out: str | None = None, log=None, **options
     files = {f"{name}.top.safetensors": (lambda state: lambda p: save_file(
         {k_: v.contiguous() for k_, v in state.items()}, p, metadata={"format": "pt"}))(state)
         for name, state in (("best", result.top_best), ("last", result.top_last))}
-    out = out or T.default_checkpoint_path(features, f"tuned{k}")
     return save_checkpoint(out, config, {"best": result.best_state, "last": result.last_state}, metrics, files), metrics
 
 

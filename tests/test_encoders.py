@@ -279,7 +279,7 @@ def test_moved_model_folder_is_found_by_model_and_fingerprint(tmp_path, qwen, da
     ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
     shutil.move(model, str(tmp_path / "moved"))
     monkeypatch.chdir(tmp_path.parent)
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="is gone .* pass --model"):
         bc.Predictor(ckpt, device="cpu")
     p = bc.Predictor(ckpt, device="cpu", model=str(tmp_path / "moved"))
     assert p.predict(["好"])[0]["label"] in p.label_names

@@ -176,6 +176,20 @@ def test_a_broken_features_file_is_refused(tiny_cache, tmp_path, damage):
     assert not out.exists()
 
 
+def test_a_features_file_damaged_inside_is_refused(tiny_cache, tmp_path):
+    """Bytes overwritten in the middle (a bad disk, a bad copy): HDF5 opens the file and fails later; the
+    user sees one line naming the file, from fit-head and info alike."""
+    raw = bytearray(open(tiny_cache, "rb").read())
+    raw[2000:5000] = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(bytes(raw))
+    for args in (("fit-head", "-f", bad, "-o", tmp_path / "ck", "--epochs", 2), ("info", bad)):
+        refused(run(*args), str(bad))
+    assert not (tmp_path / "ck").exists()
+    refused(run("info", tmp_path), "checkpoint")  # a folder that is neither
+    refused(run("fit-head", "-f", tmp_path, "-o", tmp_path / "ck"), "is a folder, not a features file")
+
+
 def test_a_features_file_from_another_tool_is_refused(tmp_path):
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
@@ -319,6 +333,26 @@ def test_a_read_only_output_folder_is_refused(tiny_model, tiny_cache, tmp_path):
         assert os.listdir(ro) == []
 
 
+def test_an_out_bertcache_did_not_write_is_refused_before_any_work(tiny_cache, tmp_path):
+    """fit-head and export replace only a folder of their own kind: never a data folder, a file, the input
+    itself or (for export) a checkpoint; a path under a file is named as such."""
+    data, afile = tmp_path / "data", tmp_path / "notes.txt"
+    data.mkdir()
+    (data / "train.jsonl").write_text("keep\n")
+    afile.write_text("keep")
+    for out, words in ((data, ("not a bertcache checkpoint", "--out")), (afile, ("is a file", "--out")),
+                       (tiny_cache, ("reads", "--out")), (afile / "ck", ("cannot create", "is a file", "--out"))):
+        refused(run("fit-head", "-f", tiny_cache, "-o", out, "--epochs", 2), *words)
+    assert (data / "train.jsonl").read_text() == "keep\n" and afile.read_text() == "keep"
+    assert sorted(os.listdir(tmp_path)) == ["data", "notes.txt"] and h5py.is_hdf5(tiny_cache)
+    ck = str(tmp_path / "ck")
+    for _ in range(2):  # a checkpoint is replaced by a new one of the same name
+        assert run("fit-head", "-f", tiny_cache, "-o", ck, "--epochs", 2).exit_code == 0
+    refused(run("export", ck, ck), "reads", "--out")
+    refused(run("export", ck, str(data)), "not a bertcache export", "--out")
+    assert os.path.isfile(os.path.join(ck, "config.json")) and sorted(os.listdir(data)) == ["train.jsonl"]
+
+
 @pytest.mark.slow
 def test_a_file_another_extract_is_writing_is_left_alone(tiny_model, tmp_path):
     out = tmp_path / "f.h5"
@@ -348,6 +382,29 @@ def test_an_unknown_pooling_or_head_is_refused(tiny_cache, tmp_path, option, val
     out = tmp_path / "ck"
     refused(run("fit-head", "-f", tiny_cache, "-o", out, option, value), *words)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, option", [
+    (("fit-head", "-f", "F", "--dropout", "1.5"), "--dropout"), (("fit-head", "-f", "F", "--patience", "-1"), "--patience"),
+    (("fit-head", "-f", "F", "--hidden", "0"), "--hidden"), (("fit-head", "-f", "F", "--weight-decay", "-1"), "--weight-decay"),
+    (("fit-head", "-f", "F", "--label-smoothing", "2"), "--label-smoothing"), (("fit-head", "-f", "F", "--lr", "0"), "--lr"),
+    (("extract", "-m", "M", "-d", "D", "--batch-tokens", "-5"), "--batch-tokens"),
+    (("extract", "-m", "M", "-d", "D", "--workers", "0"), "--workers"),
+    (("predict", "-c", "C", "--batch-tokens", "0", "x"), "--batch-tokens"), (("evaluate", "-c", "C", "--errors", "-2"), "--errors"),
+    (("info", "F", "--rows", "-1"), "--rows"), (("serve", "-c", "C", "--port", "99999"), "--port")])
+def test_numbers_out_of_range_are_refused_naming_the_option(args, option):
+    result = run(*args)
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output and "Traceback" not in result.output
+
+
+def test_blank_predict_texts_and_a_stride_without_chunk_are_refused(tiny_model, tiny_cache, tmp_path):
+    ck = str(tmp_path / "ck")
+    assert run("fit-head", "-f", tiny_cache, "-o", ck, "--epochs", 2).exit_code == 0
+    refused(run("predict", "-c", ck, "好", "  "), "text 2", "blank")
+    data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
+    extract_refused(tmp_path, tiny_model, data, "--stride", "--long-texts chunk", extra=("--stride", "5"))
+    modes = {f: os.stat(os.path.join(ck, f)).st_mode & 0o777 for f in os.listdir(ck)}
+    assert set(modes.values()) == {modes["config.json"]}  # safetensors files too, not 0600
 
 
 def test_a_model_folder_without_weights_is_refused(tiny_model, tmp_path):
