@@ -152,7 +152,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
                                   "checkpoints/<features>-sweep with --sweep].")
 @click.option("--pooling", help="cls, mean, last, sentence, cls_<layer>, mean-avg<k>, cls-cat<k>, or terms "
                                 "joined by + [the cache's default: sentence for sentence-transformers folders, "
-                                "last for decoders, else cls].")
+                                "last for decoders, cos:mean+pair:mean for a pair cache, else cls].")
 @click.option("--head", default="linear", show_default=True,
               help="linear, mlp, or logreg (linear, fit full-batch by L-BFGS with its L2 strength chosen on "
                    "validation; --lr, --epochs and --batch-size do not apply).")
@@ -181,8 +181,8 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
                    "micro-F1, Spearman; then loss) [loss for classification, score for the other tasks].")
 @click.option("--sweep-folds", default="auto", show_default=True,
               help="Cross-fit the sweep over this many folds of train + validation (each head trained once per fold, "
-                   "the fold models averaged, the grid and ensemble ranked out of fold); auto: 5 up to 10,000 rows, "
-                   "else 1 (one split).")
+                   "the fold models averaged, the grid and ensemble ranked out of fold); auto: 5 up to 10,000 rows "
+                   "held in memory without --refit, else 1 (one split).")
 @click.option("--refit", is_flag=True, help="After choosing on validation (the epochs, C, or the sweep's winner), "
                                             "train the head again on train + validation with those settings.")
 @click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
@@ -576,7 +576,8 @@ def quickstart(ctx, model, data, prefix, layers, features_path, checkpoint_path)
     ctx.invoke(evaluate, checkpoint=ckpt, confusion_png=os.path.join(ckpt, "confusion.png"))
     _log("== 4/4 predict")
     ctx.invoke(predict, checkpoint=ckpt, texts=QUICKSTART_TEXTS)
-    _log(f"pictures: {os.path.join(ckpt, 'curves.png')}, {os.path.join(ckpt, 'confusion.png')}; "
+    pictures = [p for p in (os.path.join(ckpt, n) for n in ("curves.png", "confusion.png")) if os.path.exists(p)]
+    _log(f"pictures: {', '.join(pictures) or 'none (pip install bertcache[plots])'}; "
          f"table of the sweep: {os.path.join(ckpt, 'sweep.json')}")
 
 

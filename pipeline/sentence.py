@@ -3,8 +3,9 @@
 A folder with `modules.json` says how its model turns token vectors into one sentence vector:
 
     modules.json                          the module chain: Transformer, Pooling, [Dense ...], [Normalize]
-    1_Pooling/config.json                 pooling_mode_cls_token / _mean_tokens / _max_tokens / _lasttoken /
-                                          _mean_sqrt_len_tokens / _weightedmean_tokens, include_prompt
+    1_Pooling/config.json                 pooling_mode (a name or a list), or the older flags pooling_mode_cls_token /
+                                          _mean_tokens / _max_tokens / _lasttoken / _mean_sqrt_len_tokens /
+                                          _weightedmean_tokens; include_prompt
     2_Dense/config.json + model.safetensors   a Linear (in_features -> out_features) and its activation
     config_sentence_transformers.json     prompts {"query": ..., ...} and default_prompt_name
     sentence_bert_config.json             max_seq_length
@@ -26,6 +27,7 @@ MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")
 _MODE_KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
               "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens", "weightedmean": "pooling_mode_weightedmean_tokens",
               "lasttoken": "pooling_mode_lasttoken"}
+_NEW_NAMES = {"mean_sqrt_len_tokens": "mean_sqrt_len"}  # `pooling_mode` names that differ from ours
 _ACTIVATIONS = {"Identity": None, "Tanh": "tanh", "ReLU": "relu", "GELU": "gelu", "Sigmoid": "sigmoid"}
 _KNOWN = ("Transformer", "Pooling", "Dense", "Normalize")
 # Which prompt a classifier takes when the folder names no default: these names, in this order.
@@ -36,8 +38,8 @@ PROMPT_ORDER = ("classification", "query")
 class SentenceModules:
     """What a sentence-transformers folder does after its transformer.
 
-    Attributes: `transformer` (folder of the HF model, often the folder itself), `modes` (pooling modes,
-    concatenated in MODES order), `include_prompt`, `dense` (list of {"weights", "in", "out", "bias",
+    Attributes: `transformer` (folder of the HF model, often the folder itself), `modes` (pooling modes, in
+    concatenation order), `include_prompt`, `dense` (list of {"weights", "in", "out", "bias",
     "activation"}), `normalize`, `prompts`, `default_prompt_name`, `max_seq_length`, `files` (every file
     that decides the sentence vector, relative to the folder: they enter the model fingerprint).
     """
@@ -76,9 +78,7 @@ class SentenceModules:
                 cfg_path = os.path.join(folder, sub, "config.json")
                 cfg = _json(cfg_path)
                 files.append(os.path.join(sub, "config.json"))
-                modes = [mode for mode in MODES if cfg.get(_MODE_KEYS[mode])]
-                if not modes:
-                    raise UserError(f"{cfg_path} turns on no pooling mode")
+                modes = _modes(cfg, cfg_path)
                 include_prompt = bool(cfg.get("include_prompt", True))
             elif kind == "Dense":
                 dense.append(_dense(folder, sub))
@@ -165,6 +165,22 @@ class SentenceModules:
                 if d["activation"]:
                     x = getattr(torch, d["activation"])(x) if d["activation"] != "gelu" else F.gelu(x)
             return F.normalize(x, p=2, dim=1) if self.normalize else x
+
+
+def _modes(cfg: dict, path: str) -> list[str]:
+    """A Pooling config's modes in concatenation order: newer sentence-transformers (6.x) write `pooling_mode` (a
+    name or a list, concatenated in that order), older ones one `pooling_mode_*` flag per mode (MODES order)."""
+    if "pooling_mode" in cfg:
+        given = cfg["pooling_mode"]
+        modes = [_NEW_NAMES.get(m, m) for m in ([given] if isinstance(given, str) else list(given or []))]
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise UserError(f"{path}: pooling mode {bad[0]!r} is not one bertcache reads ({', '.join(MODES)})")
+    else:
+        modes = [mode for mode in MODES if cfg.get(_MODE_KEYS[mode])]
+    if not modes:
+        raise UserError(f"{path} turns on no pooling mode")
+    return modes
 
 
 def _dense(folder: str, sub: str) -> dict:

@@ -55,8 +55,10 @@ def build_tiny_qwen3(folder: str, padding_side: str = "right", eos_in_tokenizer:
 
 def write_sentence_folder(folder: str, base: str, modes: list[str], normalize: bool = True, dense: int | None = None,
                           include_prompt: bool = True, prompts: dict | None = None, default_prompt: str | None = None,
-                          dense_format: str = "safetensors") -> str:
-    """A sentence-transformers folder around the transformer in `base`, written file by file."""
+                          dense_format: str = "safetensors", pooling_format: str = "flags") -> str:
+    """A sentence-transformers folder around the transformer in `base`, written file by file. Its pooling
+    config as older sentence-transformers wrote it (`pooling_format="flags"`: one boolean per mode, concatenated
+    in a fixed order) or as later versions do ("mode": `pooling_mode`, a name or a list in concatenation order)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -69,8 +71,12 @@ def write_sentence_folder(folder: str, base: str, modes: list[str], normalize: b
             "lasttoken": "pooling_mode_lasttoken", "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
             "weightedmean": "pooling_mode_weightedmean_tokens"}
     os.makedirs(os.path.join(folder, "1_Pooling"))
-    json.dump({"word_embedding_dimension": hidden, **{v: k in modes for k, v in keys.items()},
-               "include_prompt": include_prompt}, open(os.path.join(folder, "1_Pooling", "config.json"), "w"))
+    named = [{"mean_sqrt_len": "mean_sqrt_len_tokens"}.get(m, m) for m in modes]
+    pooling = {"word_embedding_dimension": hidden, **{v: k in modes for k, v in keys.items()}} \
+        if pooling_format == "flags" else {"embedding_dimension": hidden,
+                                           "pooling_mode": named[0] if len(named) == 1 else named}
+    json.dump({**pooling, "include_prompt": include_prompt},
+              open(os.path.join(folder, "1_Pooling", "config.json"), "w"))
     if dense:
         modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
         os.makedirs(os.path.join(folder, "2_Dense"))
@@ -175,13 +181,15 @@ def _st_reference(model, enc: Encoder, text: str, modes, dense_dir=None, normali
     return (x / x.norm() if normalize else x).numpy()
 
 
-@pytest.mark.parametrize("modes", [["cls"], ["mean"], ["lasttoken"], ["max"], ["mean_sqrt_len"], ["weightedmean"],
-                                   ["cls", "mean"]])
+@pytest.mark.parametrize("modes, pooling_format", [
+    (["cls"], "flags"), (["mean"], "flags"), (["lasttoken"], "flags"), (["max"], "flags"), (["mean_sqrt_len"], "flags"),
+    (["weightedmean"], "flags"), (["cls", "mean"], "flags"), (["mean"], "mode"), (["mean_sqrt_len"], "mode"),
+    (["mean", "cls"], "mode")])
 @pytest.mark.parametrize("packing", ["auto", "off"])
-def test_sentence_folder_pooling_modes(tiny_model, tmp_path, modes, packing):
+def test_sentence_folder_pooling_modes(tiny_model, tmp_path, modes, pooling_format, packing):
     from transformers import AutoModel
 
-    folder = write_sentence_folder(str(tmp_path / "st"), tiny_model, modes)
+    folder = write_sentence_folder(str(tmp_path / "st"), tiny_model, modes, pooling_format=pooling_format)
     enc = Encoder(folder, device="cpu", precision="fp32", packing=packing)
     assert enc.feature_names()[-1] == "sentence" and enc.settings()["default_pooling"] == "sentence"
     assert enc.max_length == 64  # sentence_bert_config.json's max_seq_length
@@ -217,6 +225,14 @@ def test_sentence_folder_matches_sentence_transformers_when_installed(tiny_model
     ours = Encoder(folder, device="cpu", precision="fp32", prefix="").encode(TEXTS)["sentence"]
     theirs = st.SentenceTransformer(folder, device="cpu").encode(TEXTS)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # and a folder the installed sentence-transformers saves itself (its own pooling config format)
+    word = st.models.Transformer(tiny_model)
+    dim = word.get_word_embedding_dimension()
+    model = st.SentenceTransformer(modules=[word, st.models.Pooling(dim, "mean"), st.models.Dense(dim, 12),
+                                            st.models.Normalize()], device="cpu")
+    model.save(str(tmp_path / "saved"))
+    ours = Encoder(str(tmp_path / "saved"), device="cpu", precision="fp32", prefix="").encode(TEXTS)["sentence"]
+    np.testing.assert_allclose(ours, model.encode(TEXTS), atol=1e-5)
 
 
 def test_sentence_folder_dense_pickle_is_refused(tiny_model, tmp_path):
