@@ -359,7 +359,10 @@ class Encoder:
 
     def encode(self, texts: list[str], on_progress=None, pairs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Pooled float32 vectors for `texts` (or text pairs, one vector per pair), in their order:
-        feature name -> [len(texts), hidden]."""
+        feature name -> [len(texts), hidden]. One str is one text (a [1, hidden] row), not its characters."""
+        from .predict import as_texts
+        texts = as_texts(texts)[1]
+        pairs = None if pairs is None else as_texts(pairs)[1]
         return self.encode_ids(self.tokenize(texts, pairs), on_progress)
 
     def encode_ids(self, ids: list[list[int]], on_progress=None, *, count: str = "texts") -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ import numpy as np
 
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.multiclass import check_classification_targets, unique_labels
     from sklearn.utils.validation import check_is_fitted
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("pipeline.estimator needs scikit-learn: pip install 'bertcache[sklearn]' "
@@ -44,7 +44,7 @@ from .training import fit as fit_arrays, head_device, step_work
 _LOCK = threading.RLock()
 _ENCODERS: dict[tuple, Encoder] = {}
 _VECTORS: dict[str, dict[bytes, np.ndarray]] = {}
-_LOADED_DIRS: set[tuple[str, str]] = set()
+_LOADED_FILES: dict[tuple[str, str], set[str]] = {}  # (cache_dir, encoder fingerprint) -> npz files read
 
 
 def clear_cache() -> None:
@@ -52,7 +52,7 @@ def clear_cache() -> None:
     with _LOCK:
         _ENCODERS.clear()
         _VECTORS.clear()
-        _LOADED_DIRS.clear()
+        _LOADED_FILES.clear()
 
 
 class _TextEstimator(BaseEstimator):
@@ -181,6 +181,7 @@ class _TextEstimator(BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
+        tags.input_tags.one_d_array = True  # X is a 1-D sequence of texts
         tags.input_tags.string = True
         return tags
 
@@ -210,6 +211,11 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
         (['neg', 'pos'], (2,), (1, 2))
     """
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True  # a 2-D 0/1 y
+        return tags
+
     def fit(self, X, y):
         """Encode the texts (those not cached yet) and train the head; returns self.
 
@@ -218,7 +224,14 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
             y: their labels (ints or strings), one per text; or a 0/1 matrix [texts, labels] (multilabel).
         """
         texts = _texts(X)
+        if not texts:
+            raise UserError("fit needs at least one text")
+        if not (hasattr(y, "ndim") and getattr(y, "ndim", 1) == 2):
+            check_classification_targets(y)
+            unique_labels(y)  # on y as given: a mix of ints and strings is refused, as scikit-learn does
         y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y.ravel()  # a column of labels, as scikit-learn takes it (a one-label indicator is the same task)
         if len(y) != len(texts) or y.ndim not in (1, 2):
             raise UserError(f"fit needs one label per text (or a 0/1 row, multilabel): {len(texts)} texts, "
                             f"labels of shape {y.shape}")
@@ -248,6 +261,7 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
         Args:
             X: texts (a list, array or Series of str; one str counts as one text).
         """
+        check_is_fitted(self, "head_")  # before classes_ is read: NotFittedError, as scikit-learn raises
         return self._apply_head(X, "predict_proba", len(self.classes_))
 
     def predict(self, X) -> np.ndarray:
@@ -338,13 +352,10 @@ def _cached_vectors(encoder: Encoder, texts: list[str], cache_dir: str | None,
     digests = [_digest(t) for t in texts]
     with _LOCK:
         table = _VECTORS.setdefault(fp, {})
-        if cache_dir and (cache_dir, fp) not in _LOADED_DIRS:
-            _load_dir(os.path.join(cache_dir, fp), table)
-            _LOADED_DIRS.add((cache_dir, fp))
-        todo = {}
-        for d, t in zip(digests, texts):
-            if d not in table:
-                todo.setdefault(d, t)
+        todo = _missing(table, digests, texts)
+        if todo and cache_dir:  # files other processes (GridSearchCV's workers) may have written since
+            _load_dir(os.path.join(cache_dir, fp), table, _LOADED_FILES.setdefault((cache_dir, fp), set()))
+            todo = _missing(table, digests, texts)
         if todo:
             from tqdm.auto import tqdm
             with tqdm(total=len(todo), unit="text", desc="encode", disable=not progress, dynamic_ncols=True) as bar:
@@ -352,23 +363,35 @@ def _cached_vectors(encoder: Encoder, texts: list[str], cache_dir: str | None,
             rows = np.concatenate([arrays[n] for n in names], axis=1)
             table.update(zip(todo, rows))
             if cache_dir:
-                _save(os.path.join(cache_dir, fp), list(todo), rows)
+                written = _save(os.path.join(cache_dir, fp), list(todo), rows)
+                _LOADED_FILES.setdefault((cache_dir, fp), set()).add(written)
         matrix = np.stack([table[d] for d in digests]) if digests else np.zeros((0, len(names) * h), np.float32)
     return {n: matrix[:, i * h:(i + 1) * h] for i, n in enumerate(names)}
 
 
-def _load_dir(folder: str, table: dict) -> None:
+def _missing(table: dict, digests: list[bytes], texts: list[str]) -> dict:
+    todo = {}
+    for d, t in zip(digests, texts):
+        if d not in table:
+            todo.setdefault(d, t)
+    return todo
+
+
+def _load_dir(folder: str, table: dict, seen: set) -> None:
+    """Read the npz files of `folder` not in `seen` into `table` (and add them to `seen`)."""
     if not os.path.isdir(folder):
         return
     for name in sorted(os.listdir(folder)):
-        if not name.endswith(".npz"):
+        if not name.endswith(".npz") or name in seen:
             continue
         with np.load(os.path.join(folder, name), allow_pickle=False) as f:
             table.update(zip(map(bytes, f["digests"]), f["vectors"]))
+        seen.add(name)
 
 
-def _save(folder: str, digests: list[bytes], rows: np.ndarray) -> None:
-    """One more npz file of (digests, vectors), written under a temporary name and renamed when whole."""
+def _save(folder: str, digests: list[bytes], rows: np.ndarray) -> str:
+    """One more npz file of (digests, vectors), written under a temporary name and renamed when whole;
+    returns its name."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"vectors-{uuid.uuid4().hex}.npz")
     tmp = path + ".partial"
@@ -377,3 +400,4 @@ def _save(folder: str, digests: list[bytes], rows: np.ndarray) -> None:
         np.savez(f, digests=np.frombuffer(b"".join(digests), np.uint8).reshape(-1, 20),
                  vectors=rows.astype(np.float32))
     os.replace(tmp, path)
+    return os.path.basename(path)

@@ -66,6 +66,9 @@ class OnnxPredictor:
         tok = meta["tokenizer"]
         self.prefix, self.max_length, self.pad_id = tok["prefix"], int(tok["max_length"]), int(tok["pad_id"])
         self.batch_tokens = int(batch_tokens or BATCH_TOKENS)
+        # What `serve` reads of an encoder: exports are of truncating heads (export refuses chunked ones).
+        self.long_texts = "truncate"
+        self.model_ref = meta.get("encoder", {}).get("model") or folder
         self.tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
         # As the encoder calls its tokenizer: special tokens added, cut to max_length tokens, no padding.
         self.tokenizer.enable_truncation(self.max_length, direction=tok.get("truncation_side", "right"))

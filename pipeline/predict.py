@@ -126,12 +126,13 @@ class Predictor:
         if self.pair_mode == "cross":
             raise UserError("this head reads two texts encoded together (--pair-mode cross): it has no vector of "
                             "one text; a head made with --pair-mode bi has")
+        if not texts:  # [0, width]: the width of one text's vector
+            return np.zeros((0, self.embed("x").shape[0]), np.float32)
         if self.pair_mode == "bi":
             pooling = self.head.poolings[self.head.heaviest] if isinstance(self.head, Ensemble) else self.pooling
-            out = build_features(self.encoder.encode(texts), single_text_pooling(pooling), self.layers) if texts \
-                else np.zeros((0, 0), np.float32)
+            out = build_features(self.encoder.encode(texts), single_text_pooling(pooling), self.layers)
         else:
-            out = self._scores(texts)[2] if texts else np.zeros((0, 0), np.float32)
+            out = self._scores(texts)[2]
         return out[0] if one else out
 
     def _items(self, texts, pairs) -> tuple[bool, list[str], list[str] | None]:
@@ -235,9 +236,9 @@ def as_texts(texts) -> tuple[bool, list[str]]:
     if texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
         raise UserError(f"give a text or a list of texts, not {type(texts).__name__}")
     texts = list(texts)
-    bad = next((t for t in texts if not isinstance(t, str)), None)
-    if bad is not None:
-        raise UserError(f"every text must be a str; got {type(bad).__name__} {bad!r:.40}")
+    bad = [t for t in texts if not isinstance(t, str)][:1]  # a list: the bad item may be None itself
+    if bad:
+        raise UserError(f"every text must be a str; got {type(bad[0]).__name__} {bad[0]!r:.40}")
     return False, texts
 
 

@@ -136,7 +136,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
     TEIPredictRequest = create_model(
         "TEIPredictRequest", __config__=ConfigDict(extra="forbid", strict=True),
         inputs=(Union[Text, Sequence, Annotated[list[Sequence], Field(min_length=1, max_length=max_texts)]],
-                Field(description="TEI's input: a text, [text], a pair [a, b] (refused: no pair support yet), or "
+                Field(description="TEI's input: a text, [text], a pair [a, b] (for a head trained on pairs), or "
                                   f"a batch of up to {max_texts} [text] / [a, b]")),
         raw_scores=(bool, Field(False, description="Logits instead of probabilities")),
         truncate=(Optional[bool], Field(None, description="Accepted; texts are always truncated to max_length "
@@ -225,7 +225,8 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        status, detail, problems = describe_validation_errors(exc.errors(), max_texts, max_chars, field)
+        status, detail, problems = describe_validation_errors(exc.errors(), max_texts, max_chars, field,
+                                                              request.url.path)
         return JSONResponse({"detail": detail, "errors": problems}, status_code=status)
 
     @app.exception_handler(UserError)
@@ -320,17 +321,17 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         with open(DEMO_PAGE, encoding="utf-8") as f:
             page = f.read()
 
-        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
         async def demo():
             """The demo page: a text box, the labels as bars, recent inputs, the model and its test metrics."""
             return page
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what uptime probes send
     async def health():
         """Liveness, and how many requests, texts and encoder calls have been served."""
         return {"status": "ok", "batching": batching, **batcher.stats}
 
-    @app.get("/info")
+    @app.api_route("/info", methods=["GET", "HEAD"])
     async def get_info():
         """The encoder, head, labels, training metrics and request limits of this server."""
         return info
@@ -432,38 +433,57 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a num
                bool: "a boolean", type(None): "null", bytes: "not JSON"}
 
 
-def describe_validation_errors(errors, max_texts: int, max_chars: int,
-                               field: str = "texts") -> tuple[int, str, list[dict]]:
-    """(status, one-line summary, [{loc, msg}]) for FastAPI's validation errors of a /predict body
-    (whose list is `texts`, or `pairs` for a head trained on sentence pairs)."""
-    example = '["...", ...]' if field == "texts" else '[["...", "..."], ...]'
+# The body field(s) each endpoint takes, for messages: /predict's own list (texts, or pairs) or TEI's inputs.
+ENDPOINT_FIELDS = {"/embed": ("inputs", 'TEI\'s "inputs"'), "/v1/embeddings": ("input", 'OpenAI\'s "input"')}
+
+
+def describe_validation_errors(errors, max_texts: int, max_chars: int, field: str = "texts",
+                               path: str = "/predict") -> tuple[int, str, list[dict]]:
+    """(status, one-line summary, [{loc, msg}]) for FastAPI's validation errors of a request body to `path`:
+    /predict's list is `field` (`texts`, or `pairs` for a head trained on sentence pairs) or TEI's `inputs`;
+    /embed takes `inputs`, /v1/embeddings `input`."""
+    if path in ENDPOINT_FIELDS:
+        field, takes = ENDPOINT_FIELDS[path]
+    else:
+        takes = f'"{field}" (bertcache) or TEI\'s "inputs"'
+    example = '[["...", "..."], ...]' if field == "pairs" else '["...", ...]'
     shape = f'send a JSON object {{"{field}": {example}}} with Content-Type: application/json'
     problems, status = [], 422
+    # A field that may be a string or a list (TEI's inputs, OpenAI's input) fails once per union branch: keep
+    # the branches that got past the type check, when one did (a blank text, too many texts), over "not a string".
+    errors = list(errors)
+    if any(not str(e.get("type", "")).endswith("_type") for e in errors):
+        errors = [e for e in errors if not str(e.get("type", "")).endswith("_type")] or errors
     for err in errors:
-        loc = [p for p in err.get("loc", ()) if p != "body"]
+        loc = [p for p in err.get("loc", ()) if p != "body" and not _union_tag(p)]
         if loc and loc[0] in ("bertcache", "tei"):  # which body shape /predict read it as
             loc = loc[1:]
+        if loc and loc[0] in ("inputs", "input") and loc[0] != field:
+            field = loc[0]  # /predict read as TEI's shape
         kind, ctx, value = err.get("type", ""), err.get("ctx") or {}, err.get("input")
         got = _JSON_TYPES.get(type(value), type(value).__name__)
         where = f"{field}[{loc[1]}]" if len(loc) == 2 and loc[0] == field else ".".join(map(str, loc))
         if kind == "json_invalid":
             status = 400
             msg = f"the body is not valid JSON ({ctx.get('error', 'decode error')}): {shape}"
+        elif not loc and isinstance(value, bytes):  # not sent as JSON: form data, text/plain, no Content-Type
+            status = 400
+            msg = f"the body was not sent as JSON: {shape}"
         elif not loc:
             msg = (f"the body is empty: {shape}" if kind == "missing"
                    else f"the body must be a JSON object, not {got}: {shape}")
         elif kind == "extra_forbidden":
-            msg = f'unknown field "{where}": the body takes "{field}" (bertcache) or TEI\'s "inputs"'
+            msg = f'unknown field "{where}": the body takes {takes}'
         elif loc == [field] and kind == "missing":
             msg = f'the body has no "{field}" field: {shape}'
         elif loc == [field] and kind == "too_short":
-            msg = f'"{field}" is empty: send at least one ' + ("text" if field == "texts" else "pair")
+            msg = f'"{field}" is empty: send at least one ' + ("pair" if field == "pairs" else "text")
         elif loc == [field] and kind == "too_long":
             n = ctx.get("actual_length")
             msg = (f"too many texts{f' ({n})' if n is not None else ''}: at most {max_texts} per request; "
                    "split them over several requests")
-        elif loc == [field]:
-            msg = f'"{field}" must be an array of ' + ("strings" if field == "texts" else "pairs") + f', not {got}'
+        elif loc == [field] and kind.endswith("_type"):
+            msg = f'"{field}" must be an array of ' + ("pairs" if field == "pairs" else "strings") + f', not {got}'
         elif kind == "string_type":
             msg = f"{where} must be a string, not {got}"
         elif kind in ("string_too_short", "string_pattern_mismatch"):
@@ -483,6 +503,11 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int,
     if len(problems) > 1:
         detail += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
     return status, detail, problems
+
+
+def _union_tag(part) -> bool:
+    """Whether a pydantic error location part names a union branch (`constrained-str`, `list[...]`)."""
+    return isinstance(part, str) and (part in ("str", "constrained-str") or part.startswith("list["))
 
 
 def _info(predictor, limits: dict, batching: dict) -> dict:

@@ -112,3 +112,39 @@ def test_cache_dir_shares_vectors_across_processes_caches(tiny_model, corpus, en
     other = make(tiny_model, max_length=8).fit(texts, y)  # other encoder settings: other vectors
     assert len(encoded) == 2 * len(set(texts))
     assert other.predict_proba(texts).shape == (len(texts), 2)
+
+
+def test_cache_dir_files_written_meanwhile_are_read(tiny_model, corpus, encoded, tmp_path):
+    """A running process finds vectors another process (a GridSearchCV worker) wrote after it first looked."""
+    texts, y = corpus
+    folder = str(tmp_path / "vectors")
+    make(tiny_model, cache_dir=folder).fit(texts[:30], y[:30])
+    n = len(encoded)
+    enc = Encoder(tiny_model, precision="fp32", device="cpu")  # "the other process": its own encoder and file
+    rest = list(dict.fromkeys(texts[30:]))
+    arrays = enc.encode(rest)
+    rows = np.concatenate([arrays[name] for name in enc.feature_names()], axis=1)
+    E._save(f"{folder}/{E.encoder_fingerprint(enc)}", [E._digest(t) for t in rest], rows)
+    before = len(encoded)
+    make(tiny_model, cache_dir=folder).fit(texts, y)
+    assert before - n == len(rest) and len(encoded) == before  # the other process's own encode, then none
+
+
+def test_sklearn_edges(tiny_model, corpus, encoded):
+    from sklearn.exceptions import NotFittedError
+
+    texts, y = corpus
+    with pytest.raises(NotFittedError):
+        make(tiny_model).predict(texts[:2])
+    with pytest.raises(E.UserError, match="every text must be a str; got NoneType"):
+        make(tiny_model).fit(texts[:9] + [None], y[:10])
+    with pytest.raises(ValueError, match="Mix of label input types"):
+        make(tiny_model).fit(texts[:4], [0, "a", 1, "a"])
+    column = make(tiny_model, epochs=3).fit(texts, y[:, None])  # a column of labels, as scikit-learn takes it
+    assert column.predict(texts[:3]).shape == (3,) and list(column.classes_) == ["正面", "负面"]
+    tags = column.__sklearn_tags__()
+    assert tags.input_tags.one_d_array and tags.input_tags.string and tags.classifier_tags.multi_label
+    enc = Encoder(tiny_model, precision="fp32", device="cpu")
+    assert enc.encode("好棒的东西")["cls"].shape == (1, enc.hidden_size)  # one str: one text
+    assert enc.encode(np.array(["好", "坏"]))["cls"].shape == (2, enc.hidden_size)
+

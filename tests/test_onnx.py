@@ -78,6 +78,26 @@ def test_onnx_predict_matches_torch_predict_json(exported, checkpoint):
     assert len({round(float(p), 3) for p in a[:, 0]}) > 10  # the texts really differ: not one answer repeated
 
 
+def test_serve_runs_an_export(exported):
+    """`bertcache serve --backend onnx`: the app over the runner answers as the runner does."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from pipeline.onnx_runner import OnnxPredictor
+    from pipeline.serve import create_app
+
+    runner, texts = OnnxPredictor(exported), TEXTS[:20]
+    with TestClient(create_app(runner)) as client:
+        got = client.post("/predict", json={"texts": texts})
+        info = client.get("/info").json()
+    assert got.status_code == 200, got.text
+    want = runner.predict(texts)
+    assert [g["label"] for g in got.json()["predictions"]] == [w["label"] for w in want]
+    assert np.allclose([list(g["probs"].values()) for g in got.json()["predictions"]],
+                       [list(w["probs"].values()) for w in want], atol=1e-6)
+    assert info["encoder"]["backend"] == "onnxruntime"
+
+
 def test_runner_tokenizes_as_the_encoder_and_gives_the_head_input(exported, checkpoint):
     predictor = bc.Predictor(checkpoint, device="cpu")
     runner = OnnxPredictor(exported, threads=1)

@@ -144,7 +144,7 @@ def test_bad_bodies_get_clear_4xx(predictor, body, status, words):
     (b"{texts: 1}", {"content-type": "application/json"}, 400, ["not valid JSON"]),
     (b"", {"content-type": "application/json"}, 422, ["the body is empty"]),
     (b'{"texts": ["\\ud800"]}', {"content-type": "application/json"}, 422, ["texts[0] is not valid Unicode"]),
-    (b'{"texts": ["a"]}', {"content-type": "text/plain"}, 422, ["must be a JSON object", "application/json"]),
+    (b'{"texts": ["a"]}', {"content-type": "text/plain"}, 400, ["not sent as JSON", "application/json"]),
     (b'{"texts": ["a", NaN]}', {"content-type": "application/json"}, 422, ["texts[1] must be a string"]),
 ])
 def test_malformed_bodies(predictor, content, headers, status, words):

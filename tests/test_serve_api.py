@@ -147,7 +147,27 @@ def test_tei_embed_and_openai_embeddings(predictor):
     decoded = np.frombuffer(base64.b64decode(b64.json()["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, unit[0], atol=1e-5)
     assert bad.status_code == 422 and "dimensions" in bad.json()["detail"]
-    assert too_many.status_code == 422
+    assert too_many.status_code == 422 and too_many.json()["detail"].startswith("too many texts (65)")
+
+
+def test_embed_errors_name_the_endpoints_own_fields(predictor):
+    """A string-or-list field (TEI's inputs, OpenAI's input) fails once per union branch: the message is the
+    branch's that matched the type (a blank text, too many), in the endpoint's own words; HEAD works on GETs."""
+    with TestClient(create_app(predictor)) as client:
+        blank = client.post("/embed", json={"inputs": ["好", " "]}).json()["detail"]
+        empty = client.post("/embed", json={"inputs": ""}).json()["detail"]
+        unknown = client.post("/v1/embeddings", json={"input": "好", "texts": ["好"]}).json()["detail"]
+        missing = client.post("/v1/embeddings", json={}).json()["detail"]
+        form = client.post("/predict", content='{"texts": ["好"]}', headers={"content-type": "text/plain"})
+        tei_many = client.post("/predict", json={"inputs": [["a"]] * (S.MAX_TEXTS + 1)}).json()["detail"]
+        heads = [client.head(p).status_code for p in ("/health", "/info", "/")]
+    assert blank.startswith("inputs[1] is empty or blank") and "constrained" not in blank
+    assert empty.startswith("inputs is empty or blank"), empty
+    assert unknown.startswith('unknown field "texts": the body takes OpenAI\'s "input"'), unknown
+    assert missing.startswith('the body has no "input" field'), missing
+    assert form.status_code == 400 and form.json()["detail"].startswith("the body was not sent as JSON")
+    assert tei_many.startswith("too many texts (65)"), tei_many
+    assert heads == [200, 200, 200]
 
 
 def test_embed_shares_the_micro_batches(predictor):
