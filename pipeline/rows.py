@@ -23,6 +23,7 @@ from .store import FeatureStore
 MEMORY_FRACTION = 0.5  # of MemAvailable, the default --max-memory
 GPU_MEMORY_FRACTION = 0.8  # of free GPU memory, for the in-memory path's tensors on the GPU
 IN_MEMORY_COPIES = 3  # peak copies while loading: float32 features, the pooled concatenation, the kept rows
+_GAP = 16  # file rows between two wanted ones past which a streamed read starts a new slab (StoredRows.read)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -167,8 +168,11 @@ class StoredRows:
         """Features and labels of positions `pos` (into `index`), in that order."""
         order = np.sort(pos)
         # One slab read per shuffle block touched: few reads, and a bounded overread when the memory
-        # budget makes a read hold only part of a shuffle window (scattered rows of several blocks).
-        breaks = np.flatnonzero(np.diff(order // self.block)) + 1
+        # budget makes a read hold only part of a shuffle window (scattered rows of several blocks). A gap
+        # of more than _GAP rows in the file (labelled rows sparse among unlabelled ones, a hold-out taken
+        # from train) starts a new read too, so a slab never holds more than _GAP unwanted rows per wanted one.
+        file_rows = self.index[order]
+        breaks = np.flatnonzero((np.diff(order // self.block) != 0) | (np.diff(file_rows) > _GAP)) + 1
         parts = {n: [] for n in self.names}
         for run in np.split(order, breaks):
             rows = self.index[run]

@@ -31,7 +31,7 @@ from .checkpoint import check_out, write_json
 from .errors import UserError
 from .store import FeatureStore
 from .tasks import SCORE, spearman, tune_thresholds
-from .training import rank_value
+from .training import class_weight_vector, rank_value
 
 # The default grid: poolings (see default_poolings) x heads x learning rates x weight decays (logreg
 # takes neither: it picks its own L2 strength on validation, one fit per pooling). Weight decay matters
@@ -142,6 +142,7 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
         >>> [row["rank"] for row in ranked], sorted(row["pooling"] for row in ranked if row["head"] == "linear")
         ([1, 2, 3], ['cls', 'mean'])
     """
+    explicit_heads = heads is not None
     poolings, heads = grid_values(poolings, "poolings", str), list(grid_values(heads, "heads", str) or HEADS)
     lrs = list(grid_values(lrs, "lrs", float) or LRS)
     weight_decays = list(grid_values(weight_decays, "weight_decays", float) or WEIGHT_DECAYS)
@@ -162,6 +163,13 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
     out = out or T.default_checkpoint_path(features, "sweep")
     check_out(out, source=features)
     with T.load_cache(features, poolings, seed, max_memory, device, log) as data:
+        if data.streamed and "logreg" in heads:  # full-batch L-BFGS needs every train row in memory
+            if explicit_heads:
+                raise UserError("logreg heads fit in memory, but this cache is streamed from disk (it does not fit "
+                                "--max-memory): leave logreg out of --sweep-heads, or raise --max-memory")
+            heads = [h for h in heads if h != "logreg"]
+            if log:
+                log("note: the cache is streamed from disk, so the grid leaves out logreg (it fits in memory)")
         folds = resolve_folds(folds, data, refit)
         return _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, ensemble, refit,
                     folds, progress, log, options)
@@ -220,8 +228,9 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
     selection = options.pop("selection", None) or default_selection(data.task)
 
     def _key(row):
-        value = rank_value(row, score)
-        return (row["val_loss"], -value) if selection == "loss" else (-value, row["val_loss"])
+        value, loss = rank_value(row, score), row["val_loss"]
+        loss = float("inf") if loss != loss else loss  # a diverged head (NaN loss) ranks last, in any order
+        return (loss, -value) if selection == "loss" else (-value, loss)
 
     rows, fits, best = [], [], None
     if folds > 1:
@@ -257,7 +266,7 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
                 f"loss {row['val_loss']:.4f} ({row['seconds']:.1f}s)")
     bar.close()
     if ensemble and len(fits) > 1:
-        candidate = _ensemble(fits, data, y_val, best, log)
+        candidate = _ensemble(fits, data, y_val, best, log, options)
         if candidate is not None:
             rows.append(candidate[0])
             if _key(candidate[0]) < _key(best[0]):
@@ -283,12 +292,17 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
     return path, ranked, metrics
 
 
-def validation_loss(task: str, y: np.ndarray, out: np.ndarray, target_std: float = 1.0) -> float:
+def validation_loss(task: str, y: np.ndarray, out: np.ndarray, target_std: float = 1.0,
+                    weight: np.ndarray | None = None) -> float:
     """The validation loss of outputs as the heads' training reports it: mean cross-entropy
-    (classification), mean binary cross-entropy per label (multilabel), MSE in train-standardized units
-    (regression)."""
+    (classification; with `weight`, the class weights of class_weights="balanced", weighted as torch's
+    cross_entropy weighs it), mean binary cross-entropy per label (multilabel), MSE in train-standardized
+    units (regression)."""
     if task == "classification":
-        return float(-np.log(np.clip(out[np.arange(len(y)), y], 1e-12, None)).mean())
+        loss = -np.log(np.clip(out[np.arange(len(y)), y], 1e-12, None))
+        if weight is not None:
+            return float((weight[y] * loss).sum() / max(float(weight[y].sum()), 1e-12))
+        return float(loss.mean())
     if task == "multilabel":
         p = np.clip(out, 1e-12, 1 - 1e-12)
         return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
@@ -330,7 +344,7 @@ def greedy_ensemble(outputs: list[np.ndarray], y: np.ndarray, rounds: int = ENSE
     return picks[:best_len]
 
 
-def _ensemble(fits, data, y, best, log):
+def _ensemble(fits, data, y, best, log, options):
     """The greedy ensemble as a sweep candidate (row, result, metrics, config), or None when it is one head.
     `y`: the labels the outputs in `fits` are judged against (validation, or every row out of fold)."""
     from .heads import Ensemble
@@ -339,8 +353,10 @@ def _ensemble(fits, data, y, best, log):
     if len(y) == 0:
         return None
     std = _target_std(fits[0][1]) if task == "regression" else 1.0
+    weight = _class_weight(data, options)
     t0 = time.perf_counter()
-    picks = greedy_ensemble([p for _, _, p in fits], y, loss=lambda y_, out: validation_loss(task, y_, out, std))
+    picks = greedy_ensemble([p for _, _, p in fits], y,
+                            loss=lambda y_, out: validation_loss(task, y_, out, std, weight))
     counts = {j: picks.count(j) for j in sorted(set(picks))}
     if len(counts) < 2:
         return None
@@ -349,7 +365,7 @@ def _ensemble(fits, data, y, best, log):
     out = sum(c * fits[j][2] for j, c in counts.items()) / sum(counts.values())
     score = SCORE[task]
     row = {"pooling": "ensemble", "head": "ensemble", "lr": None, "weight_decay": None,
-           score: validation_score(task, y, out), "val_loss": validation_loss(task, y, out, std),
+           score: validation_score(task, y, out), "val_loss": validation_loss(task, y, out, std, weight),
            "best_epoch": None, "epochs_run": None, "seconds": round(time.perf_counter() - t0, 3),
            "members": [{**d, "weight": w} for (_, _, d, _), w in zip(parts, model.weights)]}
     if log:
@@ -368,6 +384,14 @@ def _parts(row, model):
         return [(h, p, {**base, **f}, w) for h, p, w, f in zip(model.members, model.poolings, model.weights,
                                                                 row["folds"])]
     return [(model, row["pooling"], {**base, "best_epoch": row["best_epoch"], "C": row.get("C")}, 1.0)]
+
+
+def _class_weight(data, options: dict) -> np.ndarray | None:
+    """The class weights the heads trained with (class_weights="balanced"), so that every row of the table
+    and the ensemble are judged by the loss the heads' own validation reports."""
+    if data.task != "classification" or options.get("class_weights") != "balanced":
+        return None
+    return class_weight_vector(data.labels["train"], len(data.label_names))
 
 
 def _target_std(model) -> float:
@@ -399,7 +423,8 @@ def _cross_fitted(view, fold, y, data, pooling, head, lr, wd, seed, kwargs, opti
     std = _target_std(model) if task == "regression" else 1.0
     epochs = [f["best_epoch"] for f in per_fold]
     row = {"pooling": pooling, "head": head, "lr": lr, "weight_decay": wd, score: validation_score(task, y, out),
-           "val_loss": validation_loss(task, y, out, std), "best_epoch": int(np.median(epochs)),
+           "val_loss": validation_loss(task, y, out, std, _class_weight(data, options)),
+           "best_epoch": int(np.median(epochs)),
            "epochs_run": max(f["epochs_run"] for f in per_fold), "seconds": round(seconds, 3), "folds": per_fold}
     if head == "logreg":
         row["C"] = float(np.median([f["C"] for f in per_fold]))

@@ -215,6 +215,9 @@ def train(data: CachedSplits, *, pooling: str = "cls", head: str = "linear", hid
     """
     if head not in D.HEADS:
         raise UserError(f"unknown --head {head!r}; use one of {', '.join(D.HEADS)}")
+    if head == "logreg" and data.streamed:  # L-BFGS takes every train row at once
+        raise UserError("--head logreg fits full-batch, in memory, but this cache is streamed from disk (it does "
+                        "not fit --max-memory): use --head linear or mlp, or raise --max-memory")
     if class_weights not in CLASS_WEIGHTS:
         raise UserError(f"unknown --class-weights {class_weights!r}; use none or balanced")
     task = data.task
@@ -334,6 +337,8 @@ def refit_result(data: CachedSplits, result: FitResult, metrics: dict, config: d
     rows = int(len(data.labels["train"]) + len(data.labels["validation"]))
     metrics = {**metrics, "refit": {"rows": rows, "seconds": round(time.perf_counter() - t0, 3)}}
     config = {**config, "training": {**config["training"], "refit": f"train + validation ({rows} rows)"}}
+    if "target" in config and hasattr(model, "target_mean"):  # the refit head standardized on its own rows
+        config["target"] = {"mean": float(model.target_mean), "std": float(model.target_std)}
     return FitResult(model, state, state, result.history, result.best_epoch, result.seconds), metrics, config
 
 

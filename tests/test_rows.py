@@ -66,6 +66,19 @@ def test_streamed_fit_head_equals_in_memory_fit(big_cache, tmp_path, kw):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_streamed_cache_refuses_logreg_and_the_sweep_leaves_it_out(big_cache, tmp_path):
+    """logreg fits every train row at once (L-BFGS): not over a cache too big for --max-memory."""
+    with pytest.raises(bc.UserError, match="logreg fits full-batch"):
+        bc.fit_head(big_cache, str(tmp_path / "lr"), head="logreg", max_memory="64K", device="cpu")
+    logs = []
+    _, ranked, _ = bc.sweep(big_cache, str(tmp_path / "sw"), poolings="mean", lrs=[1e-3], epochs=2, ensemble=False,
+                            max_memory="64K", device="cpu", progress=False, log=logs.append)
+    assert {r["head"] for r in ranked} == {"linear", "mlp"} and any("leaves out logreg" in line for line in logs)
+    with pytest.raises(bc.UserError, match="leave logreg out"):
+        bc.sweep(big_cache, str(tmp_path / "sw2"), heads="logreg", max_memory="64K", device="cpu", progress=False)
+    assert not (tmp_path / "lr").exists() and not (tmp_path / "sw2").exists()
+
+
 def test_streamed_fit_head_from_the_cli_and_a_bad_size(big_cache, tmp_path):
     out = tmp_path / "ck"
     result = run("fit-head", "-f", big_cache, "-o", str(out), "--epochs", "3",

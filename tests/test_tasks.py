@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import pipeline as bc
+from pipeline.checkpoint import load_checkpoint
 from conftest import FILLER, NEG, POS, make_texts
 from helpers import ok, one_line_error, run
 from pipeline.tasks import multilabel_report, ranks, spearman, tune_thresholds
@@ -117,6 +118,15 @@ def test_regression_end_to_end(regression_cache, regression_data, tmp_path):
     info = json.loads(ok("info", ckpt, "--json").stdout)
     assert info["task"] == "regression" and set(info["test"]) == {"n", "pearson", "spearman", "mse", "mae"}
     assert "spearman" in ok("info", ckpt).stdout
+
+
+def test_a_refit_regression_head_records_its_own_target_scale(regression_cache, tmp_path):
+    ckpt, _ = bc.fit_head(regression_cache, str(tmp_path / "ck"), pooling="mean", epochs=5, device="cpu", refit=True)
+    config, head = load_checkpoint(ckpt)
+    with bc.FeatureStore(regression_cache) as store:
+        y = np.concatenate([store.labels("train"), store.labels("validation")])
+    assert config["target"]["mean"] == pytest.approx(float(head.target_mean)) == pytest.approx(y.mean(), abs=1e-5)
+    assert config["target"]["std"] == pytest.approx(float(head.target_std)) == pytest.approx(y.std(), abs=1e-4)
 
 
 def test_regression_sweep_picks_by_spearman(regression_cache, tmp_path):

@@ -233,3 +233,21 @@ def test_fit_head_device_rule_by_step_size():
     assert head_device(None, 10 ** 12, found=cpu) == cpu  # nothing better found: the CPU whatever the size
     assert head_device("cpu", 10 ** 12, found=cuda) == cpu  # given: as given
     assert head_device("auto", 10 ** 12) == resolve_device("auto")  # this machine: its best device for a big head
+
+
+def test_validation_loss_weighs_classes_as_the_heads_training_does():
+    """With class_weights="balanced" the sweep judges the ensemble and cross-fitted rows by the weighted
+    cross-entropy the single heads' validation reports (torch's cross_entropy with weight=)."""
+    import torch
+
+    from pipeline.sweep import validation_loss
+    from pipeline.training import class_weight_vector
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 50)
+    y[:30] = 0  # imbalanced
+    out = rng.dirichlet(np.ones(3), 50)
+    w = class_weight_vector(y, 3)
+    want = torch.nn.functional.cross_entropy(torch.tensor(np.log(out)), torch.tensor(y), weight=torch.tensor(w).double())
+    assert validation_loss("classification", y, out, weight=w) == pytest.approx(float(want), rel=1e-6)
+    assert validation_loss("classification", y, out) != pytest.approx(float(want), rel=1e-3)
