@@ -48,7 +48,8 @@ _LOADED_FILES: dict[tuple[str, str], set[str]] = {}  # (cache_dir, encoder finge
 
 
 def clear_cache() -> None:
-    """Forget the loaded encoders and cached vectors of this process (files in a `cache_dir` stay)."""
+    """Forget the loaded encoders and cached vectors of this process (files in a `cache_dir` stay). Call it
+    after changing a model folder in place: loaded encoders are kept by the folder's path."""
     with _LOCK:
         _ENCODERS.clear()
         _VECTORS.clear()

@@ -84,7 +84,9 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
 
     import numpy as np
     from fastapi import FastAPI, Request
+    from fastapi.exception_handlers import http_exception_handler
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
     from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model
@@ -229,6 +231,14 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
                                                               request.url.path)
         return JSONResponse({"detail": detail, "errors": problems}, status_code=status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # bytes that are not UTF-8 JSON, say
+            detail = ("the body could not be read as JSON (not UTF-8, or nested too deeply): send a JSON object "
+                      "with Content-Type: application/json")
+            return JSONResponse({"detail": detail, "errors": [{"loc": [], "msg": detail}]}, status_code=400)
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError):  # what the request asked cannot be done by this head
         return JSONResponse({"detail": str(exc), "errors": [{"loc": ["body"], "msg": str(exc)}]}, status_code=422)
@@ -314,7 +324,8 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         data = [{"object": "embedding", "index": i,
                  "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
                                else v.tolist())} for i, v in enumerate(features)]
-        return {"object": "list", "data": data, "model": body.model or str(predictor.checkpoint),
+        return {"object": "list", "data": data, "model": body.model or os.path.basename(os.path.normpath(
+                    str(predictor.checkpoint))),  # the checkpoint's name, not where it lies on the server
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     if ui:

@@ -146,6 +146,7 @@ def test_bad_bodies_get_clear_4xx(predictor, body, status, words):
     (b'{"texts": ["\\ud800"]}', {"content-type": "application/json"}, 422, ["texts[0] is not valid Unicode"]),
     (b'{"texts": ["a"]}', {"content-type": "text/plain"}, 400, ["not sent as JSON", "application/json"]),
     (b'{"texts": ["a", NaN]}', {"content-type": "application/json"}, 422, ["texts[1] must be a string"]),
+    (b'{"texts": ["\xff"]}', {"content-type": "application/json"}, 400, ["could not be read as JSON"]),
 ])
 def test_malformed_bodies(predictor, content, headers, status, words):
     with client_for(predictor, **LIMITED) as client:
