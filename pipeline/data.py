@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,11 +20,13 @@ from .errors import UserError
 from .tasks import check_task, detect_task, multilabel_targets, regression_targets
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "dev": "validation",
-                 "valid": "validation", "val": "validation", "test": "test"}
+                 "valid": "validation", "val": "validation", "eval": "validation", "test": "test"}
 FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 SPLIT_ORDER = ("train", "validation", "test")
 UNLABELLED = -1
 _INT = re.compile(r"[+-]?\d+")
+_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0*")
+_MISSING = ("nan", "none", "null")
 
 
 class TextColumn(Sequence):
@@ -129,6 +132,10 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
             texts[split] = col if len(keep) == len(col) else col.take(keep)
         else:
             keep = [i for i, t in enumerate(col) if t is not None and str(t).strip()]
+            odd = next((i for i in keep if isinstance(col[i], (list, dict))), None)
+            if odd is not None:
+                raise UserError(f"split {split!r}, row {odd}: the text is a JSON {type(col[odd]).__name__}, not a "
+                                f"string; give {text_column!r} as text")
             texts[split] = [str(col[i]) for i in keep]
         label_values[split] = [labels[i] for i in keep]
         rows[split] = np.asarray(keep, dtype=np.int64)
@@ -176,6 +183,13 @@ def encode_labels(values: dict[str, list], class_names: list[str] | None = None,
     names, else the sorted distinct string labels; plain integer labels are named "0", "1", ...
     """
     parsed = {s: [_parse_label(v, s) for v in vs] for s, vs in values.items()}
+    ints = {v for vs in parsed.values() for v in vs if isinstance(v, int)} - {UNLABELLED}
+    if label_names and class_names:  # ClassLabel ids named by the dataset, mapped onto the given names by name
+        parsed = {s: [class_names[v] if isinstance(v, int) and 0 <= v < len(class_names) else v for v in vs]
+                  for s, vs in parsed.items()}
+    elif label_names and ints and {str(v) for v in ints} <= set(label_names) \
+            and all(_INT.fullmatch(n) for n in label_names):  # ratings 1..5 named "1".."5": by value, not by id
+        parsed = {s: [str(v) if isinstance(v, int) and v != UNLABELLED else v for v in vs] for s, vs in parsed.items()}
     strings = sorted({v for vs in parsed.values() for v in vs if isinstance(v, str)})
     ints = {v for vs in parsed.values() for v in vs if isinstance(v, int)}
     names = list(label_names or class_names or [])
@@ -204,8 +218,8 @@ def encode_labels(values: dict[str, list], class_names: list[str] | None = None,
             out[row] = v
         if split == "train" and (out == UNLABELLED).any():
             row = int(np.flatnonzero(out == UNLABELLED)[0])
-            raise UserError(f"split 'train' has {(out == UNLABELLED).sum()} rows without a label "
-                            f"(first at row {row}); label them or drop them")
+            raise UserError(f"split 'train' has {(out == UNLABELLED).sum()} rows without a label (empty, NaN or -1; "
+                            f"first at row {row}); label them or drop them")
         ids[split] = out
     return ids, names
 
@@ -224,9 +238,11 @@ def _parse_label(v, split: str):
         raise UserError(f"label {v} in split {split!r} is neither an integer nor a name")
     if isinstance(v, str):
         s = v.strip()
-        if not s:
+        if not s or s.lower() in _MISSING:  # "nan" / "None": what pandas' astype(str) and to_csv make of missing
             return None
-        return int(s) if _INT.fullmatch(s) else s
+        if _INT.fullmatch(s):
+            return int(s)
+        return int(float(s)) if _INTEGRAL_FLOAT.fullmatch(s) else s  # "1.0" from a CSV: the integer 1
     raise UserError(f"label {v!r} in split {split!r} is neither an integer nor a name")
 
 
@@ -274,7 +290,7 @@ def _read_split_files(folder: str) -> dict[str, dict[str, list]]:
             raise UserError(f"{folder} has two files for split {split!r}: {found[split]} and {name}; keep one")
         found[split] = name
     if not found:
-        raise UserError(f"{folder} holds no split files: expected train / validation (or dev, valid, val) / test "
+        raise UserError(f"{folder} holds no split files: expected train / validation (or dev, valid, val, eval) / test "
                         f"with one of the endings {', '.join(FILE_FORMATS)}, or a save_to_disk folder")
     return {split: read_file(os.path.join(folder, name), FILE_FORMATS[os.path.splitext(name)[1].lower()])
             for split, name in found.items()}
@@ -304,14 +320,29 @@ def read_file(path: str, fmt: str) -> dict[str, list]:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             if fmt in ("csv", "tsv"):
-                reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
-                for record in reader:
-                    add(record)
+                # TSV fields are literal (a quote in a text is text, as GLUE's files have them); a field quoted
+                # whole (pandas' to_csv(sep="\t")) is unquoted. CSV follows the csv module's quoting.
+                tsv = fmt == "tsv"
+                reader = csv.DictReader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv
+                                        else csv.QUOTE_MINIMAL, restkey=_EXTRA)
+                header = reader.fieldnames or []
+                if len(set(header)) != len(header):
+                    twice = next(h for h in header if header.count(h) > 1)
+                    raise UserError(f"{path}: the header names column {twice!r} twice; rename one")
+                for line, record in enumerate(reader, 2):
+                    if _EXTRA in record:
+                        raise UserError(f"{path}, row {line - 1} (line {reader.line_num}): more fields than the "
+                                        f"header's {len(reader.fieldnames)}; " + ("a tab inside a text?" if tsv else
+                                        "quote a text that holds a comma (\"a, b\")"))
+                    add({k: _unquote(v) for k, v in record.items()} if tsv else record)
                 for k in reader.fieldnames or ():
                     columns.setdefault(k, [None] * rows)
             elif fmt == "json" and _first_char(f) == "[":
                 for record in _json_array(path, f):
                     add(record)
+            elif fmt == "json" and _first_char(f) == "{" and _columns_json(f):
+                raise UserError(f"{path} holds one JSON object of columns, not one object per row; write JSON lines "
+                                "(pandas: to_json(path, orient='records', lines=True)) or an array of objects")
             else:
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
@@ -328,12 +359,33 @@ def read_file(path: str, fmt: str) -> dict[str, list]:
     return columns
 
 
+_EXTRA = object()  # DictReader's key for fields past the header's
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # texts past the csv module's 128 KiB default are texts too
+
+
+def _unquote(v):
+    if isinstance(v, str) and len(v) >= 2 and v[0] == v[-1] == '"':
+        return v[1:-1].replace('""', '"')
+    return v
+
+
 def _first_char(f) -> str:
     """The first non-blank character of a text file, which is then rewound."""
     while (c := f.read(1)) and c.isspace():
         pass
     f.seek(0)
     return c
+
+
+def _columns_json(f) -> bool:
+    """Whether a .json file is one object whose values are all lists or objects (columns), not JSON lines."""
+    try:
+        obj = json.load(f)
+    except json.JSONDecodeError:  # JSON lines (or broken): the line reader says which
+        return False
+    finally:
+        f.seek(0)
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, (list, dict)) for v in obj.values())
 
 
 def _json_array(path: str, f) -> list[dict]:
@@ -390,11 +442,19 @@ def _from_datasets(ds):
     import datasets
     parts = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
     raw, class_names = {}, {}
+    seen = {}
     for name, part in parts.items():
         split = SPLIT_ALIASES.get(name.lower(), name)
+        if split in seen:
+            raise UserError(f"the dataset has two splits for {split!r}: {seen[split]!r} and {name!r}; keep one")
+        seen[split] = name
         arrow = part.with_format("arrow")  # columns as Arrow arrays, select / shuffle indices applied
         raw[split] = {c: _column(arrow[c]) for c in part.column_names}
         for column, feature in part.features.items():
             if isinstance(feature, datasets.ClassLabel):
-                class_names.setdefault(column, list(feature.names))
+                names = class_names.setdefault(column, list(feature.names))
+                if names != list(feature.names):
+                    raise UserError(f"split {name!r} names the classes of {column!r} {list(feature.names)}, another "
+                                    f"split {names}: the same ids would mean different classes; cast the splits "
+                                    "to one ClassLabel")
     return raw, class_names

@@ -1,0 +1,83 @@
+"""Data read as written: the files users bring (TSV with quotes, pandas' CSV and JSON, ClassLabel datasets),
+each either read right or refused with one line, never silently changed."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pipeline.data import load_corpus
+from pipeline.errors import UserError
+
+
+def write(folder, name: str, text: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    return str(folder)
+
+
+def test_tsv_fields_are_literal_and_whole_quoted_fields_unquoted(tmp_path):
+    rows = ["text\tlabel", '"Great" movie\t1', 'an unmatched " quote\t0', '"he said ""hi"""\t1'] + \
+           [f"review {i}\t{i % 2}" for i in range(50)]
+    corpus = load_corpus(write(tmp_path / "d", "train.tsv", "\n".join(rows) + "\n"))
+    texts = list(corpus.splits["train"].texts)
+    assert len(texts) == 53 and texts[:3] == ['"Great" movie', 'an unmatched " quote', 'he said "hi"']
+    assert corpus.splits["train"].labels.tolist()[:3] == [1, 0, 1]
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("train.csv", "text,label\nhello, world,pos\nfine,neg\n", ["row 1", "more fields than the header", "quote"]),
+    ("train.csv", "text,label,text\na,pos,b\n", ["'text' twice"]),
+    ("train.json", json.dumps({"text": ["a", "b"], "label": [0, 1]}), ["object of columns", "orient='records'"]),
+    ("train.json", json.dumps({"text": {"0": "a"}, "label": {"0": 1}}), ["object of columns"]),
+    ("train.jsonl", json.dumps({"text": ["a", "b"], "label": 0}) + "\n", ["the text is a JSON list"]),
+])
+def test_files_that_would_be_read_wrong_are_refused(tmp_path, name, text, words):
+    with pytest.raises(UserError) as e:
+        load_corpus(write(tmp_path / "d", name, text))
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_pandas_csv_labels_long_fields_and_split_names(tmp_path):
+    folder = tmp_path / "d"
+    write(folder, "train.csv", "text,label\n" + "".join(f"t{i},{float(i % 3)}\n" for i in range(9))
+          + "long" + "x" * 200_000 + ",2.0\n")
+    write(folder, "eval.csv", "text,label\na,0.0\nb,nan\n")
+    write(folder, "test.csv", "text,label\nc,None\nd,2\n")
+    corpus = load_corpus(str(folder))
+    assert set(corpus.splits) == {"train", "validation", "test"}  # eval.csv is the validation split
+    assert corpus.label_names == ["0", "1", "2"]  # "1.0" from a CSV is the integer 1, not a name
+    train = corpus.splits["train"]
+    assert train.labels.tolist() == [0, 1, 2] * 3 + [2] and len(train.texts[9]) == 200_004  # past csv's 128 KiB
+    assert corpus.splits["validation"].labels.tolist() == [0, -1] and corpus.splits["test"].labels.tolist() == [-1, 2]
+
+
+def test_label_names_map_values_by_name(tmp_path):
+    folder = write(tmp_path / "r", "train.csv", "text,label\na,1\nb,2\nc,5\n")
+    ratings = load_corpus(folder, label_names=["1", "2", "3", "4", "5"])  # star ratings named by their values
+    assert ratings.splits["train"].labels.tolist() == [0, 1, 4]
+    ids = load_corpus(write(tmp_path / "i", "train.csv", "text,label\na,0\nb,1\n"), label_names=["neg", "pos"])
+    assert ids.splits["train"].labels.tolist() == [0, 1]  # names for integer ids, as before
+
+
+def test_classlabel_datasets_map_label_names_by_name_and_refuse_clashes(tmp_path):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive", "neutral"])})
+    train = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 2]}, features=features)
+    datasets.DatasetDict({"train": train, "test": train}).save_to_disk(str(tmp_path / "ds"))
+    corpus = load_corpus(str(tmp_path / "ds"), label_names=["positive", "negative", "neutral"])
+    assert corpus.label_names == ["positive", "negative", "neutral"]
+    assert corpus.splits["train"].labels.tolist() == [1, 0, 2]  # "negative" is still negative
+    datasets.DatasetDict({"train": train, "dev": train, "eval": train}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(UserError, match="two splits for 'validation'"):
+        load_corpus(str(tmp_path / "two"))
+    other = datasets.Features({"text": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["positive", "negative", "neutral"])})
+    test = datasets.Dataset.from_dict({"text": ["d"], "label": [0]}, features=other)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "clash"))
+    with pytest.raises(UserError, match="same ids would mean different classes"):
+        load_corpus(str(tmp_path / "clash"))
