@@ -162,7 +162,8 @@ def read_config(folder: str, allow_pickle: bool = False) -> dict:
                         "bertcache never unpickles a checkpoint without its JSON config: make one with "
                         "`bertcache fit-head`")
     if _is_kind(folder, "export"):
-        raise UserError(f"{folder} is an ONNX export, not a head checkpoint: add --backend onnx to read it")
+        raise UserError(f"{folder} is an ONNX export, not a head checkpoint: predict and serve read it with "
+                        "--backend onnx")
     if not os.path.isdir(folder) or not os.path.exists(path):
         raise UserError(f"checkpoint not found: {folder} is not a folder with config.json "
                         "(make one with `bertcache fit-head`)")

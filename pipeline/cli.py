@@ -94,7 +94,9 @@ def cli(debug):
                                     "gte-Qwen): texts become 'Instruct: <instruction>\\nQuery:<text>'.")
 @click.option("--layers", default=1, show_default=True, type=click.IntRange(min=1), help="Cache [CLS] and mean of the last K layers.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="The encoder's autocast dtype; auto: bf16 where the hardware has it (recent GPUs, CPUs with "
+                   "AVX512-BF16 / AMX), fp16 on older GPUs, else fp32.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), help="Tokens per batch [1024 on CPU, 65536 on GPU].")
 @click.option("--workers", type=click.IntRange(min=1), help="CPU: batches run side by side on this many threads, one torch thread "
                                           "each [torch's thread count, when there are batches enough]; 1 = one "
@@ -106,7 +108,7 @@ def cli(debug):
                    "the device's measured break-even; on CPUs compiling did not pay, so eager there.")
 @click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
-@click.option("--states", default=0, show_default=True,
+@click.option("--states", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also cache the token-level hidden states entering the top K layers (for fit-head --tune-layers; "
                    "BERT-family models).")
 @click.option("--states-dtype", default="bfloat16", show_default=True,
@@ -143,7 +145,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
     else:
         rows = ", ".join(f"{s} {v['rows']}" for s, v in info["splits"].items())
         click.echo(f"{path}: {rows} rows; task {info['task']}; features {', '.join(info['features'])}; "
-                   f"labels {info['label_names']}")
+                   f"labels {', '.join(info['label_names']) or '(none: regression)'}")
 
 
 @cli.command("fit-head")
@@ -162,7 +164,8 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
 @click.option("--lr", default=D.LR, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--weight-decay", default=D.WEIGHT_DECAY, show_default=True, type=click.FloatRange(0))
 @click.option("--batch-size", default=D.BATCH_SIZE, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=D.SEED, show_default=True)
+@click.option("--seed", default=D.SEED, show_default=True, help="Seeds the initial weights, the batch order and "
+                                                                   "the validation hold-out.")
 @click.option("--patience", default=D.PATIENCE, show_default=True, type=click.IntRange(min=0), help="Stop after this many epochs without "
                                                                         "a better validation score (0: never; "
                                                                         "10 with --sweep).")
@@ -187,8 +190,10 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
                                             "train the head again on train + validation with those settings.")
 @click.option("--sweep-lrs", help="Comma-separated learning rates for --sweep [1e-3,3e-4].")
 @click.option("--sweep-weight-decays", help="Comma-separated weight decays for --sweep [0.01].")
-@click.option("--tune-layers", type=int, default=0, help="Also tune a copy of the encoder's top K layers over the "
-              "token states cached by `extract --states K` (linear probe first, then layers + head; BERT family).")
+@click.option("--tune-layers", type=click.IntRange(min=0), default=0, help="Also tune a copy of the encoder's top K "
+              "layers over the token states cached by `extract --states K` (linear probe first, then layers + head; "
+              "BERT family; --epochs defaults to 3 here; --weight-decay is the tuning's AdamW decay, the head's "
+              "options go to the probe).")
 @click.option("--init", help="With --tune-layers: start from this checkpoint's head and pooling (e.g. the sweep's best "
                              "single head) instead of fitting --head on --pooling first.")
 @click.option("--layer-lr", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True), help="With --tune-layers: the tuned layers' AdamW lr.")
@@ -217,10 +222,22 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
             raise UserError("--refit does not go with --tune-layers (the tuned layers keep their best epoch on validation)")
         from .tuned import EPOCHS, fit_tuned
         src = click.core.ParameterSource.COMMANDLINE
+        given = {n for n in ("hidden", "dropout", "lr", "batch_size", "patience", "label_smoothing", "class_weights",
+                             "max_memory", "weight_decay") if ctx.get_parameter_source(n) == src}
+        # The probe's options (when no --init gives the probe) go to its fit; the rest have no meaning here.
+        refused = sorted(given & ({"max_memory"} | ({"hidden", "dropout", "lr", "batch_size", "patience",
+                                                      "label_smoothing", "class_weights"} if init else set())))
+        if refused:
+            raise UserError(f"--{refused[0].replace('_', '-')} does not apply with --tune-layers"
+                            + (" --init (the probe is the given checkpoint's head)" if init else ""))
+        values = dict(hidden=hidden, dropout=dropout, lr=lr, batch_size=batch_size, patience=patience or None,
+                      label_smoothing=label_smoothing, class_weights=None if class_weights == "none" else class_weights,
+                      weight_decay=weight_decay)
         path, metrics = fit_tuned(features, tune_layers, out, pooling=pooling, head=head, init=init,
                                   epochs=epochs if ctx.get_parameter_source("epochs") == src else EPOCHS,
                                   layer_lr=layer_lr, head_lr=head_lr, batch_tokens=batch_tokens, precision=precision,
-                                  seed=seed, device=device, log=None if as_json else _log)
+                                  seed=seed, device=device, log=None if as_json else _log,
+                                  **{n: values[n] for n in given})
         _report(path, metrics, as_json)
         return
     if init:
@@ -253,7 +270,8 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
 
 def _report(path, metrics, as_json):
     if as_json:
-        click.echo(json.dumps({"checkpoint": path, **{k: v for k, v in metrics.items() if k != "history"}},
+        from .info import finite  # NaN (no training loss for an epoch that trained nothing) is not JSON: null
+        click.echo(json.dumps(finite({"checkpoint": path, **{k: v for k, v in metrics.items() if k != "history"}}),
                               ensure_ascii=False))
         return
     from .tasks import SCORE
@@ -310,8 +328,9 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
 @cli.command()
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
 @click.option("--features", "-f", help="Features file [the one the head was trained on].")
-@click.option("--split", default="test", show_default=True)
-@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
+@click.option("--split", default="test", show_default=True, help="The cached split to evaluate on.")
+@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]),
+              help="The head's weights of its best validation epoch, or of its last.")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--confusion-png", type=click.Path(dir_okay=False), help="Also draw the confusion matrix as a PNG.")
 @click.option("--errors", "errors", default=0, show_default=True, type=click.IntRange(min=0),
@@ -382,8 +401,10 @@ def _row_text(r: dict) -> str:
 @click.option("--file", "file_", type=click.Path(dir_okay=False), help="Texts, one per line ('-' for stdin); "
               "for a head trained on pairs, the two texts of a line separated by a tab.")
 @click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU if there is one), cpu, cuda, "
+                                                                   "cuda:N, mps.")
+@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]),
+              help="The head's weights of its best validation epoch, or of its last.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), help="Padded tokens per batch.")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
@@ -472,9 +493,11 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
 @click.option("--host", default=S.HOST, show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=S.PORT, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on (0: any free port).")
-@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
+@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]),
+              help="The head's weights of its best validation epoch, or of its last.")
 @click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU if there is one), cpu, cuda, "
+                                                                   "cuda:N, mps.")
 @click.option("--max-wait-ms", type=float, help="How long a request waits to share an encoder call with "
               f"concurrent ones [{S.MAX_WAIT_MS['cpu']:g} on CPU, {S.MAX_WAIT_MS['gpu']:g} on GPU].")
 @click.option("--max-batch-texts", default=S.MAX_BATCH_TEXTS, show_default=True,
@@ -532,7 +555,8 @@ def info(path, rows, as_json):
 @click.option("--format", "format_", default="onnx", show_default=True, type=click.Choice(["onnx"]),
               help="What to write: onnx = encoder + pooling + head as one graph, tokenizer files beside it.")
 @click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
-@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]))
+@click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]),
+              help="The head's weights of its best validation epoch, or of its last.")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 def export(checkpoint, out, format_, model, weights, allow_pickle):
     """Write a checkpoint as one ONNX graph (dynamic batch and length) plus tokenizer, for runtimes without

@@ -133,6 +133,25 @@ def test_tuning_changes_only_the_tuned_layer(tuned, tiny_model):
 def test_tune_layers_refusals(cache, tiny_cache, tmp_path):
     one_line_error(cli_run("fit-head", "-f", tiny_cache, "--tune-layers", "1", "-o", tmp_path / "x"), "--states")
     one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "3", "-o", tmp_path / "x"), "--states 3")
+    one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--max-memory", "1G", "-o", tmp_path / "x"),
+                   "--max-memory does not apply with --tune-layers")
+    assert cli_run("fit-head", "-f", cache, "--tune-layers", "-1").exit_code == 2
+
+
+def test_tune_layers_takes_the_heads_options_and_prints_strict_json(cache, tmp_path):
+    """The probe gets --head/--hidden/--lr..., the tuning --weight-decay; --json is JSON without NaN."""
+    out = tmp_path / "ck"
+    result = cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--epochs", "1", "--head", "mlp", "--hidden", "8",
+                     "--weight-decay", "0.5", "--batch-tokens", "512", "--precision", "fp32", "--device", "cpu",
+                     "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+
+    def no_nan(token):
+        raise AssertionError(f"{token} in --json output")
+    report = json.loads(result.stdout, parse_constant=no_nan)
+    config = json.load(open(out / "config.json"))
+    assert report["checkpoint"] == str(out) and config["head"]["hidden"] == 8
+    assert json.dumps(config).count('"weight_decay": 0.5') >= 1
 
 
 def test_states_refused_for_other_model_families(tmp_path, data):
