@@ -344,6 +344,12 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
     from .predict import evaluate as run_evaluate
 
     report = run_evaluate(checkpoint, features, split, weights, allow_pickle=allow_pickle, errors=errors)
+    if split == "validation":
+        from .checkpoint import read_config
+        training = read_config(checkpoint, allow_pickle).get("training") or {}
+        if training.get("folds") or training.get("refit") or any("fold" in m for m in training.get("members") or []):
+            _log("note: this head was trained on the validation rows too (cross-fitted or refit): its validation "
+                 "figures are not held out; evaluate on test")
     if report["task"] != "classification":
         if confusion_png:
             _log(f"no {confusion_png}: a confusion matrix is for classification")

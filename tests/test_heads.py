@@ -207,6 +207,9 @@ def test_sweep_folds_on_the_command_line(cache, tmp_path):
     out = cli_run("fit-head", "-f", cache, "--sweep", "--sweep-poolings", "mean", "--sweep-heads", "linear",
                   "--sweep-lrs", "1e-2", "--sweep-folds", "2", "--epochs", "3", "-o", tmp_path / "a", "--device", "cpu")
     assert out.exit_code == 0 and "ranked out of fold" in out.stdout and "2 folds" in out.stdout
+    # its fold models trained on the validation rows: evaluate says so there, not on test
+    assert "not held out" in cli_run("evaluate", "-c", tmp_path / "a", "--split", "validation").stderr
+    assert "not held out" not in cli_run("evaluate", "-c", tmp_path / "a").stderr
     for args, needle in ((["--sweep-folds", "0"], "1 (one train / validation split) or more"),
                          (["--sweep-folds", "2", "--refit"], "--refit does not go with --sweep-folds")):
         one_line_error(cli_run("fit-head", "-f", cache, "--sweep", "--sweep-heads", "linear", *args,
