@@ -225,8 +225,9 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
         given = {n for n in ("hidden", "dropout", "lr", "batch_size", "patience", "label_smoothing", "class_weights",
                              "max_memory", "weight_decay") if ctx.get_parameter_source(n) == src}
         # The probe's options (when no --init gives the probe) go to its fit; the rest have no meaning here.
-        refused = sorted(given & ({"max_memory"} | ({"hidden", "dropout", "lr", "batch_size", "patience",
-                                                      "label_smoothing", "class_weights"} if init else set())))
+        given |= {n for n in ("pooling", "head") if ctx.get_parameter_source(n) == src}
+        refused = sorted(given & ({"max_memory"} | ({"hidden", "dropout", "lr", "batch_size", "patience", "pooling",
+                                                      "head", "label_smoothing", "class_weights"} if init else set())))
         if refused:
             raise UserError(f"--{refused[0].replace('_', '-')} does not apply with --tune-layers"
                             + (" --init (the probe is the given checkpoint's head)" if init else ""))
@@ -237,7 +238,7 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
                                   epochs=epochs if ctx.get_parameter_source("epochs") == src else EPOCHS,
                                   layer_lr=layer_lr, head_lr=head_lr, batch_tokens=batch_tokens, precision=precision,
                                   seed=seed, device=device, log=None if as_json else _log,
-                                  **{n: values[n] for n in given})
+                                  **{n: values[n] for n in given if n in values})
         _report(path, metrics, as_json)
         return
     if init:

@@ -209,7 +209,9 @@ class Encoder:
                 raise UserError(f"--stride must be between 0 and {self.max_length // 2 - 1} for --max-length "
                                 f"{self.max_length}, not {self.stride}")
         self.truncated = 0  # texts (or pairs) cut at max_length so far, for the caller to report
-        self.eos_id = self._eos_to_append() if self.family == "decoder" else None
+        # Decoder embedders end each text with EOS (Qwen3-Embedding's recipe); a sentence-transformers folder
+        # encodes as sentence-transformers does, with what its tokenizer adds and nothing more.
+        self.eos_id = self._eos_to_append() if self.family == "decoder" and not self.sentence else None
         # Decoders keep their tokenizer's padding side (Qwen3-Embedding pads left); encoders pad right.
         self.padding_side = getattr(self.tokenizer, "padding_side", "right") if self.family == "decoder" else "right"
         self.feature_dims = {}

@@ -77,6 +77,9 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
 
     config = read_config(checkpoint, allow_pickle)
     check_out(out, kind="export", source=checkpoint)
+    if config.get("tuned"):
+        raise UserError(f"{checkpoint} tunes the encoder's top {config['tuned']['k']} layers; export covers heads over "
+                        "the frozen encoder only (serve it with `bertcache serve`)")
     enc = config["encoder"]
     if config.get("task", "classification") != "classification" or config.get("pair_mode") \
             or (enc.get("long_texts") or "truncate") != "truncate":

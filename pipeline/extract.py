@@ -147,6 +147,9 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             raise UserError("--states caches whole single texts: it does not go with sentence pairs or --long-texts chunk")
         from .store import states_bytes, states_storage
         from .tuned import check_supported
+        if encoder.sentence:  # the tuned top's poolings are the model's own (cls, mean, last), not the folder's
+            raise UserError("--states does not go with a sentence-transformers folder (its `sentence` pooling is "
+                            f"not tuned); give --model its transformer's folder ({encoder.sentence.transformer})")
         check_supported(encoder.model.config, states)
         states_storage(states_dtype)
         settings["states"] = {"layer": encoder.num_layers - states, "k": states, "dtype": states_dtype}

@@ -232,6 +232,9 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
         if isinstance(probe, Ensemble):
             raise UserError(f"{init} holds an ensemble; --init takes a single head (the sweep's table names the "
                             "best single one: train it with fit-head, or pass --pooling and --head)")
+        if init_config.get("tuned"):
+            raise UserError(f"{init} is a tuned checkpoint; --init takes a head over frozen features (its tuned "
+                            "layers would not be carried over)")
         pooling = init_config["pooling"]
     if pooling is None:
         from .poolings import default_pooling
@@ -254,7 +257,11 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
         if init_config and init_config["features"]["fingerprint"] != data.fingerprint:
             raise UserError(f"{init} was trained on another features file; --init needs a head of {features}")
         from transformers import AutoModel
-        path = resolve_model(model or data.settings["model"])
+
+        from .predict import locate_model
+        # The folder the cache was extracted from (absolute), not the reference as typed: from another working
+        # directory, a relative reference could name another model.
+        path = resolve_model(model or locate_model(data.settings))
         base = AutoModel.from_pretrained(path, attn_implementation="sdpa")
         check_supported(base.config, k)
         t0 = time.perf_counter()

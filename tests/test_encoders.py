@@ -235,6 +235,18 @@ def test_sentence_folder_matches_sentence_transformers_when_installed(tiny_model
     np.testing.assert_allclose(ours, model.encode(TEXTS), atol=1e-5)
 
 
+def test_sentence_folders_take_no_eos_of_ours_and_no_states(tiny_model, qwen, data, tmp_path):
+    """A decoder in a sentence-transformers folder encodes as sentence-transformers does (no EOS appended
+    by us); --states refuses a sentence-transformers folder (its `sentence` pooling is not tuned)."""
+    folder = write_sentence_folder(str(tmp_path / "stq"), qwen, ["lasttoken"], normalize=False)
+    enc = Encoder(folder, device="cpu", precision="fp32")
+    assert enc.family == "decoder" and enc.eos_id is None and "append_eos" not in enc.settings()
+    assert Encoder(qwen, device="cpu", precision="fp32").eos_id is not None  # the bare decoder still gets one
+    bert = write_sentence_folder(str(tmp_path / "stb"), tiny_model, ["mean"])
+    with pytest.raises(UserError, match="--states does not go with a sentence-transformers folder"):
+        bc.extract(bert, data, str(tmp_path / "s.h5"), states=1, progress=False)
+
+
 def test_sentence_folder_dense_pickle_is_refused(tiny_model, tmp_path):
     folder = write_sentence_folder(str(tmp_path / "st"), tiny_model, ["mean"], dense=8, dense_format="bin")
     with pytest.raises(UserError, match="never unpickles"):

@@ -138,6 +138,29 @@ def test_tune_layers_refusals(cache, tiny_cache, tmp_path):
     assert cli_run("fit-head", "-f", cache, "--tune-layers", "-1").exit_code == 2
 
 
+def test_tuned_checkpoints_are_not_exported_nor_taken_as_init(tuned, cache, tmp_path):
+    ckpt, _ = tuned
+    one_line_error(cli_run("export", ckpt, tmp_path / "exp"), "tunes the encoder's top 1 layers")
+    one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--init", ckpt, "-o", tmp_path / "x"),
+                   "is a tuned checkpoint")
+    one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--init", ckpt, "--pooling", "cls",
+                           "-o", tmp_path / "x"), "--pooling does not apply with --tune-layers --init")
+    assert not (tmp_path / "exp").exists() and not (tmp_path / "x").exists()
+
+
+def test_tuning_finds_the_model_a_relative_reference_named(tiny_model, data, tmp_path, monkeypatch):
+    """A cache extracted with `-m model` (relative) tunes from another working directory: the recorded absolute
+    folder is used, not whatever `model` means there."""
+    import shutil
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model, work / "model")
+    monkeypatch.chdir(work)
+    cache = bc.extract("model", data, str(tmp_path / "rel.h5"), precision="fp32", states=1, progress=False)
+    monkeypatch.chdir(tmp_path)  # no ./model here
+    ckpt, _ = fit_tuned(cache, 1, str(tmp_path / "ck"), pooling="cls", head="logreg", epochs=1, precision="fp32")
+    assert os.path.isfile(os.path.join(ckpt, "best.top.safetensors"))
+
+
 def test_tune_layers_takes_the_heads_options_and_prints_strict_json(cache, tmp_path):
     """The probe gets --head/--hidden/--lr..., the tuning --weight-decay; --json is JSON without NaN."""
     out = tmp_path / "ck"
