@@ -26,7 +26,7 @@ SPLIT_ORDER = ("train", "validation", "test")
 UNLABELLED = -1
 _INT = re.compile(r"[+-]?\d+")
 _INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0*")
-_MISSING = ("nan", "none", "null")
+_MISSING = ("nan",)  # not "none" / "null": an intent or emotion class may well be named so
 
 
 class TextColumn(Sequence):
@@ -238,7 +238,7 @@ def _parse_label(v, split: str):
         raise UserError(f"label {v} in split {split!r} is neither an integer nor a name")
     if isinstance(v, str):
         s = v.strip()
-        if not s or s.lower() in _MISSING:  # "nan" / "None": what pandas' astype(str) and to_csv make of missing
+        if not s or s.lower() in _MISSING:  # "nan": what pandas' astype(str) makes of a missing label
             return None
         if _INT.fullmatch(s):
             return int(s)

@@ -45,7 +45,7 @@ def test_pandas_csv_labels_long_fields_and_split_names(tmp_path):
     write(folder, "train.csv", "text,label\n" + "".join(f"t{i},{float(i % 3)}\n" for i in range(9))
           + "long" + "x" * 200_000 + ",2.0\n")
     write(folder, "eval.csv", "text,label\na,0.0\nb,nan\n")
-    write(folder, "test.csv", "text,label\nc,None\nd,2\n")
+    write(folder, "test.csv", "text,label\nc,NaN\nd,2\n")
     corpus = load_corpus(str(folder))
     assert set(corpus.splits) == {"train", "validation", "test"}  # eval.csv is the validation split
     assert corpus.label_names == ["0", "1", "2"]  # "1.0" from a CSV is the integer 1, not a name
@@ -81,3 +81,9 @@ def test_classlabel_datasets_map_label_names_by_name_and_refuse_clashes(tmp_path
     datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "clash"))
     with pytest.raises(UserError, match="same ids would mean different classes"):
         load_corpus(str(tmp_path / "clash"))
+
+
+def test_a_class_named_none_is_a_class(tmp_path):
+    corpus = load_corpus(write(tmp_path / "d", "train.csv", "text,label\na,none\nb,greeting\nc,None\n"))
+    assert corpus.label_names == ["None", "greeting", "none"] and corpus.splits["train"].labels.tolist() == [2, 1, 0]
+
