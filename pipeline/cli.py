@@ -23,6 +23,10 @@ class _Group(click.Group):
         debug = ctx.params.get("debug") or os.environ.get("BERTCACHE_DEBUG") == "1"
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a wrong option or value: one line, as every other user error
+            where = e.ctx.command_path if e.ctx is not None else "bertcache"
+            click.echo(f"error: {e.format_message()} (see {where} --help)", err=True)
+            ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as e:

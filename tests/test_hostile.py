@@ -393,8 +393,12 @@ def test_an_unknown_pooling_or_head_is_refused(tiny_cache, tmp_path, option, val
     (("predict", "-c", "C", "--batch-tokens", "0", "x"), "--batch-tokens"), (("evaluate", "-c", "C", "--errors", "-2"), "--errors"),
     (("info", "F", "--rows", "-1"), "--rows"), (("serve", "-c", "C", "--port", "99999"), "--port")])
 def test_numbers_out_of_range_are_refused_naming_the_option(args, option):
-    result = run(*args)
-    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output and "Traceback" not in result.output
+    refused(run(*args), f"Invalid value for '{option}'", f"{args[0]} --help")  # one line, as other user errors
+
+
+def test_an_unknown_option_or_command_is_one_line():
+    refused(run("predict", "--bogus"), "No such option '--bogus'", "predict --help")
+    refused(run("nosuch"), "No such command 'nosuch'")
 
 
 def test_blank_predict_texts_and_a_stride_without_chunk_are_refused(tiny_model, tiny_cache, tmp_path):
