@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ._version import __version__
 from .errors import UserError, check_new_file, read_json_file, write_error
 from .heads import Ensemble, Head, model_from_shape
+from .onnx_runner import FORMAT as ONNX_FORMAT, META_FILE as ONNX_META_FILE
 
 FORMAT = "bertcache-head"
 WEIGHTS = ("best", "last")
@@ -52,7 +53,7 @@ def save_checkpoint(folder: str, config: dict, states: dict[str, dict], metrics:
 
 # What marks a folder as one bertcache wrote, per kind (file, format): only such a folder of the same kind, or
 # an empty one, is replaced by a new one of the same name.
-KINDS = {"checkpoint": ("config.json", FORMAT), "export": ("bertcache.json", "bertcache-onnx")}
+KINDS = {"checkpoint": ("config.json", FORMAT), "export": (ONNX_META_FILE, ONNX_FORMAT)}
 
 
 def check_out(folder: str, *, kind: str = "checkpoint", source: str | None = None) -> None:
