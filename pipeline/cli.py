@@ -226,12 +226,11 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
             raise UserError("--refit does not go with --tune-layers (the tuned layers keep their best epoch on validation)")
         from .tuned import EPOCHS, fit_tuned
         src = click.core.ParameterSource.COMMANDLINE
-        given = {n for n in ("hidden", "dropout", "lr", "batch_size", "patience", "label_smoothing", "class_weights",
-                             "max_memory", "weight_decay") if ctx.get_parameter_source(n) == src}
-        # The probe's options (when no --init gives the probe) go to its fit; the rest have no meaning here.
-        given |= {n for n in ("pooling", "head") if ctx.get_parameter_source(n) == src}
-        refused = sorted(given & ({"max_memory"} | ({"hidden", "dropout", "lr", "batch_size", "patience", "pooling",
-                                                      "head", "label_smoothing", "class_weights"} if init else set())))
+        # The probe's options go to its fit, unless --init gives the probe; --max-memory has no meaning here.
+        probe = {"pooling", "head", "hidden", "dropout", "lr", "batch_size", "patience", "label_smoothing",
+                 "class_weights"}
+        given = {n for n in (*probe, "max_memory", "weight_decay") if ctx.get_parameter_source(n) == src}
+        refused = sorted(given & ({"max_memory"} | (probe if init else set())))
         if refused:
             raise UserError(f"--{refused[0].replace('_', '-')} does not apply with --tune-layers"
                             + (" --init (the probe is the given checkpoint's head)" if init else ""))

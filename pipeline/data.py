@@ -338,10 +338,10 @@ def read_file(path: str, fmt: str) -> dict[str, list]:
                     add({k: _unquote(v) for k, v in record.items()} if tsv else record)
                 for k in reader.fieldnames or ():
                     columns.setdefault(k, [None] * rows)
-            elif fmt == "json" and _first_char(f) == "[":
+            elif fmt == "json" and (first := _first_char(f)) == "[":
                 for record in _json_array(path, f):
                     add(record)
-            elif fmt == "json" and _first_char(f) == "{" and _columns_json(f):
+            elif fmt == "json" and first == "{" and _columns_json(f):
                 raise UserError(f"{path} holds one JSON object of columns, not one object per row; write JSON lines "
                                 "(pandas: to_json(path, orient='records', lines=True)) or an array of objects")
             else:

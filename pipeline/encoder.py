@@ -16,6 +16,7 @@ layers run through torch.compile (pipeline/packed.py); the vectors are the same 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -93,6 +94,19 @@ def compile_pays(tokens: int, device: torch.device | str, min_tokens: dict | Non
 def resolve_model(model: str) -> str:
     """A local folder, a built-in name, a ModelScope id or a hub id (see pipeline/models.py): what to load."""
     return M.resolve(model).path
+
+
+def as_texts(texts) -> tuple[bool, list[str]]:
+    """(whether one string was given, the texts as a list): a str is one text, not its characters."""
+    if isinstance(texts, str):
+        return True, [texts]
+    if texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
+        raise UserError(f"give a text or a list of texts, not {type(texts).__name__}")
+    texts = list(texts)
+    bad = [t for t in texts if not isinstance(t, str)][:1]  # a list: the bad item may be None itself
+    if bad:
+        raise UserError(f"every text must be a str; got {type(bad[0]).__name__} {bad[0]!r:.40}")
+    return False, texts
 
 
 class Encoder:
@@ -332,7 +346,7 @@ class Encoder:
         cut into windows of the tokenizer's own overflow layout (neighbours share `stride` tokens)."""
         enc = self.tokenizer([self.prefix + t for t in texts], add_special_tokens=False, return_attention_mask=False,
                              return_offsets_mapping=True)
-        lead, trail = self._special_frame()
+        lead, trail = self._special_frame
         ids, owner = [], []
         for i, (seq, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
             k = sum(1 for start, _ in offsets if start < len(self.prefix))  # tokens that begin in the prefix
@@ -352,6 +366,7 @@ class Encoder:
             ids = [s + [self.eos_id] for s in ids]
         return Windows(ids, np.asarray(owner, dtype=np.int64), len(texts))
 
+    @functools.cached_property
     def _special_frame(self) -> tuple[list[int], list[int]]:
         """The special tokens the tokenizer puts before and after a single text's own tokens."""
         plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -362,7 +377,6 @@ class Encoder:
     def encode(self, texts: list[str], on_progress=None, pairs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Pooled float32 vectors for `texts` (or text pairs, one vector per pair), in their order:
         feature name -> [len(texts), hidden]. One str is one text (a [1, hidden] row), not its characters."""
-        from .predict import as_texts
         texts = as_texts(texts)[1]
         pairs = None if pairs is None else as_texts(pairs)[1]
         return self.encode_ids(self.tokenize(texts, pairs), on_progress)

@@ -32,10 +32,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
                       "(or pip install scikit-learn)") from e
 
 from . import defaults as D
-from .encoder import DEFAULT_MAX_LENGTH, Encoder
+from .encoder import DEFAULT_MAX_LENGTH, Encoder, as_texts
 from .errors import UserError
 from .poolings import build_features
-from .predict import as_texts
 from .tasks import tune_thresholds
 from .training import class_weight_vector, holdout
 from .training import fit as fit_arrays, head_device, step_work
@@ -227,7 +226,7 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
         texts = _texts(X)
         if not texts:
             raise UserError("fit needs at least one text")
-        if not (hasattr(y, "ndim") and getattr(y, "ndim", 1) == 2):
+        if getattr(y, "ndim", 1) != 2:
             check_classification_targets(y)
             unique_labels(y)  # on y as given: a mix of ints and strings is refused, as scikit-learn does
         y = np.asarray(y)
@@ -353,9 +352,10 @@ def _cached_vectors(encoder: Encoder, texts: list[str], cache_dir: str | None,
     digests = [_digest(t) for t in texts]
     with _LOCK:
         table = _VECTORS.setdefault(fp, {})
+        seen = _LOADED_FILES.setdefault((cache_dir, fp), set()) if cache_dir else None
         todo = _missing(table, digests, texts)
         if todo and cache_dir:  # files other processes (GridSearchCV's workers) may have written since
-            _load_dir(os.path.join(cache_dir, fp), table, _LOADED_FILES.setdefault((cache_dir, fp), set()))
+            _load_dir(os.path.join(cache_dir, fp), table, seen)
             todo = _missing(table, digests, texts)
         if todo:
             from tqdm.auto import tqdm
@@ -364,8 +364,7 @@ def _cached_vectors(encoder: Encoder, texts: list[str], cache_dir: str | None,
             rows = np.concatenate([arrays[n] for n in names], axis=1)
             table.update(zip(todo, rows))
             if cache_dir:
-                written = _save(os.path.join(cache_dir, fp), list(todo), rows)
-                _LOADED_FILES.setdefault((cache_dir, fp), set()).add(written)
+                seen.add(_save(os.path.join(cache_dir, fp), list(todo), rows))
         matrix = np.stack([table[d] for d in digests]) if digests else np.zeros((0, len(names) * h), np.float32)
     return {n: matrix[:, i * h:(i + 1) * h] for i, n in enumerate(names)}
 

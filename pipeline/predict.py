@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from .checkpoint import load_checkpoint, read_config
-from .encoder import Encoder
+from .encoder import Encoder, as_texts
 from .errors import UserError
 from .fingerprints import check_same_encoder
 from .heads import Ensemble, model_feature_names, predict_scores_features
@@ -235,19 +235,6 @@ def locate_model(encoder_settings: dict) -> str:
         raise UserError(f"the checkpoint's model folder {folder} is gone (moved or deleted); pass --model with "
                         "where the model is now")
     return ref
-
-
-def as_texts(texts) -> tuple[bool, list[str]]:
-    """(whether one string was given, the texts as a list): a str is one text, not its characters."""
-    if isinstance(texts, str):
-        return True, [texts]
-    if texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
-        raise UserError(f"give a text or a list of texts, not {type(texts).__name__}")
-    texts = list(texts)
-    bad = [t for t in texts if not isinstance(t, str)][:1]  # a list: the bad item may be None itself
-    if bad:
-        raise UserError(f"every text must be a str; got {type(bad[0]).__name__} {bad[0]!r:.40}")
-    return False, texts
 
 
 def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best", *,

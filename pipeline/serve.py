@@ -225,6 +225,9 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
+    def problem(detail: str, loc: list, status: int = 422) -> JSONResponse:  # the documented error body
+        return JSONResponse({"detail": detail, "errors": [{"loc": loc, "msg": detail}]}, status_code=status)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         status, detail, problems = describe_validation_errors(exc.errors(), max_texts, max_chars, field,
@@ -236,12 +239,12 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # bytes that are not UTF-8 JSON, say
             detail = ("the body could not be read as JSON (not UTF-8, or nested too deeply): send a JSON object "
                       "with Content-Type: application/json")
-            return JSONResponse({"detail": detail, "errors": [{"loc": [], "msg": detail}]}, status_code=400)
+            return problem(detail, [], 400)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError):  # what the request asked cannot be done by this head
-        return JSONResponse({"detail": str(exc), "errors": [{"loc": ["body"], "msg": str(exc)}]}, status_code=422)
+        return problem(str(exc), ["body"])
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
@@ -253,8 +256,6 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
                         (413, f"The body is larger than {max_body_bytes} bytes"),
                         (422, "Wrong types, no texts, a blank text, too many texts or a text too long"))}
 
-    def unprocessable(detail: str, loc: list) -> JSONResponse:
-        return JSONResponse({"detail": detail, "errors": [{"loc": loc, "msg": detail}]}, status_code=422)
 
     @app.post("/predict", response_model=Union[PredictResponse, list[TEIPrediction], list[list[TEIPrediction]]],
               responses=error_responses, response_model_exclude_none=True)
@@ -268,7 +269,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
             out = await batcher.predict_proba(items)
             return {"predictions": predictor.results(items, out.get("outputs", out.get("probabilities")))}
         if task == "regression":
-            return unprocessable("TEI's /predict body is for classification heads; this head (regression"
+            return problem("TEI's /predict body is for classification heads; this head (regression"
                                  f'{", pairs" if pair_mode else ""}) takes bertcache\'s {{"{field}": [...]}}',
                                  ["inputs"])
         inputs, single = body.inputs, True
@@ -281,7 +282,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         wrong = [i for i, seq in enumerate(inputs) if (len(seq) == 2) != bool(pair_mode)]
         if wrong:
             where = ["inputs"] if single else ["inputs", wrong[0]]
-            return unprocessable(
+            return problem(
                 f"{'.'.join(map(str, where))}: this head reads pairs of texts: send each as [a, b], e.g. "
                 '{"inputs": [["first a", "first b"], ["second a", "second b"]]}' if pair_mode else
                 f"{'.'.join(map(str, where))} is a pair of texts [a, b] (TEI's reading of a two-string list), and "
@@ -318,7 +319,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         features = await vectors(texts, True)
         width = features.shape[1]
         if body.dimensions is not None and body.dimensions != width:
-            return unprocessable(f"dimensions is {body.dimensions}, but this model's vectors have {width}: leave "
+            return problem(f"dimensions is {body.dimensions}, but this model's vectors have {width}: leave "
                                  "it out", ["dimensions"])
         tokens = sum(len(ids) for ids in encoder.tokenize(texts))
         data = [{"object": "embedding", "index": i,

@@ -165,7 +165,7 @@ class FeatureStore:
             self._open(path)
         except OSError as e:  # HDF5's read errors: a file damaged after it opened
             self.file.close()
-            raise UserError(f"{path} cannot be read: {_first_line(e)}; the file is damaged: extract it again") from e
+            raise _damaged(path, e) from e
 
     def _open(self, path: str) -> None:
         attrs = self.file.attrs
@@ -207,8 +207,7 @@ class FeatureStore:
         self.close()
         if isinstance(exc, OSError) and not getattr(exc, "errno", None) and "read" in str(exc).lower():
             # HDF5's own read errors (no errno): a file damaged after it opened, inside a data block
-            raise UserError(f"{self.path} cannot be read: {_first_line(exc)}; the file is damaged: extract it "
-                            "again") from exc
+            raise _damaged(self.path, exc) from exc
 
     def close(self):
         self.file.close()
@@ -576,6 +575,10 @@ def _size(n: int) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+def _damaged(path: str, e: OSError) -> UserError:
+    return UserError(f"{path} cannot be read: {_first_line(e)}; the file is damaged: extract it again")
 
 
 def _first_line(e: BaseException) -> str:
