@@ -139,7 +139,7 @@ class Encoder:
                  revision: str | None = None, batch_tokens: int | None = None, packing: str = "auto",
                  workers: int | None = None, instruction: str | None = None, log=None, long_texts: str = "truncate",
                  stride: int | None = None, compile: str = "auto"):
-        from transformers import AutoModel
+        from transformers import AutoConfig
         from transformers.utils import logging as hf_logging
         from .sentence import SentenceModules
 
@@ -160,21 +160,18 @@ class Encoder:
         except Exception as e:  # OSError, ValueError, ...: transformers uses several for "cannot load"
             raise UserError(f"cannot load the tokenizer of model {model!r}: {_first_line(e)}") from e
         try:
-            self.model = AutoModel.from_pretrained(path, attn_implementation="sdpa", **where)
+            self.config = AutoConfig.from_pretrained(path, **where)
         except Exception as e:
-            try:
-                self.model = AutoModel.from_pretrained(path, **where)
-            except Exception:
-                if "weights_only" in str(e):  # torch's advice to unpickle in full is not ours to give
-                    raise UserError(f"cannot load model {model!r}: its .bin weights hold more than tensors, and "
-                                    "bertcache never unpickles them; use the model saved as safetensors "
-                                    "(save_pretrained's default)") from e
-                raise UserError(f"cannot load model {model!r}: {_first_line(e)}") from e
-        self.model.eval().to(self.device)
-        self.model.requires_grad_(False)
-        if getattr(self.model, "pooler", None) is not None:
-            self.model.pooler = None  # BERT's tanh pooler: a wasted matmul per batch, never cached
-        self._cast_linear_weights()
+            raise UserError(f"cannot load model {model!r}: {_first_line(e)}") from e
+        self._hf_load = (path, where)
+        self._model = None
+        # BERT-family folders that will run packed are read without transformers' modeling code (about 1.7 s
+        # of imports, packed.load_modules); anything else, or anything it does not cover, loads as HF does.
+        net = None
+        if packing != "off" and os.path.isdir(path) and M.family(self.config) == "encoder":
+            from .packed import load_modules
+            net = load_modules(path, self.config)
+        self._net = self._prepare(net) if net is not None else self.model  # what the packed path runs
         self.packed = self._packed(packing)
         self.packing = "on" if self.packed is not None else "off"
         if compile not in COMPILES:
@@ -183,7 +180,7 @@ class Encoder:
         self._expected_tokens = 0
         self._log = log
         self.workers = workers
-        cfg = self.model.config
+        cfg = self.config
         if len(self.tokenizer) > cfg.vocab_size:
             raise UserError(f"the tokenizer of {model!r} has {len(self.tokenizer)} tokens but the model's "
                             f"vocabulary has {cfg.vocab_size}: tokenizer and weights do not belong together")
@@ -243,7 +240,7 @@ class Encoder:
     # -- identity ---------------------------------------------------------------------------------
 
     def model_limit(self) -> int:
-        cfg = self.model.config
+        cfg = self.config
         limit = int(getattr(cfg, "max_position_embeddings", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH)
         if cfg.model_type in _OFFSET_POSITIONS:
             limit -= 2
@@ -254,7 +251,7 @@ class Encoder:
 
     def _fingerprint(self, path: str) -> str:
         """Identity of weights + config + tokenizer: the files' bytes locally, the commit for hub models."""
-        cfg = json.dumps(self.model.config.to_diff_dict(), sort_keys=True, default=str)
+        cfg = json.dumps(self.config.to_diff_dict(), sort_keys=True, default=str)
         self.config_hash = hashlib.sha256(cfg.encode()).hexdigest()
         h = hashlib.sha256(self.config_hash.encode())
         if self.sentence:  # its pooling, Dense and prompts decide the `sentence` vector
@@ -275,7 +272,7 @@ class Encoder:
                "max_length": self.max_length, "prefix": self.prefix, "instruction": self.instruction,
                "precision": self.precision, "layers": self.layers, "poolings": list(self.pools),
                "hidden_size": self.hidden_size, "tokenizer": self.tokenizer_class,
-               "family": self.family, "model_type": self.model.config.model_type,
+               "family": self.family, "model_type": self.config.model_type,
                "default_pooling": self.default_pooling()}
         if self.eos_id is not None:
             out["append_eos"] = self.tokenizer.convert_ids_to_tokens(self.eos_id)
@@ -326,7 +323,7 @@ class Encoder:
                              stride=self.stride if chunk else 0)
         ids = enc["input_ids"]
         if pairs is not None:
-            ids = [_fold_types(seq, types, self.model.config.vocab_size)
+            ids = [_fold_types(seq, types, self.config.vocab_size)
                    for seq, types in zip(ids, enc["token_type_ids"])]
         if self.eos_id is not None:
             ids = [list(s) + [self.eos_id] for s in ids]
@@ -491,24 +488,50 @@ class Encoder:
             raise UserError(f"unknown packing {packing!r}; use one of {', '.join(PACKINGS)}")
         if packing == "off":
             return None
-        reason = unsupported(self.model)
+        reason = unsupported(self._net)
         if reason is None:
-            return PackedEncoder(self.model)
+            return PackedEncoder(self._net)
         if reason not in _told:
             _told.add(reason)
             print(f"note: padded batches for this model ({reason}); packed batches cover BERT, RoBERTa and "
                   f"XLM-R families", file=sys.stderr)
         return None
 
-    def _cast_linear_weights(self):
-        """Store Linear weights in the autocast dtype once: autocast would recast them on every batch
-        (a copy of the whole model per batch on CPU), and the numbers are the same either way."""
+    @property
+    def model(self):
+        """The HF model (transformers' own modules: export traces it, the padded path runs it). Where the
+        encoder runs from modules read straight from the folder (`packed.load_modules`), it is loaded on
+        first use."""
+        if self._model is None:
+            path, where = self._hf_load
+            from transformers import AutoModel
+            try:
+                model = AutoModel.from_pretrained(path, attn_implementation="sdpa", **where)
+            except Exception as e:
+                try:
+                    model = AutoModel.from_pretrained(path, **where)
+                except Exception:
+                    if "weights_only" in str(e):  # torch's advice to unpickle in full is not ours to give
+                        raise UserError(f"cannot load model {self.model_ref!r}: its .bin weights hold more than "
+                                        "tensors, and bertcache never unpickles them; use the model saved as "
+                                        "safetensors (save_pretrained's default)") from e
+                    raise UserError(f"cannot load model {self.model_ref!r}: {_first_line(e)}") from e
+            if getattr(model, "pooler", None) is not None:
+                model.pooler = None  # BERT's tanh pooler: a wasted matmul per batch, never cached
+            self._model = self._prepare(model)
+        return self._model
+
+    def _prepare(self, net):
+        """Frozen, on the device, Linear weights stored in the autocast dtype once: autocast would recast
+        them on every batch (a copy of the whole model per batch on CPU), and the numbers are the same."""
+        net.eval().to(self.device)
+        net.requires_grad_(False)
         dtype = _DTYPES[self.precision]
-        if dtype is None:
-            return
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.to(dtype)
+        if dtype is not None:
+            for module in net.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(dtype)
+        return net
 
     def _autocast(self):
         dtype = _DTYPES[self.precision]
@@ -535,7 +558,7 @@ class Encoder:
         extra = {}
         if self.family == "decoder":  # positions count from each text's first real token, whatever the padding
             extra["position_ids"] = (mask_t.cumsum(1) - 1).clamp(min=0)
-        vocab = self.model.config.vocab_size
+        vocab = self.config.vocab_size
         if int(ids.max()) >= vocab:  # text pairs: token types folded into the ids (_fold_types)
             extra["token_type_ids"] = ids_t // vocab
             ids_t = ids_t % vocab

@@ -150,7 +150,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         if encoder.sentence:  # the tuned top's poolings are the model's own (cls, mean, last), not the folder's
             raise UserError("--states does not go with a sentence-transformers folder (its `sentence` pooling is "
                             f"not tuned); give --model its transformer's folder ({encoder.sentence.transformer})")
-        check_supported(encoder.model.config, states)
+        check_supported(encoder.config, states)
         states_storage(states_dtype)
         settings["states"] = {"layer": encoder.num_layers - states, "k": states, "dtype": states_dtype}
         for name, s in corpus.splits.items():  # the layout is allocated up front: every text's token count

@@ -70,6 +70,138 @@ def unsupported(model) -> str | None:
     return None
 
 
+# What `load_modules` reads of one layer (after "encoder.layer.<i>."): BERT's names, every one a weight and a bias.
+_LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_modules(folder: str, config) -> torch.nn.Module | None:
+    """A BERT-family model's modules, as `PackedEncoder` reads them, made straight from the folder's
+    safetensors, without transformers' modeling code: importing it (transformers.modeling_utils, which
+    pulls in torch.distributed.tensor, torch._dynamo and scipy.optimize) takes about 1.7 s of every
+    process that loads a model (benchmarks/RESULTS.md, issue 17). The tensors are the ones
+    `AutoModel.from_pretrained` would hold, and `PackedEncoder` runs the same ops on them either way, so
+    the vectors are the same (tests/test_packed.py).
+
+    Args:
+        folder: a local model folder with model.safetensors (or a safetensors index and its shards).
+        config: its HF config (AutoConfig.from_pretrained).
+    Returns the modules (eval mode, no gradients; `.config` is `config`), or None where this does not
+    cover the folder: no safetensors, names other than BERT's (with or without a `bert.` / `roberta.`
+    prefix), an activation other than the exact GELU, tensors not stored in the config's dtype, or a
+    setting `unsupported` names. The caller then loads the HF model as usual.
+
+        >>> import tempfile
+        >>> from pipeline.toy import toy_model
+        >>> from transformers import AutoConfig
+        >>> folder = toy_model(tempfile.mkdtemp())
+        >>> net = load_modules(folder, AutoConfig.from_pretrained(folder))
+        >>> tuple(net.encoder.layer[0].intermediate.dense.weight.shape)
+        (64, 32)
+    """
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    if config.model_type not in FAMILIES or getattr(config, "hidden_act", None) != "gelu":
+        return None
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        shards = {None: os.path.join(folder, "model.safetensors")}
+    elif os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        shards = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+    else:
+        return None
+    want = getattr(config, "dtype", None) or torch.float32  # what from_pretrained gives: the config's dtype
+    want = _DTYPE_NAMES.get(want, want) if isinstance(want, str) else want
+    layers = int(config.num_hidden_layers)
+    names = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+             "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+    if int(getattr(config, "type_vocab_size", 0) or 0) > 0:
+        names.append("embeddings.token_type_embeddings.weight")
+    names += [f"encoder.layer.{i}.{part}.{kind}" for i in range(layers) for part in _LAYER_PARTS
+              for kind in ("weight", "bias")]
+    handles = {}
+    try:
+        def tensor(name):
+            for prefix in ("", "bert.", "roberta."):
+                path = shards.get(prefix + name, shards.get(None))
+                if path is None:
+                    continue
+                if path not in handles:
+                    handles[path] = safe_open(path, framework="pt")
+                if prefix + name in handles[path].keys():
+                    return handles[path].get_tensor(prefix + name)
+            raise KeyError(name)
+
+        tensors = {name: tensor(name) for name in names}
+    except Exception:  # names of another layout, a damaged file, ...: from_pretrained decides (and says why)
+        return None
+    if any(t.dtype != want for t in tensors.values()):
+        return None
+    net = _modules(config, tensors)
+    return None if unsupported(net) else net
+
+
+def _modules(config, tensors: dict) -> torch.nn.Module:
+    """Plain torch modules under BERT's attribute names, holding `tensors` (see `load_modules`)."""
+    nn = torch.nn
+
+    def node(**children):
+        module = nn.Module()
+        for name, child in children.items():
+            setattr(module, name, child)
+        return module
+
+    def take(module, prefix):
+        for kind in ("weight", "bias"):
+            if getattr(module, kind, None) is not None:
+                setattr(module, kind, nn.Parameter(tensors[f"{prefix}.{kind}"], requires_grad=False))
+        return module
+
+    # Modules made at size 1 and given the real tensors: the constructors would fill full-size weights at
+    # random first, and on the meta device they import torch._dynamo (about 1 s).
+    def linear(prefix):
+        module = take(nn.Linear(1, 1), prefix)
+        module.out_features, module.in_features = module.weight.shape
+        return module
+
+    hidden, eps = int(config.hidden_size), float(config.layer_norm_eps)
+
+    def norm(prefix):
+        module = take(nn.LayerNorm(1, eps=eps), prefix)
+        module.normalized_shape = (hidden,)
+        return module
+
+    def embedding(prefix):
+        module = take(nn.Embedding(1, 1), prefix)
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+        return module
+
+    emb = node(word_embeddings=embedding("embeddings.word_embeddings"),
+               position_embeddings=embedding("embeddings.position_embeddings"),
+               LayerNorm=norm("embeddings.LayerNorm"))
+    emb.token_type_embeddings = (embedding("embeddings.token_type_embeddings")
+                                 if "embeddings.token_type_embeddings.weight" in tensors else None)
+    layers = []
+    for i in range(int(config.num_hidden_layers)):
+        at = f"encoder.layer.{i}"
+        layers.append(node(
+            attention=node(self=node(query=linear(f"{at}.attention.self.query"), key=linear(f"{at}.attention.self.key"),
+                                     value=linear(f"{at}.attention.self.value")),
+                           output=node(dense=linear(f"{at}.attention.output.dense"),
+                                       LayerNorm=norm(f"{at}.attention.output.LayerNorm"))),
+            intermediate=node(dense=linear(f"{at}.intermediate.dense"), intermediate_act_fn=nn.GELU()),
+            output=node(dense=linear(f"{at}.output.dense"), LayerNorm=norm(f"{at}.output.LayerNorm"))))
+    net = node(embeddings=emb, encoder=node(layer=nn.ModuleList(layers)))
+    net.config = config
+    return net.eval().requires_grad_(False)
+
+
 class Packing:
     """Token ids of several texts laid end to end, with what attention and pooling need to keep them apart.
 

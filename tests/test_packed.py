@@ -204,3 +204,76 @@ def test_other_families_fall_back_to_padding_and_say_so_once(tmp_path, capfd):
     np.testing.assert_allclose(enc.encode(texts)["mean"],
                                Encoder(folder, device="cpu", precision="fp32", packing="off").encode(texts)["mean"],
                                atol=1e-6)
+
+
+def _same_modules_as_transformers(folder, precision):
+    """Vectors of an Encoder on modules read straight from `folder`, and of the same Encoder packed over
+    transformers' own modules: the tensors and ops are the same, so the numbers are equal to the bit."""
+    enc = Encoder(folder, device="cpu", precision=precision, layers=2, batch_tokens=256)
+    assert enc._model is None and enc.packing == "on"  # transformers' modeling code was not needed
+    ids = ragged_ids(enc)
+    direct = enc.encode_ids(ids)
+    enc.packed = PackedEncoder(enc.model)  # loads the HF model now (export and the padded path use it)
+    assert type(enc.model).__module__.startswith("transformers.")
+    via_hf = enc.encode_ids(ids)
+    for name in direct:
+        np.testing.assert_array_equal(direct[name], via_hf[name], err_msg=name)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_modules_read_from_safetensors_match_transformers(family_model, precision):
+    _same_modules_as_transformers(family_model, precision)
+
+
+def test_modules_read_from_task_models_and_shards(tmp_path):
+    """Weights saved by a task model (names under `bert.`) and split into shards read the same way."""
+    from transformers import AutoModel, BertForSequenceClassification
+
+    folder = build(str(tmp_path / "bert"), "bert")
+    task = str(tmp_path / "task")
+    build(task, "bert")
+    base = AutoModel.from_pretrained(folder)
+    model = BertForSequenceClassification(base.config)
+    model.bert.load_state_dict(base.state_dict(), strict=False)
+    model.save_pretrained(task, max_shard_size="20KB")
+    assert os.path.isfile(os.path.join(task, "model.safetensors.index.json"))
+    _same_modules_as_transformers(task, "fp32")
+    a = Encoder(folder, device="cpu", precision="fp32").encode(["这个东西真的很好"])
+    b = Encoder(task, device="cpu", precision="fp32").encode(["这个东西真的很好"])
+    np.testing.assert_allclose(a["mean"], b["mean"], atol=1e-6)
+
+
+def test_what_the_direct_read_does_not_cover_loads_through_transformers(tmp_path):
+    """Another activation, or weights only in a .bin file: transformers loads them, the vectors as before."""
+    from transformers import AutoConfig, AutoModel
+
+    folder = build(str(tmp_path / "tanh"), "bert")
+    cfg = AutoConfig.from_pretrained(folder)
+    cfg.hidden_act = "gelu_new"
+    AutoModel.from_pretrained(folder, config=cfg).save_pretrained(folder)
+    enc = Encoder(folder, device="cpu", precision="fp32")
+    assert enc._model is not None and enc.packing == "on"
+    binary = str(tmp_path / "bin")
+    build(binary, "bert")
+    AutoModel.from_pretrained(binary).save_pretrained(binary, safe_serialization=False)
+    os.remove(os.path.join(binary, "model.safetensors"))
+    enc = Encoder(binary, device="cpu", precision="fp32")
+    assert enc._model is not None and enc.packing == "on"
+
+
+def test_encoding_a_bert_folder_imports_no_modeling_code(tmp_path):
+    """The point of reading modules directly: transformers' modeling code (and torch._dynamo, which it and
+    meta-device module construction import) stays out of a process that encodes, about 2.7 s of start-up."""
+    import subprocess
+    import sys
+
+    from tests.helpers import child_env
+
+    folder = build(str(tmp_path / "bert"), "bert")
+    code = ("import sys; from pipeline.encoder import Encoder; "
+            f"Encoder({folder!r}, precision='fp32').encode(['很好']); "
+            "print(sorted(m for m in ('transformers.modeling_utils', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(HF_HUB_OFFLINE="1"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
