@@ -168,9 +168,10 @@ class Encoder:
         # BERT-family folders that will run packed are read without transformers' modeling code (about 1.7 s
         # of imports, packed.load_modules); anything else, or anything it does not cover, loads as HF does.
         net = None
-        if packing != "off" and os.path.isdir(path) and M.family(self.config) == "encoder":
+        folder = M.local_folder(path, where, "config.json") if packing != "off" else None
+        if folder and M.family(self.config) == "encoder":
             from .packed import load_modules
-            net = load_modules(path, self.config)
+            net = load_modules(folder, self.config)
         self._net = self._prepare(net) if net is not None else self.model  # what the packed path runs
         self.packed = self._packed(packing)
         self.packing = "on" if self.packed is not None else "off"

@@ -22,6 +22,7 @@ on [CLS] by default.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -101,6 +102,36 @@ def resolve(model: str, revision: str | None = None) -> Source:
                         f"cache ({_hf_cache_dir()}), and {why}; check the path, set HF_ENDPOINT to a reachable "
                         f"mirror (e.g. HF_ENDPOINT=https://hf-mirror.com), or use {MODELSCOPE}{model}")
     return Source(model, None, "hub")
+
+
+def pinned(where: dict) -> bool:
+    """Whether a hub id's files cannot change under a load with from_pretrained's keyword arguments `where`:
+    offline, or a full commit hash asked for. Online, from_pretrained may fetch a newer revision than the
+    cached snapshot."""
+    from huggingface_hub import constants
+    revision = where.get("revision") or ""
+    return bool(where.get("local_files_only") or constants.HF_HUB_OFFLINE
+                or re.fullmatch(r"[0-9a-f]{40}", revision))
+
+
+def local_folder(path: str, where: dict, filename: str) -> str | None:
+    """The folder from_pretrained(path, **where) reads `filename` from, where it is sure: `path` itself when
+    it is a folder, else the cached hub snapshot holding `filename`, when the load is `pinned`. None when
+    that is not known without asking the hub (the file is not cached, or a newer revision may be fetched).
+
+        >>> local_folder("org/not-cached", {"local_files_only": True}, "config.json") is None
+        True
+    """
+    if os.path.isdir(path):
+        return path
+    if not pinned(where):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(path, filename, revision=where.get("revision"))
+    except Exception:  # not a valid repo id, say: nothing cached under it
+        return None
+    return os.path.dirname(hit) if isinstance(hit, str) else None
 
 
 def hub_reachable() -> tuple[bool, str]:

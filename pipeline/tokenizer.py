@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 
 from .fingerprints import hash_model_files
+from .models import local_folder
 
 MEMO_MIN_SECONDS = 0.5  # tokenizers that load faster than this are not worth a copy on disk
 MEMO_KEEP = 8  # copies kept (each the size of a tokenizer.json: 17 MB for XLM-R)
@@ -62,7 +62,7 @@ def load_tokenizer(path: str, *, memo_home: str | None = None, min_seconds: floa
     """
     from transformers import AutoTokenizer
 
-    folder = path if os.path.isdir(path) else _hub_folder(path, where) if _pinned(where) else None
+    folder = local_folder(path, where, "tokenizer.json")
     memo = _memo_folder(folder, memo_home) if folder else None
     if memo and os.path.exists(os.path.join(memo, MEMO_FILE)):
         try:
@@ -95,25 +95,6 @@ def save_tokenizer(tok, name: str, folder: str) -> None:
         settings["tokenizer_class"] = name
         with open(config, "w", encoding="utf-8") as f:
             json.dump(settings, f, ensure_ascii=False, indent=2)
-
-
-def _pinned(where: dict) -> bool:
-    """Whether a hub id's files cannot change under this load: offline, or a full commit hash asked for.
-    Online, from_pretrained may fetch a newer revision than the cached one, so no copy is read or written."""
-    from huggingface_hub import constants
-    revision = where.get("revision") or ""
-    return bool(where.get("local_files_only") or constants.HF_HUB_OFFLINE
-                or re.fullmatch(r"[0-9a-f]{40}", revision))
-
-
-def _hub_folder(repo_id: str, where: dict) -> str | None:
-    """The snapshot folder of a hub model's cached tokenizer.json, if it is cached."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        hit = try_to_load_from_cache(repo_id, "tokenizer.json", revision=where.get("revision"))
-    except Exception:  # not a valid repo id, say: then nothing to remember
-        return None
-    return os.path.dirname(hit) if isinstance(hit, str) else None
 
 
 def _memo_folder(folder: str, home: str | None) -> str | None:

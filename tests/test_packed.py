@@ -277,3 +277,21 @@ def test_encoding_a_bert_folder_imports_no_modeling_code(tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_cached_hub_model_offline_is_read_directly(tmp_path, monkeypatch):
+    """A hub id in the Hugging Face cache (huggingface_hub's layout), offline: its snapshot's safetensors
+    are read directly too."""
+    import shutil
+
+    cache, commit = tmp_path / "hub", "0" * 40
+    shutil.copytree(build(str(tmp_path / "bert"), "bert"), cache / "models--org--tiny-bert" / "snapshots" / commit)
+    (cache / "models--org--tiny-bert" / "refs").mkdir()
+    (cache / "models--org--tiny-bert" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    enc = Encoder("org/tiny-bert", device="cpu", precision="fp32")
+    assert enc._model is None and enc.packing == "on"
+    local = Encoder(str(tmp_path / "bert"), device="cpu", precision="fp32")
+    np.testing.assert_array_equal(enc.encode(["很好"])["mean"], local.encode(["很好"])["mean"])

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from pipeline import models as M
 from pipeline import tokenizer as T
 from pipeline.toy import make_texts, toy_model, vocab_chars
 
@@ -151,12 +152,13 @@ def test_a_hub_model_in_the_cache_is_remembered(tmp_path, monkeypatch):
     second, name2 = T.load_tokenizer("org/tiny-bert", memo_home=home, min_seconds=0)
     assert (type(first).__name__, type(second).__name__) == ("BertTokenizer", "TokenizersBackend")
     assert name == name2 == "BertTokenizer" and T.same_tokenizer(first, second)
-    assert T._hub_folder("org/not-cached", {}) is None and T._hub_folder("not a repo id!", {}) is None
+    assert M.local_folder("org/not-cached", {}, "tokenizer.json") is None
+    assert M.local_folder("not a repo id!", {}, "tokenizer.json") is None
     # Online, from_pretrained may fetch a newer revision than the cached snapshot the key would name: no copy
     # unless the revision is a full commit hash.
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    assert not T._pinned({}) and not T._pinned({"revision": "main"}) and not T._pinned({"revision": "0" * 39})
-    assert T._pinned({"revision": commit}) and T._pinned({"local_files_only": True})
+    assert not M.pinned({}) and not M.pinned({"revision": "main"}) and not M.pinned({"revision": "0" * 39})
+    assert M.pinned({"revision": commit}) and M.pinned({"local_files_only": True})
 
 
 def test_an_unwritable_home_or_a_race_leaves_loading_as_it_was(tmp_path):
