@@ -18,15 +18,28 @@ from . import serve as S
 from .errors import UserError
 
 
+def _usage_error(ctx, e: click.UsageError):
+    """A wrong option or value: one line, as every other user error."""
+    where = e.ctx.command_path if e.ctx is not None else "bertcache"
+    click.echo(f"error: {e.format_message()} (see {where} --help)", err=True)
+    ctx.exit(2)
+
+
 class _Group(click.Group):
+    def parse_args(self, ctx, args):
+        try:  # the group's own options (`bertcache --bogus extract ...`), before any command runs
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `bertcache`: click shows the help
+                raise
+            _usage_error(ctx, e)
+
     def invoke(self, ctx):
         debug = ctx.params.get("debug") or os.environ.get("BERTCACHE_DEBUG") == "1"
         try:
             return super().invoke(ctx)
-        except click.UsageError as e:  # a wrong option or value: one line, as every other user error
-            where = e.ctx.command_path if e.ctx is not None else "bertcache"
-            click.echo(f"error: {e.format_message()} (see {where} --help)", err=True)
-            ctx.exit(2)
+        except click.UsageError as e:
+            _usage_error(ctx, e)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as e:

@@ -399,6 +399,9 @@ def test_numbers_out_of_range_are_refused_naming_the_option(args, option):
 def test_an_unknown_option_or_command_is_one_line():
     refused(run("predict", "--bogus"), "No such option '--bogus'", "predict --help")
     refused(run("nosuch"), "No such command 'nosuch'")
+    refused(run("--bogus", "info", "x"), "No such option '--bogus'", "--help")  # the group's own options
+    bare = run()
+    assert "Commands:" in bare.output and not bare.output.startswith("error")  # bare `bertcache`: the help
 
 
 def test_blank_predict_texts_and_a_stride_without_chunk_are_refused(tiny_model, tiny_cache, tmp_path):
