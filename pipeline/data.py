@@ -180,7 +180,8 @@ def encode_labels(values: dict[str, list], class_names: list[str] | None = None,
     """Map raw label values (ints, int-like strings, names, missing) to ids and fix the label names.
 
     Names come from `label_names` (which also fixes the id order), else the dataset's ClassLabel
-    names, else the sorted distinct string labels; plain integer labels are named "0", "1", ...
+    names, else the sorted distinct string labels; plain integer labels 0..K-1 are named "0", "1", ...,
+    other non-negative integers (ratings 1..5, ids with gaps) are classes by value, sorted.
     """
     parsed = {s: [_parse_label(v, s) for v in vs] for s, vs in values.items()}
     ints = {v for vs in parsed.values() for v in vs if isinstance(v, int)} - {UNLABELLED}
@@ -197,7 +198,15 @@ def encode_labels(values: dict[str, list], class_names: list[str] | None = None,
         if strings and ints - {UNLABELLED}:
             raise UserError(f"labels mix integers and names (e.g. {min(ints - {UNLABELLED})} and {strings[0]!r}); "
                             "make them all one kind, or pass --label-names to name the integer ids")
-        names = strings or [str(i) for i in range(max(ints, default=0) + 1)]
+        seen = sorted(ints - {UNLABELLED})
+        if not strings and seen and seen[0] >= 0 and seen != list(range(seen[-1] + 1)):
+            # Ratings 1..5, or ids with gaps: classes by value, as scikit-learn's LabelEncoder; ids 0..max
+            # would add a class no row has (a 6-way head for 5 ratings).
+            names = [str(v) for v in seen]
+            parsed = {s: [str(v) if isinstance(v, int) and v != UNLABELLED else v for v in vs]
+                      for s, vs in parsed.items()}
+        else:
+            names = strings or [str(i) for i in range(max(ints, default=0) + 1)]
     if len(set(names)) != len(names):
         raise UserError(f"label names repeat: {names}")
     index = {n: i for i, n in enumerate(names)}

@@ -62,6 +62,21 @@ def test_label_names_map_values_by_name(tmp_path):
     assert ids.splits["train"].labels.tolist() == [0, 1]  # names for integer ids, as before
 
 
+def test_integer_labels_not_0_to_k_are_classes_by_value(tmp_path):
+    """Ratings 1..5 without names are five classes, not six ids with an empty class 0; 0..K-1 stay ids."""
+    ratings = load_corpus(write(tmp_path / "r", "train.csv", "text,label\na,1\nb,2\nc,5\nd,3\ne,4\n"))
+    assert ratings.label_names == ["1", "2", "3", "4", "5"]
+    assert ratings.splits["train"].labels.tolist() == [0, 1, 4, 2, 3]
+    gaps = load_corpus(write(tmp_path / "g", "train.csv", "text,label\na,0\nb,7\nc,2\n"))
+    assert gaps.label_names == ["0", "2", "7"] and gaps.splits["train"].labels.tolist() == [0, 2, 1]
+    ids = load_corpus(write(tmp_path / "i", "train.csv", "text,label\na,2\nb,0\nc,1\n"))
+    assert ids.label_names == ["0", "1", "2"] and ids.splits["train"].labels.tolist() == [2, 0, 1]
+    folder = write(tmp_path / "u", "train.csv", "text,label\na,1\nb,2\n")
+    write(tmp_path / "u", "test.csv", "text,label\nc,-1\nd,2\n")  # -1: unlabelled, not a class
+    both = load_corpus(folder)
+    assert both.label_names == ["1", "2"] and both.splits["test"].labels.tolist() == [-1, 1]
+
+
 def test_classlabel_datasets_map_label_names_by_name_and_refuse_clashes(tmp_path):
     import datasets
 
