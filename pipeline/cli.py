@@ -310,8 +310,8 @@ def _summary(report: dict, task: str) -> str:
                 f"mae {report['mae']:.4f}")
     if task == "multilabel":
         return (f"micro-F1 {report['micro_f1']:.4f} macro-F1 {report['macro_f1']:.4f} "
-                f"subset acc {report['subset_accuracy']:.4f}")
-    return f"acc {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f}"
+                f"subset accuracy {report['subset_accuracy']:.4f}")
+    return f"accuracy {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f}"
 
 
 def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, ensemble, selection, folds, as_json):

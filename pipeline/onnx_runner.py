@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import UserError, read_json_file
 from .labels import prediction_dicts
+from .tasks import current_metrics
 
 FORMAT = "bertcache-onnx"
 MODEL_FILE = "model.onnx"
@@ -91,7 +92,7 @@ class OnnxPredictor:
         metrics = {}
         try:
             with open(os.path.join(self.checkpoint, "metrics.json"), encoding="utf-8") as f:
-                metrics = json.load(f)
+                metrics = current_metrics(json.load(f))  # an export of an older checkpoint: today's key names
         except (OSError, ValueError):
             pass
         test = metrics.get("test")

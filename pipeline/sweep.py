@@ -130,7 +130,7 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
         from pipeline.sweep import sweep
 
         ckpt, ranked, metrics = sweep("features/snownlp-e5-small.h5", heads="linear,mlp", lrs=[1e-3])
-        print(ranked[0])  # {'pooling': ..., 'head': ..., 'lr': ..., 'val_acc': ..., 'rank': 1, ...}
+        print(ranked[0])  # {'pooling': ..., 'head': ..., 'lr': ..., 'val_accuracy': ..., 'rank': 1, ...}
 
     Runnable, on pipeline.toy's model and data (seconds):
 

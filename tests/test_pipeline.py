@@ -239,8 +239,8 @@ def test_checkpoint_files_and_metrics(cache, tmp_path):
                                               + pictures)
     saved = json.load(open(os.path.join(ckpt, "metrics.json")))
     assert len(saved["history"]) == 15 and 1 <= saved["best_epoch"] <= 15
-    best = saved["history"][saved["best_epoch"] - 1]["val_acc"]
-    assert best == max(h["val_acc"] for h in saved["history"])
+    best = saved["history"][saved["best_epoch"] - 1]["val_accuracy"]
+    assert best == max(h["val_accuracy"] for h in saved["history"])
     config = json.load(open(os.path.join(ckpt, "config.json")))
     assert config["head"] == {"type": "linear", "in_features": 32, "num_classes": 2, "hidden": None}
     assert config["encoder"]["max_length"] == 128 and config["label_names"] == ["0", "1"]

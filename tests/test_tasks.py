@@ -491,6 +491,6 @@ def test_bi_classification_starts_from_the_cosine(tiny_model, tmp_path):
     with bc.FeatureStore(out) as store:
         uv, y = store.features("validation", ["mean"])["mean"], store.labels("validation")
     # epoch 0 is the cosine alone through linear discriminant analysis: a threshold between the classes
-    assert start["epoch"] == 0 and start["val_acc"] >= max(np.mean(y == 0), np.mean(y == 1)) - 1e-9
-    assert metrics["best"]["val_acc"] >= start["val_acc"]
+    assert start["epoch"] == 0 and start["val_accuracy"] >= max(np.mean(y == 0), np.mean(y == 1)) - 1e-9
+    assert metrics["best"]["val_accuracy"] >= start["val_accuracy"]
     assert uv.shape == (31, 2, 32)
