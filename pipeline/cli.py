@@ -485,9 +485,9 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             elif "score" in r:
                 click.echo(f"{r['score']:.4f}\t{text}")
             elif "labels" in r:
-                click.echo(", ".join(f"{n} {r['probs'][n]:.4f}" for n in r["labels"]) + f"\t{text}")
+                click.echo(", ".join(f"{n} {r['probabilities'][n]:.4f}" for n in r["labels"]) + f"\t{text}")
             else:
-                click.echo(f"{r['label']}\t{r['probs'][r['label']]:.4f}\t{text}")
+                click.echo(f"{r['label']}\t{r['probabilities'][r['label']]:.4f}\t{text}")
         encoder = getattr(predictor, "encoder", None)
         if getattr(encoder, "truncated", 0):
             _log(f"{encoder.truncated} texts longer than {encoder.max_length} tokens were "

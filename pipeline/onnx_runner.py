@@ -146,15 +146,15 @@ class OnnxPredictor:
         return self.run(list(texts))["features"]
 
     def predict(self, texts: str | list[str]) -> dict | list[dict]:
-        """A dict (text, label, label_id, probs) for one string, a list of them for a list of texts."""
+        """A dict (text, label, label_id, probabilities) for one string, a list of them for a list of texts."""
         one = isinstance(texts, str)
         texts = [texts] if one else list(texts)
         results = self.results(texts, self.predict_proba(texts))
         return results[0] if one else results
 
-    def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
+    def results(self, texts: list[str], probabilities: np.ndarray) -> list[dict]:
         """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""
-        return prediction_dicts(texts, probs, self.label_names)
+        return prediction_dicts(texts, probabilities, self.label_names)
 
 
 def load_predictor(checkpoint: str, backend: str, *, model=None, device="auto", weights="best", batch_tokens=None,

@@ -11,8 +11,8 @@ types, empty list, empty or blank text, too many texts, a text over `max_chars` 
 are refused, never cut short; a text within the limit is truncated to the encoder's max_length tokens,
 as in `bertcache predict`, or encoded whole in windows for a head extracted with --long-texts chunk).
 
-Every task is served: a prediction holds `text` and, per task, `label` / `label_id` / `probs`
-(classification), `labels` / `probs` (multilabel: the labels over their thresholds), or `score`
+Every task is served: a prediction holds `text` and, per task, `label` / `label_id` / `probabilities`
+(classification), `labels` / `probabilities` (multilabel: the labels over their thresholds), or `score`
 (regression). A head trained on sentence pairs takes `{"pairs": [["text", "text_pair"], ...]}` instead
 of `texts`, and each prediction also holds `text_pair`.
 
@@ -190,7 +190,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         label: str | None = None
         label_id: int | None = None
         labels: list[str] | None = None
-        probs: dict[str, float] | None = None
+        probabilities: dict[str, float] | None = None
         score: float | None = None
 
     class PredictResponse(BaseModel):

@@ -129,7 +129,7 @@ def test_sweep_ensemble_checkpoint_evaluate_predict_info(cache, data, tmp_path):
     predictor = bc.Predictor(ckpt, device="cpu")
     with TestClient(create_app(predictor)) as client:  # serve reads an ensemble like any checkpoint
         got = client.post("/predict", json={"texts": texts[:3]}).json()["predictions"]
-        np.testing.assert_allclose([list(p["probs"].values()) for p in got], live[:3], atol=1e-4)
+        np.testing.assert_allclose([list(p["probabilities"].values()) for p in got], live[:3], atol=1e-4)
         vectors = client.post("/v1/embeddings", json={"input": texts[:2]}).json()["data"]
         assert len(vectors) == 2 and len(vectors[0]["embedding"]) == predictor.embed(texts[0]).shape[0]
         assert client.get("/info").json()["head"]["type"] == "ensemble"

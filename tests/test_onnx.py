@@ -72,8 +72,8 @@ def test_onnx_predict_matches_torch_predict_json(exported, checkpoint):
     onnx_rows = predict_json("--checkpoint", exported, "--backend", "onnx")
     assert [r["text"] for r in onnx_rows] == TEXTS
     assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows]
-    a = np.array([list(r["probs"].values()) for r in torch_rows])
-    b = np.array([list(r["probs"].values()) for r in onnx_rows])
+    a = np.array([list(r["probabilities"].values()) for r in torch_rows])
+    b = np.array([list(r["probabilities"].values()) for r in onnx_rows])
     assert np.abs(a - b).max() < 1e-4
     assert len({round(float(p), 3) for p in a[:, 0]}) > 10  # the texts really differ: not one answer repeated
 
@@ -93,8 +93,8 @@ def test_serve_runs_an_export(exported):
     assert got.status_code == 200, got.text
     want = runner.predict(texts)
     assert [g["label"] for g in got.json()["predictions"]] == [w["label"] for w in want]
-    assert np.allclose([list(g["probs"].values()) for g in got.json()["predictions"]],
-                       [list(w["probs"].values()) for w in want], atol=1e-6)
+    assert np.allclose([list(g["probabilities"].values()) for g in got.json()["predictions"]],
+                       [list(w["probabilities"].values()) for w in want], atol=1e-6)
     assert info["encoder"]["backend"] == "onnxruntime"
 
 

@@ -268,7 +268,7 @@ def test_cli_round_trip(tiny_model, saved_dataset, tmp_path):
     assert [r["text"] for r in results] == ["好棒赞", "差烂坏"]
     for r in results:
         assert r["label"] in ("负向评价", "正向评价") and r["label"] == ["负向评价", "正向评价"][r["label_id"]]
-        assert abs(sum(r["probs"].values()) - 1) < 1e-5
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-5
     # the same texts through --file and through stdin give the same answers
     (tmp_path / "texts.txt").write_text("好棒赞\n差烂坏\n", encoding="utf-8")
     assert ok("predict", "-c", ckpt, "--json", "--file", tmp_path / "texts.txt").stdout.splitlines() == lines

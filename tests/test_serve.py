@@ -52,8 +52,8 @@ def assert_same(got: list[dict], want: list[dict], atol: float):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert (g["text"], g["label"], g["label_id"]) == (w["text"], w["label"], w["label_id"])
-        assert g["probs"].keys() == w["probs"].keys()
-        assert np.allclose([g["probs"][k] for k in w["probs"]], [w["probs"][k] for k in w["probs"]], atol=atol, rtol=0)
+        assert g["probabilities"].keys() == w["probabilities"].keys()
+        assert np.allclose([g["probabilities"][k] for k in w["probabilities"]], [w["probabilities"][k] for k in w["probabilities"]], atol=atol, rtol=0)
 
 
 def test_predict_matches_cli_predict_json(checkpoint, predictor):

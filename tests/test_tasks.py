@@ -178,17 +178,17 @@ def test_multilabel_end_to_end(multilabel_cache, tmp_path):
     predictor = bc.Predictor(ckpt, device="cpu")
     results = predictor.predict(["好棒赞喜欢", "差烂坏糟", "这个东西"])
     for r in results:  # every label over its threshold, most probable first
-        assert set(r) == {"text", "labels", "probs"}
-        assert r["labels"] == [n for n in sorted(r["probs"], key=lambda n: -r["probs"][n])
-                               if r["probs"][n] >= config["thresholds"][n]]
+        assert set(r) == {"text", "labels", "probabilities"}
+        assert r["labels"] == [n for n in sorted(r["probabilities"], key=lambda n: -r["probabilities"][n])
+                               if r["probabilities"][n] >= config["thresholds"][n]]
     lines = ok("predict", "-c", ckpt, "--device", "cpu", "好棒赞喜欢").stdout.splitlines()
     assert lines[0].endswith("\t好棒赞喜欢")
     for name in results[0]["labels"]:
-        assert f"{name} {results[0]['probs'][name]:.4f}" in lines[0]
+        assert f"{name} {results[0]['probabilities'][name]:.4f}" in lines[0]
     with served(predictor) as client:
         got = client.post("/predict", json={"texts": ["好棒赞喜欢", "差烂坏糟", "这个东西"]}).json()["predictions"]
         assert [g["labels"] for g in got] == [r["labels"] for r in results]
-        assert set(got[0]) == {"text", "labels", "probs"}
+        assert set(got[0]) == {"text", "labels", "probabilities"}
         assert client.get("/info").json()["thresholds"] == config["thresholds"]
 
 
@@ -344,12 +344,12 @@ def test_cross_pairs_use_token_types(tiny_model, tmp_path):
         predictor.predict([(row["a"], row["b"]), "很好的东西"])
     with served(predictor) as client:
         r = client.post("/predict", json={"pairs": [[row["a"], row["b"]]]}).json()["predictions"]
-        assert r[0]["label"] == got[0]["label"] and r[0]["probs"] == pytest.approx(got[0]["probs"], abs=1e-4)
+        assert r[0]["label"] == got[0]["label"] and r[0]["probabilities"] == pytest.approx(got[0]["probabilities"], abs=1e-4)
         # TEI's body: [a, b] is one pair; a batch of pairs; a single text is refused by a pair head
         tei = client.post("/predict", json={"inputs": [row["a"], row["b"]]})
         assert tei.status_code == 200, tei.text
         best = tei.json()[0]
-        assert best["label"] == got[0]["label"] and best["score"] == pytest.approx(got[0]["probs"][best["label"]],
+        assert best["label"] == got[0]["label"] and best["score"] == pytest.approx(got[0]["probabilities"][best["label"]],
                                                                                     abs=1e-4)
         batch = client.post("/predict", json={"inputs": [[row["a"], row["b"]], [row["b"], row["a"]]]}).json()
         assert len(batch) == 2 and batch[0][0] == best
