@@ -161,7 +161,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
         click.echo(json.dumps(info, ensure_ascii=False))
     else:
         rows = ", ".join(f"{s} {v['rows']}" for s, v in info["splits"].items())
-        click.echo(f"{path}: {rows} rows; task {info['task']}; features {', '.join(info['features'])}; "
+        click.echo(f"{path}: {rows} rows; task {info['task']}; features {', '.join(info['feature_names'])}; "
                    f"labels {', '.join(info['label_names']) or '(none: regression)'}")
 
 

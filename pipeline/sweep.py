@@ -281,7 +281,8 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
     metrics["sweep"] = {"configurations": len(grid), "seconds": time.perf_counter() - t0,
                         "selection": describe_selection(data.task, selection), "score": score, "ensemble": ensemble,
                         "refit": refit, "folds": folds}
-    table = {"features": os.path.abspath(features), "task": data.task,
+    # The features file as config.json names it: {path, fingerprint}
+    table = {"features": {"path": os.path.abspath(features), "fingerprint": data.fingerprint}, "task": data.task,
              "selection": describe_selection(data.task, selection), "score": score, "validation": val_note, "folds": folds,
              "grid": {"poolings": poolings, "heads": heads, "lrs": lrs, "weight_decays": weight_decays,
                       "ensemble": ensemble},

@@ -262,6 +262,10 @@ def test_cli_round_trip(tiny_model, saved_dataset, tmp_path):
     about = json.loads(ok("info", ckpt, "--json").stdout)
     # One word for the class names in every JSON output.
     assert fit["label_names"] == report["label_names"] == about["label_names"] == info["label_names"]
+    # extract / info of a cache list the stored vectors as `feature_names`; `features` is the {path,
+    # fingerprint} object of the file a checkpoint was trained on.
+    assert "features" not in info and {"cls", "mean"} <= set(info["feature_names"])
+    assert about["features"] == {"path": os.path.abspath(feats), "fingerprint": info["fingerprint"]}
     assert report["n"] == 40 and sum(map(sum, report["confusion_matrix"])) == 40
     lines = ok("predict", "--checkpoint", ckpt, "--json", "好棒赞", "差烂坏").stdout.splitlines()
     results = [json.loads(line) for line in lines]

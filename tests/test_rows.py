@@ -101,6 +101,7 @@ def test_info_describes_a_cache_and_a_checkpoint(big_cache, tmp_path):
         assert info["splits"] == {s: {"rows": len(f[s]["label"]), "labelled": int((f[s]["label"][:] >= 0).sum())}
                                   for s in ("train", "test")}
     assert info["dims"] == {"cls": 32, "mean": 32, "last": 32, "cls_2": 32, "mean_2": 32, "last_2": 32} and info["shards"] == []
+    assert info["feature_names"] == list(info["dims"]) and "features" not in info
     text = run("info", ckpt).output
     assert "checkpoint, linear head 32 -> 2" in text and "pooling      cls_2" in text
     result = run("info", str(tmp_path / "nothing.h5"))

@@ -158,7 +158,7 @@ def test_multilabel_end_to_end(multilabel_cache, tmp_path):
         assert store.task == "multilabel" and store.label_names == ["neg", "pos"]
         y = store.labels("train")
         assert y.shape == (120, 2) and y.dtype == np.int8 and set(np.unique(y)) == {0, 1}
-    row = json.loads(ok("info", multilabel_cache, "--json", "--rows", "1").stdout)["rows"]["train"][0]
+    row = json.loads(ok("info", multilabel_cache, "--json", "--rows", "1").stdout)["first_rows"]["train"][0]
     assert row["label"] == [n for n, v in zip(["neg", "pos"], y[0]) if v]  # the names that apply
     ckpt = str(tmp_path / "ck")
     fit = json.loads(ok("fit-head", "-f", multilabel_cache, "-o", ckpt, "--pooling", "mean", "--epochs", "60",
@@ -258,7 +258,7 @@ def test_bi_cache_holds_each_text_once(bi_cache, pair_data, tiny_model):
     info = json.loads(ok("info", bi_cache, "--json").stdout)
     assert info["pair_mode"] == "bi" and info["distinct_texts"] == len(distinct) and info["dims"]["mean"] == 32
     # info --rows shows both texts of a pair and the regression target as a number
-    shown = json.loads(ok("info", bi_cache, "--json", "--rows", "1").stdout)["rows"]["train"][0]
+    shown = json.loads(ok("info", bi_cache, "--json", "--rows", "1").stdout)["first_rows"]["train"][0]
     assert (shown["text"], shown["text_pair"]) == (first["a"], first["b"]) and shown["label"] == float(first["label"])
     assert f"{first['a']}  |  {first['b']}" in ok("info", bi_cache, "--rows", "1").stdout
 

@@ -147,6 +147,7 @@ def test_sweep_ranks_by_validation_and_saves_the_winner(cache3, tmp_path, monkey
     assert metrics["best"]["val_accuracy"] == win["val_accuracy"] and "test" in metrics
     saved = json.load(open(os.path.join(ckpt, "sweep.json")))
     assert saved["ranked"] == json.loads(json.dumps(ranked)) and saved["grid"]["poolings"] == grid["poolings"]
+    assert saved["features"] == config["features"]  # {path, fingerprint}, as config.json names the file
     # the sweep trains exactly as fit-head does: the same configuration alone gives the same result
     monkeypatch.setattr(FeatureStore, "features", original)
     _, alone = bc.fit_head(cache3, str(tmp_path / "alone"), pooling=win["pooling"], head=win["head"], lr=win["lr"],
