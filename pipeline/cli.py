@@ -288,7 +288,8 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
 def _report(path, metrics, as_json):
     if as_json:
         from .info import finite  # NaN (no training loss for an epoch that trained nothing) is not JSON: null
-        click.echo(json.dumps(finite({"checkpoint": path, **{k: v for k, v in metrics.items() if k != "history"}}),
+        # `path`, as extract --json and info --json name what they describe
+        click.echo(json.dumps(finite({"path": path, **{k: v for k, v in metrics.items() if k != "history"}}),
                               ensure_ascii=False))
         return
     from .tasks import SCORE

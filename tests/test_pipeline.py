@@ -266,6 +266,8 @@ def test_cli_round_trip(tiny_model, saved_dataset, tmp_path):
     # fingerprint} object of the file a checkpoint was trained on.
     assert "features" not in info and {"cls", "mean"} <= set(info["feature_names"])
     assert about["features"] == {"path": os.path.abspath(feats), "fingerprint": info["fingerprint"]}
+    # what each command wrote or describes is `path`
+    assert (info["path"], fit["path"], about["path"]) == (feats, ckpt, ckpt) and "checkpoint" not in fit
     assert report["n"] == 40 and sum(map(sum, report["confusion_matrix"])) == 40
     lines = ok("predict", "--checkpoint", ckpt, "--json", "好棒赞", "差烂坏").stdout.splitlines()
     results = [json.loads(line) for line in lines]

@@ -173,7 +173,7 @@ def test_tune_layers_takes_the_heads_options_and_prints_strict_json(cache, tmp_p
         raise AssertionError(f"{token} in --json output")
     report = json.loads(result.stdout, parse_constant=no_nan)
     config = json.load(open(out / "config.json"))
-    assert report["checkpoint"] == str(out) and config["head"]["hidden"] == 8
+    assert report["path"] == str(out) and "checkpoint" not in report and config["head"]["hidden"] == 8
     assert json.dumps(config).count('"weight_decay": 0.5') >= 1
 
 
