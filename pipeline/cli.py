@@ -574,22 +574,27 @@ def info(path, rows, as_json):
 
 
 @cli.command()
-@click.argument("checkpoint")
-@click.argument("out")
+@click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
+@click.option("--out", "-o", required=True, help="The export folder to write (replaced whole if it is an earlier export).")
 @click.option("--format", "format_", default="onnx", show_default=True, type=click.Choice(["onnx"]),
               help="What to write: onnx = encoder + pooling + head as one graph, tokenizer files beside it.")
 @click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]),
               help="The head's weights of its best validation epoch, or of its last.")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
-def export(checkpoint, out, format_, model, weights, allow_pickle):
+@click.option("--json", "as_json", is_flag=True, help="Print the export's summary (its bertcache.json) as JSON.")
+def export(checkpoint, out, format_, model, weights, allow_pickle, as_json):
     """Write a checkpoint as one ONNX graph (dynamic batch and length) plus tokenizer, for runtimes without
     torch: `bertcache predict/serve --backend onnx -c OUT` runs it with onnxruntime."""
     from .export import export as run_export
+    from .onnx_runner import read_meta
 
     path = run_export(checkpoint, out, format=format_, model=model, weights=weights, allow_pickle=allow_pickle,
                       log=_log)
-    click.echo(f"saved {path}")
+    if as_json:  # `path` and `kind` as info --json names them, then what the export's bertcache.json holds
+        click.echo(json.dumps({"path": path, "kind": "export", **read_meta(path)}, ensure_ascii=False))
+    else:
+        click.echo(f"saved {path}")
 
 
 # The quickstart's example sentences: a mixed review, two negative, two positive.

@@ -31,7 +31,7 @@ def read_meta(folder: str) -> dict:
     path = os.path.join(folder, META_FILE)
     if not os.path.isdir(folder) or not os.path.isfile(path) or not os.path.isfile(os.path.join(folder, MODEL_FILE)):
         raise UserError(f"{folder} is not an ONNX export (no {META_FILE} and {MODEL_FILE}): make one with "
-                        "`bertcache export CHECKPOINT --format onnx OUT`")
+                        "`bertcache export -c CHECKPOINT -o OUT`")
     return read_json_file(path, folder, FORMAT, "a bertcache ONNX export")
 
 
@@ -39,7 +39,7 @@ class OnnxPredictor:
     """An exported checkpoint (`bertcache export`) run by onnxruntime on raw texts.
 
     Args:
-        folder: the folder `bertcache export CHECKPOINT --format onnx OUT` wrote.
+        folder: the folder `bertcache export -c CHECKPOINT -o OUT` wrote.
         threads: onnxruntime intra-op threads [onnxruntime's default: one per core].
         batch_tokens: padded tokens per session call [1024].
 
@@ -96,7 +96,7 @@ class OnnxPredictor:
         except (OSError, ValueError):
             pass
         test = metrics.get("test")
-        return {"kind": "onnx-export", "path": self.checkpoint, "model": enc.get("model"),
+        return {"kind": "export", "path": self.checkpoint, "model": enc.get("model"),
                 "model_fingerprint": enc.get("model_fingerprint"), "pooling": self.pooling, "head": head,
                 "label_names": self.label_names, "layers": enc.get("layers"), "max_length": self.max_length,
                 "prefix": self.prefix, "precision": "fp32", "opset": self.meta.get("opset"),
