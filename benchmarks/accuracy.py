@@ -50,7 +50,7 @@ def usual_recipe(data):
     Xt, yt = data.xy("test", "cls")
     r = fit(X, y, Xv, yv, len(data.label_names), head="linear", lr=1e-3, weight_decay=0.01, batch_size=50,
             epochs=100, patience=20, standardize=False)
-    return r.history[r.best_epoch - 1]["val_acc"], float((r.head.predict_proba(Xt).argmax(1) == yt).mean()), \
+    return r.history[r.best_epoch - 1]["val_accuracy"], float((r.head.predict_proba(Xt).argmax(1) == yt).mean()), \
         f"best epoch {r.best_epoch}"
 
 
@@ -115,7 +115,7 @@ def bench(features: str, out: str) -> tuple[list, dict]:
         t0 = time.perf_counter()
         ckpt, ranked, metrics = sweep(features, out + suffix, **kwargs)
         rows.append((name + f" ({metrics['sweep']['folds']} folds)" * (metrics['sweep']['folds'] > 1),
-                     ranked[0]["val_acc"], metrics["test"]["accuracy"], describe_row(ranked[0]),
+                     ranked[0]["val_accuracy"], metrics["test"]["accuracy"], describe_row(ranked[0]),
                      time.perf_counter() - t0))
         tables.append(ranked)
     best_single = next(r for r in tables[0] if r["head"] != "ensemble")
@@ -135,13 +135,13 @@ def main():
         stem = os.path.splitext(os.path.basename(features))[0]
         rows, extra = bench(features, f"{args.out}-{stem}")
         print(f"\n### {features}\n")
-        print("| method | validation acc ((c): out of fold) | test acc | chosen | seconds |")
+        print("| method | validation accuracy ((c): out of fold) | test accuracy | chosen | seconds |")
         print("|---|---|---|---|---|")
         for name, val, test, note, sec in rows:
             print(f"| {name} | {'-' if val != val else format(val, '.4f')} | {test:.4f} | {note} | {sec:.1f} |")
         a, b, b_refit, c, c1, d = (r[2] for r in rows)
         s = extra["best_single"]
-        print(f"\nbest single head of the sweep (c): {s['pooling']} {s['head']}, validation {s['val_acc']:.4f}")
+        print(f"\nbest single head of the sweep (c): {s['pooling']} {s['head']}, validation {s['val_accuracy']:.4f}")
         print(f"(c) - (a) = {100 * (c - a):+.2f} points; (c) - (b+) = {100 * (c - b_refit):+.2f}; "
               f"(c1) - (b) = {100 * (c1 - b):+.2f}; (d) - (b) = {100 * (d - b):+.2f}; "
               f"(d) - (b+) = {100 * (d - b_refit):+.2f}")

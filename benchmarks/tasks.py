@@ -205,7 +205,7 @@ def pairs_and_regression(args, model, pools, rng, share, results, notes):
         y, yv, yt = (store.labels(s) for s in ("train", "validation", "test"))
         notes.append(f"pairs: {int(store.file['texts'].attrs['rows'])} distinct titles encoded once for "
                      f"{sum(store.rows(s) for s in store.splits)} pairs")
-    table = [sweep_row(pc, os.path.join(args.work, "ck-pairs"), "val_acc", "accuracy")]
+    table = [sweep_row(pc, os.path.join(args.work, "ck-pairs"), "val_accuracy", "accuracy")]
     for name, feats in (("LogisticRegression on [u, v, |u-v|, u*v]", (X, Xv, Xt)), ("LogisticRegression on the cosine alone", (c, cv, ct))):
         t0 = time.perf_counter()
         val, test = logistic(feats[0], y, feats[1], yv, feats[2], yt)
@@ -257,7 +257,7 @@ def long_texts(args, model, pools, rng, share, results, notes, accuracy=True):
         notes.append(f"long ({mode}): {sum(len(v) for v in lg.values())} texts of ~2,000 characters, extract {sec:.0f}s")
         with bc.FeatureStore(path) as store:
             (X, y), (Xv, yv), (Xt, yt) = ((store.features(s, ["mean"])["mean"], store.labels(s)) for s in ("train", "validation", "test"))
-        row = sweep_row(path, os.path.join(args.work, f"ck-long-{mode}"), "val_acc", "accuracy")
+        row = sweep_row(path, os.path.join(args.work, f"ck-long-{mode}"), "val_accuracy", "accuracy")
         row["method"] = f"bertcache sweep, --long-texts {mode}"
         t0 = time.perf_counter()
         val, test = logistic(X, y, Xv, yv, Xt, yt)

@@ -93,11 +93,11 @@ def full_finetune(features: str, epochs: int, seed: int = 0, log=print) -> dict:
             opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         val = accuracy("validation")
-        history.append({"epoch": epoch, "val_acc": val, "seconds": times[-1]})
-        log(f"(c) epoch {epoch}: val acc {val:.4f} ({times[-1]:.0f}s)")
+        history.append({"epoch": epoch, "val_accuracy": val, "seconds": times[-1]})
+        log(f"(c) epoch {epoch}: val accuracy {val:.4f} ({times[-1]:.0f}s)")
         if best is None or val > best[0]:
             best = (val, accuracy("test"), epoch)
-    return {"val_acc": best[0], "test_acc": best[1], "best_epoch": best[2], "seconds_per_epoch": float(np.median(times)),
+    return {"val_accuracy": best[0], "test_accuracy": best[1], "best_epoch": best[2], "seconds_per_epoch": float(np.median(times)),
             "history": history}
 
 
@@ -133,14 +133,14 @@ def main():
     results = {}
     t0 = time.perf_counter()
     ckpt, ranked, metrics = sweep(args.features, f"{args.out}-a", progress=False)
-    results["a"] = {"test_acc": metrics["test"]["accuracy"], "val_acc": ranked[0]["val_acc"],
+    results["a"] = {"test_accuracy": metrics["test"]["accuracy"], "val_accuracy": ranked[0]["val_accuracy"],
                     "winner": ranked[0]["pooling"] + " " + ranked[0]["head"], "seconds": time.perf_counter() - t0}
     single = next(r for r in ranked if r["head"] != "ensemble")
     kwargs = {} if single["head"] == "logreg" else {"lr": single["lr"], "weight_decay": single["weight_decay"],
                                                      "patience": 10}
     probe, probe_metrics = T.fit_head(args.features, f"{args.out}-probe", pooling=single["pooling"],
                                       head=single["head"], **kwargs)
-    results["probe"] = {"test_acc": probe_metrics["test"]["accuracy"], "head": f"{single['pooling']} {single['head']}"}
+    results["probe"] = {"test_accuracy": probe_metrics["test"]["accuracy"], "head": f"{single['pooling']} {single['head']}"}
     log(f"(a) {results['a']}; probe {results['probe']}")
     lrs = [tuple(float(v) for v in pair.split(":")) for pair in args.lrs.split(",")]
     for k in [int(x) for x in args.ks.split(",")]:
@@ -151,32 +151,32 @@ def main():
                                   epochs=args.epochs, layer_lr=layer_lr, head_lr=head_lr, log=log)
             last = evaluate(ckpt_k, weights="last")["accuracy"]
             results[name] = {"k": k, "layer_lr": layer_lr, "head_lr": head_lr,
-                             "test_acc": m["test"]["accuracy"], "val_acc": m["best"]["val_acc"], "last_test_acc": last,
+                             "test_accuracy": m["test"]["accuracy"], "val_accuracy": m["best"]["val_accuracy"], "last_test_accuracy": last,
                              "best_epoch": m["best_epoch"], "seconds_per_epoch": m["seconds_per_epoch"],
                              "seconds": time.perf_counter() - t0, "history": m["history"]}
             log(f"(b) K={k} layer lr {layer_lr:g} head lr {head_lr:g}: {results[name]}")
     if not args.skip_full:
         results["c"] = full_finetune(args.features, args.epochs, log=log)
-    print("\n| method | test acc | validation acc | s / epoch | note |")
+    print("\n| method | test accuracy | validation accuracy | s / epoch | note |")
     print("|---|---|---|---|---|")
-    print(f"| (a) frozen sweep winner | {results['a']['test_acc']:.4f} | {results['a']['val_acc']:.4f} | - | "
+    print(f"| (a) frozen sweep winner | {results['a']['test_accuracy']:.4f} | {results['a']['val_accuracy']:.4f} | - | "
           f"{results['a']['winner']}, sweep {results['a']['seconds']:.0f}s |")
-    print(f"| probe (best single head, the init of (b)) | {results['probe']['test_acc']:.4f} | - | - | "
+    print(f"| probe (best single head, the init of (b)) | {results['probe']['test_accuracy']:.4f} | - | - | "
           f"{results['probe']['head']} |")
     bs = [v for key, v in results.items() if key.startswith("b")]
     for v in bs:
         lr = f", lr {v['layer_lr']:g}:{v['head_lr']:g}" if len(lrs) > 1 else ""
-        print(f"| (b) --tune-layers {v['k']}{lr} | {v['test_acc']:.4f} | {v['val_acc']:.4f} | "
+        print(f"| (b) --tune-layers {v['k']}{lr} | {v['test_accuracy']:.4f} | {v['val_accuracy']:.4f} | "
               f"{v['seconds_per_epoch']:.0f} | best epoch {v['best_epoch']} of {args.epochs} (0 = the probe); "
-              f"last epoch's test {v['last_test_acc']:.4f} |")
+              f"last epoch's test {v['last_test_accuracy']:.4f} |")
     if "c" in results:
         c = results["c"]
-        print(f"| (c) full fine-tuning (plain HF loop) | {c['test_acc']:.4f} | {c['val_acc']:.4f} | "
+        print(f"| (c) full fine-tuning (plain HF loop) | {c['test_accuracy']:.4f} | {c['val_accuracy']:.4f} | "
               f"{c['seconds_per_epoch']:.0f} | best epoch {c['best_epoch']} of {args.epochs} |")
-    best_b = max(bs, key=lambda v: v["val_acc"]) if bs else None
+    best_b = max(bs, key=lambda v: v["val_accuracy"]) if bs else None
     if best_b:
-        gain = 100 * (best_b["test_acc"] - results["a"]["test_acc"])
-        print(f"\nbest (b) by validation: test {best_b['test_acc']:.4f}; (b) - (a) = {gain:+.2f} points "
+        gain = 100 * (best_b["test_accuracy"] - results["a"]["test_accuracy"])
+        print(f"\nbest (b) by validation: test {best_b['test_accuracy']:.4f}; (b) - (a) = {gain:+.2f} points "
               f"(needs >= +1.00): {'ok' if gain >= 1.0 else 'NOT MET'}")
         if "c" in results:
             ratio = max(v["seconds_per_epoch"] for v in bs) / results["c"]["seconds_per_epoch"]

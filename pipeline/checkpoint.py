@@ -26,6 +26,7 @@ from ._version import __version__
 from .errors import UserError, check_new_file, read_json_file, write_error
 from .heads import Ensemble, Head, model_from_shape
 from .onnx_runner import FORMAT as ONNX_FORMAT, META_FILE as ONNX_META_FILE
+from .tasks import current_metrics
 
 FORMAT = "bertcache-head"
 WEIGHTS = ("best", "last")
@@ -172,10 +173,11 @@ def read_config(folder: str, allow_pickle: bool = False) -> dict:
 
 
 def read_metrics(folder: str) -> dict:
-    """The checkpoint's training metrics (empty when metrics.json is missing or unreadable)."""
+    """The checkpoint's training metrics (empty when metrics.json is missing or unreadable); an older
+    checkpoint's score keys under today's names (tasks.current_metrics)."""
     try:
         with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
-            return json.load(f)
+            return current_metrics(json.load(f))
     except (OSError, ValueError):
         return {}
 

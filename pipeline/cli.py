@@ -161,7 +161,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
         click.echo(json.dumps(info, ensure_ascii=False))
     else:
         rows = ", ".join(f"{s} {v['rows']}" for s, v in info["splits"].items())
-        click.echo(f"{path}: {rows} rows; task {info['task']}; features {', '.join(info['features'])}; "
+        click.echo(f"{path}: {rows} rows; task {info['task']}; features {', '.join(info['feature_names'])}; "
                    f"labels {', '.join(info['label_names']) or '(none: regression)'}")
 
 
@@ -288,7 +288,8 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
 def _report(path, metrics, as_json):
     if as_json:
         from .info import finite  # NaN (no training loss for an epoch that trained nothing) is not JSON: null
-        click.echo(json.dumps(finite({"checkpoint": path, **{k: v for k, v in metrics.items() if k != "history"}}),
+        # `path`, as extract --json and info --json name what they describe
+        click.echo(json.dumps(finite({"path": path, **{k: v for k, v in metrics.items() if k != "history"}}),
                               ensure_ascii=False))
         return
     from .tasks import SCORE
@@ -310,8 +311,8 @@ def _summary(report: dict, task: str) -> str:
                 f"mae {report['mae']:.4f}")
     if task == "multilabel":
         return (f"micro-F1 {report['micro_f1']:.4f} macro-F1 {report['macro_f1']:.4f} "
-                f"subset acc {report['subset_accuracy']:.4f}")
-    return f"acc {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f}"
+                f"subset accuracy {report['subset_accuracy']:.4f}")
+    return f"accuracy {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f}"
 
 
 def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, ensemble, selection, folds, as_json):
@@ -485,9 +486,9 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             elif "score" in r:
                 click.echo(f"{r['score']:.4f}\t{text}")
             elif "labels" in r:
-                click.echo(", ".join(f"{n} {r['probs'][n]:.4f}" for n in r["labels"]) + f"\t{text}")
+                click.echo(", ".join(f"{n} {r['probabilities'][n]:.4f}" for n in r["labels"]) + f"\t{text}")
             else:
-                click.echo(f"{r['label']}\t{r['probs'][r['label']]:.4f}\t{text}")
+                click.echo(f"{r['label']}\t{r['probabilities'][r['label']]:.4f}\t{text}")
         encoder = getattr(predictor, "encoder", None)
         if getattr(encoder, "truncated", 0):
             _log(f"{encoder.truncated} texts longer than {encoder.max_length} tokens were "
@@ -573,22 +574,27 @@ def info(path, rows, as_json):
 
 
 @cli.command()
-@click.argument("checkpoint")
-@click.argument("out")
+@click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
+@click.option("--out", "-o", required=True, help="The export folder to write (replaced whole if it is an earlier export).")
 @click.option("--format", "format_", default="onnx", show_default=True, type=click.Choice(["onnx"]),
               help="What to write: onnx = encoder + pooling + head as one graph, tokenizer files beside it.")
 @click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]),
               help="The head's weights of its best validation epoch, or of its last.")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
-def export(checkpoint, out, format_, model, weights, allow_pickle):
+@click.option("--json", "as_json", is_flag=True, help="Print the export's summary (its bertcache.json) as JSON.")
+def export(checkpoint, out, format_, model, weights, allow_pickle, as_json):
     """Write a checkpoint as one ONNX graph (dynamic batch and length) plus tokenizer, for runtimes without
     torch: `bertcache predict/serve --backend onnx -c OUT` runs it with onnxruntime."""
     from .export import export as run_export
+    from .onnx_runner import read_meta
 
     path = run_export(checkpoint, out, format=format_, model=model, weights=weights, allow_pickle=allow_pickle,
                       log=_log)
-    click.echo(f"saved {path}")
+    if as_json:  # `path` and `kind` as info --json names them, then what the export's bertcache.json holds
+        click.echo(json.dumps({"path": path, "kind": "export", **read_meta(path)}, ensure_ascii=False))
+    else:
+        click.echo(f"saved {path}")
 
 
 # The quickstart's example sentences: a mixed review, two negative, two positive.

@@ -14,7 +14,8 @@ from .store import FeatureStore, RowTexts
 
 def describe(path: str, rows: int = 0) -> dict:
     """A features file's or a checkpoint folder's description (JSON-ready: NaN / inf as None); with `rows`,
-    a features file's first rows of each split (text, label) too."""
+    a features file's first rows of each split (text, label) too, under `first_rows` (`splits.<s>.rows` is
+    a count)."""
     if os.path.isdir(path):
         return finite(describe_checkpoint(path))
     if not os.path.exists(path):
@@ -51,12 +52,12 @@ def describe_features(path: str, rows: int = 0) -> dict:
     with FeatureStore(path) as store:
         info = store.info()
         if rows > 0:
-            info["rows"] = {}
+            info["first_rows"] = {}
             for s in store.splits:
                 index = np.arange(min(rows, store.rows(s)))
                 texts = RowTexts(store, s)(index)
                 labels = store.labels(s)[index]
-                info["rows"][s] = [{"row": int(i), "text": t.get("text"), **({"text_pair": t["text_pair"]}
+                info["first_rows"][s] = [{"row": int(i), "text": t.get("text"), **({"text_pair": t["text_pair"]}
                                     if "text_pair" in t else {}), "label": _label(store, y)}
                                    for i, y, t in zip(index, labels, texts)]
         f = store.file
@@ -90,7 +91,9 @@ def describe_checkpoint(path: str) -> dict:
             "pooling": config["pooling"], "head": config["head"], "label_names": config["label_names"],
             "features": config.get("features"), "layers": enc.get("layers"), "max_length": enc.get("max_length"),
             "prefix": enc.get("prefix"), "precision": enc.get("precision"),
-            "weights": sorted(n[:-12] for n in os.listdir(path) if n.endswith(".safetensors") and ".top." not in n),
+            # the weight files there are (`weights` elsewhere, as in an export's meta, is the one chosen)
+            "weights_available": sorted(n[:-12] for n in os.listdir(path)
+                                        if n.endswith(".safetensors") and ".top." not in n),
             "tuned": ({k: config["tuned"][k] for k in ("k", "layer")} if config.get("tuned") else None),
             "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
             "seconds": metrics.get("seconds"), "validation": metrics.get("validation"), "best": metrics.get("best"),
@@ -118,7 +121,7 @@ def as_text(info: dict) -> list[str]:
                  f"  labels       {', '.join(info['label_names'])}",
                  f"  features     {(info['features'] or {}).get('path')} "
                  f"(fingerprint {(info['features'] or {}).get('fingerprint')})",
-                 f"  weights      {', '.join(info['weights'])}"]
+                 f"  weights      {', '.join(info['weights_available'])}"]
         if info.get("tuned"):
             t = info["tuned"]
             lines.append(f"  tuned        the encoder's top {t['k']} layers (trained over the cached states of "
@@ -154,7 +157,7 @@ def as_text(info: dict) -> list[str]:
         lines.append(f"  prefix       {info['prefix']!r}")
     for split, v in info["splits"].items():
         lines.append(f"  {split:<12} {v['rows']} rows, {v['labelled']} labelled")
-    for split, rows in (info.get("rows") or {}).items():
+    for split, rows in (info.get("first_rows") or {}).items():
         for r in rows:
             text = "(no texts in this file)" if r["text"] is None else r["text"].replace("\n", " ")[:120]
             if r.get("text_pair") is not None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import UserError, read_json_file
 from .labels import prediction_dicts
+from .tasks import current_metrics
 
 FORMAT = "bertcache-onnx"
 MODEL_FILE = "model.onnx"
@@ -30,7 +31,7 @@ def read_meta(folder: str) -> dict:
     path = os.path.join(folder, META_FILE)
     if not os.path.isdir(folder) or not os.path.isfile(path) or not os.path.isfile(os.path.join(folder, MODEL_FILE)):
         raise UserError(f"{folder} is not an ONNX export (no {META_FILE} and {MODEL_FILE}): make one with "
-                        "`bertcache export CHECKPOINT --format onnx OUT`")
+                        "`bertcache export -c CHECKPOINT -o OUT`")
     return read_json_file(path, folder, FORMAT, "a bertcache ONNX export")
 
 
@@ -38,7 +39,7 @@ class OnnxPredictor:
     """An exported checkpoint (`bertcache export`) run by onnxruntime on raw texts.
 
     Args:
-        folder: the folder `bertcache export CHECKPOINT --format onnx OUT` wrote.
+        folder: the folder `bertcache export -c CHECKPOINT -o OUT` wrote.
         threads: onnxruntime intra-op threads [onnxruntime's default: one per core].
         batch_tokens: padded tokens per session call [1024].
 
@@ -91,11 +92,11 @@ class OnnxPredictor:
         metrics = {}
         try:
             with open(os.path.join(self.checkpoint, "metrics.json"), encoding="utf-8") as f:
-                metrics = json.load(f)
+                metrics = current_metrics(json.load(f))  # an export of an older checkpoint: today's key names
         except (OSError, ValueError):
             pass
         test = metrics.get("test")
-        return {"kind": "onnx-export", "path": self.checkpoint, "model": enc.get("model"),
+        return {"kind": "export", "path": self.checkpoint, "model": enc.get("model"),
                 "model_fingerprint": enc.get("model_fingerprint"), "pooling": self.pooling, "head": head,
                 "label_names": self.label_names, "layers": enc.get("layers"), "max_length": self.max_length,
                 "prefix": self.prefix, "precision": "fp32", "opset": self.meta.get("opset"),
@@ -145,15 +146,15 @@ class OnnxPredictor:
         return self.run(list(texts))["features"]
 
     def predict(self, texts: str | list[str]) -> dict | list[dict]:
-        """A dict (text, label, label_id, probs) for one string, a list of them for a list of texts."""
+        """A dict (text, label, label_id, probabilities) for one string, a list of them for a list of texts."""
         one = isinstance(texts, str)
         texts = [texts] if one else list(texts)
         results = self.results(texts, self.predict_proba(texts))
         return results[0] if one else results
 
-    def results(self, texts: list[str], probs: np.ndarray) -> list[dict]:
+    def results(self, texts: list[str], probabilities: np.ndarray) -> list[dict]:
         """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""
-        return prediction_dicts(texts, probs, self.label_names)
+        return prediction_dicts(texts, probabilities, self.label_names)
 
 
 def load_predictor(checkpoint: str, backend: str, *, model=None, device="auto", weights="best", batch_tokens=None,

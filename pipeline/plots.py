@@ -42,7 +42,7 @@ def _save(fig, path: str) -> None:
             os.remove(tmp)
 
 
-def curves_png(history: list[dict], best_epoch: int, path: str, score: str = "val_acc") -> str:
+def curves_png(history: list[dict], best_epoch: int, path: str, score: str = "val_accuracy") -> str:
     """Train and validation loss (left) and the validation score (right: accuracy, with train's too;
     micro-F1; Spearman) per epoch; the kept epoch marked."""
     plt = _pyplot()
@@ -54,7 +54,7 @@ def curves_png(history: list[dict], best_epoch: int, path: str, score: str = "va
         ax.plot(epochs, [h[f"val_{what}"] for h in history], label="validation")
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
         ax.set_xlabel("epoch")
-        ax.set_title({"acc": "accuracy", "micro_f1": "micro-F1"}.get(what, what))
+        ax.set_title({"micro_f1": "micro-F1"}.get(what, what))
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)

@@ -52,7 +52,7 @@ class Predictor:
         >>> tmp = tempfile.mkdtemp()
         >>> p = Predictor(fit_head(toy_features(tmp), f"{tmp}/head", epochs=5)[0], device="cpu")
         >>> sorted(p.predict("这个东西真的很好"))
-        ['label', 'label_id', 'probs', 'text']
+        ['label', 'label_id', 'probabilities', 'text']
         >>> p.predict_proba(["很好", "很差", "还可以"]).shape
         (3, 2)
     """
@@ -188,7 +188,7 @@ class Predictor:
         Example:
 
             Predictor("checkpoints/snownlp-e5-small-sweep").predict("这本书写得真好")
-            # {'text': '这本书写得真好', 'label': '正向评价', 'label_id': 1, 'probs': {'负向评价': 0.37, '正向评价': 0.63}}
+            # {'text': '这本书写得真好', 'label': '正向评价', 'label_id': 1, 'probabilities': {'负向评价': 0.37, '正向评价': 0.63}}
         """
         one, texts, pairs = self._items(texts, pairs)
         out = self.outputs(texts, on_progress, pairs)
@@ -207,8 +207,8 @@ class Predictor:
 
     def results(self, texts: list, outputs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for items whose outputs were computed elsewhere (serve's micro-batches):
-        text (and text_pair), then per task: classification label, label_id, probs (name -> probability);
-        multilabel labels (those over their threshold, most probable first) and probs; regression score."""
+        text (and text_pair), then per task: classification label, label_id, probabilities (name -> probability);
+        multilabel labels (those over their threshold, most probable first) and probabilities; regression score."""
         out = []
         for item, p in zip(texts, outputs):
             row = {"text": item} if isinstance(item, str) else {"text": item[0], "text_pair": item[1]}
@@ -217,7 +217,7 @@ class Predictor:
             elif self.task == "multilabel":
                 over = [(float(v), n) for n, v in zip(self.label_names, p) if v >= self.thresholds[n]]
                 row["labels"] = [n for _, n in sorted(over, key=lambda x: -x[0])]
-                row["probs"] = {n: float(v) for n, v in zip(self.label_names, p)}
+                row["probabilities"] = {n: float(v) for n, v in zip(self.label_names, p)}
             else:
                 row.update({k: v for k, v in prediction_dicts([row["text"]], [p], self.label_names)[0].items()
                             if k != "text"})

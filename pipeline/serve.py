@@ -11,8 +11,8 @@ types, empty list, empty or blank text, too many texts, a text over `max_chars` 
 are refused, never cut short; a text within the limit is truncated to the encoder's max_length tokens,
 as in `bertcache predict`, or encoded whole in windows for a head extracted with --long-texts chunk).
 
-Every task is served: a prediction holds `text` and, per task, `label` / `label_id` / `probs`
-(classification), `labels` / `probs` (multilabel: the labels over their thresholds), or `score`
+Every task is served: a prediction holds `text` and, per task, `label` / `label_id` / `probabilities`
+(classification), `labels` / `probabilities` (multilabel: the labels over their thresholds), or `score`
 (regression). A head trained on sentence pairs takes `{"pairs": [["text", "text_pair"], ...]}` instead
 of `texts`, and each prediction also holds `text_pair`.
 
@@ -111,14 +111,15 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
 
     batcher = MicroBatcher(predictor.run, estimate_tokens, batching=batching, max_wait_ms=max_wait_ms,
                            max_batch_texts=max_batch_texts, max_batch_tokens=max_batch_tokens)
-    limits = {"max_texts_per_request": max_texts, "max_chars_per_text": max_chars,
-              "max_body_bytes": max_body_bytes,
-              "long_texts": f"refused: a text over {max_chars} characters gets 422; a shorter text is " + (
+    # Keys named as the options that set them (--max-texts, --max-chars, --max-body-bytes, --batch-tokens);
+    # the prose is `note`: `long_texts` is truncate / chunk everywhere else (top-level here too).
+    limits = {"max_texts": max_texts, "max_chars": max_chars, "max_body_bytes": max_body_bytes,
+              "note": f"a text over {max_chars} characters is refused with 422; a shorter text is " + (
                   f"encoded whole, in windows of {encoder.max_length} tokens averaged" if encoder.long_texts == "chunk"
                   else f"truncated to {encoder.max_length} tokens by the encoder") + ", as in `bertcache predict`"}
     info = _info(predictor, limits, {"enabled": batching, "max_wait_ms": max_wait_ms,
                                      "max_batch_texts": max_batch_texts, "max_batch_tokens": max_batch_tokens,
-                                     "encoder_batch_tokens": encoder.batch_tokens})
+                                     "batch_tokens": encoder.batch_tokens})
 
     # The constraints also make pydantic refuse lone surrogates ("\ud800"), which the tokenizer cannot take.
     Text = Annotated[str, StringConstraints(min_length=1, max_length=max_chars, pattern=r"\S")]
@@ -190,7 +191,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         label: str | None = None
         label_id: int | None = None
         labels: list[str] | None = None
-        probs: dict[str, float] | None = None
+        probabilities: dict[str, float] | None = None
         score: float | None = None
 
     class PredictResponse(BaseModel):
@@ -537,7 +538,7 @@ def _info(predictor, limits: dict, batching: dict) -> dict:
     return finite({
         **describe_checkpoint(str(predictor.checkpoint)), "weights_served": predictor.weights,
         "encoder": {"model": enc.model_ref, "backend": "torch", "trained_with": predictor.config["encoder"].get("model"),
-                    "revision": enc.revision, "fingerprint": enc.model_fingerprint, "device": str(enc.device),
+                    "revision": enc.revision, "model_fingerprint": enc.model_fingerprint, "device": str(enc.device),
                     "precision": enc.precision, "max_length": enc.max_length, "prefix": enc.prefix,
                     "instruction": enc.instruction, "family": enc.family, "hidden_size": enc.hidden_size},
         "limits": limits, "batching": batching, "version": __version__,

@@ -270,7 +270,7 @@ class FeatureStore:
 
     def info(self) -> dict:
         return {"path": self.path, "source": self.source, "task": self.task, "label_names": self.label_names,
-                "features": self.feature_names, "settings": self.settings,
+                "feature_names": self.feature_names, "settings": self.settings,
                 "fingerprint": self.file.attrs.get("fingerprint"), "shards": self.shards,
                 "splits": {s: {"rows": self.rows(s), "labelled": int(labelled(self.labels(s)).sum()),
                                **({"tokens": int(self.file[s]["offsets"][-1])} if self.states_settings and s != TEXTS else {})}

@@ -130,7 +130,7 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
         from pipeline.sweep import sweep
 
         ckpt, ranked, metrics = sweep("features/snownlp-e5-small.h5", heads="linear,mlp", lrs=[1e-3])
-        print(ranked[0])  # {'pooling': ..., 'head': ..., 'lr': ..., 'val_acc': ..., 'rank': 1, ...}
+        print(ranked[0])  # {'pooling': ..., 'head': ..., 'lr': ..., 'val_accuracy': ..., 'rank': 1, ...}
 
     Runnable, on pipeline.toy's model and data (seconds):
 
@@ -281,7 +281,8 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
     metrics["sweep"] = {"configurations": len(grid), "seconds": time.perf_counter() - t0,
                         "selection": describe_selection(data.task, selection), "score": score, "ensemble": ensemble,
                         "refit": refit, "folds": folds}
-    table = {"features": os.path.abspath(features), "task": data.task,
+    # The features file as config.json names it: {path, fingerprint}
+    table = {"features": {"path": os.path.abspath(features), "fingerprint": data.fingerprint}, "task": data.task,
              "selection": describe_selection(data.task, selection), "score": score, "validation": val_note, "folds": folds,
              "grid": {"poolings": poolings, "heads": heads, "lrs": lrs, "weight_decays": weight_decays,
                       "ensemble": ensemble},

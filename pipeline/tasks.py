@@ -21,11 +21,28 @@ from .errors import UserError
 TASKS = ("classification", "multilabel", "regression")
 DEFAULT_TASK = "classification"
 # The validation score that picks the best epoch and the sweep's winner (ties: lower validation loss).
-SCORE = {"classification": "val_acc", "multilabel": "val_micro_f1", "regression": "val_spearman"}
+SCORE = {"classification": "val_accuracy", "multilabel": "val_micro_f1", "regression": "val_spearman"}
+# metrics.json written before the accuracy keys took the word the reports use ("accuracy"): old name -> new.
+OLD_SCORE_KEYS = {"train_acc": "train_accuracy", "val_acc": "val_accuracy"}
 MAIN_METRIC = {"classification": "accuracy", "multilabel": "micro_f1", "regression": "spearman"}
 UNLABELLED = -1
 _INT = re.compile(r"[+-]?\d+")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def current_metrics(metrics: dict) -> dict:
+    """A checkpoint's metrics.json as read back, with an older checkpoint's `best` and `history` rows under
+    today's key names (OLD_SCORE_KEYS), so that info, serve's /info and the demo page show its scores."""
+    def rename(row):
+        return {OLD_SCORE_KEYS.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row
+    if not isinstance(metrics, dict):
+        return metrics
+    out = dict(metrics)
+    if "best" in out:
+        out["best"] = rename(out["best"])
+    if isinstance(out.get("history"), list):
+        out["history"] = [rename(r) for r in out["history"]]
+    return out
 
 
 def check_task(task: str | None) -> str | None:

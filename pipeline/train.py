@@ -401,7 +401,7 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
         from pipeline.train import fit_head
 
         ckpt, metrics = fit_head("features/snownlp-e5-small.h5", pooling="cls+mean", head="mlp")
-        print(ckpt, metrics["best"]["val_acc"], metrics["test"]["accuracy"])
+        print(ckpt, metrics["best"]["val_accuracy"], metrics["test"]["accuracy"])
 
     Runnable, on pipeline.toy's model and data (seconds):
 

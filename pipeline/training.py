@@ -241,9 +241,9 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
             with torch.no_grad():
                 train_loss = (step_loss * sizes).sum() / n
                 if classify:
-                    train_loss, train_acc = torch.stack(
+                    train_loss, train_accuracy = torch.stack(
                         [train_loss, (train_logits.argmax(1) == train_y).float().mean()]).tolist()
-                    row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
+                    row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy}
                 else:
                     row = {"epoch": epoch, "train_loss": float(train_loss)}
                 row.update(validate())
@@ -253,7 +253,7 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
             if log and (epoch % log_every == 0 or epoch == 1):
                 name = score[4:].replace("_", "-")
                 log(f"epoch {epoch:4d}  train loss {row['train_loss']:.4f}"
-                    + (f" acc {row['train_acc']:.4f}" if classify else "")
+                    + (f" accuracy {row['train_accuracy']:.4f}" if classify else "")
                     + f"  val loss {val_loss:.4f} {name} {row[score]:.4f}")
             if patience and has_val and since_best >= patience:
                 break
@@ -280,7 +280,7 @@ def fit_logreg(train, val, num_classes: int, *, cs=LOGREG_CS, max_iter: int = LO
 
     >>> X = np.r_[np.zeros((5, 2)), np.ones((5, 2))]; y = np.r_[[0] * 5, [1] * 5]
     >>> r = fit_logreg(ArrayRows(X, y, torch.device("cpu")), ArrayRows(X, y, torch.device("cpu")), 2, cs=[1.0])
-    >>> r.history[0]["val_acc"]
+    >>> r.history[0]["val_accuracy"]
     1.0
     """
     if train.n == 0:
@@ -327,7 +327,7 @@ def fit_logreg(train, val, num_classes: int, *, cs=LOGREG_CS, max_iter: int = LO
                 logits = lin(X)
                 row = {"epoch": i, "C": c, "train_loss": float(data_loss(logits))}
                 if task == "classification":
-                    row["train_acc"] = (logits.argmax(1) == y).float().mean().item()
+                    row["train_accuracy"] = (logits.argmax(1) == y).float().mean().item()
                 row.update(_validate(model, val, task, weight))
                 row["iterations"] = int(opt.state[opt._params[0]].get("n_iter", 0))
             history.append(row)

@@ -269,8 +269,8 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
             result, _, init_config = T.train(data, pooling=pooling, head=head, seed=seed, device=str(dev),
                                              **probe_options)
             probe = result.head
-            log(f"linear probe ({head} on {pooling}): val acc "
-                f"{next(r for r in result.history if r['epoch'] == result.best_epoch)['val_acc']:.4f}")
+            log(f"linear probe ({head} on {pooling}): val accuracy "
+                f"{next(r for r in result.history if r['epoch'] == result.best_epoch)['val_accuracy']:.4f}")
         probe = probe.to(dev)
         # The copy spans the cached K layers (their input is what the cache holds); with k < K the lower
         # K - k of them stay frozen (no gradient flows below the lowest tuned layer).
@@ -319,9 +319,9 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
                 {k_: v.detach().clone().cpu() for k_, v in top.top.state_dict().items()})
 
     vloss, vacc, _ = evaluate("validation")
-    history = [{"epoch": 0, "train_loss": float("nan"), "train_acc": float("nan"), "val_loss": vloss, "val_acc": vacc,
-                "seconds": 0.0}]
-    log(f"epoch 0 (probe, layers as in the model): val loss {vloss:.4f} acc {vacc:.4f}")
+    history = [{"epoch": 0, "train_loss": float("nan"), "train_accuracy": float("nan"), "val_loss": vloss,
+                "val_accuracy": vacc, "seconds": 0.0}]
+    log(f"epoch 0 (probe, layers as in the model): val loss {vloss:.4f} accuracy {vacc:.4f}")
     best_key, best, best_epoch = (-vloss, vacc), snapshot(), 0
     for epoch in range(1, epochs + 1):
         top.train()
@@ -343,10 +343,10 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
             seen += len(idx)
         seconds = time.perf_counter() - t_epoch
         vloss, vacc, _ = evaluate("validation")
-        history.append({"epoch": epoch, "train_loss": tot_loss / seen, "train_acc": tot_correct / seen,
-                        "val_loss": vloss, "val_acc": vacc, "seconds": seconds})
-        log(f"epoch {epoch}: train loss {tot_loss / seen:.4f} acc {tot_correct / seen:.4f}  val loss {vloss:.4f} "
-            f"acc {vacc:.4f}  ({seconds:.0f}s)")
+        history.append({"epoch": epoch, "train_loss": tot_loss / seen, "train_accuracy": tot_correct / seen,
+                        "val_loss": vloss, "val_accuracy": vacc, "seconds": seconds})
+        log(f"epoch {epoch}: train loss {tot_loss / seen:.4f} accuracy {tot_correct / seen:.4f}  "
+            f"val loss {vloss:.4f} accuracy {vacc:.4f}  ({seconds:.0f}s)")
         if (-vloss, vacc) > best_key:
             best_key, best, best_epoch = (-vloss, vacc), snapshot(), epoch
     last = snapshot()

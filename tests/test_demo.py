@@ -59,8 +59,9 @@ def test_demo_page_in_headless_chromium(checkpoint, tmp_path):
             assert shown == want["label"]
             bars = browser.evaluate("[...document.querySelectorAll('#bars .row')].map(r => "
                                     "[r.querySelector('.name').textContent, r.querySelector('.pct').textContent])")
-            assert {name: pct for name, pct in bars} == {n: f"{100 * p:.1f}%" for n, p in want["probs"].items()}
-            assert SENTENCE in browser.evaluate("document.getElementById('history').innerText")
+            assert {name: pct for name, pct in bars} == {n: f"{100 * p:.1f}%" for n, p in want["probabilities"].items()}
+            history = browser.evaluate("document.getElementById('history').innerText")
+            assert SENTENCE in history and f"({100 * want['probabilities'][want['label']]:.1f}%)" in history
             screenshot = browser.screenshot(str(tmp_path / "demo.png"))
 
             # Chinese is drawn with a font that has the glyphs (not boxes), where fontconfig knows one.

@@ -318,7 +318,7 @@ def test_info_and_sweep_grid_name_the_features(tmp_path, tiny_model, qwen, data)
     dec = bc.extract(qwen, data, str(tmp_path / "d.h5"), device="cpu", progress=False, layers=2)
     st = bc.extract(kinds["sentence"][0], data, str(tmp_path / "s.h5"), device="cpu", progress=False)
     info = describe(dec)
-    assert info["family"] == "decoder" and info["model_type"] == "qwen3" and info["features"] == [
+    assert info["family"] == "decoder" and info["model_type"] == "qwen3" and info["feature_names"] == [
         "mean", "last", "mean_1", "last_1"]
     text = "\n".join(as_text(describe(st)))
     assert "sentence [16]" in text and "default pooling sentence" in text and "dense 32->16" in text

@@ -67,14 +67,14 @@ def test_logreg_keeps_the_C_with_the_best_validation_score():
     r = fit_logreg(ArrayRows(X, y, cpu), ArrayRows(Xv, yv, cpu), 3, cs=cs)
     fit_cs = [h["C"] for h in r.history]
     assert fit_cs == cs[:len(fit_cs)] and len(fit_cs) >= 3
-    keys = [(h["val_acc"], -h["val_loss"]) for h in r.history]
+    keys = [(h["val_accuracy"], -h["val_loss"]) for h in r.history]
     assert r.best_epoch == 1 + keys.index(max(keys))
     if len(fit_cs) < len(cs):  # the path stopped: the last Cs fit did not beat the best
         assert len(fit_cs) - r.best_epoch == 2
     # the penalty shrinks the weights: the weakest C fit has the largest norm
     norms = [torch.linalg.norm(s["net.weight"]).item() for s in (r.best_state, r.last_state)]
     assert r.best_epoch == len(fit_cs) or norms[0] < norms[1]
-    assert (r.head.predict_proba(Xv).argmax(1) == yv).mean() == pytest.approx(r.history[r.best_epoch - 1]["val_acc"])
+    assert (r.head.predict_proba(Xv).argmax(1) == yv).mean() == pytest.approx(r.history[r.best_epoch - 1]["val_accuracy"])
 
 
 def test_fit_head_logreg_cli(cache, tmp_path):
@@ -101,8 +101,10 @@ def test_sweep_ensemble_checkpoint_evaluate_predict_info(cache, data, tmp_path):
     ens = [r for r in ranked if r["head"] == "ensemble"]
     assert len(ens) == 1 and len(ens[0]["members"]) >= 2
     assert abs(sum(m["weight"] for m in ens[0]["members"]) - 1) < 1e-9
-    keys = [(r["val_loss"], -r["val_acc"]) for r in ranked]  # ranked by validation log-loss
+    keys = [(r["val_loss"], -r["val_accuracy"]) for r in ranked]  # ranked by validation log-loss
     assert keys == sorted(keys)
+    assert metrics["sweep"]["score"] == "val_accuracy"
+    assert metrics["sweep"]["selection"] == "validation loss, then validation accuracy"
     # greedy selection starts from the best single head's log-loss and only adds what lowers it
     assert ranked[0] is ens[0] and ens[0]["val_loss"] < min(r["val_loss"] for r in ranked if r["head"] != "ensemble")
     config, model = load_checkpoint(ckpt)
@@ -127,12 +129,12 @@ def test_sweep_ensemble_checkpoint_evaluate_predict_info(cache, data, tmp_path):
     predictor = bc.Predictor(ckpt, device="cpu")
     with TestClient(create_app(predictor)) as client:  # serve reads an ensemble like any checkpoint
         got = client.post("/predict", json={"texts": texts[:3]}).json()["predictions"]
-        np.testing.assert_allclose([list(p["probs"].values()) for p in got], live[:3], atol=1e-4)
+        np.testing.assert_allclose([list(p["probabilities"].values()) for p in got], live[:3], atol=1e-4)
         vectors = client.post("/v1/embeddings", json={"input": texts[:2]}).json()["data"]
         assert len(vectors) == 2 and len(vectors[0]["embedding"]) == predictor.embed(texts[0]).shape[0]
         assert client.get("/info").json()["head"]["type"] == "ensemble"
     by_accuracy = sweep(cache, str(tmp_path / "acc"), selection="score", **grid)[1]
-    keys = [(-r["val_acc"], r["val_loss"]) for r in by_accuracy]
+    keys = [(-r["val_accuracy"], r["val_loss"]) for r in by_accuracy]
     assert keys == sorted(keys)
 
 
@@ -173,7 +175,7 @@ def test_cross_fitted_sweep_ranks_out_of_fold_and_averages_the_fold_models(cache
                            patience=10)[0].head
             out[fold == k] = T.predict_split(part, "validation", head, "mean")
         assert row["val_loss"] == pytest.approx(validation_loss("classification", y, out), abs=1e-6)
-        assert row["val_acc"] == pytest.approx(float((out.argmax(1) == y).mean()))
+        assert row["val_accuracy"] == pytest.approx(float((out.argmax(1) == y).mean()))
         # the saved model is the mean of the three fold models, and predicts test as they do together
         config, model = load_checkpoint(ckpt)
         assert isinstance(model, Ensemble) and len(model.members) == 3

@@ -348,8 +348,8 @@ def test_an_out_bertcache_did_not_write_is_refused_before_any_work(tiny_cache, t
     ck = str(tmp_path / "ck")
     for _ in range(2):  # a checkpoint is replaced by a new one of the same name
         assert run("fit-head", "-f", tiny_cache, "-o", ck, "--epochs", 2).exit_code == 0
-    refused(run("export", ck, ck), "reads", "--out")
-    refused(run("export", ck, str(data)), "not a bertcache export", "--out")
+    refused(run("export", "-c", ck, "-o", ck), "reads", "--out")
+    refused(run("export", "-c", ck, "-o", str(data)), "not a bertcache export", "--out")
     assert os.path.isfile(os.path.join(ck, "config.json")) and sorted(os.listdir(data)) == ["train.jsonl"]
 
 

@@ -39,7 +39,7 @@ def checkpoint(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("exported") / "onnx")
-    result = ok("export", checkpoint, "--format", "onnx", out)
+    result = ok("export", "-c", checkpoint, "--format", "onnx", "-o", out)
     assert result.stdout.strip().splitlines() == [f"saved {out}"]  # torch.onnx's chatter stays off stdout
     return out
 
@@ -72,8 +72,8 @@ def test_onnx_predict_matches_torch_predict_json(exported, checkpoint):
     onnx_rows = predict_json("--checkpoint", exported, "--backend", "onnx")
     assert [r["text"] for r in onnx_rows] == TEXTS
     assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows]
-    a = np.array([list(r["probs"].values()) for r in torch_rows])
-    b = np.array([list(r["probs"].values()) for r in onnx_rows])
+    a = np.array([list(r["probabilities"].values()) for r in torch_rows])
+    b = np.array([list(r["probabilities"].values()) for r in onnx_rows])
     assert np.abs(a - b).max() < 1e-4
     assert len({round(float(p), 3) for p in a[:, 0]}) > 10  # the texts really differ: not one answer repeated
 
@@ -93,9 +93,9 @@ def test_serve_runs_an_export(exported):
     assert got.status_code == 200, got.text
     want = runner.predict(texts)
     assert [g["label"] for g in got.json()["predictions"]] == [w["label"] for w in want]
-    assert np.allclose([list(g["probs"].values()) for g in got.json()["predictions"]],
-                       [list(w["probs"].values()) for w in want], atol=1e-6)
-    assert info["encoder"]["backend"] == "onnxruntime"
+    assert np.allclose([list(g["probabilities"].values()) for g in got.json()["predictions"]],
+                       [list(w["probabilities"].values()) for w in want], atol=1e-6)
+    assert info["encoder"]["backend"] == "onnxruntime" and info["kind"] == "export"  # as export --json says
 
 
 def test_runner_tokenizes_as_the_encoder_and_gives_the_head_input(exported, checkpoint):
@@ -111,7 +111,9 @@ def test_runner_tokenizes_as_the_encoder_and_gives_the_head_input(exported, chec
 
 
 def test_export_errors_are_one_line(checkpoint, tmp_path):
-    one_line_error(run("export", tmp_path / "nothing", tmp_path / "out"), "checkpoint not found", exit_code=2)
+    one_line_error(run("export", "-c", tmp_path / "nothing", "-o", tmp_path / "out"), "checkpoint not found",
+                   exit_code=2)
+    one_line_error(run("export", "-c", checkpoint), "Missing option '--out'", "export --help", exit_code=2)
     one_line_error(run("predict", "--backend", "onnx", "-c", checkpoint, "好"), "is not an ONNX export",
                    "bertcache export", exit_code=2)
     one_line_error(run("predict", "--backend", "onnx", "-c", checkpoint, "--weights", "last", "好"),
@@ -146,7 +148,11 @@ def test_an_ensemble_exports_as_one_graph(checkpoint, tmp_path):
     ens = Ensemble([head, other], [config["pooling"], "mean"], [3, 1])
     ckpt = save_checkpoint(str(tmp_path / "ens"), {**config, "pooling": "ensemble", "head": ens.shape()},
                            {"best": ens.state_dict()}, {})
-    out = ok("export", ckpt, "--format", "onnx", str(tmp_path / "onnx")).stdout.split()[-1]
+    summary = json.loads(ok("export", "--checkpoint", ckpt, "--out", str(tmp_path / "onnx"), "--json").stdout)
+    out = summary["path"]
+    assert out == str(tmp_path / "onnx") and summary["kind"] == "export" and summary["format"] == "bertcache-onnx"
+    assert summary == {"path": out, "kind": "export", **json.load(open(os.path.join(out, "bertcache.json")))}
+    assert (summary["checkpoint"], summary["weights"], summary["pooling"]) == (ckpt, "best", "ensemble")
     predictor, runner = bc.Predictor(ckpt, device="cpu"), OnnxPredictor(out, threads=1)
     want, got = predictor.predict_proba(TEXTS[:30]), runner.predict_proba(TEXTS[:30])
     assert np.abs(want - got).max() < 1e-4 and np.abs(want - head.predict_proba(

@@ -239,8 +239,8 @@ def test_checkpoint_files_and_metrics(cache, tmp_path):
                                               + pictures)
     saved = json.load(open(os.path.join(ckpt, "metrics.json")))
     assert len(saved["history"]) == 15 and 1 <= saved["best_epoch"] <= 15
-    best = saved["history"][saved["best_epoch"] - 1]["val_acc"]
-    assert best == max(h["val_acc"] for h in saved["history"])
+    best = saved["history"][saved["best_epoch"] - 1]["val_accuracy"]
+    assert best == max(h["val_accuracy"] for h in saved["history"])
     config = json.load(open(os.path.join(ckpt, "config.json")))
     assert config["head"] == {"type": "linear", "in_features": 32, "num_classes": 2, "hidden": None}
     assert config["encoder"]["max_length"] == 128 and config["label_names"] == ["0", "1"]
@@ -262,13 +262,19 @@ def test_cli_round_trip(tiny_model, saved_dataset, tmp_path):
     about = json.loads(ok("info", ckpt, "--json").stdout)
     # One word for the class names in every JSON output.
     assert fit["label_names"] == report["label_names"] == about["label_names"] == info["label_names"]
+    # extract / info of a cache list the stored vectors as `feature_names`; `features` is the {path,
+    # fingerprint} object of the file a checkpoint was trained on.
+    assert "features" not in info and {"cls", "mean"} <= set(info["feature_names"])
+    assert about["features"] == {"path": os.path.abspath(feats), "fingerprint": info["fingerprint"]}
+    # what each command wrote or describes is `path`
+    assert (info["path"], fit["path"], about["path"]) == (feats, ckpt, ckpt) and "checkpoint" not in fit
     assert report["n"] == 40 and sum(map(sum, report["confusion_matrix"])) == 40
     lines = ok("predict", "--checkpoint", ckpt, "--json", "好棒赞", "差烂坏").stdout.splitlines()
     results = [json.loads(line) for line in lines]
     assert [r["text"] for r in results] == ["好棒赞", "差烂坏"]
     for r in results:
         assert r["label"] in ("负向评价", "正向评价") and r["label"] == ["负向评价", "正向评价"][r["label_id"]]
-        assert abs(sum(r["probs"].values()) - 1) < 1e-5
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-5
     # the same texts through --file and through stdin give the same answers
     (tmp_path / "texts.txt").write_text("好棒赞\n差烂坏\n", encoding="utf-8")
     assert ok("predict", "-c", ckpt, "--json", "--file", tmp_path / "texts.txt").stdout.splitlines() == lines

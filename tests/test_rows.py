@@ -55,7 +55,7 @@ def test_streamed_fit_head_equals_in_memory_fit(big_cache, tmp_path, kw):
     assert not mem["streamed"] and streamed["streamed"]
     assert any("streaming" in line for line in logs)
     for a, b in zip(mem["history"], streamed["history"]):
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
     assert mem["best_epoch"] == streamed["best_epoch"]
     assert mem["test"]["confusion_matrix"] == streamed["test"]["confusion_matrix"]
@@ -101,7 +101,25 @@ def test_info_describes_a_cache_and_a_checkpoint(big_cache, tmp_path):
         assert info["splits"] == {s: {"rows": len(f[s]["label"]), "labelled": int((f[s]["label"][:] >= 0).sum())}
                                   for s in ("train", "test")}
     assert info["dims"] == {"cls": 32, "mean": 32, "last": 32, "cls_2": 32, "mean_2": 32, "last_2": 32} and info["shards"] == []
+    assert info["feature_names"] == list(info["dims"]) and "features" not in info
     text = run("info", ckpt).output
     assert "checkpoint, linear head 32 -> 2" in text and "pooling      cls_2" in text
     result = run("info", str(tmp_path / "nothing.h5"))
     assert result.exit_code == 2 and result.output.startswith("error: ")
+
+
+def test_info_reads_an_old_checkpoints_accuracy_keys(big_cache, tmp_path):
+    """metrics.json written before train_acc / val_acc became train_accuracy / val_accuracy still shows its
+    validation accuracy in info (JSON and text)."""
+    ckpt, metrics = bc.fit_head(big_cache, str(tmp_path / "ck"), epochs=2)
+    old = {"train_accuracy": "train_acc", "val_accuracy": "val_acc"}  # today's name -> the one it replaced
+    rows = [{old.get(k, k): v for k, v in r.items()} for r in metrics["history"]]
+    saved = json.load(open(f"{ckpt}/metrics.json"))
+    saved.update(best={old.get(k, k): v for k, v in saved["best"].items()}, history=rows)
+    assert "val_acc" in saved["best"] and "val_accuracy" not in saved["best"]
+    json.dump(saved, open(f"{ckpt}/metrics.json", "w"))
+    info = json.loads(run("info", ckpt, "--json").stdout)
+    assert info["best"]["val_accuracy"] == metrics["best"]["val_accuracy"]
+    assert info["best"]["train_accuracy"] == metrics["best"]["train_accuracy"]
+    assert "val_acc" not in info["best"] and "train_acc" not in info["best"]
+    assert f"val accuracy {metrics['best']['val_accuracy']:.4f}" in run("info", ckpt).stdout

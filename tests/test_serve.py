@@ -52,8 +52,8 @@ def assert_same(got: list[dict], want: list[dict], atol: float):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert (g["text"], g["label"], g["label_id"]) == (w["text"], w["label"], w["label_id"])
-        assert g["probs"].keys() == w["probs"].keys()
-        assert np.allclose([g["probs"][k] for k in w["probs"]], [w["probs"][k] for k in w["probs"]], atol=atol, rtol=0)
+        assert g["probabilities"].keys() == w["probabilities"].keys()
+        assert np.allclose([g["probabilities"][k] for k in w["probabilities"]], [w["probabilities"][k] for k in w["probabilities"]], atol=atol, rtol=0)
 
 
 def test_predict_matches_cli_predict_json(checkpoint, predictor):
@@ -78,16 +78,18 @@ def test_health_info_and_openapi(checkpoint, predictor):
     assert health["status"] == "ok" and health["batching"] is True
     assert info["label_names"] == config["label_names"] and info["pooling"] == "cls+mean"
     assert info == {**describe_checkpoint(checkpoint), **{k: info[k] for k in SERVED}}  # info.py's, plus what runs
-    assert info["weights_served"] == "best" and info["weights"] == ["best", "last"]
+    assert info["weights_served"] == "best" and info["weights_available"] == ["best", "last"]
     assert info["encoder"]["model"] == config["encoder"]["model"]
-    assert info["encoder"]["fingerprint"] == config["encoder"]["model_fingerprint"]
+    assert info["encoder"]["model_fingerprint"] == config["encoder"]["model_fingerprint"]
     assert info["max_length"] == config["encoder"]["max_length"] and info["prefix"] == config["encoder"]["prefix"]
     assert info["best_epoch"] == metrics["best_epoch"]
     assert info["test"]["accuracy"] == metrics["test"]["accuracy"]
-    assert info["limits"]["max_texts_per_request"] == 7 and info["limits"]["max_chars_per_text"] == 99
-    assert info["limits"]["long_texts"].startswith("refused")
+    # Named as the options that set them; `long_texts` means truncate / chunk, the limits' prose is `note`.
+    assert info["limits"]["max_texts"] == 7 and info["limits"]["max_chars"] == 99
+    assert "over 99 characters is refused" in info["limits"]["note"] and "long_texts" not in info["limits"]
+    assert info["long_texts"] == "truncate"
     assert info["batching"]["enabled"] is True and info["batching"]["max_wait_ms"] == 3
-    assert info["batching"]["encoder_batch_tokens"] == predictor.encoder.batch_tokens
+    assert info["batching"]["batch_tokens"] == predictor.encoder.batch_tokens
     op = schema["paths"]["/predict"]["post"]
     assert {"200", "400", "413", "422"} <= set(op["responses"])
     body = schema["components"]["schemas"]["PredictRequest"]["properties"]["texts"]

@@ -103,12 +103,12 @@ def test_tei_predict_shapes(predictor):
         assert [set(p) for p in got] == [{"score", "label"}] * len(LABELS)
         assert [p["score"] for p in got] == sorted((p["score"] for p in got), reverse=True)
         assert got[0]["label"] == w["label"]
-        assert {p["label"]: p["score"] for p in got} == pytest.approx(w["probs"], abs=1e-6)
+        assert {p["label"]: p["score"] for p in got} == pytest.approx(w["probabilities"], abs=1e-6)
     assert [p["label"] for p in batch.json()[0]] == [p["label"] for p in single.json()]
     assert [p["score"] for p in batch.json()[0]] == pytest.approx([p["score"] for p in single.json()], abs=1e-6)
     logits = {p["label"]: p["score"] for p in raw.json()}
     z = np.array([logits[n] for n in LABELS])
-    assert np.allclose(np.exp(z) / np.exp(z).sum(), [want[0]["probs"][n] for n in LABELS], atol=1e-6)
+    assert np.allclose(np.exp(z) / np.exp(z).sum(), [want[0]["probabilities"][n] for n in LABELS], atol=1e-6)
 
 
 def test_tei_pairs_get_a_clear_422(predictor):

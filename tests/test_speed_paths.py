@@ -48,9 +48,9 @@ def test_fit_learns_and_leaves_thread_count_alone():
     before = torch.get_num_threads()
     res = fit(X, y, Xv, yv, 2, epochs=30, batch_size=64, patience=None)
     assert torch.get_num_threads() == before
-    assert res.history[-1]["val_acc"] > 0.9 and res.history[-1]["train_acc"] > 0.8
+    assert res.history[-1]["val_accuracy"] > 0.9 and res.history[-1]["train_accuracy"] > 0.8
     assert res.history[0]["train_loss"] > res.history[-1]["train_loss"] > 0
     # the epoch's validation figures, taken in one host sync, are those of the last weights
     last = Head(16, 2)
     last.load_state_dict(res.last_state)
-    assert abs((last.predict_proba(Xv).argmax(1) == yv).mean() - res.history[-1]["val_acc"]) < 1e-6
+    assert abs((last.predict_proba(Xv).argmax(1) == yv).mean() - res.history[-1]["val_accuracy"]) < 1e-6

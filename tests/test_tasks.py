@@ -158,7 +158,7 @@ def test_multilabel_end_to_end(multilabel_cache, tmp_path):
         assert store.task == "multilabel" and store.label_names == ["neg", "pos"]
         y = store.labels("train")
         assert y.shape == (120, 2) and y.dtype == np.int8 and set(np.unique(y)) == {0, 1}
-    row = json.loads(ok("info", multilabel_cache, "--json", "--rows", "1").stdout)["rows"]["train"][0]
+    row = json.loads(ok("info", multilabel_cache, "--json", "--rows", "1").stdout)["first_rows"]["train"][0]
     assert row["label"] == [n for n, v in zip(["neg", "pos"], y[0]) if v]  # the names that apply
     ckpt = str(tmp_path / "ck")
     fit = json.loads(ok("fit-head", "-f", multilabel_cache, "-o", ckpt, "--pooling", "mean", "--epochs", "60",
@@ -178,17 +178,17 @@ def test_multilabel_end_to_end(multilabel_cache, tmp_path):
     predictor = bc.Predictor(ckpt, device="cpu")
     results = predictor.predict(["好棒赞喜欢", "差烂坏糟", "这个东西"])
     for r in results:  # every label over its threshold, most probable first
-        assert set(r) == {"text", "labels", "probs"}
-        assert r["labels"] == [n for n in sorted(r["probs"], key=lambda n: -r["probs"][n])
-                               if r["probs"][n] >= config["thresholds"][n]]
+        assert set(r) == {"text", "labels", "probabilities"}
+        assert r["labels"] == [n for n in sorted(r["probabilities"], key=lambda n: -r["probabilities"][n])
+                               if r["probabilities"][n] >= config["thresholds"][n]]
     lines = ok("predict", "-c", ckpt, "--device", "cpu", "好棒赞喜欢").stdout.splitlines()
     assert lines[0].endswith("\t好棒赞喜欢")
     for name in results[0]["labels"]:
-        assert f"{name} {results[0]['probs'][name]:.4f}" in lines[0]
+        assert f"{name} {results[0]['probabilities'][name]:.4f}" in lines[0]
     with served(predictor) as client:
         got = client.post("/predict", json={"texts": ["好棒赞喜欢", "差烂坏糟", "这个东西"]}).json()["predictions"]
         assert [g["labels"] for g in got] == [r["labels"] for r in results]
-        assert set(got[0]) == {"text", "labels", "probs"}
+        assert set(got[0]) == {"text", "labels", "probabilities"}
         assert client.get("/info").json()["thresholds"] == config["thresholds"]
 
 
@@ -258,7 +258,7 @@ def test_bi_cache_holds_each_text_once(bi_cache, pair_data, tiny_model):
     info = json.loads(ok("info", bi_cache, "--json").stdout)
     assert info["pair_mode"] == "bi" and info["distinct_texts"] == len(distinct) and info["dims"]["mean"] == 32
     # info --rows shows both texts of a pair and the regression target as a number
-    shown = json.loads(ok("info", bi_cache, "--json", "--rows", "1").stdout)["rows"]["train"][0]
+    shown = json.loads(ok("info", bi_cache, "--json", "--rows", "1").stdout)["first_rows"]["train"][0]
     assert (shown["text"], shown["text_pair"]) == (first["a"], first["b"]) and shown["label"] == float(first["label"])
     assert f"{first['a']}  |  {first['b']}" in ok("info", bi_cache, "--rows", "1").stdout
 
@@ -344,12 +344,12 @@ def test_cross_pairs_use_token_types(tiny_model, tmp_path):
         predictor.predict([(row["a"], row["b"]), "很好的东西"])
     with served(predictor) as client:
         r = client.post("/predict", json={"pairs": [[row["a"], row["b"]]]}).json()["predictions"]
-        assert r[0]["label"] == got[0]["label"] and r[0]["probs"] == pytest.approx(got[0]["probs"], abs=1e-4)
+        assert r[0]["label"] == got[0]["label"] and r[0]["probabilities"] == pytest.approx(got[0]["probabilities"], abs=1e-4)
         # TEI's body: [a, b] is one pair; a batch of pairs; a single text is refused by a pair head
         tei = client.post("/predict", json={"inputs": [row["a"], row["b"]]})
         assert tei.status_code == 200, tei.text
         best = tei.json()[0]
-        assert best["label"] == got[0]["label"] and best["score"] == pytest.approx(got[0]["probs"][best["label"]],
+        assert best["label"] == got[0]["label"] and best["score"] == pytest.approx(got[0]["probabilities"][best["label"]],
                                                                                     abs=1e-4)
         batch = client.post("/predict", json={"inputs": [[row["a"], row["b"]], [row["b"], row["a"]]]}).json()
         assert len(batch) == 2 and batch[0][0] == best
@@ -491,6 +491,6 @@ def test_bi_classification_starts_from_the_cosine(tiny_model, tmp_path):
     with bc.FeatureStore(out) as store:
         uv, y = store.features("validation", ["mean"])["mean"], store.labels("validation")
     # epoch 0 is the cosine alone through linear discriminant analysis: a threshold between the classes
-    assert start["epoch"] == 0 and start["val_acc"] >= max(np.mean(y == 0), np.mean(y == 1)) - 1e-9
-    assert metrics["best"]["val_acc"] >= start["val_acc"]
+    assert start["epoch"] == 0 and start["val_accuracy"] >= max(np.mean(y == 0), np.mean(y == 1)) - 1e-9
+    assert metrics["best"]["val_accuracy"] >= start["val_accuracy"]
     assert uv.shape == (31, 2, 32)

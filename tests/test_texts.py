@@ -70,7 +70,8 @@ def test_info_shows_a_few_rows(tiny_cache):
     out = json.loads(ok("info", tiny_cache, "--rows", "2", "--json").stdout)
     with FeatureStore(tiny_cache) as store:
         want = store.texts("train")[:2]
-    assert [r["text"] for r in out["rows"]["train"]] == want
-    assert all(r["label"] in out["label_names"] for r in out["rows"]["train"])
+    assert [r["text"] for r in out["first_rows"]["train"]] == want
+    assert all(r["label"] in out["label_names"] for r in out["first_rows"]["train"])
     assert want[0] in ok("info", tiny_cache, "--rows", "1").stdout
-    assert np.all([len(v) == 2 for v in out["rows"].values()])
+    assert np.all([len(v) == 2 for v in out["first_rows"].values()])
+    assert "rows" not in out and all(isinstance(v["rows"], int) for v in out["splits"].values())

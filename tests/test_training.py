@@ -138,15 +138,16 @@ def test_sweep_ranks_by_validation_and_saves_the_winner(cache3, tmp_path, monkey
                                   selection="score", folds=1, **grid)
     assert sorted(reads) == ["test", "train", "validation"]  # each split read once for all 12 heads
     assert len(ranked) == 12 and [r["rank"] for r in ranked] == list(range(1, 13))
-    keys = [(-r["val_acc"], r["val_loss"]) for r in ranked]
+    keys = [(-r["val_accuracy"], r["val_loss"]) for r in ranked]
     assert keys == sorted(keys)
     win = ranked[0]
     config = json.load(open(os.path.join(ckpt, "config.json")))
     assert (config["pooling"], config["head"]["type"], config["training"]["lr"],
             config["training"]["weight_decay"]) == (win["pooling"], win["head"], win["lr"], win["weight_decay"])
-    assert metrics["best"]["val_acc"] == win["val_acc"] and "test" in metrics
+    assert metrics["best"]["val_accuracy"] == win["val_accuracy"] and "test" in metrics
     saved = json.load(open(os.path.join(ckpt, "sweep.json")))
     assert saved["ranked"] == json.loads(json.dumps(ranked)) and saved["grid"]["poolings"] == grid["poolings"]
+    assert saved["features"] == config["features"]  # {path, fingerprint}, as config.json names the file
     # the sweep trains exactly as fit-head does: the same configuration alone gives the same result
     monkeypatch.setattr(FeatureStore, "features", original)
     _, alone = bc.fit_head(cache3, str(tmp_path / "alone"), pooling=win["pooling"], head=win["head"], lr=win["lr"],

@@ -140,7 +140,7 @@ def test_tune_layers_refusals(cache, tiny_cache, tmp_path):
 
 def test_tuned_checkpoints_are_not_exported_nor_taken_as_init(tuned, cache, tmp_path):
     ckpt, _ = tuned
-    one_line_error(cli_run("export", ckpt, tmp_path / "exp"), "tunes the encoder's top 1 layers")
+    one_line_error(cli_run("export", "-c", ckpt, "-o", tmp_path / "exp"), "tunes the encoder's top 1 layers")
     one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--init", ckpt, "-o", tmp_path / "x"),
                    "is a tuned checkpoint")
     one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--init", ckpt, "--pooling", "cls",
@@ -173,7 +173,7 @@ def test_tune_layers_takes_the_heads_options_and_prints_strict_json(cache, tmp_p
         raise AssertionError(f"{token} in --json output")
     report = json.loads(result.stdout, parse_constant=no_nan)
     config = json.load(open(out / "config.json"))
-    assert report["checkpoint"] == str(out) and config["head"]["hidden"] == 8
+    assert report["path"] == str(out) and "checkpoint" not in report and config["head"]["hidden"] == 8
     assert json.dumps(config).count('"weight_decay": 0.5') >= 1
 
 
