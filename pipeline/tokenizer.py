@@ -7,9 +7,11 @@ than `MEMO_MIN_SECONDS` and the class adds nothing to transformers' generic Toke
 constructor, the tokenizer it built is saved once under `$BERTCACHE_HOME/tokenizers/<key>`. The copy is
 kept only if it reads back as a plain TokenizersBackend that encodes a set of probe texts (singles and
 pairs, special tokens, odd spaces, truncation with overflow) to the same ids, masks, token types and
-offsets and has the same special tokens and limits. Later loads read it back in about half the time.
-The key covers the bytes of the tokenizer files and config.json (whose model type can pick the class)
-and the transformers and tokenizers versions: a changed file or library makes a new copy; the most
+offsets and has the same special tokens and limits. Its tokenizer_config.json also lists the added
+tokens, so that from_pretrained does not parse tokenizer.json in Python to find them. Later loads read
+the copy in about a third of the time (0.71 s against 2.56 s for XLM-R; benchmarks/RESULTS.md). The key
+covers the bytes of the tokenizer files and config.json (whose model type can pick the class), the
+transformers and tokenizers versions and `MEMO_FORMAT`: a changed file or library makes a new copy; the most
 recently used `MEMO_KEEP` are kept.
 
     >>> import tempfile
@@ -33,6 +35,7 @@ from .models import local_folder
 MEMO_MIN_SECONDS = 0.5  # tokenizers that load faster than this are not worth a copy on disk
 MEMO_KEEP = 8  # copies kept (each the size of a tokenizer.json: 17 MB for XLM-R)
 MEMO_FILE = "bertcache.json"  # written last: a folder without it is not a finished copy
+MEMO_FORMAT = 2  # in the key: 2 = added tokens in tokenizer_config.json (copies of format 1 read slower)
 PROBES = ["这本书写得真好，值得一读", "Hello,  world!\tTabs\nand  lines ", "  ", "", "a",
           "Ünïcödé ｆｕｌｌｗｉｄｔｈ １２３ 😀👍🏽", "query: 混合 English 文本 3.14"]
 CLASS_ATTRS = ("model_input_names", "padding_side", "truncation_side")
@@ -110,7 +113,8 @@ def _memo_folder(folder: str, home: str | None) -> str | None:
         digest = hash_model_files(folder, files)
     except OSError:  # an unreadable or dangling file: AutoTokenizer may not need it, so load without a copy
         return None
-    key = hashlib.sha256(f"{digest} {transformers.__version__} {tokenizers.__version__}".encode()).hexdigest()
+    key = f"{digest} {transformers.__version__} {tokenizers.__version__} {MEMO_FORMAT}"
+    key = hashlib.sha256(key.encode()).hexdigest()
     return os.path.join(home or os.path.join(cache_home(), "tokenizers"), key[:32])
 
 
@@ -145,6 +149,7 @@ def _write_copy(tok, name: str, memo: str) -> None:
         os.makedirs(home, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=home)
         tok.save_pretrained(tmp)
+        _write_added_tokens(tok, tmp)
         with open(os.path.join(tmp, MEMO_FILE), "w", encoding="utf-8") as f:
             json.dump({"class": name, "init": {k: getattr(tok, k) for k in CLASS_ATTRS}}, f)
         copy, _ = _read_copy(tmp)
@@ -158,6 +163,20 @@ def _write_copy(tok, name: str, memo: str) -> None:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_added_tokens(tok, folder: str) -> None:
+    """Put the added tokens in the copy's tokenizer_config.json. Without them there, from_pretrained parses
+    the whole tokenizer.json in Python to find them (about 0.6 s for XLM-R's 17 MB, before the Rust
+    parse it makes anyway)."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["added_tokens_decoder"] = {
+        str(i): {k: getattr(t, k) for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for i, t in sorted(tok.added_tokens_decoder.items())}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
 
 
 def _prune(home: str) -> None:

@@ -55,6 +55,11 @@ def test_a_slow_tokenizer_is_copied_once_and_reads_back_the_same(folder, tmp_pat
         second(TEXTS, padding=True, return_tensors="np")["attention_mask"].tolist()
     assert copies(home) == made  # read, not written again
     assert os.path.getmtime(os.path.join(home, made[0], "tokenizer.json")) == mtime
+    # The added tokens are in the copy's config: from_pretrained need not parse tokenizer.json in Python for them.
+    with open(os.path.join(home, made[0], "tokenizer_config.json"), encoding="utf-8") as f:
+        added = json.load(f)["added_tokens_decoder"]
+    assert {int(i): t["content"] for i, t in added.items()} == \
+        {i: t.content for i, t in first.added_tokens_decoder.items()}
 
 
 def test_the_copy_follows_the_tokenizer_files(tmp_path):
