@@ -172,7 +172,13 @@ class Encoder:
         if folder and M.family(self.config) == "encoder":
             from .packed import load_modules
             net = load_modules(folder, self.config)
-        self._net = self._prepare(net) if net is not None else self.model  # what the packed path runs
+        if net is not None:
+            self._net = self._prepare(net)  # what the packed path runs
+            # from_pretrained records the dtype it loaded in on the config, which the fingerprint hashes.
+            self.config.dtype = self.config.dtype or torch.float32
+        else:
+            self._net = self.model
+            self.config = self.model.config
         self.packed = self._packed(packing)
         self.packing = "on" if self.packed is not None else "off"
         if compile not in COMPILES:

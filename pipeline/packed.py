@@ -74,6 +74,8 @@ def unsupported(model) -> str | None:
 _LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Each family's base-model prefix in a task model's weights (transformers' base_model_prefix).
+_PREFIXES = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.", "camembert": "roberta."}
 
 
 def load_modules(folder: str, config) -> torch.nn.Module | None:
@@ -88,8 +90,9 @@ def load_modules(folder: str, config) -> torch.nn.Module | None:
         folder: a local model folder with model.safetensors (or a safetensors index and its shards).
         config: its HF config (AutoConfig.from_pretrained).
     Returns the modules (eval mode, no gradients; `.config` is `config`), or None where this does not
-    cover the folder: no safetensors, names other than BERT's (with or without a `bert.` / `roberta.`
-    prefix), an activation other than the exact GELU, tensors not stored in the config's dtype, or a
+    cover the folder: no safetensors, names other than BERT's (bare, or under the family's `bert.` /
+    `roberta.` prefix, which is taken when any name has it, as from_pretrained does), shapes other than
+    the config's, an activation other than the exact GELU, tensors not stored in the config's dtype, or a
     setting `unsupported` names. The caller then loads the HF model as usual.
 
         >>> import tempfile
@@ -107,44 +110,54 @@ def load_modules(folder: str, config) -> torch.nn.Module | None:
 
     if config.model_type not in FAMILIES or getattr(config, "hidden_act", None) != "gelu":
         return None
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        shards = {None: os.path.join(folder, "model.safetensors")}
-    elif os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map", {})
-        shards = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
-    else:
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    handles = {}
+    try:
+        if os.path.isfile(single):
+            handles[single] = safe_open(single, framework="pt")
+            where = {name: single for name in handles[single].keys()}
+        elif os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                where = {name: os.path.join(folder, shard) for name, shard in json.load(f)["weight_map"].items()}
+        else:
+            return None
+        # As from_pretrained reads a task model's weights into the base model: under the family's prefix when
+        # any name has it (bert.*, roberta.*), else the names as they are.
+        prefix = _PREFIXES[config.model_type]
+        prefix = prefix if any(name.startswith(prefix) for name in where) else ""
+        tensors = {}
+        for name, shape in _shapes(config).items():
+            path = where[prefix + name]  # KeyError: another layout
+            if path not in handles:
+                handles[path] = safe_open(path, framework="pt")
+            tensors[name] = handles[path].get_tensor(prefix + name)
+            if tuple(tensors[name].shape) != shape:  # from_pretrained refuses it, in one line
+                return None
+    except Exception:  # names of another layout, a damaged file, ...: from_pretrained decides (and says why)
         return None
     want = getattr(config, "dtype", None) or torch.float32  # what from_pretrained gives: the config's dtype
     want = _DTYPE_NAMES.get(want, want) if isinstance(want, str) else want
-    layers = int(config.num_hidden_layers)
-    names = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-             "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
-    if int(getattr(config, "type_vocab_size", 0) or 0) > 0:
-        names.append("embeddings.token_type_embeddings.weight")
-    names += [f"encoder.layer.{i}.{part}.{kind}" for i in range(layers) for part in _LAYER_PARTS
-              for kind in ("weight", "bias")]
-    handles = {}
-    try:
-        def tensor(name):
-            for prefix in ("", "bert.", "roberta."):
-                path = shards.get(prefix + name, shards.get(None))
-                if path is None:
-                    continue
-                if path not in handles:
-                    handles[path] = safe_open(path, framework="pt")
-                if prefix + name in handles[path].keys():
-                    return handles[path].get_tensor(prefix + name)
-            raise KeyError(name)
-
-        tensors = {name: tensor(name) for name in names}
-    except Exception:  # names of another layout, a damaged file, ...: from_pretrained decides (and says why)
-        return None
     if any(t.dtype != want for t in tensors.values()):
         return None
     net = _modules(config, tensors)
     return None if unsupported(net) else net
+
+
+def _shapes(config) -> dict[str, tuple]:
+    """The tensors `load_modules` reads, by name, with the shapes `config` gives them."""
+    hidden, inner = int(config.hidden_size), int(config.intermediate_size)
+    out = {"embeddings.word_embeddings.weight": (int(config.vocab_size), hidden),
+           "embeddings.position_embeddings.weight": (int(config.max_position_embeddings), hidden),
+           "embeddings.LayerNorm.weight": (hidden,), "embeddings.LayerNorm.bias": (hidden,)}
+    if int(getattr(config, "type_vocab_size", 0) or 0) > 0:
+        out["embeddings.token_type_embeddings.weight"] = (int(config.type_vocab_size), hidden)
+    wide = {"intermediate.dense": (inner, hidden), "output.dense": (hidden, inner)}  # [out, in]
+    for i in range(int(config.num_hidden_layers)):
+        for part in _LAYER_PARTS:
+            weight = (hidden,) if part.endswith("LayerNorm") else wide.get(part, (hidden, hidden))
+            out[f"encoder.layer.{i}.{part}.weight"] = weight
+            out[f"encoder.layer.{i}.{part}.bias"] = weight[:1]
+    return out
 
 
 def _modules(config, tensors: dict) -> torch.nn.Module:

@@ -284,16 +284,24 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         if (store.task, store.pair_mode) != (config.get("task", "classification"), config.get("pair_mode")):
             raise UserError(f"{features} holds task {store.task} (pair mode {store.pair_mode}), the checkpoint "
                             f"{config.get('task', 'classification')} (pair mode {config.get('pair_mode')})")
-        if store.label_names != config["label_names"]:
-            raise UserError(f"{features} has labels {store.label_names}, the checkpoint {config['label_names']}")
+        names, ours = store.label_names, config["label_names"]
+        task = config.get("task", "classification")
+        # A file whose classes are some of the checkpoint's (an evaluation set without every class, named by
+        # the values it has): its ids are mapped onto the checkpoint's by name.
+        remap = names != ours and task == "classification" and names and set(names) <= set(ours)
+        if names != ours and not remap:
+            raise UserError(f"{features} has labels {names}, the checkpoint {ours}; extract it with "
+                            f"--label-names {','.join(ours)}")
         layers = store.settings["layers"]
         y = store.labels(split)
+        if remap:
+            ids = np.array([ours.index(n) for n in names])
+            y = np.where(y >= 0, ids[np.clip(y, 0, None)], y)
         keep = labelled(y)
         if not keep.any():
             raise UserError(f"split {split!r} of {features} has no labelled rows to evaluate on")
         arrays = {n: v[keep] for n, v in store.features(split, model_feature_names(head, config["pooling"],
                                                                                     layers)).items()}
-        task = config.get("task", "classification")
         if config.get("tuned"):
             out = _tuned_outputs(checkpoint, config, head, weights, store, split, keep, arrays)
         else:

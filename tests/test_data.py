@@ -102,3 +102,30 @@ def test_a_class_named_none_is_a_class(tmp_path):
     corpus = load_corpus(write(tmp_path / "d", "train.csv", "text,label\na,none\nb,greeting\nc,None\n"))
     assert corpus.label_names == ["None", "greeting", "none"] and corpus.splits["train"].labels.tolist() == [2, 1, 0]
 
+
+
+def test_an_evaluation_file_with_some_of_the_classes_evaluates_by_name(tiny_model, tmp_path):
+    """Extracted on its own, a file of labels 1 and 2 is named ['1', '2']; evaluate maps them onto the
+    checkpoint's ['0', '1', '2'] by name (before: refused), and says how to extract otherwise."""
+    import numpy as np
+
+    import pipeline as bc
+    from pipeline.predict import Predictor, evaluate
+    from tests.conftest import write_split_files
+    from pipeline.toy import toy_splits
+
+    splits = toy_splits(3, 90, 30, 30)
+    train = bc.extract(tiny_model, write_split_files(str(tmp_path / "d"), "jsonl", splits), str(tmp_path / "f.h5"),
+                       precision="fp32", device="cpu", progress=False)
+    ck = bc.fit_head(train, str(tmp_path / "ck"), epochs=5)[0]
+    some = [(t, y) for t, y in splits["test"] if y > 0]
+    part = bc.extract(tiny_model, write_split_files(str(tmp_path / "e"), "jsonl", {"test": some}),
+                      str(tmp_path / "e.h5"), precision="fp32", device="cpu", progress=False)
+    report = evaluate(ck, features=part, split="test")
+    assert report["n"] == len(some) and report["label_names"] == ["0", "1", "2"]
+    predicted = Predictor(ck).predict_proba([t for t, _ in some]).argmax(1)
+    assert report["accuracy"] == pytest.approx(np.mean(predicted == np.array([y for _, y in some])), abs=1e-9)
+    other = bc.extract(tiny_model, write_split_files(str(tmp_path / "o"), "jsonl", {"test": [("好", 7), ("差", 8)]}),
+                       str(tmp_path / "o.h5"), precision="fp32", device="cpu", progress=False)
+    with pytest.raises(UserError, match="--label-names 0,1,2"):
+        evaluate(ck, features=other, split="test")

@@ -295,3 +295,48 @@ def test_a_cached_hub_model_offline_is_read_directly(tmp_path, monkeypatch):
     assert enc._model is None and enc.packing == "on"
     local = Encoder(str(tmp_path / "bert"), device="cpu", precision="fp32")
     np.testing.assert_array_equal(enc.encode(["很好"])["mean"], local.encode(["很好"])["mean"])
+
+
+def test_direct_read_follows_from_pretrained_on_names_shapes_and_dtype(tmp_path):
+    """Where the file's names, shapes or config could be read two ways, the direct read does what
+    from_pretrained does: prefixed names win, another family's prefix or a shape other than the config's is
+    left to from_pretrained (which refuses the shape in one line), and a config without a dtype gets the
+    dtype from_pretrained records, which the model fingerprint hashes."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    from pipeline.errors import UserError
+
+    both = build(str(tmp_path / "both"), "bert")
+    weights = load_file(os.path.join(both, "model.safetensors"))
+    save_file({**weights, **{f"bert.{k}": v + 1.0 for k, v in weights.items()}},
+              os.path.join(both, "model.safetensors"), metadata={"format": "pt"})
+    _same_modules_as_transformers(both, "fp32")  # the bert.* tensors, as from_pretrained takes them
+
+    foreign = build(str(tmp_path / "foreign"), "bert")
+    save_file({f"roberta.{k}": v for k, v in weights.items()}, os.path.join(foreign, "model.safetensors"),
+              metadata={"format": "pt"})
+    assert Encoder(foreign, device="cpu", precision="fp32")._model is not None
+
+    wrong = build(str(tmp_path / "wrong"), "bert")
+    with open(os.path.join(wrong, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    with open(os.path.join(wrong, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({**config, "vocab_size": config["vocab_size"] + 5}, f)
+    with pytest.raises(UserError, match="cannot load model"):
+        Encoder(wrong, device="cpu", precision="fp32")
+
+    plain = build(str(tmp_path / "nodtype"), "bert")
+    with open(os.path.join(plain, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    with open(os.path.join(plain, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    expected = json.dumps(AutoModel.from_pretrained(plain).config.to_diff_dict(), sort_keys=True, default=str)
+    for packing in ("auto", "off"):
+        enc = Encoder(plain, device="cpu", precision="fp32", packing=packing)
+        assert (enc._model is None) == (packing == "auto")
+        assert enc.config_hash == hashlib.sha256(expected.encode()).hexdigest(), packing
