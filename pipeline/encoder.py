@@ -534,6 +534,11 @@ class Encoder:
         net.eval().to(self.device)
         net.requires_grad_(False)
         dtype = _DTYPES[self.precision]
+        stored = {p.dtype for p in net.parameters() if p.is_floating_point()}
+        if stored - {dtype or torch.float32, torch.float32}:
+            # Weights saved in half precision, run at another precision: from float32, as if saved so (fp16
+            # LayerNorms under bf16 autocast failed on the CPU, and --precision fp32 ran in fp16).
+            net.float()
         if dtype is not None:
             for module in net.modules():
                 if isinstance(module, torch.nn.Linear):

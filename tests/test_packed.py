@@ -340,3 +340,20 @@ def test_direct_read_follows_from_pretrained_on_names_shapes_and_dtype(tmp_path)
         enc = Encoder(plain, device="cpu", precision="fp32", packing=packing)
         assert (enc._model is None) == (packing == "auto")
         assert enc.config_hash == hashlib.sha256(expected.encode()).hexdigest(), packing
+
+
+def test_half_precision_weights_run_at_the_asked_precision(tmp_path):
+    """A model saved in fp16 runs at --precision fp32 in float32 (it ran in fp16) and at bf16 at all (fp16
+    LayerNorms under bf16 autocast failed on the CPU): from float32, as the same weights saved in fp32."""
+    from transformers import AutoModel
+
+    half, full = str(tmp_path / "half"), str(tmp_path / "full")
+    build(half, "bert")
+    AutoModel.from_pretrained(half).half().save_pretrained(half)
+    build(full, "bert")
+    AutoModel.from_pretrained(half).float().save_pretrained(full)  # the same (fp16-rounded) weights in fp32
+    texts = ["很好", "这个东西我们买了一次觉得真的很好"]
+    for precision in ("fp32", "bf16"):
+        a = Encoder(half, device="cpu", precision=precision).encode(texts)["mean"]
+        b = Encoder(full, device="cpu", precision=precision).encode(texts)["mean"]
+        np.testing.assert_array_equal(a, b, err_msg=precision)
