@@ -59,8 +59,12 @@ def make_pairs(pool, n, rng):
     for t, y in pool:
         by.setdefault(y, []).append(t)
     labels = sorted(by)
-    out = []
+    out, tries = [], 0
     while len(out) < n:
+        tries += 1
+        if tries > 1000 * n:  # a pool too small to hold a kind (no related topics among its labels): say so
+            raise SystemExit(f"cannot make {n} pairs from {len(pool)} titles: too few topics or titles for every "
+                             "kind of pair; raise --pair-titles")
         kind = len(out) % 3
         a_label = rng.choice(labels)
         if kind == 0:
