@@ -26,7 +26,6 @@ from ._version import __version__
 from .errors import UserError, check_new_file, read_json_file, write_error
 from .heads import Ensemble, Head, model_from_shape
 from .onnx_runner import FORMAT as ONNX_FORMAT, META_FILE as ONNX_META_FILE
-from .tasks import current_metrics
 
 FORMAT = "bertcache-head"
 WEIGHTS = ("best", "last")
@@ -170,16 +169,6 @@ def read_config(folder: str, allow_pickle: bool = False) -> dict:
         raise UserError(f"checkpoint not found: {folder} is not a folder with config.json "
                         "(make one with `bertcache fit-head`)")
     return read_json_file(path, folder, FORMAT, "a bertcache head checkpoint")
-
-
-def read_metrics(folder: str) -> dict:
-    """The checkpoint's training metrics (empty when metrics.json is missing or unreadable); an older
-    checkpoint's score keys under today's names (tasks.current_metrics)."""
-    try:
-        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
-            return current_metrics(json.load(f))
-    except (OSError, ValueError):
-        return {}
 
 
 def load_checkpoint(folder: str, weights: str = "best", device="cpu",

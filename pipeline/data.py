@@ -190,7 +190,7 @@ def encode_labels(values: dict[str, list], class_names: list[str] | None = None,
                   for s, vs in parsed.items()}
     elif label_names and ints and {str(v) for v in ints} <= set(label_names) \
             and all(_INT.fullmatch(n) for n in label_names):  # ratings 1..5 named "1".."5": by value, not by id
-        parsed = {s: [str(v) if isinstance(v, int) and v != UNLABELLED else v for v in vs] for s, vs in parsed.items()}
+        parsed = _ints_as_names(parsed)
     strings = sorted({v for vs in parsed.values() for v in vs if isinstance(v, str)})
     ints = {v for vs in parsed.values() for v in vs if isinstance(v, int)}
     names = list(label_names or class_names or [])
@@ -203,8 +203,7 @@ def encode_labels(values: dict[str, list], class_names: list[str] | None = None,
             # Ratings 1..5, or ids with gaps: classes by value, as scikit-learn's LabelEncoder; ids 0..max
             # would add a class no row has (a 6-way head for 5 ratings).
             names = [str(v) for v in seen]
-            parsed = {s: [str(v) if isinstance(v, int) and v != UNLABELLED else v for v in vs]
-                      for s, vs in parsed.items()}
+            parsed = _ints_as_names(parsed)
         else:
             names = strings or [str(i) for i in range(max(ints, default=0) + 1)]
     if len(set(names)) != len(names):
@@ -231,6 +230,11 @@ def encode_labels(values: dict[str, list], class_names: list[str] | None = None,
                             f"first at row {row}); label them or drop them")
         ids[split] = out
     return ids, names
+
+
+def _ints_as_names(parsed: dict[str, list]) -> dict[str, list]:
+    """Integer labels as the names of their values (7 -> "7"), for classes by value; unlabelled stays so."""
+    return {s: [str(v) if isinstance(v, int) and v != UNLABELLED else v for v in vs] for s, vs in parsed.items()}
 
 
 def _parse_label(v, split: str):

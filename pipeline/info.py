@@ -6,10 +6,11 @@ import os
 
 import numpy as np
 
-from .checkpoint import read_config, read_metrics
+from .checkpoint import read_config
 from .errors import UserError
 from .poolings import default_pooling
 from .store import FeatureStore, RowTexts
+from .tasks import read_metrics
 
 
 def describe(path: str, rows: int = 0) -> dict:

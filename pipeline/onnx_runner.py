@@ -7,14 +7,13 @@ numpy` (or `bertcache[onnx]`) and the exported folder. `OnnxPredictor` answers l
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from .errors import UserError, read_json_file
 from .labels import prediction_dicts
-from .tasks import current_metrics
+from .tasks import read_metrics
 
 FORMAT = "bertcache-onnx"
 MODEL_FILE = "model.onnx"
@@ -89,12 +88,7 @@ class OnnxPredictor:
     def describe(self) -> dict:
         """What `bertcache serve --backend onnx` shows at /info: the export's checkpoint description."""
         head, enc = self.meta["head"], self.meta.get("encoder", {})
-        metrics = {}
-        try:
-            with open(os.path.join(self.checkpoint, "metrics.json"), encoding="utf-8") as f:
-                metrics = current_metrics(json.load(f))  # an export of an older checkpoint: today's key names
-        except (OSError, ValueError):
-            pass
+        metrics = read_metrics(self.checkpoint)
         test = metrics.get("test")
         return {"kind": "export", "path": self.checkpoint, "model": enc.get("model"),
                 "model_fingerprint": enc.get("model_fingerprint"), "pooling": self.pooling, "head": head,

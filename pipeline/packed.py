@@ -43,6 +43,12 @@ _SLOT_MULTIPLE = 16
 _QUERY_CHUNK = 64
 
 
+# A BERT layer's modules (after "encoder.layer.<i>."), each with a weight and a bias: what packing runs and
+# what `load_modules` reads.
+_LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
+
+
 def unsupported(model) -> str | None:
     """Why `model` cannot run packed (None when it can): a family or a setting this module does not cover."""
     cfg = model.config
@@ -54,9 +60,7 @@ def unsupported(model) -> str | None:
         return "a decoder configuration"
     emb = getattr(model, "embeddings", None)
     layers = getattr(getattr(model, "encoder", None), "layer", None)
-    need = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-            "attention.output.LayerNorm", "intermediate.dense", "intermediate.intermediate_act_fn",
-            "output.dense", "output.LayerNorm")
+    need = _LAYER_PARTS + ("intermediate.intermediate_act_fn",)
     if emb is None or layers is None or not all(hasattr(emb, a) for a in ("word_embeddings", "position_embeddings",
                                                                           "LayerNorm")):
         return "its modules do not have BERT's layout"
@@ -70,9 +74,6 @@ def unsupported(model) -> str | None:
     return None
 
 
-# What `load_modules` reads of one layer (after "encoder.layer.<i>."): BERT's names, every one a weight and a bias.
-_LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-                "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Each family's base-model prefix in a task model's weights (transformers' base_model_prefix).
 _PREFIXES = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.", "camembert": "roberta."}

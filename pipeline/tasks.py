@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -30,19 +31,26 @@ _INT = re.compile(r"[+-]?\d+")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
 
 
-def current_metrics(metrics: dict) -> dict:
-    """A checkpoint's metrics.json as read back, with an older checkpoint's `best` and `history` rows under
-    today's key names (OLD_SCORE_KEYS), so that info, serve's /info and the demo page show its scores."""
+def read_metrics(folder: str) -> dict:
+    """A checkpoint's metrics.json (empty when missing or unreadable), with an older checkpoint's `best` and
+    `history` rows under today's key names (OLD_SCORE_KEYS), so that info, serve's /info, the demo page and
+    an export's /info show its scores. Here, not in checkpoint.py, because the ONNX runner reads it without
+    torch."""
+    try:
+        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        return {}
+
     def rename(row):
         return {OLD_SCORE_KEYS.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row
     if not isinstance(metrics, dict):
         return metrics
-    out = dict(metrics)
-    if "best" in out:
-        out["best"] = rename(out["best"])
-    if isinstance(out.get("history"), list):
-        out["history"] = [rename(r) for r in out["history"]]
-    return out
+    if "best" in metrics:
+        metrics["best"] = rename(metrics["best"])
+    if isinstance(metrics.get("history"), list):
+        metrics["history"] = [rename(r) for r in metrics["history"]]
+    return metrics
 
 
 def check_task(task: str | None) -> str | None:
