@@ -174,11 +174,9 @@ class Encoder:
             net = load_modules(folder, self.config)
         if net is not None:
             self._net = self._prepare(net)  # what the packed path runs
-            # from_pretrained records the dtype it loaded in on the config, which the fingerprint hashes.
-            self.config.dtype = self.config.dtype or torch.float32
         else:
             self._net = self.model
-            self.config = self.model.config
+            self.config = self.model.config  # with the dtype from_pretrained records, which the fingerprint hashes
         self.packed = self._packed(packing)
         self.packing = "on" if self.packed is not None else "off"
         if compile not in COMPILES:

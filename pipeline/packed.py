@@ -90,7 +90,8 @@ def load_modules(folder: str, config) -> torch.nn.Module | None:
     Args:
         folder: a local model folder with model.safetensors (or a safetensors index and its shards).
         config: its HF config (AutoConfig.from_pretrained).
-    Returns the modules (eval mode, no gradients; `.config` is `config`), or None where this does not
+    Returns the modules (eval mode, no gradients; `.config` is `config`, its dtype set where it had none, as
+    from_pretrained sets it), or None where this does not
     cover the folder: no safetensors, names other than BERT's (bare, or under the family's `bert.` /
     `roberta.` prefix, which is taken when any name has it, as from_pretrained does), shapes other than
     the config's, an activation other than the exact GELU, tensors not stored in the config's dtype, or a
@@ -141,7 +142,11 @@ def load_modules(folder: str, config) -> torch.nn.Module | None:
     if any(t.dtype != want for t in tensors.values()):
         return None
     net = _modules(config, tensors)
-    return None if unsupported(net) else net
+    if unsupported(net):
+        return None
+    if getattr(config, "dtype", None) is None:  # recorded as from_pretrained records it (the fingerprint hashes it)
+        config.dtype = want
+    return net
 
 
 def _shapes(config) -> dict[str, tuple]:
