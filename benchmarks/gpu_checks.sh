@@ -33,7 +33,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD/.gpu/site:$PWD${PYTH
 if [ -n "${SMOKE:-}" ]; then
   speed=(--texts 40 --recipe-texts 4 --repeats 1 --bert-layers 2); fit=(--rows 2000 --epochs 2); comp=(--texts 24 --first 8 --repeats 1)
 else
-  speed=(--texts 4000 --recipe-texts 500 --repeats 3); fit=(); comp=()
+  speed=(--texts 8000 --recipe-texts 500 --repeats 3); fit=(); comp=()
 fi
 
 step() {  # name, seconds, command...: run it with a time limit, keep its output, go on when it fails

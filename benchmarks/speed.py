@@ -135,6 +135,12 @@ def bench_model(name, path, prefix, texts, labels, args, results):
         "(c) bertcache Encoder fp32": ("fp32", texts, lambda: enc32.encode(texts)),
         f"(c) before: padded, 1 worker, {enc.precision}": (enc.precision, texts, lambda: before.encode(texts)),
     }
+    if DEVICE.type == "cuda" and enc.packed is not None:  # what FlashAttention's varlen kernel buys over SDPA
+        from pipeline.packed import PackedEncoder
+        sdpa = Encoder(path, device=str(DEVICE), prefix=prefix, precision=enc.precision)
+        sdpa.packed = PackedEncoder(sdpa._net, attention="sdpa")
+        variants[f"(c) bertcache Encoder {enc.precision}, sdpa attention"] = (
+            enc.precision, texts, lambda: sdpa.encode(texts))
     if st is not None:
         import copy
         st16 = copy.deepcopy(st).to(torch.bfloat16)

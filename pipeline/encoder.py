@@ -177,13 +177,13 @@ class Encoder:
         else:
             self._net = self.model
             self.config = self.model.config  # with the dtype from_pretrained records, which the fingerprint hashes
+        self._log = log
         self.packed = self._packed(packing)
         self.packing = "on" if self.packed is not None else "off"
         if compile not in COMPILES:
             raise UserError(f"unknown compile {compile!r}; use one of {', '.join(COMPILES)}")
         self.compile = compile
         self._expected_tokens = 0
-        self._log = log
         self.workers = workers
         cfg = self.config
         if len(self.tokenizer) > cfg.vocab_size:
@@ -495,7 +495,7 @@ class Encoder:
             return None
         reason = unsupported(self._net)
         if reason is None:
-            return PackedEncoder(self._net)
+            return PackedEncoder(self._net, log=self._log)
         if reason not in _told:
             _told.add(reason)
             print(f"note: padded batches for this model ({reason}); packed batches cover BERT, RoBERTa and "

@@ -6,7 +6,9 @@ activation runs on real tokens only, with the HF model's own modules (so its wei
 autocast rules apply unchanged). Attention is the only step that needs texts apart: q, k and v are
 gathered into a [texts, heads, longest, head_dim] block, run through SDPA with a key-padding mask
 (texts of a length-sorted batch are close in length, so little is wasted) and gathered back. In bf16 on
-the CPU, batches of several texts run attention as two batched matmuls instead (`matmul_attention`).
+the CPU, batches of several texts run attention as two batched matmuls instead (`matmul_attention`). In
+bf16 or fp16 on a CUDA GPU they run FlashAttention's variable-length kernel on the packed rows themselves
+(`varlen_attention`: no padding at all, and a text's rows come out the same whatever its neighbours).
 
 No padded token ever enters a Linear or a LayerNorm, and no text's rows meet another's, so a text's
 vector does not depend on its batch neighbours beyond the last bits of matmul blocking.
@@ -41,6 +43,7 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 # in cache: 0.5-0.7x SDPA's speed at 150-512 tokens, 1.2-1.5x in chunks of 64; 32 and 128 measured slower).
 _SLOT_MULTIPLE = 16
 _QUERY_CHUNK = 64
+ATTENTIONS = ("sdpa", "matmul", "varlen")  # PackedEncoder(attention=...): None picks one per batch (`attention`)
 
 
 # A BERT layer's modules (after "encoder.layer.<i>."), each with a weight and a bias: what packing runs and
@@ -250,6 +253,14 @@ class Packing:
         packing.max_id = int(ids.max()) if total else 0  # on the host: embed needs no device sync to read it
         return packing
 
+    @property
+    def cu_lengths(self) -> torch.Tensor:
+        """[B + 1] int32 cumulative lengths (0, then where each text ends): what variable-length kernels take."""
+        if getattr(self, "_cu", None) is None:
+            ends = self.starts + self.lengths
+            self._cu = torch.cat([ends.new_zeros(1), ends]).to(torch.int32)
+        return self._cu
+
     def blocks(self, heads: int, dtype: torch.dtype) -> tuple:
         """`matmul_attention`'s layout, made on the first layer's call and kept for the others:
         (slots: `longest` rounded up to a multiple of `_SLOT_MULTIPLE`, gather [B * slots], scatter [T], bias
@@ -282,8 +293,11 @@ class PackedEncoder:
     Args:
         model: a loaded HF BertModel / RobertaModel / XLMRobertaModel (`unsupported(model)` is None).
         onednn: matmuls from oneDNN-reordered weights (below); None: where `onednn_supported`.
-        matmul_attention: attention of several texts by `matmul_attention` instead of SDPA; None: in bf16
-            on the CPU, where it is faster.
+        attention: how texts attend within themselves, one of `ATTENTIONS`: "sdpa" (SDPA over a padded
+            block), "matmul" (`matmul_attention`) or "varlen" (`varlen_attention`, CUDA in bf16/fp16 only:
+            anywhere else, or if the kernel fails, SDPA, said once). None: "matmul" in bf16 on the CPU, where
+            it measured faster, "varlen" in bf16/fp16 on CUDA, else "sdpa".
+        log: where the one-line fallback note goes (default stderr).
     The q, k and v weights of every layer are made views of one fused [3 * hidden, hidden] weight
     (one matmul instead of three; the model's own forward still works and gives the same numbers).
 
@@ -300,10 +314,12 @@ class PackedEncoder:
     If compiling fails (no C++ compiler, an op inductor does not cover) the layers run eagerly, said once.
     """
 
-    def __init__(self, model, onednn: bool | None = None, matmul_attention: bool | None = None):
+    def __init__(self, model, onednn: bool | None = None, attention: str | None = None, log=None):
         reason = unsupported(model)
         if reason:
             raise ValueError(f"cannot pack this model: {reason}")
+        if attention is not None and attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTIONS)}")
         self.model = model
         cfg = model.config
         self.heads = int(cfg.num_attention_heads)
@@ -325,13 +341,17 @@ class PackedEncoder:
             onednn = onednn_supported(self.fused[0][0])
         # Per layer: the fused q/k/v, attention output, intermediate (+ GELU) and output matmuls.
         self.onednn = [_onednn_layer(w, b, *args) for (w, b), args in zip(self.fused, self.ffn)] if onednn else None
-        self.matmul_attention_on = matmul_attention  # None: for bf16 on the CPU (see `attention`)
+        self.attention_kernel = attention  # None: chosen per batch's dtype and device (see `attention`)
+        self.varlen_failed = False
         self.compiled = None  # the compiled _ffn while compile is on
         self.compile_failed = False
         self.compile_seconds = 0.0
         self._ready = set()  # shape keys already compiled: their calls need no lock
         self._lock = threading.Lock()
-        self._log = None
+        self._log = log
+
+    def note(self, msg: str) -> None:
+        (self._log or (lambda m: print(m, file=sys.stderr)))(msg)
 
     def compile(self, log=None, backend="inductor") -> None:
         """Compile the layers' feed-forward half on its first call (lazily; see the class docstring).
@@ -340,7 +360,7 @@ class PackedEncoder:
         dynamic=True: one graph for every token count. Measured against dynamic=False with token counts
         padded up to a few buckets (RESULTS.md, issue 17): the same speed, half the compile time."""
         self.compiled = torch.compile(_ffn, dynamic=True, backend=backend)
-        self._log = log or (lambda msg: print(msg, file=sys.stderr))
+        self._log = log or self._log or (lambda msg: print(msg, file=sys.stderr))
 
     def _block(self, a: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
         fn = self.compiled
@@ -396,10 +416,22 @@ class PackedEncoder:
         """Self-attention within each text: [T, 3 * hidden] -> [T, hidden]."""
         total, width = qkv.shape
         batch = p.lengths.shape[0]
-        by_matmul = self.matmul_attention_on
-        if by_matmul is None:  # where it measured faster than SDPA
-            by_matmul = qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu"
-        if batch > 1 and by_matmul:
+        kernel = self.attention_kernel
+        half = qkv.dtype in (torch.bfloat16, torch.float16)
+        if kernel is None:  # where each measured (or, for varlen, is built to be) the fastest
+            kernel = ("varlen" if qkv.is_cuda and half else
+                      "matmul" if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" else "sdpa")
+        if kernel == "varlen" and total and not self.varlen_failed:
+            try:
+                return self.varlen_attention(qkv, p)
+            except torch.OutOfMemoryError:  # a batch too large, not a missing kernel
+                raise
+            except (RuntimeError, NotImplementedError, ImportError) as e:  # no kernel for this device, dtype or GPU
+                self.varlen_failed = True
+                first = (str(e).strip().splitlines() or [""])[0]
+                self.note(f"attention: FlashAttention's variable-length kernel is not available here "
+                          f"({type(e).__name__}: {first[:160]}); padded SDPA instead")
+        if batch > 1 and kernel == "matmul":
             return self.matmul_attention(qkv, p)
         hidden = width // 3
         d = hidden // self.heads
@@ -415,6 +447,18 @@ class PackedEncoder:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(batch * longest, hidden)
         return out if mask is None else out.index_select(0, p.scatter)
+
+    def varlen_attention(self, qkv: torch.Tensor, p: Packing) -> torch.Tensor:
+        """`attention` by FlashAttention's variable-length kernel (torch.nn.attention.varlen, CUDA, bf16 or
+        fp16) over the packed rows and their cumulative lengths: nothing padded, nothing gathered. One split
+        of the keys (`num_splits=1`): the kernel then sums every text's keys in one order, whatever the batch,
+        so a text's vector does not depend on its neighbours."""
+        from torch.nn.attention.varlen import varlen_attn
+        total, width = qkv.shape
+        q, k, v = qkv.view(total, 3, self.heads, width // (3 * self.heads)).unbind(1)
+        cu = p.cu_lengths
+        out = varlen_attn(q, k, v, cu, cu, p.longest, p.longest, num_splits=1)
+        return out.reshape(total, width // 3)
 
     def matmul_attention(self, qkv: torch.Tensor, p: Packing) -> torch.Tensor:
         """`attention` as a scores matmul, a softmax and a values matmul over padded [B * heads, slots, d]

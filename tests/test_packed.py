@@ -86,17 +86,38 @@ def test_packed_matches_padded_fp32(family_model, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("attention", ["auto", "sdpa", "matmul"])
+@pytest.mark.parametrize("attention", ["auto", "sdpa", "matmul", "varlen"])
 def test_packed_matches_padded_bf16(family_model, device, attention):
-    """bf16 with each attention kernel (auto: matmul_attention on the CPU, SDPA on a GPU)."""
+    """bf16 with each attention kernel (auto: matmul_attention on the CPU, FlashAttention's varlen kernel on a
+    GPU; varlen on the CPU falls back to SDPA)."""
     packed = Encoder(family_model, device=device, precision="bf16", batch_tokens=256)
     if attention != "auto":
-        packed.packed = PackedEncoder(packed.model, matmul_attention=attention == "matmul")
+        packed.packed = PackedEncoder(packed.model, attention=attention, log=lambda msg: None)
     padded = Encoder(family_model, device=device, precision="bf16", batch_tokens=256, packing="off")
     ids = ragged_ids(packed)
     a, b = packed.encode_ids(ids), padded.encode_ids(ids)
     for name in a:
         assert _cos(a[name], b[name]).min() >= 0.9999
+
+
+def test_varlen_attention_without_its_kernel_falls_back_to_sdpa_once():
+    """FlashAttention's variable-length kernel exists for CUDA only: asked for elsewhere, attention is SDPA's,
+    to the bit, and the fallback is said once."""
+    from transformers import BertConfig, BertModel
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 vocab_size=50)).eval()
+    notes = []
+    varlen = PackedEncoder(model, attention="varlen", log=notes.append, onednn=False)
+    sdpa = PackedEncoder(model, attention="sdpa", onednn=False)
+    p = Packing.of([[1] * n for n in (1, 9, 4, 30)])
+    assert p.cu_lengths.tolist() == [0, 1, 10, 14, 44] and p.cu_lengths.dtype == torch.int32
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            qkv = torch.randn(44, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
+            assert torch.equal(varlen.attention(qkv, p), sdpa.attention(qkv, p))
+    assert len(notes) == 1 and "variable-length kernel is not available" in notes[0], notes
+    with pytest.raises(ValueError, match="unknown attention"):
+        PackedEncoder(model, attention="flash")
 
 
 def test_matmul_attention_centres_keys():
