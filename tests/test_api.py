@@ -94,3 +94,19 @@ def test_quickstart_runs_its_steps(tiny_model, data, tmp_path):
     predictions = [line.split("\t") for line in out.splitlines() if line.count("\t") == 2]
     assert [p[2] for p in predictions] == list(QUICKSTART_TEXTS)
     assert (ckpt / "sweep.json").exists() and "table of the sweep" in err
+
+
+def test_predict_on_raw_text_leaves_h5py_unimported(predictor):
+    """A one-off `predict` pays its imports on every call: it reads no features file, so h5py (0.15 s) stays out."""
+    import subprocess
+    import sys
+
+    from helpers import child_env
+
+    code = ("import sys; from pipeline.predict import Predictor; "
+            f"print(Predictor({predictor.checkpoint!r}, device='cpu').predict(['很好'])[0]['label'] is not None, "
+            "'h5py' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(HF_HUB_OFFLINE="1"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
