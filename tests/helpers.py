@@ -52,6 +52,15 @@ def child_env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+def python_lines(code: str, timeout: float = 300, **env: str) -> list[str]:
+    """Run `python -c CODE` in a child process with `child_env(**env)`; assert it exits 0 (showing the end of
+    its stderr if not) and return its stdout's lines: for what only a fresh process shows (imports, start-up)."""
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(**env), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()
+
+
 def run_module(*args, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in a child process (text output captured), with `child_env(**env)`."""
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=child_env(**env),

@@ -16,7 +16,7 @@ import pipeline as bc
 from pipeline.distributed import shard_range
 from pipeline.store import FeatureStore
 from conftest import make_texts, write_split_files
-from helpers import child_env, run
+from helpers import child_env
 
 
 

@@ -21,7 +21,7 @@ from pipeline.models import instruction_prefix, resolve
 from pipeline.poolings import build_features, pooling_features
 from pipeline.store import FeatureStore
 from pipeline.sweep import default_poolings
-from conftest import build_tiny_bert, default_splits, make_texts, vocab_chars, write_split_files
+from conftest import default_splits, vocab_chars, write_split_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,8 +1,6 @@
 """`bertcache export --format onnx` and `--backend onnx`: one graph, run by onnxruntime, same answers as torch."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ onnx = pytest.importorskip("onnx")
 
 import pipeline as bc  # noqa: E402
 from conftest import default_splits, make_texts, write_split_files  # noqa: E402
-from helpers import child_env, ok, one_line_error, run  # noqa: E402
+from helpers import ok, one_line_error, python_lines, run  # noqa: E402
 from pipeline.checkpoint import read_config  # noqa: E402
 from pipeline.onnx_runner import OnnxPredictor  # noqa: E402
 from pipeline.poolings import build_features  # noqa: E402
@@ -127,9 +125,7 @@ def test_the_runner_needs_no_torch(exported):
     code = ("import sys; from pipeline.onnx_runner import OnnxPredictor; "
             f"print(OnnxPredictor({exported!r}).predict('好')['label']); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=120)
-    assert out.returncode == 0, out.stderr
-    label, loaded = out.stdout.strip().splitlines()
+    label, loaded = python_lines(code, timeout=120)
     assert label in json.load(open(os.path.join(exported, "bertcache.json")))["label_names"]
     assert loaded == "[]"
 

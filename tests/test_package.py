@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 import pipeline
-from helpers import child_env
+from helpers import python_lines
 
 HEAVY = ("torch", "transformers", "datasets", "h5py", "fastapi")
 PROBE = """
@@ -27,9 +25,7 @@ print(json.dumps({"loaded": sorted(m for m in sys.modules if m.split(".")[0] in 
 
 @pytest.mark.slow
 def test_import_and_every_help_load_no_torch():
-    r = subprocess.run([sys.executable, "-c", PROBE], env=child_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout.splitlines()[-1])
+    result = json.loads(python_lines(PROBE, timeout=120)[-1])
     assert result["loaded"] == []
     from pipeline.cli import cli
     assert result["exits"] == [0] * (1 + len(cli.commands))
@@ -39,9 +35,8 @@ def test_import_and_every_help_load_no_torch():
 def test_python_dash_m_help_loads_no_torch():
     code = "import runpy, sys; sys.argv = ['bertcache', '--help']\ntry:\n runpy.run_module('pipeline', run_name='__main__')\n" \
            "except SystemExit:\n pass\nprint('torch' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "Usage: bertcache" in r.stdout, r.stderr
-    assert r.stdout.splitlines()[-1] == "False"
+    lines = python_lines(code, timeout=120)
+    assert "Usage: bertcache" in "\n".join(lines) and lines[-1] == "False"
 
 
 def test_lazy_exports_resolve_to_the_public_objects():

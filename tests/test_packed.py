@@ -285,19 +285,13 @@ def test_what_the_direct_read_does_not_cover_loads_through_transformers(tmp_path
 def test_encoding_a_bert_folder_imports_no_modeling_code(tmp_path):
     """The point of reading modules directly: transformers' modeling code (and torch._dynamo, which it and
     meta-device module construction import) stays out of a process that encodes, about 2.7 s of start-up."""
-    import subprocess
-    import sys
-
-    from tests.helpers import child_env
+    from tests.helpers import python_lines
 
     folder = build(str(tmp_path / "bert"), "bert")
     code = ("import sys; from pipeline.encoder import Encoder; "
             f"Encoder({folder!r}, precision='fp32').encode(['很好']); "
             "print(sorted(m for m in ('transformers.modeling_utils', 'torch._dynamo') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], env=child_env(HF_HUB_OFFLINE="1"), capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert python_lines(code, HF_HUB_OFFLINE="1")[-1] == "[]"
 
 
 def test_a_cached_hub_model_offline_is_read_directly(tmp_path, monkeypatch):
