@@ -452,7 +452,7 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
         if sys.stdin.isatty():
             interactive = True
         else:
-            texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+            texts = _read_lines("-")
     from .onnx_runner import load_predictor
 
     # Loading takes seconds (imports, tokenizer, weights): say so on a terminal, then clear the line.
@@ -635,15 +635,22 @@ def quickstart(ctx, model, data, prefix, layers, features_path, checkpoint_path)
 
 
 def _read_lines(path: str) -> list[str]:
-    if path == "-":
-        return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    """The non-blank lines of a UTF-8 file, or of stdin for "-", decoded strictly: GBK and other encodings
+    are refused in one line instead of reaching the tokenizer as lone surrogates."""
+    name = "stdin" if path == "-" else path
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            return [line.rstrip("\r\n") for line in f if line.strip()]
+        if path == "-":
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        text = data.decode("utf-8-sig")
     except FileNotFoundError as e:
         raise UserError(f"file not found: {path}") from e
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8") from e
+        raise UserError(f"{name} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8 "
+                        "(e.g. iconv -f GBK -t UTF-8)") from e
+    return [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
 
 
 def main():

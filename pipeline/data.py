@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, unicode_problem
 from .tasks import check_task, detect_task, multilabel_targets, regression_targets
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "dev": "validation",
@@ -137,6 +137,7 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
                 raise UserError(f"split {split!r}, row {odd}: the text is a JSON {type(col[odd]).__name__}, not a "
                                 f"string; give {text_column!r} as text")
             texts[split] = [str(col[i]) for i in keep]
+            _check_unicode(split, texts[split], keep)
         label_values[split] = [labels[i] for i in keep]
         rows[split] = np.asarray(keep, dtype=np.int64)
         skipped[split] = len(col) - len(keep)
@@ -172,7 +173,16 @@ def _pair_rows(split: str, firsts, seconds) -> tuple[list[int], list[str], list[
         keep.append(i)
         a_out.append(str(a))
         b_out.append(str(b))
+    for side, texts in (("first", a_out), ("second", b_out)):
+        _check_unicode(split, texts, keep, f"the {side} text of the pair")
     return keep, a_out, b_out
+
+
+def _check_unicode(split: str, texts: list[str], rows, what: str = "the text") -> None:
+    """Refuse, before anything is written, a text the tokenizer and the HDF5 store cannot take."""
+    problem = unicode_problem(texts)
+    if problem:
+        raise UserError(f"split {split!r}, row {rows[problem[0]]}: {what} {problem[1]}")
 
 
 def encode_labels(values: dict[str, list], class_names: list[str] | None = None,

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, as_texts  # noqa: F401 (as_texts: imported from here too)
 from .fingerprints import hash_model_files
 from . import defaults as D
 from . import models as M
@@ -94,19 +94,6 @@ def compile_pays(tokens: int, device: torch.device | str, min_tokens: dict | Non
 def resolve_model(model: str) -> str:
     """A local folder, a built-in name, a ModelScope id or a hub id (see pipeline/models.py): what to load."""
     return M.resolve(model).path
-
-
-def as_texts(texts) -> tuple[bool, list[str]]:
-    """(whether one string was given, the texts as a list): a str is one text, not its characters."""
-    if isinstance(texts, str):
-        return True, [texts]
-    if texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
-        raise UserError(f"give a text or a list of texts, not {type(texts).__name__}")
-    texts = list(texts)
-    bad = [t for t in texts if not isinstance(t, str)][:1]  # a list: the bad item may be None itself
-    if bad:
-        raise UserError(f"every text must be a str; got {type(bad[0]).__name__} {bad[0]!r:.40}")
-    return False, texts
 
 
 class Encoder:

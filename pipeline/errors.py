@@ -1,4 +1,5 @@
-"""The one exception type a user can cause: the CLI prints it as a single line and exits non-zero."""
+"""The one exception type a user can cause (the CLI prints it as a single line and exits non-zero), and the
+checks of what users hand in that more than one module makes."""
 import errno
 import json
 import os
@@ -7,6 +8,45 @@ import re
 
 class UserError(Exception):
     """A problem with the user's input, named along with what to do about it."""
+
+
+def unicode_problem(texts) -> tuple[int, str] | None:
+    """(position, what is wrong) of the first text in `texts` that is not Unicode text, or None. What is wrong
+    is a lone surrogate: what Python makes of bytes that are not UTF-8 in command-line arguments, or of a
+    JSON "\\ud800" escape. No tokenizer, HDF5 file or JSON output takes one.
+
+        >>> unicode_problem(["好", "caf\\udce9"])
+        (1, 'holds a lone surrogate (U+DCE9 at character 4), not Unicode text: bytes that are not UTF-8 decode to these; give it as UTF-8')
+    """
+    for i, t in enumerate(texts):
+        if t.isascii():
+            continue
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return i, (f"holds a lone surrogate (U+{ord(t[e.start]):04X} at character {e.start + 1}), not Unicode "
+                       "text: bytes that are not UTF-8 decode to these; give it as UTF-8")
+    return None
+
+
+def as_texts(texts) -> tuple[bool, list[str]]:
+    """(whether one string was given, the texts as a list): a str is one text, not its characters. Refuses
+    what no tokenizer takes: non-strings, and text that is not Unicode (`unicode_problem`).
+
+        >>> as_texts("好"), as_texts(("好", "坏"))
+        ((True, ['好']), (False, ['好', '坏']))
+    """
+    one = isinstance(texts, str)
+    if not one and (texts is None or isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__")):
+        raise UserError(f"give a text or a list of texts, not {type(texts).__name__}")
+    texts = [texts] if one else list(texts)
+    bad = [t for t in texts if not isinstance(t, str)][:1]  # a list: the bad item may be None itself
+    if bad:
+        raise UserError(f"every text must be a str; got {type(bad[0]).__name__} {bad[0]!r:.40}")
+    problem = unicode_problem(texts)
+    if problem:
+        raise UserError(("the text " if one else f"text {problem[0] + 1} ") + problem[1])
+    return one, texts
 
 
 _ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|os error (\d+)")

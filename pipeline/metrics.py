@@ -30,7 +30,9 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, label_names: l
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
     recall = np.divide(tp, actual, out=np.zeros(k), where=actual > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    present = actual > 0  # macro-F1 over the classes that occur in this split
+    # macro-F1 over the classes that occur in this split or are predicted, as scikit-learn's f1_score(average=
+    # "macro") takes them: a wrong guess of a class absent from the split counts as that class's F1 of 0.
+    present = (actual > 0) | (predicted > 0)
     n = int(len(y_true))
     return {
         "n": n,

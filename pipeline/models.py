@@ -21,6 +21,7 @@ on [CLS] by default.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -79,10 +80,14 @@ def resolve(model: str, revision: str | None = None) -> Source:
     if model.startswith("~"):  # `--model=~/x` reaches us unexpanded
         model = os.path.expanduser(model)
     if os.path.isdir(model):
+        _refuse_bertcache_folder(model)
         if not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "modules.json")):
             raise UserError(f"{model} is a folder but not a model folder (no config.json); give a Hugging Face model "
                             "folder (save_pretrained), a hub id (ORG/NAME), modelscope:ORG/NAME or 'e5-small'")
         return Source(model, os.path.abspath(model), "folder")
+    if os.path.isfile(model):
+        raise UserError(f"{model} is a file; give --model a model folder (save_pretrained), a hub id (ORG/NAME), "
+                        f"{MODELSCOPE}ORG/NAME or 'e5-small'")
     if model == "e5-small":
         from .e5 import ensure_e5_small
         path = ensure_e5_small()
@@ -99,8 +104,7 @@ def resolve(model: str, revision: str | None = None) -> Source:
         return Source(model, None, "hub cache", offline=not reachable)
     if not reachable:
         raise UserError(f"model {model!r} not found: no folder {os.path.abspath(model)}, not in the Hugging Face "
-                        f"cache ({_hf_cache_dir()}), and {why}; check the path, set HF_ENDPOINT to a reachable "
-                        f"mirror (e.g. HF_ENDPOINT=https://hf-mirror.com), or use {MODELSCOPE}{model}")
+                        f"cache ({_hf_cache_dir()}), and {why}; check the path, or {hub_fixes(why, model)}")
     return Source(model, None, "hub")
 
 
@@ -154,6 +158,35 @@ def hub_reachable() -> tuple[bool, str]:
         return False, f"the hub {endpoint} cannot be reached ({e.strerror or type(e).__name__})"
 
 
+def hub_fixes(why: str, ref: str | None = None) -> str:
+    """What to try when the hub was not asked or not reached (`why`, from `hub_reachable`), after checking
+    the path; `ref`: a model id, for which ModelScope is another source.
+
+        >>> hub_fixes("HF_HUB_OFFLINE is set (the hub is not asked)", "google-bert/bert-base-chinese")
+        'unset HF_HUB_OFFLINE to download it (with HF_ENDPOINT=https://hf-mirror.com for a mirror), or use modelscope:google-bert/bert-base-chinese'
+    """
+    if why.startswith("HF_HUB_OFFLINE"):  # HF_ENDPOINT is not read while it is set
+        fixes = ["unset HF_HUB_OFFLINE to download it (with HF_ENDPOINT=https://hf-mirror.com for a mirror)"]
+    else:
+        fixes = ["set HF_ENDPOINT to a reachable mirror (e.g. HF_ENDPOINT=https://hf-mirror.com)"]
+    if ref and ref.count("/") == 1:  # modelscope takes ORG/NAME
+        fixes.append(f"use {MODELSCOPE}{ref}")
+    return ", or ".join(fixes)
+
+
+def _refuse_bertcache_folder(folder: str) -> None:
+    """A checkpoint or an export given where an encoder goes: say which, and the encoder it names."""
+    from .checkpoint import KINDS, _is_kind
+    for kind in KINDS:
+        if _is_kind(folder, kind):
+            meta = os.path.join(folder, KINDS[kind][0])
+            with open(meta, encoding="utf-8") as f:
+                encoder = (json.load(f).get("encoder") or {}).get("model")
+            raise UserError(f"{folder} is a bertcache {kind}, not an encoder"
+                            + (f"; its encoder is {encoder!r}" if encoder else "")
+                            + "; give --model a model folder, hub id or 'e5-small' (--checkpoint takes this folder)")
+
+
 def _looks_like_path(ref: str) -> bool:
     """Hub ids are `name` or `owner/name`; anything else that does not exist is a mistyped path."""
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
@@ -186,8 +219,7 @@ def check_hub_dataset(name: str) -> None:
     reachable, why = hub_reachable()
     if not reachable:
         raise UserError(f"data {name!r} not found: no file or folder {os.path.abspath(name)}, not in the datasets "
-                        f"cache, and {why}; check the path, or set HF_ENDPOINT to a reachable mirror "
-                        "(e.g. HF_ENDPOINT=https://hf-mirror.com)")
+                        f"cache, and {why}; check the path, or {hub_fixes(why)}")
 
 
 def _modelscope(name: str, revision: str | None) -> str:

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .errors import UserError, read_json_file
+from .errors import UserError, as_texts, read_json_file
 from .labels import prediction_dicts
 from .tasks import read_metrics
 
@@ -131,18 +131,17 @@ class OnnxPredictor:
 
     def predict_proba(self, texts: str | list[str]) -> np.ndarray:
         """Class probabilities: [n, classes] for a list of texts, [classes] for one string."""
-        one = isinstance(texts, str)
-        probs = self.run([texts] if one else list(texts))["probabilities"]
+        one, texts = as_texts(texts)
+        probs = self.run(texts)["probabilities"]
         return probs[0] if one else probs
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """The head's input vectors (pooled, before standardization): [n, in_features]."""
-        return self.run(list(texts))["features"]
+        return self.run(as_texts(texts)[1])["features"]
 
     def predict(self, texts: str | list[str]) -> dict | list[dict]:
         """A dict (text, label, label_id, probabilities) for one string, a list of them for a list of texts."""
-        one = isinstance(texts, str)
-        texts = [texts] if one else list(texts)
+        one, texts = as_texts(texts)
         results = self.results(texts, self.predict_proba(texts))
         return results[0] if one else results
 

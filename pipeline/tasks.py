@@ -265,7 +265,7 @@ def multilabel_report(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[
     precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
     recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
     per = f1(tp, fp, fn)
-    present = t.sum(0) > 0
+    present = (t | p).any(0)  # labels true or predicted somewhere, as classification's macro-F1 (metrics.py)
     n = int(len(t))
     return {"n": n,
             "micro_f1": float(f1(tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True))[0]),

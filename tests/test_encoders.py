@@ -346,10 +346,29 @@ def test_unreachable_hub_fails_fast_and_says_what_was_tried(env, monkeypatch, tm
         resolve("foo/bar")
     assert time.perf_counter() - t0 < 5
     assert "no folder" in str(e.value) and "HF_ENDPOINT" in str(e.value) and "modelscope:foo/bar" in str(e.value)
+    # HF_ENDPOINT is not read while HF_HUB_OFFLINE is set: then the fix is to unset it
+    offline = env["HF_HUB_OFFLINE"] == "1"
+    assert ("unset HF_HUB_OFFLINE" in str(e.value)) == offline
+    assert ("set HF_ENDPOINT to a reachable mirror" in str(e.value)) != offline
     t0 = time.perf_counter()
-    with pytest.raises(UserError, match="HF_ENDPOINT"):
+    with pytest.raises(UserError, match="HF_ENDPOINT") as e:
         bc.load_corpus("mydata/reviews")
     assert time.perf_counter() - t0 < 5
+    assert "modelscope" not in str(e.value)  # it is for models
+
+
+def test_a_checkpoint_or_a_file_given_as_the_model_is_named_so(tiny_model, tmp_path):
+    """Checkpoints have a config.json too; an easy slip is --model CHECKPOINT. Say what it is and its encoder."""
+    from pipeline.toy import toy_data
+
+    cache = bc.extract(tiny_model, toy_data(str(tmp_path / "d")), str(tmp_path / "f.h5"), precision="fp32",
+                       progress=False)
+    ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=1)
+    with pytest.raises(UserError, match=f"is a bertcache checkpoint, not an encoder; its encoder is '{tiny_model}'"):
+        resolve(ckpt)
+    with pytest.raises(UserError, match="is a file; give --model a model folder"):
+        resolve(cache)
+    assert resolve(tiny_model).folder == os.path.abspath(tiny_model)  # a model folder still resolves
 
 
 def test_modelscope_without_the_package_is_one_line(tmp_path, data):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ def refused(result, *words):
 def extract_refused(tmp_path, model, data, *words, extra=()):
     out = tmp_path / "out" / "f.h5"
     line = refused(run("extract", "-m", model, "-d", data, "-o", out, *FAST, *extra), *words)
-    assert not out.exists()
+    assert not out.exists() and not glob.glob(f"{out}*"), glob.glob(f"{out}*")  # no partial file either
     return line
 
 
@@ -118,6 +119,26 @@ def test_a_non_utf8_predict_file_is_refused(tiny_cache, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_bytes("这本书写得真好\n".encode("gbk"))
     refused(run("predict", "-c", ck, "--file", texts, "--device", "cpu"), "not UTF-8")
+    # the same bytes on stdin (piped, or --file -), and as an argument (Python decodes argv with lone surrogates)
+    gbk = "这本书写得真好\n".encode("gbk")
+    refused(run("predict", "-c", ck, "--device", "cpu", input=gbk), "stdin is not UTF-8")
+    refused(run("predict", "-c", ck, "--file", "-", "--device", "cpu", input=gbk), "stdin is not UTF-8")
+    refused(run("predict", "-c", ck, "--device", "cpu", "好", "caf\udce9"), "text 2", "lone surrogate")
+    with pytest.raises(bc.UserError, match="text 2 holds a lone surrogate"):
+        bc.Predictor(ck, device="cpu").predict(["好", "bad \ud800 here"])
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_a_lone_surrogate_in_a_data_file_is_refused_before_anything_is_written(tiny_model, tmp_path, pair):
+    """A JSON "\\ud800" escape decodes to a lone surrogate, which neither the tokenizer nor HDF5 takes."""
+    rows = [{"text": t, "text_pair": t, "label": y} for t, y in make_texts(10, seed=4)]
+    rows[7]["text_pair" if pair else "text"] = "bad \ud800 here"
+    os.makedirs(tmp_path / "d")
+    with open(tmp_path / "d" / "train.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    line = extract_refused(tmp_path, tiny_model, tmp_path / "d", "split 'train', row 7", "lone surrogate",
+                           extra=["--text-pair-column", "text_pair"] if pair else [])
+    assert ("second text of the pair" in line) == pair
 
 
 # -- labels ---------------------------------------------------------------------------------------

@@ -106,6 +106,9 @@ def test_runner_tokenizes_as_the_encoder_and_gives_the_head_input(exported, chec
     assert np.abs(runner.embed(TEXTS[:20]) - want).max() < 1e-4
     assert runner.predict(TEXTS[0])["label"] == predictor.predict([TEXTS[0]])[0]["label"]
     assert runner.predict_proba([]).shape == (0, 2)
+    for bad, words in ((["好", None], "must be a str"), (["好", "caf\udce9"], "text 2 holds a lone surrogate")):
+        with pytest.raises(bc.UserError, match=words):  # what the torch Predictor refuses, in the same words
+            runner.predict(bad)
 
 
 def test_export_errors_are_one_line(checkpoint, tmp_path):

@@ -252,3 +252,23 @@ def test_validation_loss_weighs_classes_as_the_heads_training_does():
     want = torch.nn.functional.cross_entropy(torch.tensor(np.log(out)), torch.tensor(y), weight=torch.tensor(w).double())
     assert validation_loss("classification", y, out, weight=w) == pytest.approx(float(want), rel=1e-6)
     assert validation_loss("classification", y, out) != pytest.approx(float(want), rel=1e-3)
+
+
+def test_macro_f1_counts_predicted_classes_absent_from_the_split():
+    """As scikit-learn's f1_score(average="macro"): classes true or predicted; one neither does not count."""
+    from pipeline.metrics import classification_report
+
+    y_true, y_pred = np.array([0, 0, 1, -1]), np.array([0, 2, 1, 3])  # -1: unlabelled, left out
+    report = classification_report(y_true, y_pred, ["a", "b", "c", "d"])
+    # F1 of a: 2/3 (precision 1, recall 1/2); b: 1; c: 0 (predicted once, never true); d: never true nor predicted
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert report["accuracy"] == pytest.approx(2 / 3) and report["n"] == 3
+    from pipeline.tasks import multilabel_report  # the same rule per label
+    t = np.array([[1, 0, 0], [1, 1, 0]], dtype=np.int8)
+    p = np.array([[1, 0, 1], [1, 1, 0]], dtype=np.int8)  # label 2 predicted, never true: F1 0, counted
+    assert multilabel_report(t, p, ["x", "y", "z"])["macro_f1"] == pytest.approx((1 + 1 + 0) / 3)
+    try:
+        from sklearn.metrics import f1_score
+    except ImportError:
+        return
+    assert report["macro_f1"] == pytest.approx(f1_score(y_true[:3], y_pred[:3], average="macro"))
