@@ -42,6 +42,9 @@ class _Group(click.Group):
             _usage_error(ctx, e)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:  # `bertcache ... | head`: the reader has gone, so there is no one to tell
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            ctx.exit(141)  # what a shell reports for a process ended by SIGPIPE
         except Exception as e:
             if debug:
                 raise
@@ -408,6 +411,8 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
     for name, row in zip(report["label_names"], report["confusion_matrix"]):
         click.echo(f"{name:<{width}}  " + " ".join(f"{v:6d}" for v in row))
     for name, rows in report.get("errors", {}).items():
+        if not report["per_class"][name]["support"]:  # no text of that class in the split: nothing to list
+            continue
         click.echo(f"most confidently wrong, true {name}: {len(rows)}")
         for r in rows:
             click.echo(f"  {r['probability']:.4f}  predicted {r['predicted']}  row {r['row']}  {_row_text(r)}")
@@ -562,10 +567,13 @@ def serve(checkpoint, host, port, weights, model, device, max_wait_ms, max_batch
 @click.option("--rows", default=0, show_default=True, type=click.IntRange(min=0), help="Also show the first N rows of each split (text, label).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(path, rows, as_json):
-    """Describe a features file (splits, rows, features, model, shards) or a checkpoint folder."""
+    """Describe a features file (splits, rows, features, model, shards), a checkpoint folder or an export."""
     from .info import as_text, describe
 
     result = describe(path, rows=rows)
+    if rows and result.get("kind") in ("checkpoint", "export"):
+        _log(f"note: --rows shows a features file's rows; {path} is a {result['kind']} "
+             f"(its features file: {(result.get('features') or {}).get('path') or 'see its checkpoint'})")
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
         return
@@ -585,7 +593,10 @@ def info(path, rows, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the export's summary (its bertcache.json) as JSON.")
 def export(checkpoint, out, format_, model, weights, allow_pickle, as_json):
     """Write a checkpoint as one ONNX graph (dynamic batch and length) plus tokenizer, for runtimes without
-    torch: `bertcache predict/serve --backend onnx -c OUT` runs it with onnxruntime."""
+    torch: `bertcache predict/serve --backend onnx -c OUT` runs it with onnxruntime.
+
+    Covers classification heads (single or ensembles) over single, truncated texts; other heads are
+    refused in one line and run with `bertcache serve`."""
     from .export import export as run_export
     from .onnx_runner import read_meta
 

@@ -81,11 +81,13 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
         raise UserError(f"{checkpoint} tunes the encoder's top {config['tuned']['k']} layers; export covers heads over "
                         "the frozen encoder only (serve it with `bertcache serve`)")
     enc = config["encoder"]
-    if config.get("task", "classification") != "classification" or config.get("pair_mode") \
-            or (enc.get("long_texts") or "truncate") != "truncate":
-        raise UserError("export covers classification heads over single, truncated texts; this head's task "
-                        f"{config.get('task')!r}, pair mode {config.get('pair_mode')!r} or long texts "
-                        f"{enc.get('long_texts')!r} are served by `bertcache serve` without --backend onnx")
+    blocking = [what for what, beyond in (
+        (f"task {config.get('task')!r}", config.get("task", "classification") != "classification"),
+        (f"pair mode {config.get('pair_mode')!r}", config.get("pair_mode")),
+        (f"long texts {enc.get('long_texts')!r}", (enc.get("long_texts") or "truncate") != "truncate")) if beyond]
+    if blocking:
+        raise UserError(f"export covers classification heads over single, truncated texts; this head's "
+                        f"{' and '.join(blocking)} is served by `bertcache serve` without --backend onnx")
     members = config["head"].get("members") or [{"pooling": config["pooling"]}]  # an ensemble: each member's
     if any("sentence" in str(m["pooling"]).split("+") for m in members):
         raise UserError("pooling 'sentence' (a sentence-transformers folder's own modules) cannot be exported to "

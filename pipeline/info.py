@@ -18,6 +18,10 @@ def describe(path: str, rows: int = 0) -> dict:
     a features file's first rows of each split (text, label) too, under `first_rows` (`splits.<s>.rows` is
     a count)."""
     if os.path.isdir(path):
+        from .checkpoint import _is_kind
+        if _is_kind(path, "export"):
+            from .onnx_runner import describe_export
+            return finite(describe_export(path))
         return finite(describe_checkpoint(path))
     if not os.path.exists(path):
         from .store import partial_path
@@ -105,6 +109,16 @@ _NAMES = {"macro_f1": "macro-F1", "micro_f1": "micro-F1", "subset_accuracy": "su
 
 
 def as_text(info: dict) -> list[str]:
+    if info["kind"] == "export":
+        test = info["test"] or {}
+        return [f"{info['path']}: ONNX export (opset {info['opset']}) of {info['exported_from']} "
+                f"({info['weights']} weights), {info['head']['type']} head",
+                f"  model        {info['model']} (fingerprint {info['model_fingerprint']})",
+                f"  pooling      {info['pooling']}; layers {info['layers']}; max_length {info['max_length']}; "
+                "precision fp32",
+                f"  labels       {', '.join(info['label_names'])}"] + (
+            ["  test         " + ", ".join(f"{_NAMES.get(k, k)} {v:.4f}" for k, v in test.items()
+                                       if k != "n" and v is not None) + f", n {test['n']}"] if test else [])
     if info["kind"] == "checkpoint":
         head = info["head"]
         if head["type"] == "ensemble":

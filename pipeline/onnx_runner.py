@@ -86,17 +86,8 @@ class OnnxPredictor:
                             f"{str(e).strip().splitlines()[0]}") from e
 
     def describe(self) -> dict:
-        """What `bertcache serve --backend onnx` shows at /info: the export's checkpoint description."""
-        head, enc = self.meta["head"], self.meta.get("encoder", {})
-        metrics = read_metrics(self.checkpoint)
-        test = metrics.get("test")
-        return {"kind": "export", "path": self.checkpoint, "model": enc.get("model"),
-                "model_fingerprint": enc.get("model_fingerprint"), "pooling": self.pooling, "head": head,
-                "label_names": self.label_names, "layers": enc.get("layers"), "max_length": self.max_length,
-                "prefix": self.prefix, "precision": "fp32", "opset": self.meta.get("opset"),
-                "exported_from": self.meta.get("checkpoint"), "weights": self.meta.get("weights"),
-                "best_epoch": metrics.get("best_epoch"), "best": metrics.get("best"),
-                "test": {k: test.get(k) for k in ("accuracy", "macro_f1", "n")} if test else None}
+        """What `bertcache serve --backend onnx` shows at /info: `describe_export` of its folder."""
+        return describe_export(self.checkpoint)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch([self.prefix + t for t in texts])]
@@ -148,6 +139,22 @@ class OnnxPredictor:
     def results(self, texts: list[str], probabilities: np.ndarray) -> list[dict]:
         """`predict`'s dicts for texts whose probabilities were computed elsewhere (serve's micro-batches)."""
         return prediction_dicts(texts, probabilities, self.label_names)
+
+
+def describe_export(folder: str) -> dict:
+    """An export folder's description, for `info` and serve's /info (no onnxruntime needed): the checkpoint it
+    was made from, its model, pooling, head, labels and the checkpoint's test figures."""
+    meta = read_meta(folder)
+    head, enc, tok = meta["head"], meta.get("encoder", {}), meta["tokenizer"]
+    metrics = read_metrics(folder)
+    test = metrics.get("test")
+    return {"kind": "export", "path": folder, "model": enc.get("model"),
+            "model_fingerprint": enc.get("model_fingerprint"), "pooling": meta["pooling"], "head": head,
+            "label_names": meta["label_names"], "layers": enc.get("layers"), "max_length": int(tok["max_length"]),
+            "prefix": tok["prefix"], "precision": "fp32", "opset": meta.get("opset"),
+            "exported_from": meta.get("checkpoint"), "weights": meta.get("weights"),
+            "best_epoch": metrics.get("best_epoch"), "best": metrics.get("best"),
+            "test": {k: test.get(k) for k in ("accuracy", "macro_f1", "n")} if test else None}
 
 
 def load_predictor(checkpoint: str, backend: str, *, model=None, device="auto", weights="best", batch_tokens=None,

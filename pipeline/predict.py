@@ -296,6 +296,9 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         if names != ours and not remap:
             raise UserError(f"{features} has labels {names}, the checkpoint {ours}; extract it with "
                             f"--label-names {','.join(ours)}")
+        if split not in store.splits:
+            raise UserError(f"split {split!r} is not in {features}; it has: {', '.join(store.splits)}; choose one "
+                            "with --split")
         layers = store.settings["layers"]
         y = store.labels(split)
         if remap:

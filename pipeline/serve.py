@@ -68,6 +68,16 @@ def require_server() -> None:
 
 # -- the app --------------------------------------------------------------------------------------
 
+def check_limits(max_wait_ms: float | None = None, **counts: int) -> None:
+    """Refuse limits no server can keep (`counts`: max_texts, max_chars, ... each at least 1; max_wait_ms
+    None or 0 or more), before seconds go into loading a model."""
+    for name, value in counts.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    if max_wait_ms is not None and max_wait_ms < 0:
+        raise UserError(f"--max-wait-ms must be 0 or more, not {max_wait_ms}")
+
+
 def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = None,
                max_batch_texts: int = MAX_BATCH_TEXTS, max_batch_tokens: int = MAX_BATCH_TOKENS,
                max_texts: int = MAX_TEXTS, max_chars: int = MAX_CHARS, max_body_bytes: int = MAX_BODY_BYTES,
@@ -91,17 +101,13 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
     from starlette.concurrency import run_in_threadpool
     from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model
 
-    for name, value in (("max_texts", max_texts), ("max_chars", max_chars), ("max_body_bytes", max_body_bytes),
-                        ("max_batch_texts", max_batch_texts), ("max_batch_tokens", max_batch_tokens)):
-        if value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    check_limits(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes,
+                 max_batch_texts=max_batch_texts, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
     # The torch path keeps prefix, max_length, batch_tokens and tokenize on its encoder; the ONNX runner on itself.
     encoder = getattr(predictor, "encoder", None) or predictor
     device_type = encoder.device.type if hasattr(encoder, "device") else "cpu"
     if max_wait_ms is None:
         max_wait_ms = MAX_WAIT_MS["cpu" if device_type == "cpu" else "gpu"]
-    if max_wait_ms < 0:
-        raise UserError(f"--max-wait-ms must be 0 or more, not {max_wait_ms}")
     prefix_chars = len(encoder.prefix or "")
 
     def estimate_tokens(item) -> int:
@@ -571,6 +577,7 @@ def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | N
 
     from .onnx_runner import load_predictor
 
+    check_limits(**{k: v for k, v in app_options.items() if k.startswith("max_")})  # all before the model loads
     sock = bind(host, port)  # before loading the model: a taken port fails fast
     if threads is not None:
         if threads < 1:

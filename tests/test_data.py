@@ -125,6 +125,9 @@ def test_an_evaluation_file_with_some_of_the_classes_evaluates_by_name(tiny_mode
     assert report["n"] == len(some) and report["label_names"] == ["0", "1", "2"]
     predicted = Predictor(ck).predict_proba([t for t, _ in some]).argmax(1)
     assert report["accuracy"] == pytest.approx(np.mean(predicted == np.array([y for _, y in some])), abs=1e-9)
+    from helpers import ok  # the error list leaves out class 0, which has no text in this file
+    text = ok("evaluate", "-c", ck, "--features", part, "--errors", "2").stdout
+    assert "most confidently wrong, true 1:" in text and "true 0:" not in text
     other = bc.extract(tiny_model, write_split_files(str(tmp_path / "o"), "jsonl", {"test": [("好", 7), ("差", 8)]}),
                        str(tmp_path / "o.h5"), precision="fp32", device="cpu", progress=False)
     with pytest.raises(UserError, match="--label-names 0,1,2"):

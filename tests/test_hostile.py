@@ -557,3 +557,16 @@ def test_allow_pickle_reads_only_tensors(tiny_cache, tmp_path):
     assert not marker.exists()
     torch.save({"weight": torch.zeros(2, 2)}, os.path.join(ck, "best.pt"))
     refused(run("evaluate", "-c", ck, "--allow-pickle"), "does not hold the weights", "net.weight missing")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tiny_cache):
+    """`bertcache info F | head -1`: once the reader has gone, no error line and no traceback, exit 141 as a
+    process ended by SIGPIPE (Python ignores the signal, so the write raises BrokenPipeError instead)."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "info", tiny_cache], stdout=w,
+                              stderr=subprocess.PIPE, text=True, env=child_env(), timeout=120)
+    finally:
+        os.close(w)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr

@@ -157,3 +157,14 @@ def test_an_ensemble_exports_as_one_graph(checkpoint, tmp_path):
     assert np.abs(want - got).max() < 1e-4 and np.abs(want - head.predict_proba(
         predictor.embed(TEXTS[:30]))).max() > 1e-3  # the average, not the heaviest member alone
     np.testing.assert_allclose(runner.embed(TEXTS[:30]), predictor.embed(TEXTS[:30]), atol=1e-4)
+
+
+def test_info_describes_an_export_as_serve_does(exported, checkpoint):
+    """`bertcache info EXPORT` (it used to refuse one) says what /info says; --rows on a folder says where rows are."""
+    described = json.loads(ok("info", exported, "--json").stdout)
+    assert described == json.loads(json.dumps(OnnxPredictor(exported).describe()))
+    assert described["kind"] == "export" and described["exported_from"] == checkpoint
+    text = ok("info", exported).stdout
+    assert "ONNX export" in text and described["label_names"][0] in text
+    note = ok("info", checkpoint, "--rows", "2").stderr
+    assert "--rows shows a features file's rows" in note and "is a checkpoint" in note

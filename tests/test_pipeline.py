@@ -309,7 +309,8 @@ def test_missing_split(tiny_model, cache, tmp_path):
     (folder / "notes.txt").write_text("x")
     one_line_error(run("extract", "-m", tiny_model, "-d", folder, "-o", tmp_path / "f.h5"), "train")
     ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
-    one_line_error(run("evaluate", "-c", ckpt, "--split", "holdout"), "holdout", "train, validation, test")
+    one_line_error(run("evaluate", "-c", ckpt, "--split", "holdout"), "holdout", "train, validation, test",
+                   "choose one with --split")
 
 
 def test_labels_that_are_not_integers_or_names(tiny_model, tmp_path):

@@ -328,3 +328,12 @@ def test_schemathesis_finds_no_server_errors(predictor, mode):
         run()
     assert statuses and max(statuses) < 500
     assert (200 in statuses) if mode == "positive" else (statuses & {400, 413, 422}), statuses
+
+
+def test_limits_are_checked_before_the_model_loads(tmp_path):
+    """A bad limit is refused at once, not after seconds of loading: here the checkpoint does not even exist."""
+    from helpers import one_line_error
+    for option, value, words in (("--max-texts", 0, "--max-texts must be at least 1, not 0"),
+                                 ("--max-batch-tokens", -5, "--max-batch-tokens must be at least 1"),
+                                 ("--max-wait-ms", -1, "--max-wait-ms must be 0 or more")):
+        one_line_error(run("serve", "-c", tmp_path / "missing", option, value, "--port", 0), words, exit_code=2)

@@ -101,6 +101,10 @@ def test_regression_end_to_end(regression_cache, regression_data, tmp_path):
     assert abs(config["target"]["mean"] - y.mean()) < 1e-6 and abs(config["target"]["std"] - y.std()) < 1e-5
     report = json.loads(ok("evaluate", "-c", ckpt, "--json").stdout)
     assert report["task"] == "regression" and abs(report["spearman"] - fit["test"]["spearman"]) < 1e-9
+    exported = run("export", "-c", ckpt, "-o", tmp_path / "onnx")
+    if "needs the onnx" not in exported.output:  # the onnx extra is installed: the refusal names what blocks
+        line = one_line_error(exported, "this head's task 'regression' is served by `bertcache serve`", exit_code=2)
+        assert "pair mode" not in line and "long texts" not in line
     text = ok("evaluate", "-c", ckpt).stdout
     assert "spearman" in text and "mae" in text
     # error analysis: the rows farthest from their targets, largest first, with their texts
