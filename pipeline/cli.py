@@ -79,6 +79,13 @@ def _names(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",")] if value else None
 
 
+def _range(name: str) -> click.ParamType:
+    """The click type of a numeric option, from the bounds the Python API checks (defaults.BOUNDS)."""
+    b = D.BOUNDS[name]
+    kind = click.IntRange if b.kind is int else click.FloatRange
+    return kind(b.low, b.high, min_open=b.low_open, max_open=b.high_open)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(__version__, prog_name="bertcache")
@@ -117,7 +124,7 @@ def cli(debug):
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="The encoder's autocast dtype; auto: bf16 where the hardware has it (recent GPUs, CPUs with "
                    "AVX512-BF16 / AMX), fp16 on older GPUs, else fp32.")
-@click.option("--batch-tokens", type=click.IntRange(min=1), help="Tokens per batch [1024 on CPU, 65536 on GPU].")
+@click.option("--batch-tokens", type=_range("batch_tokens"), help="Tokens per batch [1024 on CPU, 65536 on GPU].")
 @click.option("--workers", type=click.IntRange(min=1), help="CPU: batches run side by side on this many threads, one torch thread "
                                           "each [torch's thread count, when there are batches enough]; 1 = one "
                                           "batch at a time on all torch threads.")
@@ -178,18 +185,18 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
 @click.option("--head", default="linear", show_default=True,
               help="linear, mlp, or logreg (linear, fit full-batch by L-BFGS with its L2 strength chosen on "
                    "validation; --lr, --epochs and --batch-size do not apply).")
-@click.option("--hidden", default=D.HIDDEN, show_default=True, type=click.IntRange(min=1), help="Hidden units of the mlp head.")
-@click.option("--dropout", default=D.DROPOUT, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--epochs", default=D.EPOCHS, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=D.LR, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--weight-decay", default=D.WEIGHT_DECAY, show_default=True, type=click.FloatRange(0))
-@click.option("--batch-size", default=D.BATCH_SIZE, show_default=True, type=click.IntRange(min=1))
+@click.option("--hidden", default=D.HIDDEN, show_default=True, type=_range("hidden"), help="Hidden units of the mlp head.")
+@click.option("--dropout", default=D.DROPOUT, show_default=True, type=_range("dropout"))
+@click.option("--epochs", default=D.EPOCHS, show_default=True, type=_range("epochs"))
+@click.option("--lr", default=D.LR, show_default=True, type=_range("lr"))
+@click.option("--weight-decay", default=D.WEIGHT_DECAY, show_default=True, type=_range("weight_decay"))
+@click.option("--batch-size", default=D.BATCH_SIZE, show_default=True, type=_range("batch_size"))
 @click.option("--seed", default=D.SEED, show_default=True, help="Seeds the initial weights, the batch order and "
                                                                    "the validation hold-out.")
-@click.option("--patience", default=D.PATIENCE, show_default=True, type=click.IntRange(min=0), help="Stop after this many epochs without "
+@click.option("--patience", default=D.PATIENCE, show_default=True, type=_range("patience"), help="Stop after this many epochs without "
                                                                         "a better validation score (0: never; "
                                                                         "10 with --sweep).")
-@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--label-smoothing", default=0.0, show_default=True, type=_range("label_smoothing"))
 @click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
 @click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay, and a greedy "
                                             "ensemble of them; keep the best by validation (--sweep-select).")
@@ -216,9 +223,9 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
               "options go to the probe).")
 @click.option("--init", help="With --tune-layers: start from this checkpoint's head and pooling (e.g. the sweep's best "
                              "single head) instead of fitting --head on --pooling first.")
-@click.option("--layer-lr", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True), help="With --tune-layers: the tuned layers' AdamW lr.")
-@click.option("--head-lr", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True), help="With --tune-layers: the head's AdamW lr.")
-@click.option("--batch-tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="With --tune-layers: padded tokens per batch.")
+@click.option("--layer-lr", default=1e-4, show_default=True, type=_range("layer_lr"), help="With --tune-layers: the tuned layers' AdamW lr.")
+@click.option("--head-lr", default=1e-4, show_default=True, type=_range("head_lr"), help="With --tune-layers: the head's AdamW lr.")
+@click.option("--batch-tokens", default=4096, show_default=True, type=_range("batch_tokens"), help="With --tune-layers: padded tokens per batch.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="With --tune-layers: autocast dtype (auto: bf16 where the hardware has it).")
 @click.option("--device", default="auto", show_default=True,
@@ -354,7 +361,7 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
               help="The head's weights of its best validation epoch, or of its last.")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--confusion-png", type=click.Path(dir_okay=False), help="Also draw the confusion matrix as a PNG.")
-@click.option("--errors", "errors", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--errors", "errors", default=0, show_default=True, type=_range("errors"),
               help="Also list the N most confidently wrong texts of each true class.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, errors, as_json):
@@ -434,7 +441,7 @@ def _row_text(r: dict) -> str:
                                                                    "cuda:N, mps.")
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]),
               help="The head's weights of its best validation epoch, or of its last.")
-@click.option("--batch-tokens", type=click.IntRange(min=1), help="Padded tokens per batch.")
+@click.option("--batch-tokens", type=_range("batch_tokens"), help="Padded tokens per batch.")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
               help="onnx: run a `bertcache export` folder (given as --checkpoint) with onnxruntime.")
@@ -533,7 +540,7 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
               help="Texts per gathered encoder call.")
 @click.option("--max-batch-tokens", default=S.MAX_BATCH_TOKENS, show_default=True,
               help="Tokens (estimated) per gathered encoder call.")
-@click.option("--batch-tokens", type=click.IntRange(min=1), help="Padded tokens per encoder forward pass [1024 on CPU, 65536 on GPU].")
+@click.option("--batch-tokens", type=_range("batch_tokens"), help="Padded tokens per encoder forward pass [1024 on CPU, 65536 on GPU].")
 @click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads [torch's default].")
 @click.option("--max-texts", default=S.MAX_TEXTS, show_default=True, help="Texts per request.")
 @click.option("--max-chars", default=S.MAX_CHARS, show_default=True,

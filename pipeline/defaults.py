@@ -1,4 +1,9 @@
-"""Training defaults, visible in one place. No torch here: `bertcache fit-head --help` shows them."""
+"""Training defaults, visible in one place, and the ranges of the numeric options. No torch here: `bertcache
+fit-head --help` shows them."""
+import numbers
+from typing import NamedTuple
+
+from .errors import UserError
 
 HEADS = ("linear", "mlp", "logreg")  # logreg: a linear head fit full-batch by L-BFGS, L2 chosen on validation
 # logreg's L2 strengths, as scikit-learn's C (inverse strength: the loss is C * summed cross-entropy + |W|^2 / 2)
@@ -35,3 +40,80 @@ COMPILE_MIN_TOKENS = {"cpu": None, "cuda": None}
 # epoch vs 10.3 on this CPU) against this CPU's quiet ms per step (benchmarks/fit_device.py): 0.26 (2^18.6),
 # 0.67 (mlp 64, 2^23.6), 1.8 (mlp 256, 2^25.6). RESULTS.md, issue 17.
 GPU_MIN_STEP_WORK = 1 << 24
+
+
+# The numbers a numeric option takes: the Python API checks them with `check_ranges`, and the command's click
+# options are built from the same bounds (cli.py, `_range`), so that both refuse the same values.
+class Bound(NamedTuple):
+    """The values a numeric option takes: an int or a float from `low` to `high` (None: unbounded), either end
+    left out when `low_open` / `high_open`; None too when `none` (the option's "not given"). `option`: the
+    command's name for it, where that is not --<name>."""
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    none: bool = False
+    option: str | None = None
+
+    def holds(self, value) -> bool:
+        if value is None:
+            return self.none
+        # no float for an int option, no bool for either
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.kind is int else numbers.Real):
+            return False
+        # written so that NaN fails every comparison
+        return ((self.low is None or (value > self.low if self.low_open else value >= self.low))
+                and (self.high is None or (value < self.high if self.high_open else value <= self.high)))
+
+    def text(self) -> str:
+        """The range in words: "an integer at least 1", "a number at least 0 and less than 1"."""
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'greater than' if self.low_open else 'at least'} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'less than' if self.high_open else 'at most'} {self.high:g}")
+        noun = "an integer" if self.kind is int else "a number"
+        return f"{noun} {' and '.join(parts)}" + (" (or None)" if self.none else "")
+
+
+_POSITIVE = Bound(float, 0, low_open=True)
+_SHARE = Bound(float, 0, 1, high_open=True)  # a probability, or a share that cannot be all: [0, 1)
+BOUNDS = {
+    "hidden": Bound(int, 1), "epochs": Bound(int, 1), "batch_size": Bound(int, 1),
+    "patience": Bound(int, 0, none=True),  # 0 or None: never stop early
+    "dropout": _SHARE, "label_smoothing": _SHARE,
+    "lr": _POSITIVE, "weight_decay": Bound(float, 0),
+    # the sweep's grids, value by value
+    "lrs": _POSITIVE._replace(option="--sweep-lrs"),
+    "weight_decays": Bound(float, 0, option="--sweep-weight-decays"),
+    "layer_lr": _POSITIVE, "head_lr": _POSITIVE,  # fit-head --tune-layers
+    "batch_tokens": Bound(int, 1, none=True),
+    "errors": Bound(int, 0),  # evaluate
+    "validation_fraction": _SHARE._replace(none=True),  # the estimators; 0: train on all, keep the last epoch
+}
+
+
+def check_ranges(**values) -> None:
+    """Refuse, in one line naming the parameter, a value outside its BOUNDS; a list or tuple (a sweep's grid)
+    value by value. Names without bounds are let through, so that a function can pass all its options.
+
+    >>> check_ranges(dropout=0.0, patience=None, lrs=[1e-3, 3e-4], seed=7)
+    >>> check_ranges(dropout=1.5)
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.UserError: dropout must be a number at least 0 and less than 1, not 1.5
+    >>> check_ranges(lrs=[1e-3, -1e-3])
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.UserError: every value of lrs (--sweep-lrs) must be a number greater than 0, not -0.001
+    """
+    for name, value in values.items():
+        bound = BOUNDS.get(name)
+        if bound is None:
+            continue
+        grid = isinstance(value, (list, tuple))
+        for v in value if grid else [value]:
+            if not bound.holds(v):
+                what = name + (f" ({bound.option})" if bound.option else "")
+                raise UserError(f"{'every value of ' if grid else ''}{what} must be {bound.text()}, not {v!r}")

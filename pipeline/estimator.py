@@ -65,8 +65,8 @@ class _TextEstimator(BaseEstimator):
         hidden, dropout: the mlp head's hidden units and dropout.
         epochs, lr, weight_decay, batch_size: AdamW training of the head.
         patience: stop after this many epochs without a better validation score (None or 0: never).
-        validation_fraction: share of the training texts held out (stratified) to pick the best epoch;
-            0 trains on all and keeps the last epoch.
+        validation_fraction: share of the training texts held out (stratified) to pick the best epoch,
+            from 0 up to (not including) 1; 0 trains on all and keeps the last epoch.
         label_smoothing: of the cross-entropy loss.
         class_weights: None or "balanced".
         seed: seeds the head's initial weights, the batch order and the hold-out.
@@ -91,7 +91,7 @@ class _TextEstimator(BaseEstimator):
 
         texts, y = ["这本书写得真好", "质量太差了", "物流很快", "屏幕有坏点"], ["pos", "neg", "pos", "neg"]
         clf = TextClassifier("e5-small", prefix="query: ", pooling="mean").fit(texts, y)
-        clf.predict(["价格便宜，性价比很高"])               # array(['pos'], dtype='<U3')
+        clf.predict(["包装也不错，很满意", "退货还很麻烦"])  # array(['pos', 'neg'], dtype='<U3')
         grid = GridSearchCV(clf, {"head": ["linear", "mlp"], "lr": [1e-3, 3e-4]}, cv=2)
         grid.fit(texts * 5, y * 5)                          # encodes each distinct text once
     """
@@ -134,7 +134,7 @@ class _TextEstimator(BaseEstimator):
     def _fit_head(self, X_all, y, k, task, weights=None):
         """Train the head with a held-out share of the rows (stratified for class ids); returns the held-out rows."""
         n = len(X_all)
-        if self.validation_fraction and self.validation_fraction > 0:
+        if self.validation_fraction:  # _check_params refused a negative one
             train, val = holdout(y, self.validation_fraction, self.seed)
         else:
             train, val = np.arange(n), np.arange(0)
@@ -146,6 +146,10 @@ class _TextEstimator(BaseEstimator):
                             class_weights=weights(train) if weights else None, task=task)
         self.head_, self.history_, self.best_epoch_ = result.head, result.history, result.best_epoch
         return val
+
+    def _check_params(self) -> None:
+        """Refuse, before any encoding, a number outside the range its option takes (defaults.BOUNDS)."""
+        D.check_ranges(**self.get_params())
 
     # -- the encoder and its vectors ----------------------------------------------------------------
 
@@ -199,7 +203,7 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
 
         texts, y = ["这本书写得真好", "质量太差了", "物流很快", "屏幕有坏点"], ["pos", "neg", "pos", "neg"]
         clf = TextClassifier("e5-small", prefix="query: ", pooling="mean").fit(texts, y)
-        clf.predict(["价格便宜，性价比很高"])               # array(['pos'], dtype='<U3')
+        clf.predict(["包装也不错，很满意", "退货还很麻烦"])  # array(['pos', 'neg'], dtype='<U3')
 
     Runnable, on pipeline.toy's model and data (seconds):
 
@@ -223,6 +227,7 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
             X: the training texts (a list, array or Series of str).
             y: their labels (ints or strings), one per text; or a 0/1 matrix [texts, labels] (multilabel).
         """
+        self._check_params()
         texts = _texts(X)
         if not texts:
             raise UserError("fit needs at least one text")
@@ -306,6 +311,7 @@ class TextRegressor(RegressorMixin, _TextEstimator):
             X: the training texts (a list, array or Series of str).
             y: one finite number per text.
         """
+        self._check_params()
         texts = _texts(X)
         y = np.asarray(y, dtype=np.float64)
         if y.ndim != 1 or len(y) != len(texts):

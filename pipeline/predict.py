@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .checkpoint import load_checkpoint, read_config
+from .defaults import check_ranges
 from .encoder import Encoder, as_texts
 from .errors import UserError
 from .fingerprints import check_same_encoder
@@ -281,6 +282,7 @@ def evaluate(checkpoint: str, features: str | None = None, split: str = "test", 
         (40, ['正向', '负向'], 2, ['正向', '负向'])
     """
     from .store import TEXTS, FeatureStore, RowTexts  # h5py: not needed by predict on raw text (0.15 s)
+    check_ranges(errors=errors)
     config, head = load_checkpoint(checkpoint, weights, allow_pickle=allow_pickle)
     features = features or config["features"]["path"]
     with FeatureStore(features) as store:

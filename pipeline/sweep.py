@@ -149,9 +149,8 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
     bad = [h for h in heads if h not in D.HEADS]
     if bad:
         raise UserError(f"unknown head {bad[0]!r} in --sweep-heads; use {', '.join(D.HEADS)}")
-    if any(v <= 0 for v in lrs) or any(v < 0 for v in weight_decays):
-        raise UserError("learning rates must be positive and weight decays not negative (--sweep-lrs, "
-                        "--sweep-weight-decays)")
+    D.check_ranges(lrs=lrs, weight_decays=weight_decays, hidden=hidden, dropout=dropout, epochs=epochs,
+                   batch_size=batch_size, patience=patience, label_smoothing=label_smoothing)
     if poolings is None:
         with FeatureStore(features) as store:
             poolings = default_poolings(store.settings["layers"], store.settings)

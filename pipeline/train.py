@@ -412,6 +412,8 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
         >>> metrics["epochs_run"], metrics["label_names"], 0 <= metrics["test"]["accuracy"] <= 1
         (20, ['正向', '负向'], True)
     """
+    D.check_ranges(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                   batch_size=batch_size, patience=patience, label_smoothing=label_smoothing)
     if pooling is None:
         with FeatureStore(features) as store:
             pooling = default_pooling(store.settings)

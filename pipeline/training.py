@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .defaults import (BATCH_SIZE, DROPOUT, EPOCHS, GPU_MIN_STEP_WORK, HIDDEN, LOGREG_CS, LOGREG_MAX_ITER,
-                       LOGREG_PATIENCE, LR, PATIENCE, SEED, SHUFFLE_BLOCK, SHUFFLE_WINDOW, WEIGHT_DECAY)
+                       LOGREG_PATIENCE, LR, PATIENCE, SEED, SHUFFLE_BLOCK, SHUFFLE_WINDOW, WEIGHT_DECAY,
+                       check_ranges)
 from .errors import UserError
 from .heads import Head
 from .threads import torch_threads
@@ -166,8 +167,8 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
                           device=device, log=log, task=task, standardize=standardize)
     if train.n == 0:
         raise UserError("the train split has no labelled rows to train on")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise UserError("--epochs, --batch-size and --lr must be positive")
+    check_ranges(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                 batch_size=batch_size, patience=patience, label_smoothing=label_smoothing)
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

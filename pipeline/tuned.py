@@ -217,6 +217,8 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
     `init`: a checkpoint folder whose single head (and pooling) is the probe; otherwise a `head` over
     `pooling` is fit on the frozen pooled features first (`probe_options` go to train.train).
     """
+    D.check_ranges(epochs=epochs, layer_lr=layer_lr, head_lr=head_lr, weight_decay=weight_decay,
+                   batch_tokens=batch_tokens, **probe_options)
     from . import train as T
     from .checkpoint import load_checkpoint
     from .encoder import resolve_device, resolve_model, resolve_precision, _DTYPES

@@ -1,18 +1,22 @@
-"""The Python API in the ecosystem's shape: one string or a list, the sweep's checks in the API, the
-extraction bar in tokens, and `bertcache quickstart` (its steps on the tiny model and a tiny corpus)."""
+"""The Python API in the ecosystem's shape: one string or a list, the sweep's checks in the API, the ranges
+of the command's numeric options checked by the functions too, the extraction bar in tokens, and `bertcache
+quickstart` (its steps on the tiny model and a tiny corpus)."""
 from __future__ import annotations
 
 import re
 
+import click
 import numpy as np
 import pytest
 
-from pipeline.cli import QUICKSTART_TEXTS
+from pipeline import defaults as D
+from pipeline.cli import QUICKSTART_TEXTS, cli
 from pipeline.errors import UserError
 from pipeline.extract import extract
-from pipeline.predict import Predictor
+from pipeline.predict import Predictor, evaluate
 from pipeline.sweep import sweep
 from pipeline.train import fit_head
+from pipeline.tuned import fit_tuned
 from conftest import default_splits, write_split_files
 from helpers import ok, python_lines
 
@@ -64,10 +68,73 @@ def test_sweep_takes_lists_or_comma_strings_and_checks_them(cache, tmp_path):
     assert len(ranked) == 4 and [(r["pooling"], r["lr"]) for r in ranked] == [(r["pooling"], r["lr"]) for r in again]
     with pytest.raises(UserError, match="--sweep-lrs"):
         sweep(cache, str(tmp_path / "c"), lrs="fast", **common)
-    with pytest.raises(UserError, match="positive"):
+    with pytest.raises(UserError, match=r"lrs \(--sweep-lrs\) must be a number greater than 0, not -0.001"):
         sweep(cache, str(tmp_path / "c"), lrs=[-1e-3], **common)
     with pytest.raises(UserError, match="rnn"):
         sweep(cache, str(tmp_path / "c"), heads="linear,rnn", **common)
+
+
+# What the command's click options refuse, the functions refuse too (docs/api.md: the same one-line UserError):
+# (function, its arguments, the parameter the message names, the bad value it shows).
+OUT_OF_RANGE = [
+    ("fit_head", dict(head="mlp", hidden=0), "hidden", "0"),
+    ("fit_head", dict(patience=-1), "patience", "-1"),
+    ("fit_head", dict(head="mlp", dropout=1.5), "dropout", "1.5"),
+    ("fit_head", dict(label_smoothing=2), "label_smoothing", "2"),
+    ("fit_head", dict(weight_decay=-1), "weight_decay", "-1"),
+    ("fit_head", dict(epochs=0), "epochs", "0"),
+    ("fit_head", dict(epochs=2.5), "epochs", "2.5"),
+    ("fit_head", dict(lr=0.0), "lr", "0.0"),
+    ("fit_head", dict(batch_size=0), "batch_size", "0"),
+    ("sweep", dict(lrs=[1e-3, -1e-3]), "every value of lrs (--sweep-lrs)", "-0.001"),
+    ("sweep", dict(weight_decays="0,-0.1"), "every value of weight_decays (--sweep-weight-decays)", "-0.1"),
+    ("sweep", dict(dropout=1.0), "dropout", "1.0"),
+    ("sweep", dict(patience=-2), "patience", "-2"),
+    ("fit_tuned", dict(layer_lr=0), "layer_lr", "0"),
+    ("fit_tuned", dict(head_lr=-1e-4), "head_lr", "-0.0001"),
+    ("fit_tuned", dict(batch_tokens=0), "batch_tokens", "0"),
+    ("fit_tuned", dict(epochs=0), "epochs", "0"),
+    ("fit_tuned", dict(hidden=0), "hidden", "0"),  # an option of the probe
+    ("evaluate", dict(errors=-1), "errors", "-1"),
+]
+
+
+@pytest.mark.parametrize("function, options, name, value", OUT_OF_RANGE)
+def test_functions_refuse_what_the_command_refuses(cache, predictor, tmp_path, function, options, name, value):
+    out = tmp_path / "out"
+    call = {"fit_head": lambda: fit_head(cache, str(out), **{"epochs": 3, **options}),
+            "sweep": lambda: sweep(cache, str(out), progress=False, **{"epochs": 2, **options}),
+            "fit_tuned": lambda: fit_tuned(cache, 1, str(out), **options),
+            "evaluate": lambda: evaluate(predictor.checkpoint, **options)}[function]
+    with pytest.raises(UserError) as refused:
+        call()
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{name} must be ") and message.endswith(f", not {value}")
+    assert not out.exists()  # refused before any work
+
+
+def test_the_ends_of_each_range_are_taken(cache, predictor, tmp_path):
+    _, metrics = fit_head(cache, str(tmp_path / "a"), pooling="mean", head="mlp", hidden=1, dropout=0.0, epochs=3,
+                          weight_decay=0, batch_size=1, patience=0, label_smoothing=0.0)
+    assert metrics["epochs_run"] == 3  # patience 0: never stop early
+    _, metrics = fit_head(cache, str(tmp_path / "b"), pooling="mean", epochs=2, patience=None, lr=1e-9)
+    assert metrics["epochs_run"] == 2
+    assert "errors" not in evaluate(predictor.checkpoint, errors=0)
+
+
+def test_the_command_takes_its_ranges_from_the_same_bounds():
+    """Every numeric click option named in defaults.BOUNDS refuses what the Python check refuses."""
+    seen = set()
+    for command in cli.commands.values():
+        for param in command.params:
+            bound = D.BOUNDS.get(param.name)
+            if bound is None or not isinstance(param.type, click.types._NumberRangeBase):
+                continue
+            t = param.type
+            assert (t.min, t.max, t.min_open, t.max_open) == (bound.low, bound.high, bound.low_open, bound.high_open)
+            assert isinstance(t, click.IntRange if bound.kind is int else click.FloatRange), param.name
+            seen.add(param.name)
+    assert seen == set(D.BOUNDS) - {"lrs", "weight_decays", "validation_fraction"}  # the sweep's grids are text
 
 
 def test_extract_bar_counts_tokens(tiny_model, data, tmp_path, capfd):

@@ -1,6 +1,8 @@
 """The scikit-learn estimator over raw texts (pipeline/estimator.py), on the tiny random BERT."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -128,6 +130,30 @@ def test_cache_dir_files_written_meanwhile_are_read(tiny_model, corpus, encoded,
     before = len(encoded)
     make(tiny_model, cache_dir=folder).fit(texts, y)
     assert before - n == len(rest) and len(encoded) == before  # the other process's own encode, then none
+
+
+@pytest.mark.parametrize("params, name, value", [({"validation_fraction": 1.5}, "validation_fraction", "1.5"),
+                                                ({"validation_fraction": -0.1}, "validation_fraction", "-0.1"),
+                                                ({"validation_fraction": 1}, "validation_fraction", "1"),
+                                                ({"head": "mlp", "hidden": 0}, "hidden", "0"),
+                                                ({"dropout": 1.0}, "dropout", "1.0"),
+                                                ({"patience": -1}, "patience", "-1"),
+                                                ({"lr": -1e-3}, "lr", "-0.001")])
+def test_fit_refuses_numbers_out_of_range_before_encoding(tiny_model, corpus, encoded, params, name, value):
+    texts, y = corpus
+    message = rf"^{name} must be [^\n]*, not {re.escape(value)}$"
+    with pytest.raises(E.UserError, match=message):
+        make(tiny_model, **params).fit(texts, y)
+    with pytest.raises(E.UserError, match=message):
+        E.TextRegressor(tiny_model, precision="fp32", device="cpu", **params).fit(texts, np.arange(len(texts)) * 1.0)
+    assert encoded == []
+
+
+def test_fit_takes_the_ends_of_each_range(tiny_model, corpus, encoded):
+    texts, y = corpus
+    clf = make(tiny_model, epochs=3, validation_fraction=0.0, head="mlp", hidden=1, dropout=0.0, patience=0,
+               weight_decay=0.0, label_smoothing=0.0, batch_size=1).fit(texts, y)
+    assert clf.best_epoch_ == 3 and len(clf.history_) == 3  # no hold-out: every text trains, the last epoch is kept
 
 
 def test_sklearn_edges(tiny_model, corpus, encoded):
