@@ -330,7 +330,8 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
 
     path, ranked, metrics = sweep(features, out, poolings=poolings, heads=heads, lrs=lrs, weight_decays=weight_decays,
                                   seed=seed, ensemble=ensemble, selection=selection, folds=folds,
-                                  progress=not as_json or sys.stderr.isatty(), **options)
+                                  progress=not as_json or sys.stderr.isatty(), log=None if as_json else _log,
+                                  **options)
     if as_json:
         metrics["ranked"] = ranked
         return path, metrics
@@ -503,8 +504,9 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
                 click.echo(f"{r['label']}\t{r['probabilities'][r['label']]:.4f}\t{text}")
         encoder = getattr(predictor, "encoder", None)
         if getattr(encoder, "truncated", 0):
-            _log(f"{encoder.truncated} texts longer than {encoder.max_length} tokens were "
-                 "truncated (a head extracted with --long-texts chunk encodes them whole)")
+            from .encoder import truncation_note
+            _log(truncation_note(encoder.truncated, encoder.max_length)
+                 + " (a head extracted with --long-texts chunk encodes them whole)")
             encoder.truncated = 0
 
     if not interactive:

@@ -96,6 +96,15 @@ def resolve_model(model: str) -> str:
     return M.resolve(model).path
 
 
+def truncation_note(n: int, max_length: int, unit: str = "text") -> str:
+    """What extract and predict say of `n` texts (or pairs) cut at max_length.
+
+        >>> truncation_note(1, 512)
+        '1 text longer than 512 tokens was truncated'
+    """
+    return f"{n} {unit}{'s' if n != 1 else ''} longer than {max_length} tokens {'was' if n == 1 else 'were'} truncated"
+
+
 class Encoder:
     """A frozen HF encoder that turns texts into pooled vectors.
 
@@ -150,6 +159,9 @@ class Encoder:
             self.config = AutoConfig.from_pretrained(path, **where)
         except Exception as e:
             raise UserError(f"cannot load model {model!r}: {_first_line(e)}") from e
+        if getattr(self.config, "is_encoder_decoder", False):  # T5, BART, ...: their forward wants decoder inputs
+            raise UserError(f"model {model!r} is an encoder-decoder ({self.config.model_type}); bertcache encodes with "
+                            "encoder models (BERT-like, sentence-transformers folders) and decoder embedders")
         self._hf_load = (path, where)
         self._model = None
         # BERT-family folders that will run packed are read without transformers' modeling code (about 1.7 s

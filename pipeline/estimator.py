@@ -242,6 +242,8 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
                             f"labels of shape {y.shape}")
         if self.class_weights not in (None, "none", "balanced"):
             raise UserError(f"unknown class_weights {self.class_weights!r}; use None or 'balanced'")
+        if y.ndim == 1 and len(np.unique(y)) < 2:  # before encoding; scikit-learn's classifiers refuse it too
+            raise UserError(f"fit needs texts of at least two classes; y has one only ({y[0]!r})")
         X_all = self._features(texts)
         if y.ndim == 2:  # multilabel
             if not np.isin(y, (0, 1)).all():

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .data import FILE_FORMATS, Corpus, Split, load_corpus
-from .encoder import DEFAULT_MAX_LENGTH, Encoder
+from .encoder import DEFAULT_MAX_LENGTH, Encoder, truncation_note
 from .errors import UserError, check_new_file
 from .fingerprints import data_fingerprint
 from .store import TEXTS, StoreWriter
@@ -151,6 +151,9 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     if states:
         if paired or encoder.long_texts == "chunk":
             raise UserError("--states caches whole single texts: it does not go with sentence pairs or --long-texts chunk")
+        if corpus.task != "classification":  # what --tune-layers trains: refused now, not after the extraction
+            raise UserError(f"--states is for fit-head --tune-layers, which trains classification heads; this data is "
+                            f"{corpus.task}: extract without --states")
         from .store import states_bytes, states_storage
         from .tuned import check_supported
         if encoder.sentence:  # the tuned top's poolings are the model's own (cls, mean, last), not the folder's
@@ -163,6 +166,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             splits[name]["token_lengths"] = np.fromiter(
                 (len(ids) for a in range(0, len(s.texts), 8192) for ids in encoder.tokenize(list(s.texts[a:a + 8192]))),
                 dtype=np.int64, count=len(s.texts))
+        encoder.truncated = 0  # counted again when the texts are encoded: said once, after
         tokens = sum(int(v["token_lengths"].sum()) for v in splits.values())
         log(f"token states of layer {encoder.num_layers - states} ({tokens} tokens, {states_dtype}) will take "
             f"{states_bytes(settings, splits) / 2**20:.1f} MiB on disk")
@@ -186,8 +190,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         writer.abort()
         raise
     if encoder.truncated:
-        log(f"{encoder.truncated} {'pairs' if paired and pair_mode == 'cross' else 'texts'} longer than "
-            f"{encoder.max_length} tokens were truncated (--long-texts chunk encodes them whole)")
+        unit = "pair" if paired and pair_mode == "cross" else "text"
+        log(truncation_note(encoder.truncated, encoder.max_length, unit) + " (--long-texts chunk encodes them whole)")
     writer.finish()
     return out
 

@@ -161,6 +161,10 @@ class Predictor:
             one_pair, pairs = as_texts(pairs)
             if one_pair != one or len(pairs) != len(texts):
                 raise UserError(f"{len(texts)} texts but {len(pairs)} second texts: give one pair per row")
+            blank = next((i for i, (a, b) in enumerate(zip(texts, pairs)) if not a.strip() or not b.strip()), None)
+            if blank is not None:  # as extract, predict's CLI and serve refuse it
+                side = "first" if not texts[blank].strip() else "second"
+                raise UserError(f"pair {blank + 1}: the {side} text is blank; give two non-blank texts")
         return one, texts, pairs
 
     def predict_proba(self, texts, on_progress=None, pairs=None) -> np.ndarray:

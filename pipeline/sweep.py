@@ -123,7 +123,8 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
             train + validation have at most 10,000 rows (where one split's noise exceeds the gaps between
             heads) and no refit is asked, else 1. Costs `folds` times the training.
         progress: show a progress bar (one step per head) on stderr.
-        log: a callable given one line per configuration trained.
+        log: a callable given notes (the grid as streamed, the ensemble kept, a refit) and, when `progress` is
+            off, one line per configuration trained.
 
     Example:
 
@@ -260,7 +261,7 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
             fits.append((row, candidate[1].head, val_out))
         if best is None or _key(row) < _key(best[0]):
             best = candidate
-        if log:
+        if log and not progress:  # with a bar, the bar is the progress; the table follows at the end
             log(f"{pooling:<24} {head:<6} {_settings(row):<18} {score} {row[score]:.4f} "
                 f"loss {row['val_loss']:.4f} ({row['seconds']:.1f}s)")
     bar.close()
@@ -359,6 +360,10 @@ def _ensemble(fits, data, y, best, log, options):
                             loss=lambda y_, out: validation_loss(task, y_, out, std, weight))
     counts = {j: picks.count(j) for j in sorted(set(picks))}
     if len(counts) < 2:
+        if log:
+            row = fits[picks[0]][0] if picks else best[0]
+            log(f"ensemble: the greedy selection kept one head ({row['pooling']} {row['head']}), so the table has "
+                "no ensemble row")
         return None
     parts = [(h, p, d, c * share) for j, c in counts.items() for h, p, d, share in _parts(*fits[j][:2])]
     model = Ensemble([h for h, _, _, _ in parts], [p for _, p, _, _ in parts], [w for _, _, _, w in parts])

@@ -108,9 +108,15 @@ def detect_task(values: dict[str, list], label_sep: str | None = None) -> tuple[
     """(task, note for stderr or None) from raw label values: lists -> multilabel, fractions -> regression."""
     if label_sep is not None:
         return "multilabel", None
-    for vs in values.values():
-        for v in vs:
+    for split, vs in values.items():
+        for row, v in enumerate(vs):
             if _is_list(v):
+                fraction = next((f"{w!r} (split {s!r}, row {r})" for s, ws in values.items() for r, w in enumerate(ws)
+                                 if _fraction(w)), None)
+                if fraction:  # a regression file with a stray list, more likely than multi-label targets of 3.461
+                    raise UserError(f"labels mix lists (e.g. {v!r}, split {split!r}, row {row}) and numbers with "
+                                    f"fractions (e.g. {fraction}); make them all lists of labels (multilabel) or "
+                                    "all targets (regression)")
                 return "multilabel", (f"the labels are lists (e.g. {v!r}): task multilabel (pass --task to choose)")
     fraction = next((v for vs in values.values() for v in vs if _fraction(v)), None)
     if fraction is None:

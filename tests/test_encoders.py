@@ -22,6 +22,7 @@ from pipeline.poolings import build_features, pooling_features
 from pipeline.store import FeatureStore
 from pipeline.sweep import default_poolings
 from conftest import default_splits, vocab_chars, write_split_files
+from helpers import one_line_error, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -369,6 +370,26 @@ def test_a_checkpoint_or_a_file_given_as_the_model_is_named_so(tiny_model, tmp_p
     with pytest.raises(UserError, match="is a file; give --model a model folder"):
         resolve(cache)
     assert resolve(tiny_model).folder == os.path.abspath(tiny_model)  # a model folder still resolves
+
+
+def test_an_encoder_decoder_model_is_refused_before_any_file(tiny_model, tmp_path):
+    """T5's forward wants decoder inputs: refused in one line when the encoder loads, no .partial left behind
+    (it used to fail in the first batch, leaving a .partial that blocked the next run)."""
+    import shutil
+
+    from transformers import T5Config, T5Model
+
+    from pipeline.toy import toy_data
+    folder = str(tmp_path / "t5")
+    T5Model(T5Config(vocab_size=200, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                     decoder_start_token_id=0)).save_pretrained(folder)
+    for name in os.listdir(tiny_model):
+        if name.startswith(("tokenizer", "vocab", "special")):
+            shutil.copy(os.path.join(tiny_model, name), folder)
+    out = tmp_path / "f" / "x.h5"
+    r = run("extract", "-m", folder, "-d", toy_data(str(tmp_path / "d")), "-o", out)
+    one_line_error(r, "is an encoder-decoder (t5)", exit_code=2)
+    assert not os.path.exists(tmp_path / "f") or not os.listdir(tmp_path / "f")
 
 
 def test_modelscope_without_the_package_is_one_line(tmp_path, data):

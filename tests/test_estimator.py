@@ -174,3 +174,12 @@ def test_sklearn_edges(tiny_model, corpus, encoded):
     assert enc.encode("好棒的东西")["cls"].shape == (1, enc.hidden_size)  # one str: one text
     assert enc.encode(np.array(["好", "坏"]))["cls"].shape == (2, enc.hidden_size)
 
+
+
+def test_one_class_is_refused_before_encoding(tiny_model, corpus, encoded):
+    """A classifier of one class scores a perfect, meaningless validation: refused, as scikit-learn does."""
+    from pipeline.errors import UserError
+    texts, _ = corpus
+    with pytest.raises(UserError, match="at least two classes; y has one only"):
+        make(tiny_model).fit(texts[:10], ["正面"] * 10)
+    assert encoded == []

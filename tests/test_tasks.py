@@ -299,6 +299,9 @@ def test_bi_predict_and_serve(bi_cache, tmp_path):
     lines = ok("predict", "-c", ckpt, "--device", "cpu", "好棒赞\t喜欢满意").stdout.splitlines()
     assert lines == [f"{got[0]['score']:.4f}\t好棒赞\t喜欢满意"]
     one_line_error(run("predict", "-c", ckpt, "--device", "cpu", "好棒赞"), "pairs", "tab")
+    for texts, pairs, side in ((["好棒赞", "差"], ["喜欢", " \n"], "pair 2: the second"), ([""], ["好"], "pair 1: the first")):
+        with pytest.raises(bc.UserError, match=f"{side} text is blank"):  # as the CLI and serve refuse it
+            predictor.predict(texts, pairs=pairs)
     worst = bc.evaluate(ckpt, errors=1)["errors"]["largest"][0]  # a pair's error names both texts
     with bc.FeatureStore(bi_cache) as store:
         a, b = store.file["test"]["pair"][worst["row"]]
@@ -399,7 +402,7 @@ def test_long_texts_truncated_are_counted_and_chunks_are_averaged(tiny_model, tm
                                           device="cpu")[0], device="cpu")
     truncating.predict([long[0]])
     assert truncating.encoder.truncated == 1
-    assert "1 texts longer than 128 tokens were truncated" in ok(
+    assert "1 text longer than 128 tokens was truncated" in ok(
         "predict", "-c", str(tmp_path / "ck2"), "--device", "cpu", long[0]).stderr
 
 
@@ -445,6 +448,8 @@ def test_too_few_rows_to_hold_out_validation(tiny_model, tmp_path):
     ([{"text": "好", "label": 1.5}, {"text": "坏", "label": float("inf")}], (), ("finite",)),
     ([{"text": "好", "label": "pos"}], ("--task", "regression"), ("regression", "'pos'", "not a number")),
     ([{"text": "好", "label": 1}], ("--text-pair-column", "b"), ("no text pair column",)),
+    ([{"text": "好", "label": 3.5}, {"text": "坏", "label": 1.25}, {"text": "中", "label": ["a"]}], (),
+     ("mix lists", "row 2", "3.5", "row 0")),
     ([{"a": "好", "b": "坏", "label": 1}], ("--text-column", "a", "--text-pair-column", "b", "--pair-mode", "cross",
                                           "--long-texts", "chunk"), ("chunk", "cross")),
 ])

@@ -272,3 +272,22 @@ def test_macro_f1_counts_predicted_classes_absent_from_the_split():
     except ImportError:
         return
     assert report["macro_f1"] == pytest.approx(f1_score(y_true[:3], y_pred[:3], average="macro"))
+
+
+def test_a_train_split_of_one_class_is_refused(tiny_model, tmp_path):
+    """fit-head and the sweep on a cache whose train split has one class: one line, not 'val accuracy 1.0000'."""
+    import os
+
+    import pipeline as bc
+    from helpers import one_line_error, run
+    from pipeline.toy import toy_splits
+    from tests.conftest import write_split_files
+
+    splits = toy_splits(2, 30, 10, 10)
+    one = {s: [(t, 1) for t, _ in rows] for s, rows in splits.items()}
+    cache = bc.extract(tiny_model, write_split_files(str(tmp_path / "d"), "jsonl", one), str(tmp_path / "f.h5"),
+                       precision="fp32", device="cpu", progress=False, label_names=["neg", "pos"])
+    for extra in ([], ["--sweep"]):
+        one_line_error(run("fit-head", "-f", cache, "-o", tmp_path / "ck", *extra), "one class only ('pos')",
+                       exit_code=2)
+        assert not os.path.exists(tmp_path / "ck")

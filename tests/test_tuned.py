@@ -186,6 +186,24 @@ def test_states_refused_for_other_model_families(tmp_path, data):
     one_line_error(result, "BERT-family")
 
 
+def test_states_refused_for_other_tasks_and_truncation_said_once(tiny_model, tmp_path):
+    """--states serves --tune-layers, which trains classification heads: other tasks are refused before any
+    file is made (they used to be refused only at fit-head). Texts are tokenized twice with --states (the
+    layout first): a truncated text is still counted once."""
+    rows = make_texts(20, seed=5)
+    reg = write_split_files(str(tmp_path / "r"), "jsonl", {"train": [(t, 0.5 + i / 10) for i, (t, _) in enumerate(rows)]})
+    one_line_error(cli_run("extract", "-m", tiny_model, "-d", reg, "-o", tmp_path / "r.h5", "--states", "1"),
+                   "trains classification heads; this data is regression", exit_code=2)
+    assert not (tmp_path / "r.h5").exists() and not list(tmp_path.glob("r.h5*"))
+    long = "".join(t for t, _ in make_texts(200, seed=6))
+    short = [(t, y) for t, y in rows if len(t) < 20]  # within 32 tokens
+    one = write_split_files(str(tmp_path / "c"), "jsonl", {"train": [(long, 0)] + short})
+    result = cli_run("extract", "-m", tiny_model, "-d", one, "-o", tmp_path / "c.h5", "--states", "1",
+                     "--max-length", "32", "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    assert "1 text longer than 32 tokens was truncated" in result.stderr
+
+
 @pytest.mark.slow
 def test_killed_extract_with_states_resumes_bit_for_bit(tiny_model, tmp_path):
     rows = make_texts(500, seed=3)  # short texts that repeat: copied rows' states are covered too
