@@ -137,6 +137,8 @@ def as_text(info: dict) -> list[str]:
                  f"  features     {(info['features'] or {}).get('path')} "
                  f"(fingerprint {(info['features'] or {}).get('fingerprint')})",
                  f"  weights      {', '.join(info['weights_available'])}"]
+        if info["long_texts"] != "truncate":
+            lines.append(f"  long texts   {info['long_texts']}: raw texts past max_length are encoded in windows")
         if info.get("tuned"):
             t = info["tuned"]
             lines.append(f"  tuned        the encoder's top {t['k']} layers (trained over the cached states of "
@@ -170,6 +172,15 @@ def as_text(info: dict) -> list[str]:
         lines.append(f"  instruction  {info['instruction']}")
     elif info["prefix"]:
         lines.append(f"  prefix       {info['prefix']!r}")
+    settings = info["settings"]
+    if info["long_texts"] != "truncate":
+        lines.append(f"  long texts   {info['long_texts']} (stride {settings.get('stride')})")
+    if info.get("distinct_texts") is not None:
+        lines.append(f"  texts        {info['distinct_texts']} distinct, each encoded once (pairs {info['pair_mode']})")
+    if settings.get("states"):
+        st = settings["states"]
+        lines.append(f"  states       every token's hidden_states[{st['layer']}] ({st['dtype']}), for fit-head "
+                     f"--tune-layers up to {st['k']}")
     for split, v in info["splits"].items():
         lines.append(f"  {split:<12} {v['rows']} rows, {v['labelled']} labelled")
     for split, rows in (info.get("first_rows") or {}).items():

@@ -276,7 +276,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
             out = await batcher.predict_proba(items)
             return {"predictions": predictor.results(items, out.get("outputs", out.get("probabilities")))}
         if task == "regression":
-            return problem("TEI's /predict body is for classification heads; this head (regression"
+            return problem("TEI's /predict body is for heads with labels; this head (regression"
                                  f'{", pairs" if pair_mode else ""}) takes bertcache\'s {{"{field}": [...]}}',
                                  ["inputs"])
         inputs, single = body.inputs, True

@@ -255,6 +255,7 @@ def test_bi_cache_holds_each_text_once(bi_cache, pair_data, tiny_model):
         assert store.task == "regression"
         u_v = store.features("train", ["mean"])["mean"]
         assert u_v.shape == (101, 2, 32)
+    assert f"  texts        {len(distinct)} distinct, each encoded once (pairs bi)" in ok("info", bi_cache).stdout
     enc = bc.Encoder(tiny_model, device="cpu", precision="fp32")
     first = json.loads(open(os.path.join(pair_data, "train.jsonl"), encoding="utf-8").readline())
     want = enc.encode([first["a"], first["b"]])["mean"]
@@ -388,6 +389,7 @@ def test_long_texts_truncated_are_counted_and_chunks_are_averaged(tiny_model, tm
     with bc.FeatureStore(str(tmp_path / "c.h5")) as store:
         assert store.settings["long_texts"] == "chunk" and store.settings["stride"] == 16
         chunked = store.features("train", ["mean"])["mean"]
+    assert "  long texts   chunk (stride 16)" in ok("info", tmp_path / "c.h5").stdout
     with bc.FeatureStore(str(tmp_path / "t.h5")) as store:
         truncated = store.features("train", ["mean"])["mean"]
     assert np.allclose(chunked[0], want, atol=1e-5) and not np.allclose(chunked[0], truncated[0], atol=1e-3)

@@ -63,6 +63,8 @@ def test_states_are_ragged_and_exact(tiny_model, data, cache):
     assert flat.shape == (int(offsets[-1]), 32) and info["splits"]["validation"]["tokens"] == int(offsets[-1])
     for i, r in enumerate(ref):
         np.testing.assert_allclose(flat[offsets[i]:offsets[i + 1]], r, atol=1e-5)
+    assert "  states       every token's hidden_states[1] (float32), for fit-head --tune-layers up to 2" in \
+        as_text(describe(cache))  # info's text says it, not only its --json
 
 
 def test_bfloat16_storage_is_torchs_rounding():
