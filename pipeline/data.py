@@ -122,6 +122,8 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
         labels = columns.get(label_column, [None] * len(col))
         labels = list(labels) if isinstance(labels, TextColumn) else labels
         if text_pair_column is not None:
+            if text_pair_column == text_column:
+                raise UserError(f"--text-pair-column is --text-column ({text_column!r}): a pair needs two columns")
             if text_pair_column not in columns:
                 raise UserError(f"split {split!r} of {source!r} has no text pair column {text_pair_column!r}; "
                                 f"columns are: {', '.join(columns)}; pass --text-pair-column")

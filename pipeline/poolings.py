@@ -87,7 +87,8 @@ def build_features(arrays: dict[str, np.ndarray], spec: str, layers: list[int]) 
         if paired != bool(combine):
             raise UserError(f"pooling term {term!r} " + (
                 f"reads a pair cache (--pair-mode bi): write pair:{term} or cos:{term}" if paired else
-                f"{combine}:... needs a cache of sentence pairs made with --pair-mode bi"))
+                f"{combine}:{term} needs a cache of sentence pairs made with --pair-mode bi; this cache holds single "
+                f"texts: write {term}"))
         if _TERM.match(term).group(3) == "avg":
             got = [sum(arrays[n] for n in names) / len(names) if tensors
                    else np.mean([arrays[n] for n in names], axis=0)]
@@ -164,7 +165,7 @@ def _terms(spec: str) -> list[str]:
     for t in terms:
         combine, rest = _split_term(t)
         if not _TERM.match(rest) or combine not in ("", *PAIR_COMBINES):
-            raise UserError(f"unknown --pooling {spec!r}: use cls, mean, last, sentence, cls_<layer>, mean-avg<k>, "
+            raise UserError(f"unknown pooling {spec!r}: use cls, mean, last, sentence, cls_<layer>, mean-avg<k>, "
                             "mean-cat<k>, or terms joined with + (e.g. cls+mean); for a pair cache pair:<term> or "
                             "cos:<term>")
     return terms

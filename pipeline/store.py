@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 
 import h5py
@@ -228,8 +229,11 @@ class FeatureStore:
         names = names or self.feature_names
         missing = [n for n in names if n not in self.feature_names]
         if missing:
-            raise UserError(f"{self.path} has no feature {missing[0]!r}; it has: {', '.join(self.feature_names)} "
-                            "(extract with more --layers for deeper poolings)")
+            deeper = re.search(r"_\d+$", missing[0])  # cls_9: a layer below those cached
+            raise UserError(f"{self.path} has no feature {missing[0]!r}; it has: {', '.join(self.feature_names)}"
+                            + (" (extract with more --layers for deeper poolings)" if deeper else
+                               " (a decoder has no [CLS]: pool with last or mean)" if missing[0].startswith("cls")
+                               else ""))
         if self.pair_mode == "bi":  # u and v of every row, from the distinct texts' vectors
             pair = group["pair"][:]
             uniq, inverse = np.unique(pair.ravel(), return_inverse=True)

@@ -139,7 +139,8 @@ def regression_targets(values: dict[str, list]) -> dict[str, np.ndarray]:
             if v is None or (isinstance(v, str) and not v.strip()):
                 y[row] = np.nan
                 continue
-            if isinstance(v, (list, tuple, dict)) or (isinstance(v, str) and not _NUMBER.fullmatch(v.strip())):
+            if isinstance(v, (list, tuple, dict, bool, np.bool_)) or (isinstance(v, str)
+                                                                   and not _NUMBER.fullmatch(v.strip())):
                 raise UserError(f"regression needs numeric targets, but label {v!r} (split {split!r}, row {row}) "
                                 "is not a number; use --task classification for named classes")
             f = float(v)

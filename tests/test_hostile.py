@@ -396,12 +396,15 @@ sys.stdin.read()
 
 # -- options and models ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("option, value, words", [("--pooling", "max", ["unknown --pooling 'max'"]),
+@pytest.mark.parametrize("option, value, words", [("--pooling", "max", ["unknown pooling 'max'"]),
+                                                  ("--sweep-poolings", "max", ["unknown pooling 'max'"]),
                                                   ("--pooling", "cls_9", ["layer 9"]),
+                                                  ("--pooling", "pair:mean", ["pair:mean needs a cache of sentence pairs", "write mean"]),
                                                   ("--head", "svm", ["unknown --head 'svm'", "linear, mlp"])])
 def test_an_unknown_pooling_or_head_is_refused(tiny_cache, tmp_path, option, value, words):
     out = tmp_path / "ck"
-    refused(run("fit-head", "-f", tiny_cache, "-o", out, option, value), *words)
+    sweep = ("--sweep",) if option.startswith("--sweep") else ()
+    refused(run("fit-head", "-f", tiny_cache, "-o", out, option, value, *sweep), *words)
     assert not out.exists()
 
 

@@ -450,6 +450,8 @@ def test_too_few_rows_to_hold_out_validation(tiny_model, tmp_path):
     ([{"text": "好", "label": 1.5}, {"text": "坏", "label": float("inf")}], (), ("finite",)),
     ([{"text": "好", "label": "pos"}], ("--task", "regression"), ("regression", "'pos'", "not a number")),
     ([{"text": "好", "label": 1}], ("--text-pair-column", "b"), ("no text pair column",)),
+    ([{"text": "好", "label": 1}], ("--text-pair-column", "text"), ("is --text-column", "two columns")),
+    ([{"text": "好", "label": 0.5}, {"text": "坏", "label": True}], ("--task", "regression"), ("True", "not a number")),
     ([{"text": "好", "label": 3.5}, {"text": "坏", "label": 1.25}, {"text": "中", "label": ["a"]}], (),
      ("mix lists", "row 2", "3.5", "row 0")),
     ([{"a": "好", "b": "坏", "label": 1}], ("--text-column", "a", "--text-pair-column", "b", "--pair-mode", "cross",
