@@ -481,7 +481,7 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
             field = loc[0]  # /predict read as TEI's shape
         kind, ctx, value = err.get("type", ""), err.get("ctx") or {}, err.get("input")
         got = _JSON_TYPES.get(type(value), type(value).__name__)
-        where = f"{field}[{loc[1]}]" if len(loc) == 2 and loc[0] == field else ".".join(map(str, loc))
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")  # pairs[0][1]
         if kind == "json_invalid":
             status = 400
             msg = f"the body is not valid JSON ({ctx.get('error', 'decode error')}): {shape}"
@@ -503,6 +503,8 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
                    "split them over several requests")
         elif loc == [field] and kind.endswith("_type"):
             msg = f'"{field}" must be an array of ' + ("pairs" if field == "pairs" else "strings") + f', not {got}'
+        elif field == "pairs" and len(loc) == 2 and kind in ("too_short", "too_long"):
+            msg = f'{where} must be a pair of two texts ["...", "..."], not {ctx.get("actual_length", "another number")}'
         elif kind == "string_type":
             msg = f"{where} must be a string, not {got}"
         elif kind in ("string_too_short", "string_pattern_mismatch"):

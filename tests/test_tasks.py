@@ -312,7 +312,10 @@ def test_bi_predict_and_serve(bi_cache, tmp_path):
         assert r.status_code == 200, r.text
         assert [p["score"] for p in r.json()["predictions"]] == pytest.approx([g["score"] for g in got], abs=1e-4)
         bad = client.post("/predict", json={"pairs": [["好棒赞", " "]]})
-        assert bad.status_code == 422 and "blank" in bad.json()["detail"]
+        assert bad.status_code == 422 and bad.json()["detail"].startswith("pairs[0][1] is empty or blank")
+        three = client.post("/predict", json={"pairs": [["好", "棒", "赞"]]})
+        assert three.status_code == 422 and three.json()["detail"].startswith(
+            'pairs[0] must be a pair of two texts ["...", "..."], not 3'), three.json()
         assert client.post("/predict", json={"texts": ["好"]}).status_code == 422
         assert client.get("/info").json()["pair_mode"] == "bi"
         # one text's vector under a pair head: the text's own pooled vector (cos:mean+pair:mean -> mean)
