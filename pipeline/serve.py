@@ -342,7 +342,8 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
 
         @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
         async def demo():
-            """The demo page: a text box, the labels as bars, recent inputs, the model and its test metrics."""
+            """The demo page: a text box (two for a pair head), the answer as the task gives it (label and bars,
+            labels over their thresholds, score), recent inputs, the model and its test metrics."""
             return page
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what uptime probes send
