@@ -172,13 +172,13 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
                         index, val_note)
     unseen = sorted(set(np.unique(labels["validation"])) - set(np.unique(labels["train"]))) \
         if data.task == "classification" else []
+    if unseen:
+        raise UserError(f"class {data.label_names[unseen[0]]!r} appears in validation but never in train; "
+                        "the head cannot learn it: fix the split or drop that class")
     if data.task == "classification" and len(np.unique(labels["train"])) < 2:
         only = np.unique(labels["train"])
         raise UserError(f"the train split of {features} has one class only ({data.label_names[only[0]]!r}) "
                         "among its labelled rows; a classifier needs texts of at least two classes")
-    if unseen:
-        raise UserError(f"class {data.label_names[unseen[0]]!r} appears in validation but never in train; "
-                        "the head cannot learn it: fix the split or drop that class")
     if data.task == "classification" and "test" in labels and log:
         never = sorted(set(np.unique(labels["test"])) - set(np.unique(labels["train"])))
         if never:
