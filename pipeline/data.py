@@ -151,6 +151,10 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
     if task is None:
         task, note = detect_task(label_values, label_sep)
         notes += [note] if note else []
+    if task == "multilabel" and label_sep and not any(isinstance(v, str) and label_sep in v
+                                                       for vs in label_values.values() for v in vs):
+        notes.append(f"note: --label-sep {label_sep!r} occurs in no label: every row has one label (check the "
+                     "separator)")
     if task == "regression":
         ids, names = regression_targets(label_values), []
     elif task == "multilabel":

@@ -212,6 +212,10 @@ def test_multilabel_from_separated_strings(tiny_model, tmp_path):
     with bc.FeatureStore(out) as store:
         assert store.task == "multilabel" and store.label_names == ["neg", "pos"]
         assert store.labels("train")[:4].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    notes = []  # a separator that occurs in no label is likely a mistake: said, not refused
+    bc.extract(tiny_model, str(data), str(tmp_path / "g.h5"), label_sep=";", precision="fp32", device="cpu",
+               progress=False, log=notes.append)
+    assert any("--label-sep ';' occurs in no label" in n for n in notes), notes
 
 
 def test_task_metrics():
