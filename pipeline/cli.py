@@ -581,7 +581,8 @@ def info(path, rows, as_json):
 
     result = describe(path, rows=rows)
     if rows and result.get("kind") in ("checkpoint", "export"):
-        _log(f"note: --rows shows a features file's rows; {path} is a {result['kind']} "
+        kind = {"checkpoint": "a checkpoint", "export": "an export"}[result["kind"]]
+        _log(f"note: --rows shows a features file's rows; {path} is {kind} "
              f"(its features file: {(result.get('features') or {}).get('path') or 'see its checkpoint'})")
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))

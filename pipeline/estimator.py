@@ -243,7 +243,7 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
         if self.class_weights not in (None, "none", "balanced"):
             raise UserError(f"unknown class_weights {self.class_weights!r}; use None or 'balanced'")
         if y.ndim == 1 and len(np.unique(y)) < 2:  # before encoding; scikit-learn's classifiers refuse it too
-            raise UserError(f"fit needs texts of at least two classes; y has one only ({y[0]!r})")
+            raise UserError(f"fit needs texts of at least two classes; y has one only ({y[0].item()!r})")
         X_all = self._features(texts)
         if y.ndim == 2:  # multilabel
             if not np.isin(y, (0, 1)).all():

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .data import FILE_FORMATS, Corpus, Split, load_corpus
+from .data import Corpus, Split, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder, truncation_note
 from .errors import UserError, check_new_file
 from .fingerprints import data_fingerprint
@@ -19,15 +19,15 @@ PAIR_MODES = ("bi", "cross")  # sentence pairs: each text encoded apart (u, v), 
 
 
 def default_features_path(model: str, data: str) -> str:
-    """features/DATA-MODEL.h5, each named by its last path part (a data file without its extension).
+    """features/DATA-MODEL.h5, each named by its last path part (a data file's name with its extension, so
+    that all.csv and all.jsonl do not share a cache).
 
         >>> default_features_path("path/to/bert-base-chinese", "reviews/all.jsonl")
-        'features/all-bert-base-chinese.h5'
+        'features/all.jsonl-bert-base-chinese.h5'
     """
     def name(ref):
         return re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(ref)) or ref).strip("_") or "x"
-    stem, ext = os.path.splitext(data)
-    return os.path.join("features", f"{name(stem if ext.lower() in FILE_FORMATS else data)}-{name(model)}.h5")
+    return os.path.join("features", f"{name(data)}-{name(model)}.h5")
 
 
 def extract(model: str, data: str, out: str | None = None, *, text_column: str = "text",

@@ -184,7 +184,8 @@ def _refuse_bertcache_folder(folder: str) -> None:
                 encoder = (json.load(f).get("encoder") or {}).get("model")
             raise UserError(f"{folder} is a bertcache {kind}, not an encoder"
                             + (f"; its encoder is {encoder!r}" if encoder else "")
-                            + "; give --model a model folder, hub id or 'e5-small' (--checkpoint takes this folder)")
+                            + "; give --model a model folder, hub id or 'e5-small' (predict, evaluate and serve take this "
+                              "folder as --checkpoint)")
 
 
 def _looks_like_path(ref: str) -> bool:

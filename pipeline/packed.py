@@ -23,6 +23,7 @@ vector does not depend on its batch neighbours beyond the last bits of matmul bl
 """
 from __future__ import annotations
 
+import inspect
 import platform
 import sys
 import threading
@@ -426,7 +427,8 @@ class PackedEncoder:
                 return self.varlen_attention(qkv, p)
             except torch.OutOfMemoryError:  # a batch too large, not a missing kernel
                 raise
-            except (RuntimeError, NotImplementedError, ImportError) as e:  # no kernel for this device, dtype or GPU
+            except (RuntimeError, NotImplementedError, ImportError, TypeError) as e:  # no kernel for this device,
+                # dtype or GPU; TypeError: a torch whose varlen_attn has no num_splits (2.9-2.12)
                 self.varlen_failed = True
                 first = (str(e).strip().splitlines() or [""])[0]
                 self.note(f"attention: FlashAttention's variable-length kernel is not available here "
@@ -454,6 +456,8 @@ class PackedEncoder:
         of the keys (`num_splits=1`): the kernel then sums every text's keys in one order, whatever the batch,
         so a text's vector does not depend on its neighbours."""
         from torch.nn.attention.varlen import varlen_attn
+        if "num_splits" not in inspect.signature(varlen_attn).parameters:  # batch invariance is why it is used
+            raise NotImplementedError("this torch's varlen_attn has no num_splits (torch >= 2.13 has it)")
         total, width = qkv.shape
         q, k, v = qkv.view(total, 3, self.heads, width // (3 * self.heads)).unbind(1)
         cu = p.cu_lengths

@@ -290,9 +290,9 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         if wrong:
             where = ["inputs"] if single else ["inputs", wrong[0]]
             return problem(
-                f"{'.'.join(map(str, where))}: this head reads pairs of texts: send each as [a, b], e.g. "
+                f"{place(where)}: this head reads pairs of texts: send each as [a, b], e.g. "
                 '{"inputs": [["first a", "first b"], ["second a", "second b"]]}' if pair_mode else
-                f"{'.'.join(map(str, where))} is a pair of texts [a, b] (TEI's reading of a two-string list), and "
+                f"{place(where)} is a pair of texts [a, b] (TEI's reading of a two-string list), and "
                 'this head reads single texts: send one text per entry, e.g. {"inputs": [["first"], ["second"]]}',
                 where)
         texts = [tuple(seq) for seq in inputs] if pair_mode else [seq[0] for seq in inputs]
@@ -482,7 +482,7 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
             field = loc[0]  # /predict read as TEI's shape
         kind, ctx, value = err.get("type", ""), err.get("ctx") or {}, err.get("input")
         got = _JSON_TYPES.get(type(value), type(value).__name__)
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")  # pairs[0][1]
+        where = place(loc)
         if kind == "json_invalid":
             status = 400
             msg = f"the body is not valid JSON ({ctx.get('error', 'decode error')}): {shape}"
@@ -504,8 +504,10 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
                    "split them over several requests")
         elif loc == [field] and kind.endswith("_type"):
             msg = f'"{field}" must be an array of ' + ("pairs" if field == "pairs" else "strings") + f', not {got}'
-        elif field == "pairs" and len(loc) == 2 and kind in ("too_short", "too_long"):
-            msg = f'{where} must be a pair of two texts ["...", "..."], not {ctx.get("actual_length", "another number")}'
+        elif field in ("pairs", "inputs") and len(loc) == 2 and kind in ("too_short", "too_long"):
+            n = ctx.get("actual_length", "another number of")
+            msg = (f'{where} must be a pair of two texts ["...", "..."], not {n}' if field == "pairs" else
+                   f'{where} holds {n} texts: an entry of TEI\'s "inputs" is one text ["..."] or a pair ["...", "..."]')
         elif kind == "string_type":
             msg = f"{where} must be a string, not {got}"
         elif kind in ("string_too_short", "string_pattern_mismatch"):
@@ -525,6 +527,11 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
     if len(problems) > 1:
         detail += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
     return status, detail, problems
+
+
+def place(loc) -> str:
+    """A place in a request body, one way everywhere: ["pairs", 0, 1] -> "pairs[0][1]"."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 def _union_tag(part) -> bool:

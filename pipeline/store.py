@@ -229,10 +229,11 @@ class FeatureStore:
         names = names or self.feature_names
         missing = [n for n in names if n not in self.feature_names]
         if missing:
-            deeper = re.search(r"_\d+$", missing[0])  # cls_9: a layer below those cached
-            raise UserError(f"{self.path} has no feature {missing[0]!r}; it has: {', '.join(self.feature_names)}"
-                            + (" (extract with more --layers for deeper poolings)" if deeper else
-                               " (a decoder has no [CLS]: pool with last or mean)" if missing[0].startswith("cls")
+            name = missing[0]
+            no_cls = name.split("_")[0] == "cls" and not any(n.split("_")[0] == "cls" for n in self.feature_names)
+            raise UserError(f"{self.path} has no feature {name!r}; it has: {', '.join(self.feature_names)}"
+                            + (" (a decoder has no [CLS]: pool with last or mean)" if no_cls else
+                               " (extract with more --layers for deeper poolings)" if re.search(r"_\d+$", name)
                                else ""))
         if self.pair_mode == "bi":  # u and v of every row, from the distinct texts' vectors
             pair = group["pair"][:]

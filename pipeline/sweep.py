@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 
 import numpy as np
@@ -123,8 +124,8 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
             train + validation have at most 10,000 rows (where one split's noise exceeds the gaps between
             heads) and no refit is asked, else 1. Costs `folds` times the training.
         progress: show a progress bar (one step per head) on stderr.
-        log: a callable given notes (the grid as streamed, the ensemble kept, a refit) and, when `progress` is
-            off, one line per configuration trained.
+        log: a callable given one line per configuration trained, and notes (the grid as streamed, the
+            ensemble kept, a refit).
 
     Example:
 
@@ -261,9 +262,10 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
             fits.append((row, candidate[1].head, val_out))
         if best is None or _key(row) < _key(best[0]):
             best = candidate
-        if log and not progress:  # with a bar, the bar is the progress; the table follows at the end
-            log(f"{pooling:<24} {head:<6} {_settings(row):<18} {score} {row[score]:.4f} "
-                f"loss {row['val_loss']:.4f} ({row['seconds']:.1f}s)")
+        if log:
+            with tqdm.external_write_mode(file=sys.stderr):  # the line above the bar, the bar drawn again below
+                log(f"{pooling:<24} {head:<6} {_settings(row):<18} {score} {row[score]:.4f} "
+                    f"loss {row['val_loss']:.4f} ({row['seconds']:.1f}s)")
     bar.close()
     if ensemble and len(fits) > 1:
         candidate = _ensemble(fits, data, y_val, best, log, options)

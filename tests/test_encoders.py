@@ -328,8 +328,9 @@ def test_info_and_sweep_grid_name_the_features(tmp_path, tiny_model, qwen, data)
             "mean", "last", "last+mean", "mean-avg2", "last-avg2+mean-avg2", "mean-cat2"]
     with FeatureStore(st) as s:
         assert default_poolings(s.settings["layers"], s.settings)[0] == "sentence"
-    with pytest.raises(UserError, match=r"no feature 'cls'.*a decoder has no \[CLS\]"):
-        bc.fit_head(dec, str(tmp_path / "ck"), pooling="cls", epochs=1)
+    for pooling in ("cls", "cls_1"):  # cls_1: layer 1 is cached; no more --layers would add a [CLS]
+        with pytest.raises(UserError, match=r"no feature 'cls(_1)?'.*a decoder has no \[CLS\]"):
+            bc.fit_head(dec, str(tmp_path / "ck"), pooling=pooling, epochs=1)
 
 
 # -- where models come from ----------------------------------------------------------------------

@@ -72,14 +72,15 @@ def test_a_streamed_cache_refuses_logreg_and_the_sweep_leaves_it_out(big_cache, 
         bc.fit_head(big_cache, str(tmp_path / "lr"), head="logreg", max_memory="64K", device="cpu")
     logs = []
     _, ranked, _ = bc.sweep(big_cache, str(tmp_path / "sw"), poolings="mean", lrs=[1e-3], epochs=2, ensemble=False,
-                            max_memory="64K", device="cpu", progress=False, log=logs.append)
+                            max_memory="64K", device="cpu", progress=True, log=logs.append)
     assert {r["head"] for r in ranked} == {"linear", "mlp"} and any("leaves out logreg" in line for line in logs)
-    # the command says it too (its sweep used to pass no log), without a line per head beside its bar
+    assert len([line for line in logs if line.startswith("mean ")]) == 2  # a line per head, bar or not
+    # the command says it too (its sweep used to pass no log)
     r = run("fit-head", "-f", big_cache, "-o", tmp_path / "sw3", "--sweep", "--sweep-poolings", "mean",
             "--sweep-lrs", "1e-3", "--epochs", "2", "--max-memory", "64K", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "leaves out logreg" in r.stderr
-    assert not [line for line in r.stderr.splitlines() if line.startswith("mean ")]  # per-head lines: the table
+    assert [line for line in r.stderr.splitlines() if line.startswith("mean ")]  # a line per head as it ends
     with pytest.raises(bc.UserError, match="leave logreg out"):
         bc.sweep(big_cache, str(tmp_path / "sw2"), heads="logreg", max_memory="64K", device="cpu", progress=False)
     assert not (tmp_path / "lr").exists() and not (tmp_path / "sw2").exists()

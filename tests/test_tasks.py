@@ -320,6 +320,8 @@ def test_bi_predict_and_serve(bi_cache, tmp_path):
         three = client.post("/predict", json={"pairs": [["好", "棒", "赞"]]})
         assert three.status_code == 422 and three.json()["detail"].startswith(
             'pairs[0] must be a pair of two texts ["...", "..."], not 3'), three.json()
+        tei = client.post("/predict", json={"inputs": [["好", "棒", "赞"]]})  # TEI's body, one way of naming too
+        assert tei.status_code == 422 and tei.json()["detail"].startswith("inputs[0] holds 3 texts"), tei.json()
         assert client.post("/predict", json={"texts": ["好"]}).status_code == 422
         assert client.get("/info").json()["pair_mode"] == "bi"
         # one text's vector under a pair head: the text's own pooled vector (cos:mean+pair:mean -> mean)
