@@ -536,18 +536,18 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
 @click.option("--model", "-m", help="Use this encoder instead of the checkpoint's reference.")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU if there is one), cpu, cuda, "
                                                                    "cuda:N, mps.")
-@click.option("--max-wait-ms", type=float, help="How long a request waits to share an encoder call with "
+@click.option("--max-wait-ms", type=_range("max_wait_ms"), help="How long a request waits to share an encoder call with "
               f"concurrent ones [{S.MAX_WAIT_MS['cpu']:g} on CPU, {S.MAX_WAIT_MS['gpu']:g} on GPU].")
-@click.option("--max-batch-texts", default=S.MAX_BATCH_TEXTS, show_default=True,
+@click.option("--max-batch-texts", default=S.MAX_BATCH_TEXTS, show_default=True, type=_range("max_batch_texts"),
               help="Texts per gathered encoder call.")
-@click.option("--max-batch-tokens", default=S.MAX_BATCH_TOKENS, show_default=True,
+@click.option("--max-batch-tokens", default=S.MAX_BATCH_TOKENS, show_default=True, type=_range("max_batch_tokens"),
               help="Tokens (estimated) per gathered encoder call.")
 @click.option("--batch-tokens", type=_range("batch_tokens"), help="Padded tokens per encoder forward pass [1024 on CPU, 65536 on GPU].")
-@click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads [torch's default].")
-@click.option("--max-texts", default=S.MAX_TEXTS, show_default=True, help="Texts per request.")
-@click.option("--max-chars", default=S.MAX_CHARS, show_default=True,
+@click.option("--threads", type=_range("threads"), help="Torch CPU threads [torch's default].")
+@click.option("--max-texts", default=S.MAX_TEXTS, show_default=True, type=_range("max_texts"), help="Texts per request.")
+@click.option("--max-chars", default=S.MAX_CHARS, show_default=True, type=_range("max_chars"),
               help="Characters per text; longer texts are refused (422).")
-@click.option("--max-body-bytes", default=S.MAX_BODY_BYTES, show_default=True,
+@click.option("--max-body-bytes", default=S.MAX_BODY_BYTES, show_default=True, type=_range("max_body_bytes"),
               help="Request body size, checked before parsing (413).")
 @click.option("--no-batching", is_flag=True, help="Run every request alone (for comparison).")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")

@@ -90,6 +90,11 @@ BOUNDS = {
     "layer_lr": _POSITIVE, "head_lr": _POSITIVE,  # fit-head --tune-layers
     "batch_tokens": Bound(int, 1, none=True),
     "errors": Bound(int, 0),  # evaluate
+    # serve's limits (serve.check_limits; its options' click ranges)
+    "max_texts": Bound(int, 1), "max_chars": Bound(int, 1), "max_body_bytes": Bound(int, 1),
+    "max_batch_texts": Bound(int, 1), "max_batch_tokens": Bound(int, 1),
+    "max_wait_ms": Bound(float, 0, none=True),  # None: the device's default
+    "threads": Bound(int, 1, none=True),  # serve, predict --backend onnx: torch's / onnxruntime's default
     "validation_fraction": _SHARE._replace(none=True),  # the estimators; 0: train on all, keep the last epoch
 }
 

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from .defaults import check_ranges
 from .errors import UserError, as_texts, read_json_file
 from .labels import prediction_dicts
 from .tasks import read_metrics
@@ -75,8 +76,7 @@ class OnnxPredictor:
         self.tokenizer.no_padding()
         options = ort.SessionOptions()
         if threads is not None:
-            if threads < 1:
-                raise UserError(f"--threads must be at least 1, not {threads}")
+            check_ranges(threads=threads)
             options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(os.path.join(folder, MODEL_FILE), options,

@@ -68,14 +68,11 @@ def require_server() -> None:
 
 # -- the app --------------------------------------------------------------------------------------
 
-def check_limits(max_wait_ms: float | None = None, **counts: int) -> None:
-    """Refuse limits no server can keep (`counts`: max_texts, max_chars, ... each at least 1; max_wait_ms
-    None or 0 or more), before seconds go into loading a model."""
-    for name, value in counts.items():
-        if value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
-    if max_wait_ms is not None and max_wait_ms < 0:
-        raise UserError(f"--max-wait-ms must be 0 or more, not {max_wait_ms}")
+def check_limits(**limits) -> None:
+    """Refuse limits no server can keep (max_texts, max_chars, ... at least 1; max_wait_ms 0 or more, or None),
+    before seconds go into loading a model: the bounds are defaults.BOUNDS, as for every numeric option."""
+    from .defaults import check_ranges
+    check_ranges(**limits)
 
 
 def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = None,
@@ -587,11 +584,10 @@ def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | N
 
     from .onnx_runner import load_predictor
 
-    check_limits(**{k: v for k, v in app_options.items() if k.startswith("max_")})  # all before the model loads
+    # all before the model loads
+    check_limits(threads=threads, **{k: v for k, v in app_options.items() if k.startswith("max_")})
     sock = bind(host, port)  # before loading the model: a taken port fails fast
     if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1, not {threads}")
         if backend == "torch":
             import torch
             torch.set_num_threads(threads)

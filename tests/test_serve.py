@@ -331,9 +331,13 @@ def test_schemathesis_finds_no_server_errors(predictor, mode):
 
 
 def test_limits_are_checked_before_the_model_loads(tmp_path):
-    """A bad limit is refused at once, not after seconds of loading: here the checkpoint does not even exist."""
+    """A bad limit is refused at once, not after seconds of loading: here the checkpoint does not even exist.
+    The command's ranges and the Python API's check come from one table (defaults.BOUNDS)."""
     from helpers import one_line_error
-    for option, value, words in (("--max-texts", 0, "--max-texts must be at least 1, not 0"),
-                                 ("--max-batch-tokens", -5, "--max-batch-tokens must be at least 1"),
-                                 ("--max-wait-ms", -1, "--max-wait-ms must be 0 or more")):
-        one_line_error(run("serve", "-c", tmp_path / "missing", option, value, "--port", 0), words, exit_code=2)
+    from pipeline.serve import serve
+    for option, value in (("--max-texts", 0), ("--max-batch-tokens", -5), ("--max-wait-ms", -1), ("--threads", 0)):
+        one_line_error(run("serve", "-c", tmp_path / "missing", option, value, "--port", 0), option, "range",
+                       exit_code=2)
+        name = option[2:].replace("-", "_")
+        with pytest.raises(bc.UserError, match=f"^{name} must be (an integer|a number) at least"):
+            serve(str(tmp_path / "missing"), port=0, **{name: value})
