@@ -591,7 +591,17 @@ def info(path, rows, as_json):
         click.echo(line)
 
 
-@cli.command()
+class _OptionsOnly(click.Command):
+    """A command whose positional form was removed: `export CK OUT` says so, instead of 'Missing option'."""
+
+    def parse_args(self, ctx, args):
+        if len(args) >= 2 and not any(a.startswith("-") for a in args[:2]):
+            raise click.UsageError(f"{self.name} takes options, not positional arguments: bertcache {self.name} "
+                                   f"-c {args[0]} -o {args[1]}", ctx)
+        return super().parse_args(ctx, args)
+
+
+@cli.command(cls=_OptionsOnly)
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint folder from `bertcache fit-head`.")
 @click.option("--out", "-o", required=True, help="The export folder to write (replaced whole if it is an earlier export).")
 @click.option("--format", "format_", default="onnx", show_default=True, type=click.Choice(["onnx"]),

@@ -115,6 +115,8 @@ def test_export_errors_are_one_line(checkpoint, tmp_path):
     one_line_error(run("export", "-c", tmp_path / "nothing", "-o", tmp_path / "out"), "checkpoint not found",
                    exit_code=2)
     one_line_error(run("export", "-c", checkpoint), "Missing option '--out'", "export --help", exit_code=2)
+    one_line_error(run("export", checkpoint, tmp_path / "out"), "export takes options, not positional arguments",
+                   f"bertcache export -c {checkpoint} -o {tmp_path / 'out'}", exit_code=2)  # the old form
     one_line_error(run("predict", "--backend", "onnx", "-c", checkpoint, "好"), "is not an ONNX export",
                    "bertcache export", exit_code=2)
     one_line_error(run("predict", "--backend", "onnx", "-c", checkpoint, "--weights", "last", "好"),
