@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tasks import multilabel_report, regression_report
+from .tasks import macro_f1, multilabel_report, regression_report
 
 
 def report(config: dict, y: np.ndarray, out: np.ndarray) -> dict:
@@ -30,14 +30,11 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, label_names: l
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
     recall = np.divide(tp, actual, out=np.zeros(k), where=actual > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    # macro-F1 over the classes that occur in this split or are predicted, as scikit-learn's f1_score(average=
-    # "macro") takes them: a wrong guess of a class absent from the split counts as that class's F1 of 0.
-    present = (actual > 0) | (predicted > 0)
     n = int(len(y_true))
     return {
         "n": n,
         "accuracy": float(tp.sum() / n) if n else float("nan"),
-        "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        "macro_f1": macro_f1(f1, actual, predicted),
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                              "support": int(actual[i])} for i, name in enumerate(label_names)},
         "confusion_matrix": cm.tolist(),

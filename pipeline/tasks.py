@@ -259,6 +259,18 @@ def regression_report(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
             "mae": float(np.abs(t - p).mean()) if n else float("nan")}
 
 
+def macro_f1(f1: np.ndarray, true_counts: np.ndarray, predicted_counts: np.ndarray) -> float:
+    """The mean F1 of the classes (labels) true or predicted somewhere in the split, as scikit-learn's
+    f1_score(average="macro") takes a classification's classes: a wrong guess of a class absent from the split
+    counts as that class's F1 of 0; a class neither true nor predicted does not count. NaN when none is.
+
+        >>> macro_f1(np.array([1.0, 0.0, 0.0]), np.array([2, 0, 0]), np.array([1, 1, 0]))
+        0.5
+    """
+    present = (np.asarray(true_counts) > 0) | (np.asarray(predicted_counts) > 0)
+    return float(f1[present].mean()) if present.any() else float("nan")
+
+
 def multilabel_report(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str]) -> dict:
     """micro / macro F1, subset accuracy, per-label precision / recall / F1 / support (labelled rows only)."""
     keep = labelled(y_true)
@@ -272,11 +284,10 @@ def multilabel_report(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[
     precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
     recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
     per = f1(tp, fp, fn)
-    present = (t | p).any(0)  # labels true or predicted somewhere, as classification's macro-F1 (metrics.py)
     n = int(len(t))
     return {"n": n,
             "micro_f1": float(f1(tp.sum(keepdims=True), fp.sum(keepdims=True), fn.sum(keepdims=True))[0]),
-            "macro_f1": float(per[present].mean()) if present.any() else float("nan"),
+            "macro_f1": macro_f1(per, t.sum(0), p.sum(0)),
             "subset_accuracy": float((t == p).all(1).mean()) if n else float("nan"),
             "per_label": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(per[i]),
                                  "support": int(t[:, i].sum())} for i, name in enumerate(label_names)},
