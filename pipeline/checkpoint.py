@@ -159,7 +159,7 @@ def read_config(folder: str, allow_pickle: bool = False) -> dict:
         folder = os.path.dirname(os.path.abspath(folder))
     path = os.path.join(folder, "config.json")
     if os.path.isdir(folder) and not os.path.exists(path) and _pickles(folder):
-        raise UserError(f"{folder} holds only pickle files ({', '.join(_pickles(folder))}) and no config.json; "
+        raise UserError(f"{folder} holds pickle files ({', '.join(_pickles(folder))}) but no config.json; "
                         "bertcache never unpickles a checkpoint without its JSON config: make one with "
                         "`bertcache fit-head`")
     if _is_kind(folder, "export"):

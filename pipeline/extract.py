@@ -300,43 +300,45 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
         tokens = sum(len(seq) for seq in {tuple(seq) for seq in ids})  # what the encoder will report
         return encode_rows, ids, copy_rows, copy_from, tokens
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(plan, jobs[0]) if jobs else None
-        for k, (split, start, stop) in enumerate(jobs):
-            encode_rows, ids, copy_rows, copy_from, tokens = pending.result()
-            if k + 1 < len(jobs):  # tokenize the next chunk while this one runs through the model
-                pending = pool.submit(plan, jobs[k + 1])
-            n = stop - start
-            bar.total = bar.n + tokens + eta.remaining(k, tokens)
-            if k == 0:
-                encoder.expect(bar.total - bar.n)  # the run's size, for compile="auto"
-            bar.set_postfix_str(f"{texts_done}/{total} texts", refresh=False)
-            bar.refresh()
-            chunk = {name: np.empty((n, encoder.feature_dims.get(name, encoder.hidden_size)), np.float32)
-                     for name in names}
-            if states:
-                encoded, token_states = encoder.encode_ids_with_states(ids, states["layer"], on_progress=bar.update,
-                                                                       count="tokens")
-                row_states = [None] * n
-                for i, st in zip(encode_rows, token_states):
-                    row_states[i] = st
-                for i, (src_split, src_row) in zip(copy_rows, copy_from):
-                    row_states[i] = writer.read_states(src_split, src_row)
-            else:
-                encoded = encoder.encode_ids(ids, on_progress=bar.update, count="tokens")
-            for name in names:
-                chunk[name][encode_rows] = encoded[name]
-            for src_split in {s for s, _ in copy_from}:
-                sel = [j for j, (s, _) in enumerate(copy_from) if s == src_split]
-                copied = writer.read(src_split, np.array([copy_from[j][1] for j in sel]), names)
+    try:  # a failure mid-run closes the bar first: the error line then starts a line of its own
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(plan, jobs[0]) if jobs else None
+            for k, (split, start, stop) in enumerate(jobs):
+                encode_rows, ids, copy_rows, copy_from, tokens = pending.result()
+                if k + 1 < len(jobs):  # tokenize the next chunk while this one runs through the model
+                    pending = pool.submit(plan, jobs[k + 1])
+                n = stop - start
+                bar.total = bar.n + tokens + eta.remaining(k, tokens)
+                if k == 0:
+                    encoder.expect(bar.total - bar.n)  # the run's size, for compile="auto"
+                bar.set_postfix_str(f"{texts_done}/{total} texts", refresh=False)
+                bar.refresh()
+                chunk = {name: np.empty((n, encoder.feature_dims.get(name, encoder.hidden_size)), np.float32)
+                         for name in names}
+                if states:
+                    encoded, token_states = encoder.encode_ids_with_states(ids, states["layer"], on_progress=bar.update,
+                                                                           count="tokens")
+                    row_states = [None] * n
+                    for i, st in zip(encode_rows, token_states):
+                        row_states[i] = st
+                    for i, (src_split, src_row) in zip(copy_rows, copy_from):
+                        row_states[i] = writer.read_states(src_split, src_row)
+                else:
+                    encoded = encoder.encode_ids(ids, on_progress=bar.update, count="tokens")
                 for name in names:
-                    chunk[name][np.asarray(copy_rows)[sel]] = copied[name]
-            s = corpus.splits[split]
-            flat = np.concatenate(row_states) if states and n else None
-            writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop], states=flat)
-            texts_done += n
-    bar.set_postfix_str(f"{texts_done}/{total} texts")
-    bar.close()
+                    chunk[name][encode_rows] = encoded[name]
+                for src_split in {s for s, _ in copy_from}:
+                    sel = [j for j, (s, _) in enumerate(copy_from) if s == src_split]
+                    copied = writer.read(src_split, np.array([copy_from[j][1] for j in sel]), names)
+                    for name in names:
+                        chunk[name][np.asarray(copy_rows)[sel]] = copied[name]
+                s = corpus.splits[split]
+                flat = np.concatenate(row_states) if states and n else None
+                writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop], states=flat)
+                texts_done += n
+        bar.set_postfix_str(f"{texts_done}/{total} texts")
+    finally:
+        bar.close()
 
 
 class TokenEstimate:

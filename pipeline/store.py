@@ -191,7 +191,7 @@ class FeatureStore:
             problem = f"it cannot be read ({_first_line(e)})"
         if problem:
             self.file.close()
-            raise UserError(f"{path} is not a consistent features file: {problem}; extract it again")
+            raise UserError(f"{path} is not a consistent features file: {problem}; extract it again with --restart")
         self.path = path
         self.settings = json.loads(attrs["settings"])
         self.label_names = json.loads(attrs["label_names"])
@@ -314,6 +314,7 @@ class StoreWriter:
         self.status = "complete"
         if restart:
             if os.path.exists(self.tmp):
+                _refuse_if_locked(self.tmp)  # another extract writing it: never remove it under its feet
                 os.remove(self.tmp)
         elif os.path.exists(path):
             try:
@@ -328,6 +329,11 @@ class StoreWriter:
             if diff:
                 raise UserError(f"{path} exists and was made with different settings or data ({diff}); "
                                 "pass --restart to overwrite it, or choose another --out")
+            with h5py.File(path, "r") as f:  # the same settings, but every row written? (a copied .partial: no)
+                problem = layout_problem(f, complete=True)
+            if problem:
+                raise UserError(f"{path} exists but is not a complete features file ({problem}); pass --restart "
+                                "to extract it again")
             return
         if os.path.exists(self.tmp):
             self.discarded = self._check_partial(expected)
@@ -341,6 +347,7 @@ class StoreWriter:
             self.status = "new"
             self._create(settings, splits, label_names, feature_names, hidden_size, source, store_dtype, fingerprint)
             self.file = _open_for_writing(self.tmp)
+        self._inode = os.stat(self.tmp).st_ino  # finish renames this file only if it is still the one written
 
     def _check_partial(self, expected: dict) -> str | None:
         """Why the leftover `.partial` cannot be resumed (None: it can); refuses one made differently."""
@@ -375,12 +382,12 @@ class StoreWriter:
         folder = os.path.dirname(os.path.abspath(self.tmp))
         free = shutil.disk_usage(folder).free
         if need > free:
-            raise UserError(f"not enough disk space for {self.path}: it needs {_size(need)}, {folder} has "
-                            f"{_size(free)} free; free some space or choose another --out")
+            raise UserError(f"not enough disk space for {self.path}: it needs {size_text(need)}, {folder} has "
+                            f"{size_text(free)} free; free some space or choose another --out")
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else -1
         if limit not in (-1, getattr(resource, "RLIM_INFINITY", -1)) and need + (1 << 20) > limit:
-            raise UserError(f"{self.path} would need {_size(need)}, past the file size limit of {_size(limit)} "
-                            "(ulimit -f); raise it or choose another --out")
+            raise UserError(f"{self.path} would need {size_text(need)}, past the file size limit of "
+                            f"{size_text(limit)} (ulimit -f); raise it or choose another --out")
         new = self.tmp + ".new"
         try:
             with h5py.File(new, "w") as f:
@@ -482,6 +489,9 @@ class StoreWriter:
             self.file.close()
         except OSError as e:
             raise write_error(e, self.tmp, _RESUMABLE) from e
+        if not os.path.exists(self.tmp) or os.stat(self.tmp).st_ino != self._inode:
+            raise UserError(f"{self.tmp} was removed or replaced by another process while this extract wrote it; "
+                            f"{self.path} is left as it was: run extract again (one at a time)")
         os.replace(self.tmp, self.path)
 
     def abort(self):
@@ -548,6 +558,17 @@ def _allocated():
     return dcpl
 
 
+def _refuse_if_locked(path: str) -> None:
+    """A UserError when another process holds `path` open for writing (HDF5's file lock); a file that cannot
+    be read for other reasons (damaged, another format) is left to the caller."""
+    try:
+        h5py.File(path, "r").close()
+    except OSError as e:
+        locked = write_error(e, path)
+        if isinstance(locked, UserError):
+            raise locked from e
+
+
 def _open_for_writing(path: str) -> h5py.File:
     """Without HDF5's sieve buffer every write goes straight to the file, so a failed write (disk full)
     leaves nothing dirty that HDF5 would retry when closing (which crashes the interpreter at exit)."""
@@ -575,7 +596,8 @@ def _reserve(path: str) -> None:
         os.close(fd)
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """A byte count for people: '512 B', '93.8 KiB', '1.2 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -22,7 +22,7 @@ from .errors import UserError
 from .metrics import report
 from .poolings import build_features, default_pooling, feature_dim, pooled_width, pooling_features, starts_with_cosine
 from .rows import IN_MEMORY_COPIES, ArrayRows, StoredRows, memory_budget
-from .store import FeatureStore
+from .store import FeatureStore, size_text
 from .tasks import SCORE, labelled, outputs, task_of, tune_thresholds
 from .training import (FitResult, class_weight_vector, fit_rows, fold_ids, head_device, holdout, predict_rows,
                        step_work)
@@ -193,11 +193,11 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
     need = row_bytes * sum(store.rows(s) for s in {source for source, _ in index.values()})
     budget = memory_budget(max_memory, device)
     if need > budget and store.pair_mode == "bi":
-        raise UserError(f"the pair features of {features} need about {need / 2**20:.0f} MiB in memory, more than the "
-                        f"{budget / 2**20:.0f} MiB allowed; pair caches are not streamed: raise --max-memory")
+        raise UserError(f"the pair features of {features} need about {size_text(need)} in memory, more than the "
+                        f"{size_text(budget)} allowed; pair caches are not streamed: raise --max-memory")
     if need > budget:
         if log:
-            log(f"the features need about {need / 2**20:.0f} MiB in memory, more than the {budget / 2**20:.0f} MiB "
+            log(f"the features need about {size_text(need)} in memory, more than the {size_text(budget)} "
                 "allowed (--max-memory): streaming them from the file")
         data.store, data.rows_at_once = store, max(1, budget // row_bytes)
         return data

@@ -390,8 +390,28 @@ sys.stdin.read()
         data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
         refused(run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST), "locked by another process")
         assert os.path.exists(str(out) + ".partial") and not out.exists()
+        # --restart neither: it used to remove the file under the other run, and one run then renamed the
+        # other's unfinished file to the final name
+        refused(run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST, "--restart"),
+                "locked by another process")
+        assert os.path.exists(str(out) + ".partial") and not out.exists()
     finally:
         holder.communicate("", timeout=60)
+
+
+def test_an_unfinished_file_under_the_final_name_is_not_taken_as_complete(tiny_model, tiny_cache, tmp_path):
+    """A .partial copied or renamed by hand to the final name, with the same settings: extract used to say
+    'already complete' while fit-head refused the file, a loop; now it says what is missing and --restart."""
+    import shutil
+    folder = os.path.dirname(tiny_cache)
+    out = tmp_path / "f.h5"
+    shutil.copy(tiny_cache, out)
+    with h5py.File(out, "r+") as f:
+        f["train"].attrs["rows_done"] = 3
+    line = refused(run("extract", "-m", tiny_model, "-d", os.path.join(folder, "data"), "-o", out,
+                       *FAST), "exists but is not a complete features file", "--restart")
+    assert "rows" in line
+    refused(run("fit-head", "-f", out, "-o", tmp_path / "ck"), "not a consistent features file", "--restart")
 
 
 # -- options and models ---------------------------------------------------------------------------

@@ -109,3 +109,19 @@ def test_interrupted_and_resumed_writes_round_trip_exactly(spec, resume_chunk):
                 assert store.rows(name) == len(labels)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_finish_renames_only_the_file_it_wrote(tmp_path):
+    """If another process removed or replaced the .partial (an extract --restart beside this one), finishing
+    must not put that other, unfinished file under the final name."""
+    import pytest
+
+    from pipeline.errors import UserError
+    out = str(tmp_path / "f.h5")
+    w = StoreWriter(out, settings={"hidden_size": 4}, splits={"train": {"rows": 2, "fingerprint": "x"}},
+                    label_names=["a"], feature_names=["cls"], hidden_size=4, source="t")
+    shutil.copy(out + ".partial", out + ".other")
+    os.replace(out + ".other", out + ".partial")  # a new file (another inode) under the same name
+    with pytest.raises(UserError, match="removed or replaced by another process"):
+        w.finish()
+    assert not os.path.exists(out)
