@@ -90,7 +90,7 @@ BOUNDS = {
     "layer_lr": _POSITIVE, "head_lr": _POSITIVE,  # fit-head --tune-layers
     "batch_tokens": Bound(int, 1, none=True),
     "errors": Bound(int, 0),  # evaluate
-    # serve's limits (serve.check_limits; its options' click ranges)
+    # serve's limits (checked by serve and create_app before any model loads; its options' click ranges)
     "max_texts": Bound(int, 1), "max_chars": Bound(int, 1), "max_body_bytes": Bound(int, 1),
     "max_batch_texts": Bound(int, 1), "max_batch_tokens": Bound(int, 1),
     "max_wait_ms": Bound(float, 0, none=True),  # None: the device's default

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .errors import UserError, as_texts  # noqa: F401 (as_texts: imported from here too)
+from .errors import UserError, as_texts
 from .fingerprints import hash_model_files
 from . import defaults as D
 from . import models as M

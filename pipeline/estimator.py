@@ -32,8 +32,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
                       "(or pip install scikit-learn)") from e
 
 from . import defaults as D
-from .encoder import DEFAULT_MAX_LENGTH, Encoder, as_texts
-from .errors import UserError
+from .encoder import DEFAULT_MAX_LENGTH, Encoder
+from .errors import UserError, as_texts
 from .poolings import build_features
 from .tasks import tune_thresholds
 from .training import class_weight_vector, holdout

@@ -154,7 +154,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         if corpus.task != "classification":  # what --tune-layers trains: refused now, not after the extraction
             raise UserError(f"--states is for fit-head --tune-layers, which trains classification heads; this data is "
                             f"{corpus.task}: extract without --states")
-        from .store import states_bytes, states_storage
+        from .store import size_text, states_bytes, states_storage
         from .tuned import check_supported
         if encoder.sentence:  # the tuned top's poolings are the model's own (cls, mean, last), not the folder's
             raise UserError("--states does not go with a sentence-transformers folder (its `sentence` pooling is "
@@ -169,7 +169,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         encoder.truncated = 0  # counted again when the texts are encoded: said once, after
         tokens = sum(int(v["token_lengths"].sum()) for v in splits.values())
         log(f"token states of layer {encoder.num_layers - states} ({tokens} tokens, {states_dtype}) will take "
-            f"{states_bytes(settings, splits) / 2**20:.1f} MiB on disk")
+            f"{size_text(states_bytes(settings, splits))} on disk")
     writer = StoreWriter(out, settings=settings, splits=splits, label_names=corpus.label_names,
                          feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size,
                          source=corpus.source, store_dtype=store_dtype, chunk_rows=chunk_rows, restart=restart,

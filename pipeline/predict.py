@@ -8,8 +8,8 @@ import numpy as np
 
 from .checkpoint import load_checkpoint, read_config
 from .defaults import check_ranges
-from .encoder import Encoder, as_texts
-from .errors import UserError
+from .encoder import Encoder
+from .errors import UserError, as_texts
 from .fingerprints import check_same_encoder
 from .heads import Ensemble, model_feature_names, predict_scores_features
 from .labels import prediction_dicts

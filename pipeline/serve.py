@@ -37,6 +37,7 @@ from typing import Literal, Optional, Union
 
 from ._version import __version__
 from .batching import MAX_BATCH_TEXTS, MAX_BATCH_TOKENS, MAX_WAIT_MS, MicroBatcher
+from .defaults import check_ranges
 from .errors import UserError
 
 # Defaults, visible in one place.
@@ -68,13 +69,6 @@ def require_server() -> None:
 
 # -- the app --------------------------------------------------------------------------------------
 
-def check_limits(**limits) -> None:
-    """Refuse limits no server can keep (max_texts, max_chars, ... at least 1; max_wait_ms 0 or more, or None),
-    before seconds go into loading a model: the bounds are defaults.BOUNDS, as for every numeric option."""
-    from .defaults import check_ranges
-    check_ranges(**limits)
-
-
 def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = None,
                max_batch_texts: int = MAX_BATCH_TEXTS, max_batch_tokens: int = MAX_BATCH_TOKENS,
                max_texts: int = MAX_TEXTS, max_chars: int = MAX_CHARS, max_body_bytes: int = MAX_BODY_BYTES,
@@ -98,7 +92,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
     from starlette.concurrency import run_in_threadpool
     from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model
 
-    check_limits(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes,
+    check_ranges(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes,
                  max_batch_texts=max_batch_texts, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
     # The torch path keeps prefix, max_length, batch_tokens and tokenize on its encoder; the ONNX runner on itself.
     encoder = getattr(predictor, "encoder", None) or predictor
@@ -584,8 +578,8 @@ def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | N
 
     from .onnx_runner import load_predictor
 
-    # all before the model loads
-    check_limits(threads=threads, **{k: v for k, v in app_options.items() if k.startswith("max_")})
+    # the limits (defaults.BOUNDS, as every numeric option's), all before the model loads
+    check_ranges(threads=threads, **{k: v for k, v in app_options.items() if k.startswith("max_")})
     sock = bind(host, port)  # before loading the model: a taken port fails fast
     if threads is not None:
         if backend == "torch":

@@ -322,6 +322,7 @@ class StoreWriter:
                     if f.attrs.get("format") != FORMAT:
                         raise UserError(f"{path} exists and is not a bertcache features file; choose another --out")
                     old = _describe(f)
+                    problem = layout_problem(f, complete=True)  # every row written? (a copied .partial: no)
             except (OSError, KeyError, ValueError, TypeError) as e:
                 raise UserError(f"{path} exists but is not a readable features file ({_first_line(e)}); "
                                 "pass --restart to replace it, or choose another --out") from e
@@ -329,8 +330,6 @@ class StoreWriter:
             if diff:
                 raise UserError(f"{path} exists and was made with different settings or data ({diff}); "
                                 "pass --restart to overwrite it, or choose another --out")
-            with h5py.File(path, "r") as f:  # the same settings, but every row written? (a copied .partial: no)
-                problem = layout_problem(f, complete=True)
             if problem:
                 raise UserError(f"{path} exists but is not a complete features file ({problem}); pass --restart "
                                 "to extract it again")
@@ -367,9 +366,8 @@ class StoreWriter:
                     for d in f[s].values() if done else ():
                         d[done - 1]  # the last row recorded as written must read back
         except (OSError, KeyError, ValueError, TypeError) as e:
-            locked = write_error(e, self.tmp) if isinstance(e, OSError) else e
-            if isinstance(locked, UserError):  # another extract has it open: never remove it under its feet
-                raise locked from e
+            if isinstance(e, OSError):  # another extract has it open: never remove it under its feet
+                _raise_if_locked(e, self.tmp)
             return f"it cannot be read ({_first_line(e)})"
         return problem
 
@@ -564,9 +562,14 @@ def _refuse_if_locked(path: str) -> None:
     try:
         h5py.File(path, "r").close()
     except OSError as e:
-        locked = write_error(e, path)
-        if isinstance(locked, UserError):
-            raise locked from e
+        _raise_if_locked(e, path)
+
+
+def _raise_if_locked(e: OSError, path: str) -> None:
+    """The "locked by another process" UserError when `e`, from opening `path`, is HDF5's file lock."""
+    locked = write_error(e, path)
+    if isinstance(locked, UserError):
+        raise locked from e
 
 
 def _open_for_writing(path: str) -> h5py.File:

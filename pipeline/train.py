@@ -170,17 +170,16 @@ def _load(store, features, poolings, seed, max_memory, device, log) -> CachedSpl
     labels = {s: cached[source][rows] for s, (source, rows) in index.items()}
     data = CachedSplits(features, store.settings, store.label_names, store.file.attrs["fingerprint"], labels,
                         index, val_note)
-    unseen = sorted(set(np.unique(labels["validation"])) - set(np.unique(labels["train"]))) \
-        if data.task == "classification" else []
+    classes = np.unique(labels["train"])  # the train split's class ids (classification)
+    unseen = sorted(set(np.unique(labels["validation"])) - set(classes)) if data.task == "classification" else []
     if unseen:
         raise UserError(f"class {data.label_names[unseen[0]]!r} appears in validation but never in train; "
                         "the head cannot learn it: fix the split or drop that class")
-    if data.task == "classification" and len(np.unique(labels["train"])) < 2:
-        only = np.unique(labels["train"])
-        raise UserError(f"the train split of {features} has one class only ({data.label_names[only[0]]!r}) "
+    if data.task == "classification" and len(classes) < 2:
+        raise UserError(f"the train split of {features} has one class only ({data.label_names[classes[0]]!r}) "
                         "among its labelled rows; a classifier needs texts of at least two classes")
     if data.task == "classification" and "test" in labels and log:
-        never = sorted(set(np.unique(labels["test"])) - set(np.unique(labels["train"])))
+        never = sorted(set(np.unique(labels["test"])) - set(classes))
         if never:
             log(f"note: {', '.join(repr(data.label_names[c]) for c in never)} appear{'s' if len(never) == 1 else ''} "
                 "in test but never in train: the head cannot predict "
