@@ -15,7 +15,7 @@ import click
 from ._version import __version__
 from . import defaults as D
 from . import serve as S
-from .errors import UserError
+from .errors import UserError, is_blank
 
 
 def _usage_error(ctx, e: click.UsageError):
@@ -455,9 +455,10 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
     one argument or line, the two texts separated by a tab."""
 
     texts = list(texts)
-    blank = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    blank = next((i for i, t in enumerate(texts) if is_blank(t)), None)
     if blank is not None:  # as extract skips blank texts: no vector of nothing to classify
-        raise UserError(f"text {blank + 1} of the arguments is blank (empty or whitespace only); give texts to classify")
+        raise UserError(f"text {blank + 1} of the arguments is blank (empty, whitespace or invisible characters only); "
+                        "give texts to classify")
     interactive = False
     if file_:
         texts += _read_lines(file_)
@@ -485,7 +486,7 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
         out = []
         for line in lines:
             parts = line.split("\t")
-            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            if len(parts) != 2 or is_blank(parts[0]) or is_blank(parts[1]):
                 raise UserError(f"this head reads sentence pairs: give two non-blank texts separated by a tab, "
                                 f"not {line!r}")
             out.append((parts[0], parts[1]))
@@ -681,7 +682,7 @@ def _read_lines(path: str) -> list[str]:
     except UnicodeDecodeError as e:
         raise UserError(f"{name} is not UTF-8 text (bad byte at offset {e.start}); re-save it as UTF-8 "
                         "(e.g. iconv -f GBK -t UTF-8)") from e
-    return [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
+    return [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if not is_blank(line)]
 
 
 def main():

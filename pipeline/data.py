@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UserError, unicode_problem
+from .errors import BLANK_RE, UserError, is_blank, unicode_problem
 from .tasks import check_task, detect_task, multilabel_targets, regression_targets
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "dev": "validation",
@@ -58,10 +58,10 @@ class TextColumn(Sequence):
             yield from self.array.slice(start, self.BLOCK).to_pylist()
 
     def nonblank(self) -> np.ndarray:
-        """Positions of the texts that are neither missing nor whitespace only."""
+        """Positions of the texts that are neither missing nor blank (errors.is_blank)."""
         import pyarrow.compute as pc
-        length = pc.utf8_length(pc.utf8_trim_whitespace(self.array))
-        return np.flatnonzero(pc.fill_null(pc.greater(length, 0), False).to_numpy(zero_copy_only=False))
+        blank = pc.fill_null(pc.match_substring_regex(self.array, BLANK_RE), True)
+        return np.flatnonzero(~blank.to_numpy(zero_copy_only=False))
 
     def take(self, index: np.ndarray) -> "TextColumn":
         import pyarrow as pa
@@ -133,7 +133,7 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
             keep = col.nonblank()
             texts[split] = col if len(keep) == len(col) else col.take(keep)
         else:
-            keep = [i for i, t in enumerate(col) if t is not None and str(t).strip()]
+            keep = [i for i, t in enumerate(col) if t is not None and not is_blank(str(t))]
             odd = next((i for i in keep if isinstance(col[i], (list, dict))), None)
             if odd is not None:
                 raise UserError(f"split {split!r}, row {odd}: the text is a JSON {type(col[odd]).__name__}, not a "
@@ -168,7 +168,7 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
 def _pair_rows(split: str, firsts, seconds) -> tuple[list[int], list[str], list[str]]:
     """Rows with both texts (rows with neither are skipped); a row with one side blank is refused."""
     def blank(t):
-        return t is None or not str(t).strip()
+        return t is None or is_blank(str(t))
     keep, a_out, b_out = [], [], []
     for i, (a, b) in enumerate(zip(firsts, seconds)):
         if blank(a) and blank(b):

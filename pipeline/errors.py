@@ -4,10 +4,31 @@ import errno
 import json
 import os
 import re
+import unicodedata
 
 
 class UserError(Exception):
     """A problem with the user's input, named along with what to do about it."""
+
+
+# What no text is made of: Python's whitespace and the invisible format characters (category Cf: zero-width
+# space and joiners, BOM, soft hyphen, bidi marks), which tokenizers drop. The regexes say the same to pyarrow
+# (RE2) and pydantic (Rust), whose \s is not Python's.
+_INVISIBLE = r"\t\n\x0b\f\r\x1c-\x1f\x85\p{Z}\p{Cf}"
+BLANK_RE = f"^[{_INVISIBLE}]*$"  # the whole text is invisible
+VISIBLE_RE = f"[^{_INVISIBLE}]"  # the text has something to read
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` has nothing to read: empty, whitespace, or invisible format characters only (a zero-width
+    space, a BOM). Such a text gives the encoder no tokens of its own, so it is skipped or refused as blank.
+
+        >>> is_blank(" \u3000"), is_blank("\u200b\ufeff"), is_blank("\u200b好")
+        (True, True, False)
+    """
+    s = text.strip()
+    return not s or (unicodedata.category(s[0]) == "Cf"
+                     and all(c.isspace() or unicodedata.category(c) == "Cf" for c in s))
 
 
 def unicode_problem(texts) -> tuple[int, str] | None:

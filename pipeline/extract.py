@@ -132,7 +132,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         log(note)
     for name, n in corpus.skipped.items():
         if n:
-            log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty or whitespace only)")
+            log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty, whitespace or invisible characters only)")
     out = out or default_features_path(model, data)
     check_new_file(out)
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,

@@ -9,7 +9,7 @@ import numpy as np
 from .checkpoint import load_checkpoint, read_config
 from .defaults import check_ranges
 from .encoder import Encoder
-from .errors import UserError, as_texts
+from .errors import UserError, as_texts, is_blank
 from .fingerprints import check_same_encoder
 from .heads import Ensemble, model_feature_names, predict_scores_features
 from .labels import prediction_dicts
@@ -161,9 +161,9 @@ class Predictor:
             one_pair, pairs = as_texts(pairs)
             if one_pair != one or len(pairs) != len(texts):
                 raise UserError(f"{len(texts)} texts but {len(pairs)} second texts: give one pair per row")
-            blank = next((i for i, (a, b) in enumerate(zip(texts, pairs)) if not a.strip() or not b.strip()), None)
+            blank = next((i for i, (a, b) in enumerate(zip(texts, pairs)) if is_blank(a) or is_blank(b)), None)
             if blank is not None:  # as extract, predict's CLI and serve refuse it
-                side = "first" if not texts[blank].strip() else "second"
+                side = "first" if is_blank(texts[blank]) else "second"
                 raise UserError(f"pair {blank + 1}: the {side} text is blank; give two non-blank texts")
         return one, texts, pairs
 

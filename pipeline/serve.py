@@ -38,7 +38,7 @@ from typing import Literal, Optional, Union
 from ._version import __version__
 from .batching import MAX_BATCH_TEXTS, MAX_BATCH_TOKENS, MAX_WAIT_MS, MicroBatcher
 from .defaults import check_ranges
-from .errors import UserError
+from .errors import VISIBLE_RE, UserError
 
 # Defaults, visible in one place.
 HOST = "127.0.0.1"
@@ -119,7 +119,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
                                      "batch_tokens": encoder.batch_tokens})
 
     # The constraints also make pydantic refuse lone surrogates ("\ud800"), which the tokenizer cannot take.
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=max_chars, pattern=r"\S")]
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=max_chars, pattern=VISIBLE_RE)]
     pair_mode = getattr(predictor, "pair_mode", None)
     task = getattr(predictor, "task", "classification")
     field = "pairs" if pair_mode else "texts"

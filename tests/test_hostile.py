@@ -78,14 +78,42 @@ def test_blank_texts_are_skipped_counted_on_stderr_and_rows_kept(tiny_model, tmp
     rows = [(t, y) for t, y in make_texts(12, seed=1)]
     rows[3] = ("", 1)
     rows[7] = ("  \t ", 0)
+    rows[9] = ("\u200b\ufeff\u3000", 1)  # invisible only (zero-width space, BOM, ideographic space): blank too
     data = write_rows(tmp_path / "d", {"train": rows})
     out = tmp_path / "f.h5"
     r = run("extract", "-m", tiny_model, "-d", data, "-o", out, *FAST)
     assert r.exit_code == 0, r.output
-    assert "split 'train': skipped 2 blank texts" in r.stderr
+    assert "split 'train': skipped 3 blank texts" in r.stderr
     with h5py.File(out) as f:
-        assert f["train"].attrs["skipped"] == 2
-        assert f["train/row"][:].tolist() == [i for i in range(12) if i not in (3, 7)]
+        assert f["train"].attrs["skipped"] == 3
+        assert f["train/row"][:].tolist() == [i for i in range(12) if i not in (3, 7, 9)]
+
+
+BLANKS = ["", " ", "\t\n", "\u3000", "\u200b", "\ufeff", "\u00ad", "\u200d\u200e \u2060", "\x1c\x85\u2028"]
+TRICKY = BLANKS + ["好", "\u200b好", "a\u200b", "\u3000 x", "。", "\U0001F600", "\u200bz\u200b"]
+
+
+def test_blank_means_the_same_in_python_pyarrow_and_pydantic():
+    """One meaning of blank: the loader's Arrow path (RE2), serve's schema (Rust regex) and errors.is_blank."""
+    import pyarrow as pa
+    from pydantic import StringConstraints, TypeAdapter
+    from typing import Annotated
+
+    from pipeline.data import TextColumn
+    from pipeline.errors import VISIBLE_RE, is_blank
+
+    expected = list(range(len(BLANKS), len(TRICKY)))
+    assert [i for i, t in enumerate(TRICKY) if not is_blank(t)] == expected
+    assert TextColumn(pa.array(TRICKY + [None])).nonblank().tolist() == expected
+    schema = TypeAdapter(Annotated[str, StringConstraints(pattern=VISIBLE_RE)])
+
+    def accepted(t):
+        try:
+            schema.validate_python(t)
+            return True
+        except ValueError:
+            return False
+    assert [i for i, t in enumerate(TRICKY) if accepted(t)] == expected
 
 
 def test_a_train_split_of_only_blank_texts_is_refused(tiny_model, tmp_path):
@@ -452,6 +480,7 @@ def test_blank_predict_texts_and_a_stride_without_chunk_are_refused(tiny_model, 
     ck = str(tmp_path / "ck")
     assert run("fit-head", "-f", tiny_cache, "-o", ck, "--epochs", 2).exit_code == 0
     refused(run("predict", "-c", ck, "好", "  "), "text 2", "blank")
+    refused(run("predict", "-c", ck, "\u200b"), "text 1", "blank")
     data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits())
     extract_refused(tmp_path, tiny_model, data, "--stride", "--long-texts chunk", extra=("--stride", "5"))
     modes = {f: os.stat(os.path.join(ck, f)).st_mode & 0o777 for f in os.listdir(ck)}

@@ -120,6 +120,7 @@ LIMITED = {"max_texts": 4, "max_chars": 20, "max_body_bytes": 600}
     ({"texts": []}, 422, ['"texts" is empty']),
     ({"texts": ["好", ""]}, 422, ["texts[1] is empty or blank"]),
     ({"texts": [" \t\n"]}, 422, ["texts[0] is empty or blank"]),
+    ({"texts": ["好", "\u200b\u3000"]}, 422, ["texts[1] is empty or blank"]),
     ({"texts": "好"}, 422, ['"texts" must be an array of strings, not a string']),
     ({"texts": ["好", 3]}, 422, ["texts[1] must be a string, not a number"]),
     ({"texts": [None]}, 422, ["texts[0] must be a string, not null"]),

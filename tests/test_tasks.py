@@ -304,7 +304,8 @@ def test_bi_predict_and_serve(bi_cache, tmp_path):
     lines = ok("predict", "-c", ckpt, "--device", "cpu", "好棒赞\t喜欢满意").stdout.splitlines()
     assert lines == [f"{got[0]['score']:.4f}\t好棒赞\t喜欢满意"]
     one_line_error(run("predict", "-c", ckpt, "--device", "cpu", "好棒赞"), "pairs", "tab")
-    for texts, pairs, side in ((["好棒赞", "差"], ["喜欢", " \n"], "pair 2: the second"), ([""], ["好"], "pair 1: the first")):
+    for texts, pairs, side in ((["好棒赞", "差"], ["喜欢", " \n"], "pair 2: the second"), ([""], ["好"], "pair 1: the first"),
+                              (["好"], ["\u200b"], "pair 1: the second")):
         with pytest.raises(bc.UserError, match=f"{side} text is blank"):  # as the CLI and serve refuse it
             predictor.predict(texts, pairs=pairs)
     worst = bc.evaluate(ckpt, errors=1)["errors"]["largest"][0]  # a pair's error names both texts
