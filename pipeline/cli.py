@@ -64,7 +64,7 @@ def _describe(e: Exception) -> str:
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return f"the disk is full{f' writing {e.filename}' if e.filename else ''}; free some space or choose another --out"
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return f"permission denied{f' for {e.filename}' if e.filename else ''}; choose a writable --out"
+        return f"{os.strerror(e.errno).lower()}{f' for {e.filename}' if e.filename else ''}; choose a writable --out"
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
