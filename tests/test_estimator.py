@@ -138,7 +138,8 @@ def test_cache_dir_files_written_meanwhile_are_read(tiny_model, corpus, encoded,
                                                 ({"head": "mlp", "hidden": 0}, "hidden", "0"),
                                                 ({"dropout": 1.0}, "dropout", "1.0"),
                                                 ({"patience": -1}, "patience", "-1"),
-                                                ({"lr": -1e-3}, "lr", "-0.001")])
+                                                ({"lr": -1e-3}, "lr", "-0.001"),
+                                                ({"seed": -1}, "seed", "-1"), ({"seed": None}, "seed", "None")])
 def test_fit_refuses_numbers_out_of_range_before_encoding(tiny_model, corpus, encoded, params, name, value):
     texts, y = corpus
     message = rf"^{name} must be [^\n]*, not {re.escape(value)}$"
@@ -147,6 +148,15 @@ def test_fit_refuses_numbers_out_of_range_before_encoding(tiny_model, corpus, en
     with pytest.raises(E.UserError, match=message):
         E.TextRegressor(tiny_model, precision="fp32", device="cpu", **params).fit(texts, np.arange(len(texts)) * 1.0)
     assert encoded == []
+
+
+def test_a_numpy_integer_seed_as_a_grid_gives_it(tiny_model, corpus, encoded):
+    """GridSearchCV over {"seed": np.arange(2)} sets numpy integers (torch's Generator refused them)."""
+    texts, y = corpus
+    grid = GridSearchCV(make(tiny_model, epochs=2), {"seed": np.arange(2)}, cv=2, error_score="raise").fit(texts, y)
+    assert [p["seed"] for p in grid.cv_results_["params"]] == [0, 1]
+    np.testing.assert_allclose(make(tiny_model, epochs=2, seed=np.int64(1)).fit(texts, y).predict_proba(texts[:3]),
+                               make(tiny_model, epochs=2, seed=1).fit(texts, y).predict_proba(texts[:3]), rtol=1e-6)
 
 
 def test_fit_takes_the_ends_of_each_range(tiny_model, corpus, encoded):
