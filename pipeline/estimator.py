@@ -39,6 +39,10 @@ from .tasks import tune_thresholds
 from .training import class_weight_vector, holdout
 from .training import fit as fit_arrays, head_device, step_work
 
+# The parameters that decide the head's input: changed by set_params after fit, predict refuses to run. (Not model:
+# a path, which may move with the same weights; nor precision or device, which only round the same vectors.)
+_FEATURE_PARAMS = ("pooling", "layers", "max_length", "prefix", "revision", "long_texts", "stride")
+
 # Process-wide caches: loaded encoders by their arguments, vectors by (encoder fingerprint, text digest).
 _LOCK = threading.RLock()
 _ENCODERS: dict[tuple, Encoder] = {}
@@ -81,7 +85,8 @@ class _TextEstimator(BaseEstimator):
             `stride` tokens and average the window vectors (as `extract --long-texts`).
 
     Attributes after `fit`: head_ (the trained heads.Head), history_ (per-epoch losses and validation
-    scores), best_epoch_; TextClassifier also classes_ (the labels, sorted; label columns for multilabel)
+    scores), best_epoch_, feature_params_ (the pooling and encoder settings the head was fitted on: changed
+    by set_params, predict refuses until the next fit); TextClassifier also classes_ (the labels, sorted; label columns for multilabel)
     and thresholds_ (multilabel: one per label; else None).
 
     Example:
@@ -145,6 +150,7 @@ class _TextEstimator(BaseEstimator):
                             patience=self.patience, label_smoothing=self.label_smoothing,
                             class_weights=weights(train) if weights else None, task=task)
         self.head_, self.history_, self.best_epoch_ = result.head, result.history, result.best_epoch
+        self.feature_params_ = {name: getattr(self, name) for name in _FEATURE_PARAMS}
         return val
 
     def _check_params(self) -> None:
@@ -157,6 +163,10 @@ class _TextEstimator(BaseEstimator):
         """The fitted head's `method` ("predict_proba" or "predict") over the texts X; no texts give an empty
         array of shape [0, width] ([0] when width is None)."""
         check_is_fitted(self, "head_")
+        for name, fitted in getattr(self, "feature_params_", {}).items():  # set_params after fit: not the head's input
+            if getattr(self, name) != fitted:
+                raise UserError(f"{name} is {getattr(self, name)!r} but the head was fitted on {fitted!r}; "
+                                f"fit again, or set_params({name}={fitted!r})")
         texts = _texts(X)
         if not texts:
             return np.zeros((0,) if width is None else (0, width), np.float32)

@@ -193,3 +193,19 @@ def test_one_class_is_refused_before_encoding(tiny_model, corpus, encoded):
     with pytest.raises(UserError, match="at least two classes; y has one only"):
         make(tiny_model).fit(texts[:10], ["正面"] * 10)
     assert encoded == []
+
+
+def test_set_params_after_fit_that_changes_the_heads_input_is_refused(tiny_model, corpus, encoded):
+    """A head fitted on mean vectors read cls ones after set_params(pooling="cls"): other predictions, silently
+    (or torch's shape error for a wider pooling). predict names the parameter; the next fit takes the new value."""
+    texts, y = corpus
+    clf = make(tiny_model, pooling="mean", epochs=3).fit(texts, y)
+    for params in ({"pooling": "cls"}, {"pooling": "cls+mean"}, {"max_length": 16}):
+        clf.set_params(**params)
+        with pytest.raises(E.UserError, match=rf"^{next(iter(params))} is .* but the head was fitted on .*; fit again"):
+            clf.predict(texts[:2])
+        clf.set_params(pooling="mean", max_length=E.DEFAULT_MAX_LENGTH)
+    proba = clf.predict_proba(texts[:2])
+    clf.set_params(batch_tokens=64, epochs=99)  # the encoder's batching and training settings leave the input as it is
+    np.testing.assert_allclose(clf.predict_proba(texts[:2]), proba, rtol=1e-5, atol=1e-6)
+    assert clf.set_params(pooling="cls", epochs=3).fit(texts, y).predict(texts[:2]).shape == (2,)
