@@ -141,6 +141,9 @@ class _TextEstimator(BaseEstimator):
         n = len(X_all)
         if self.validation_fraction:  # _check_params refused a negative one
             train, val = holdout(y, self.validation_fraction, self.seed)
+            if not len(train):
+                raise UserError(f"validation_fraction {self.validation_fraction} holds out all {n} texts; "
+                                "give more texts or a smaller validation_fraction (0: train on all)")
         else:
             train, val = np.arange(n), np.arange(0)
         work = step_work(self.batch_size, X_all.shape[1], self.head, self.hidden, k, rows=len(train))
@@ -325,6 +328,8 @@ class TextRegressor(RegressorMixin, _TextEstimator):
         """
         self._check_params()
         texts = _texts(X)
+        if not texts:
+            raise UserError("fit needs at least one text")
         y = np.asarray(y, dtype=np.float64)
         if y.ndim != 1 or len(y) != len(texts):
             raise UserError(f"fit needs one target per text: {len(texts)} texts, targets of shape {y.shape}")

@@ -209,3 +209,14 @@ def test_set_params_after_fit_that_changes_the_heads_input_is_refused(tiny_model
     clf.set_params(batch_tokens=64, epochs=99)  # the encoder's batching and training settings leave the input as it is
     np.testing.assert_allclose(clf.predict_proba(texts[:2]), proba, rtol=1e-5, atol=1e-6)
     assert clf.set_params(pooling="cls", epochs=3).fit(texts, y).predict(texts[:2]).shape == (2,)
+
+
+def test_fit_with_no_text_to_train_on_says_why(tiny_model, corpus, encoded):
+    """Not the feature cache's "the train split has no labelled rows": the estimators have no splits."""
+    texts, y = corpus
+    with pytest.raises(E.UserError, match="^fit needs at least one text$"):
+        E.TextRegressor(tiny_model, precision="fp32", device="cpu").fit([], [])
+    with pytest.raises(E.UserError, match=r"^validation_fraction 0.9 holds out all 4 texts; give more texts or a "):
+        make(tiny_model, validation_fraction=0.9).fit(texts[:4], y[:4])
+    with pytest.raises(E.UserError, match=r"^validation_fraction 0.9 holds out all 2 texts"):
+        E.TextRegressor(tiny_model, precision="fp32", device="cpu", validation_fraction=0.9).fit(texts[:2], [1.0, 2.0])
