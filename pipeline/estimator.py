@@ -65,7 +65,7 @@ class _TextEstimator(BaseEstimator):
     Args:
         model: encoder: a model folder, a hub id, or "e5-small" (built from PyPI, no hub needed).
         pooling: what the head reads: cls, mean, cls_<layer>, mean-avg<k>, cls-cat<k>, or terms joined by +.
-        head: "linear" or "mlp".
+        head: "linear", "mlp" or "logreg" (full-batch L-BFGS, its L2 strength chosen on the hold-out).
         hidden, dropout: the mlp head's hidden units and dropout.
         epochs, lr, weight_decay, batch_size: AdamW training of the head.
         patience: stop after this many epochs without a better validation score (None or 0: never).
