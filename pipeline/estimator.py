@@ -76,7 +76,7 @@ class _TextEstimator(BaseEstimator):
         seed: seeds the head's initial weights, the batch order and the hold-out.
         layers: encoder layers whose [CLS] and mean vectors are computed (poolings may read the last K).
         max_length, prefix, precision, batch_tokens, revision: as in `extract` (e5 models expect
-            prefix "query: ").
+            prefix "query: "; None, as there, takes a sentence-transformers folder's default prompt, "" none).
         device: "auto", "cpu", "cuda", "cuda:N" or "mps", for the encoder and the head.
         cache_dir: also keep the encoded vectors in this folder (npz files, never pickles), to share them
             with other processes (GridSearchCV with n_jobs > 1) and later sessions.
@@ -106,7 +106,7 @@ class _TextEstimator(BaseEstimator):
                  weight_decay: float = D.WEIGHT_DECAY, batch_size: int = D.BATCH_SIZE,
                  patience: int | None = D.PATIENCE, validation_fraction: float = D.VAL_FRACTION,
                  label_smoothing: float = 0.0, class_weights: str | None = None, seed: int = D.SEED,
-                 layers: int = 1, max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", precision: str = "auto",
+                 layers: int = 1, max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, precision: str = "auto",
                  batch_tokens: int | None = None, revision: str | None = None, device: str = "auto",
                  cache_dir: str | None = None, progress: bool = False, long_texts: str = "truncate",
                  stride: int | None = None):
