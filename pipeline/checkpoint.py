@@ -135,9 +135,16 @@ def _umask_modes(folder: str) -> None:
 
 
 def write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=True)
+    with open(path, "w", encoding="utf-8") as f:  # numpy scalars (an API caller's np.int64 epochs or seed) as numbers
+        json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=True, default=_plain)
         f.write("\n")
+
+
+
+def _plain(value):
+    if hasattr(value, "item") and type(value).__module__ == "numpy":
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 _REFUSED = ("bertcache does not unpickle checkpoints unasked (unpickling can run code): use a checkpoint folder "

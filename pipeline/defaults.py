@@ -89,6 +89,7 @@ BOUNDS = {
     "weight_decays": Bound(float, 0, option="--sweep-weight-decays"),
     "layer_lr": _POSITIVE, "head_lr": _POSITIVE,  # fit-head --tune-layers
     "batch_tokens": Bound(int, 1, none=True),
+    "seed": Bound(int, 0),  # numpy's generators take no negative seed
     "errors": Bound(int, 0),  # evaluate
     # serve's limits (checked by serve and create_app before any model loads; its options' click ranges)
     "max_texts": Bound(int, 1), "max_chars": Bound(int, 1), "max_body_bytes": Bound(int, 1),

@@ -39,6 +39,10 @@ from .tasks import tune_thresholds
 from .training import class_weight_vector, holdout
 from .training import fit as fit_arrays, head_device, step_work
 
+# The parameters that decide the head's input: changed by set_params after fit, predict refuses to run. (Not model:
+# a path, which may move with the same weights; nor precision or device, which only round the same vectors.)
+_FEATURE_PARAMS = ("pooling", "layers", "max_length", "prefix", "revision", "long_texts", "stride")
+
 # Process-wide caches: loaded encoders by their arguments, vectors by (encoder fingerprint, text digest).
 _LOCK = threading.RLock()
 _ENCODERS: dict[tuple, Encoder] = {}
@@ -61,7 +65,7 @@ class _TextEstimator(BaseEstimator):
     Args:
         model: encoder: a model folder, a hub id, or "e5-small" (built from PyPI, no hub needed).
         pooling: what the head reads: cls, mean, cls_<layer>, mean-avg<k>, cls-cat<k>, or terms joined by +.
-        head: "linear" or "mlp".
+        head: "linear", "mlp" or "logreg" (full-batch L-BFGS, its L2 strength chosen on the hold-out).
         hidden, dropout: the mlp head's hidden units and dropout.
         epochs, lr, weight_decay, batch_size: AdamW training of the head.
         patience: stop after this many epochs without a better validation score (None or 0: never).
@@ -72,7 +76,7 @@ class _TextEstimator(BaseEstimator):
         seed: seeds the head's initial weights, the batch order and the hold-out.
         layers: encoder layers whose [CLS] and mean vectors are computed (poolings may read the last K).
         max_length, prefix, precision, batch_tokens, revision: as in `extract` (e5 models expect
-            prefix "query: ").
+            prefix "query: "; None, as there, takes a sentence-transformers folder's default prompt, "" none).
         device: "auto", "cpu", "cuda", "cuda:N" or "mps", for the encoder and the head.
         cache_dir: also keep the encoded vectors in this folder (npz files, never pickles), to share them
             with other processes (GridSearchCV with n_jobs > 1) and later sessions.
@@ -81,7 +85,8 @@ class _TextEstimator(BaseEstimator):
             `stride` tokens and average the window vectors (as `extract --long-texts`).
 
     Attributes after `fit`: head_ (the trained heads.Head), history_ (per-epoch losses and validation
-    scores), best_epoch_; TextClassifier also classes_ (the labels, sorted; label columns for multilabel)
+    scores), best_epoch_, feature_params_ (the pooling and encoder settings the head was fitted on: changed
+    by set_params, predict refuses until the next fit); TextClassifier also classes_ (the labels, sorted; label columns for multilabel)
     and thresholds_ (multilabel: one per label; else None).
 
     Example:
@@ -101,7 +106,7 @@ class _TextEstimator(BaseEstimator):
                  weight_decay: float = D.WEIGHT_DECAY, batch_size: int = D.BATCH_SIZE,
                  patience: int | None = D.PATIENCE, validation_fraction: float = D.VAL_FRACTION,
                  label_smoothing: float = 0.0, class_weights: str | None = None, seed: int = D.SEED,
-                 layers: int = 1, max_length: int = DEFAULT_MAX_LENGTH, prefix: str = "", precision: str = "auto",
+                 layers: int = 1, max_length: int = DEFAULT_MAX_LENGTH, prefix: str | None = None, precision: str = "auto",
                  batch_tokens: int | None = None, revision: str | None = None, device: str = "auto",
                  cache_dir: str | None = None, progress: bool = False, long_texts: str = "truncate",
                  stride: int | None = None):
@@ -136,6 +141,9 @@ class _TextEstimator(BaseEstimator):
         n = len(X_all)
         if self.validation_fraction:  # _check_params refused a negative one
             train, val = holdout(y, self.validation_fraction, self.seed)
+            if not len(train):
+                raise UserError(f"validation_fraction {self.validation_fraction} holds out all {n} texts; "
+                                "give more texts or a smaller validation_fraction (0: train on all)")
         else:
             train, val = np.arange(n), np.arange(0)
         work = step_work(self.batch_size, X_all.shape[1], self.head, self.hidden, k, rows=len(train))
@@ -145,6 +153,7 @@ class _TextEstimator(BaseEstimator):
                             patience=self.patience, label_smoothing=self.label_smoothing,
                             class_weights=weights(train) if weights else None, task=task)
         self.head_, self.history_, self.best_epoch_ = result.head, result.history, result.best_epoch
+        self.feature_params_ = {name: getattr(self, name) for name in _FEATURE_PARAMS}
         return val
 
     def _check_params(self) -> None:
@@ -157,6 +166,10 @@ class _TextEstimator(BaseEstimator):
         """The fitted head's `method` ("predict_proba" or "predict") over the texts X; no texts give an empty
         array of shape [0, width] ([0] when width is None)."""
         check_is_fitted(self, "head_")
+        for name, fitted in getattr(self, "feature_params_", {}).items():  # set_params after fit: not the head's input
+            if getattr(self, name) != fitted:
+                raise UserError(f"{name} is {getattr(self, name)!r} but the head was fitted on {fitted!r}; "
+                                f"fit again, or set_params({name}={fitted!r})")
         texts = _texts(X)
         if not texts:
             return np.zeros((0,) if width is None else (0, width), np.float32)
@@ -315,6 +328,8 @@ class TextRegressor(RegressorMixin, _TextEstimator):
         """
         self._check_params()
         texts = _texts(X)
+        if not texts:
+            raise UserError("fit needs at least one text")
         y = np.asarray(y, dtype=np.float64)
         if y.ndim != 1 or len(y) != len(texts):
             raise UserError(f"fit needs one target per text: {len(texts)} texts, targets of shape {y.shape}")

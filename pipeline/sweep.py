@@ -152,7 +152,7 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
     if bad:
         raise UserError(f"unknown head {bad[0]!r} in --sweep-heads; use {', '.join(D.HEADS)}")
     D.check_ranges(lrs=lrs, weight_decays=weight_decays, hidden=hidden, dropout=dropout, epochs=epochs,
-                   batch_size=batch_size, patience=patience, label_smoothing=label_smoothing)
+                   batch_size=batch_size, patience=patience, label_smoothing=label_smoothing, seed=seed)
     if poolings is None:
         with FeatureStore(features) as store:
             poolings = default_poolings(store.settings["layers"], store.settings)

@@ -416,7 +416,7 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
         (20, ['正向', '负向'], True)
     """
     D.check_ranges(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                   batch_size=batch_size, patience=patience, label_smoothing=label_smoothing)
+                   batch_size=batch_size, patience=patience, label_smoothing=label_smoothing, seed=seed)
     if pooling is None:
         with FeatureStore(features) as store:
             pooling = default_pooling(store.settings)

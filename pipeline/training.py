@@ -168,9 +168,9 @@ def fit_rows(train, val, num_classes: int, *, head: str = "linear", hidden: int 
     if train.n == 0:
         raise UserError("the train split has no labelled rows to train on")
     check_ranges(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                 batch_size=batch_size, patience=patience, label_smoothing=label_smoothing)
+                 batch_size=batch_size, patience=patience, label_smoothing=label_smoothing, seed=seed)
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(int(seed))  # a numpy integer too (GridSearchCV's grid from np.arange)
     torch.manual_seed(seed)
     model = Head(train.dim, num_classes, head, hidden, dropout, task).to(device)
     _fit_statistics(model, train, val, standardize)

@@ -218,7 +218,7 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
     `pooling` is fit on the frozen pooled features first (`probe_options` go to train.train).
     """
     D.check_ranges(epochs=epochs, layer_lr=layer_lr, head_lr=head_lr, weight_decay=weight_decay,
-                   batch_tokens=batch_tokens, **probe_options)
+                   batch_tokens=batch_tokens, seed=seed, **probe_options)
     batch_tokens = BATCH_TOKENS if batch_tokens is None else batch_tokens  # None: the default, as for the encoder
     from . import train as T
     from .checkpoint import load_checkpoint

@@ -3,6 +3,7 @@ of the command's numeric options checked by the functions too, the extraction ba
 quickstart` (its steps on the tiny model and a tiny corpus)."""
 from __future__ import annotations
 
+import json
 import re
 
 import click
@@ -169,3 +170,12 @@ def test_predict_on_raw_text_leaves_h5py_unimported(predictor):
             f"print(Predictor({predictor.checkpoint!r}, device='cpu').predict(['很好'])[0]['label'] is not None, "
             "'h5py' in sys.modules)")
     assert python_lines(code, HF_HUB_OFFLINE="1")[-1].split() == ["True", "False"]
+
+
+def test_numpy_numbers_are_taken_as_their_python_numbers(cache, tmp_path):
+    """A script's np.int64 (from np.arange, a DataFrame) as epochs or seed: the checkpoint's JSON holds the number
+    (json refused numpy's integers after the training ran)."""
+    ckpt, metrics = fit_head(cache, str(tmp_path / "np"), pooling="mean", epochs=np.int64(2), seed=np.int64(1))
+    assert metrics["epochs_run"] == 2
+    config = json.loads((tmp_path / "np" / "config.json").read_text())
+    assert config["training"]["epochs"] == 2 and config["training"]["seed"] == 1

@@ -173,3 +173,21 @@ def test_docstring_examples_run(name, one_thread, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp() folders land here
     failed, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert failed == 0, f"{failed} of {attempted} examples in pipeline/{name}.py failed (printed above)"
+
+
+def test_api_md_names_the_sweep_argument_of_every_sweep_option():
+    """docs/api.md: "an option of a command is a keyword argument of the same name", save the exceptions it
+    names; every fit-head --sweep-X is sweep's X= or an exception written out (--sweep-select is selection=)."""
+    import inspect
+
+    from pipeline.cli import cli
+    from pipeline.sweep import sweep
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    arguments = inspect.signature(sweep).parameters
+    for param in cli.commands["fit-head"].params:
+        if param.name.startswith("sweep_"):
+            option, name = param.opts[0], param.name[len("sweep_"):]
+            assert name in arguments or re.search(rf"`{option}` is `(\w+)=`", text), option
+            found = re.search(rf"`{option}` is `(\w+)=`", text)
+            assert not found or found.group(1) in arguments, option

@@ -421,3 +421,14 @@ def test_sentence_folder_extracts_under_bf16(tmp_path, tiny_model, data):
     assert y.dtype == np.float32 and y.shape == x.shape
     cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
     assert cos.min() > 0.99
+
+
+def test_the_estimators_take_a_sentence_folders_prompt_as_extract_does(tiny_model, tmp_path):
+    """prefix=None (extract's and Encoder's default) is the folder's default prompt, in the estimators too (their
+    default was "": no prompt, so a TextClassifier encoded other vectors than extract over the same folder)."""
+    estimator = pytest.importorskip("pipeline.estimator")
+    folder = write_sentence_folder(str(tmp_path / "st"), tiny_model, ["mean"], prompts={"query": "query: "},
+                                   default_prompt="query")
+    assert Encoder(folder, device="cpu").prefix == "query: "
+    assert estimator.TextClassifier(folder, device="cpu")._encoder().prefix == "query: "
+    assert estimator.TextRegressor(folder, device="cpu", prefix="")._encoder().prefix == ""

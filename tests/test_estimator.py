@@ -138,7 +138,8 @@ def test_cache_dir_files_written_meanwhile_are_read(tiny_model, corpus, encoded,
                                                 ({"head": "mlp", "hidden": 0}, "hidden", "0"),
                                                 ({"dropout": 1.0}, "dropout", "1.0"),
                                                 ({"patience": -1}, "patience", "-1"),
-                                                ({"lr": -1e-3}, "lr", "-0.001")])
+                                                ({"lr": -1e-3}, "lr", "-0.001"),
+                                                ({"seed": -1}, "seed", "-1"), ({"seed": None}, "seed", "None")])
 def test_fit_refuses_numbers_out_of_range_before_encoding(tiny_model, corpus, encoded, params, name, value):
     texts, y = corpus
     message = rf"^{name} must be [^\n]*, not {re.escape(value)}$"
@@ -147,6 +148,15 @@ def test_fit_refuses_numbers_out_of_range_before_encoding(tiny_model, corpus, en
     with pytest.raises(E.UserError, match=message):
         E.TextRegressor(tiny_model, precision="fp32", device="cpu", **params).fit(texts, np.arange(len(texts)) * 1.0)
     assert encoded == []
+
+
+def test_a_numpy_integer_seed_as_a_grid_gives_it(tiny_model, corpus, encoded):
+    """GridSearchCV over {"seed": np.arange(2)} sets numpy integers (torch's Generator refused them)."""
+    texts, y = corpus
+    grid = GridSearchCV(make(tiny_model, epochs=2), {"seed": np.arange(2)}, cv=2, error_score="raise").fit(texts, y)
+    assert [p["seed"] for p in grid.cv_results_["params"]] == [0, 1]
+    np.testing.assert_allclose(make(tiny_model, epochs=2, seed=np.int64(1)).fit(texts, y).predict_proba(texts[:3]),
+                               make(tiny_model, epochs=2, seed=1).fit(texts, y).predict_proba(texts[:3]), rtol=1e-6)
 
 
 def test_fit_takes_the_ends_of_each_range(tiny_model, corpus, encoded):
@@ -183,3 +193,30 @@ def test_one_class_is_refused_before_encoding(tiny_model, corpus, encoded):
     with pytest.raises(UserError, match="at least two classes; y has one only"):
         make(tiny_model).fit(texts[:10], ["正面"] * 10)
     assert encoded == []
+
+
+def test_set_params_after_fit_that_changes_the_heads_input_is_refused(tiny_model, corpus, encoded):
+    """A head fitted on mean vectors read cls ones after set_params(pooling="cls"): other predictions, silently
+    (or torch's shape error for a wider pooling). predict names the parameter; the next fit takes the new value."""
+    texts, y = corpus
+    clf = make(tiny_model, pooling="mean", epochs=3).fit(texts, y)
+    for params in ({"pooling": "cls"}, {"pooling": "cls+mean"}, {"max_length": 16}):
+        clf.set_params(**params)
+        with pytest.raises(E.UserError, match=rf"^{next(iter(params))} is .* but the head was fitted on .*; fit again"):
+            clf.predict(texts[:2])
+        clf.set_params(pooling="mean", max_length=E.DEFAULT_MAX_LENGTH)
+    proba = clf.predict_proba(texts[:2])
+    clf.set_params(batch_tokens=64, epochs=99)  # the encoder's batching and training settings leave the input as it is
+    np.testing.assert_allclose(clf.predict_proba(texts[:2]), proba, rtol=1e-5, atol=1e-6)
+    assert clf.set_params(pooling="cls", epochs=3).fit(texts, y).predict(texts[:2]).shape == (2,)
+
+
+def test_fit_with_no_text_to_train_on_says_why(tiny_model, corpus, encoded):
+    """Not the feature cache's "the train split has no labelled rows": the estimators have no splits."""
+    texts, y = corpus
+    with pytest.raises(E.UserError, match="^fit needs at least one text$"):
+        E.TextRegressor(tiny_model, precision="fp32", device="cpu").fit([], [])
+    with pytest.raises(E.UserError, match=r"^validation_fraction 0.9 holds out all 4 texts; give more texts or a "):
+        make(tiny_model, validation_fraction=0.9).fit(texts[:4], y[:4])
+    with pytest.raises(E.UserError, match=r"^validation_fraction 0.9 holds out all 2 texts"):
+        E.TextRegressor(tiny_model, precision="fp32", device="cpu", validation_fraction=0.9).fit(texts[:2], [1.0, 2.0])
