@@ -140,7 +140,6 @@ def write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-
 def _plain(value):
     if hasattr(value, "item") and type(value).__module__ == "numpy":
         return value.item()

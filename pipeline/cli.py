@@ -191,8 +191,8 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
 @click.option("--lr", default=D.LR, show_default=True, type=_range("lr"))
 @click.option("--weight-decay", default=D.WEIGHT_DECAY, show_default=True, type=_range("weight_decay"))
 @click.option("--batch-size", default=D.BATCH_SIZE, show_default=True, type=_range("batch_size"))
-@click.option("--seed", default=D.SEED, show_default=True, type=_range("seed"), help="Seeds the initial weights, the batch order and "
-                                                                   "the validation hold-out.")
+@click.option("--seed", default=D.SEED, show_default=True, type=_range("seed"),
+              help="Seeds the initial weights, the batch order and the validation hold-out.")
 @click.option("--patience", default=D.PATIENCE, show_default=True, type=_range("patience"), help="Stop after this many epochs without "
                                                                         "a better validation score (0: never; "
                                                                         "10 with --sweep).")

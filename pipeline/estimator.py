@@ -330,7 +330,10 @@ class TextRegressor(RegressorMixin, _TextEstimator):
         texts = _texts(X)
         if not texts:
             raise UserError("fit needs at least one text")
-        y = np.asarray(y, dtype=np.float64)
+        try:
+            y = np.asarray(y, dtype=np.float64)
+        except (TypeError, ValueError) as e:  # "could not convert string to float: 'good'"
+            raise UserError(f"a regression target must be a number ({e}); use TextClassifier for labels") from e
         if y.ndim != 1 or len(y) != len(texts):
             raise UserError(f"fit needs one target per text: {len(texts)} texts, targets of shape {y.shape}")
         if not np.isfinite(y).all():
@@ -351,7 +354,10 @@ def _texts(X) -> list[str]:
     """Texts from a list, a 1-D array, a one-column 2-D array or DataFrame (as a ColumnTransformer gives)."""
     if hasattr(X, "to_numpy") and not isinstance(X, str):
         X = X.to_numpy()
-    if isinstance(X, np.ndarray) and X.ndim == 2 and X.shape[1] == 1:
+    if isinstance(X, np.ndarray) and X.ndim == 2:
+        if X.shape[1] != 1:
+            raise UserError(f"give one column of texts, not {X.shape[1]} columns (shape {X.shape}); pick the "
+                            "text column (e.g. df['text'])")
         X = X[:, 0]
     _, texts = as_texts(X)
     return texts

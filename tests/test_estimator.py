@@ -220,3 +220,11 @@ def test_fit_with_no_text_to_train_on_says_why(tiny_model, corpus, encoded):
         make(tiny_model, validation_fraction=0.9).fit(texts[:4], y[:4])
     with pytest.raises(E.UserError, match=r"^validation_fraction 0.9 holds out all 2 texts"):
         E.TextRegressor(tiny_model, precision="fp32", device="cpu", validation_fraction=0.9).fit(texts[:2], [1.0, 2.0])
+
+
+def test_targets_that_are_not_numbers_and_two_text_columns_are_named(tiny_model, corpus):
+    texts, y = corpus
+    with pytest.raises(E.UserError, match=r"^a regression target must be a number .*use TextClassifier"):
+        E.TextRegressor(tiny_model, precision="fp32", device="cpu").fit(texts[:2], ["good", "bad"])
+    with pytest.raises(E.UserError, match=r"^give one column of texts, not 2 columns"):
+        make(tiny_model).fit(np.array([texts[:4], texts[4:8]]).T, y[:4])
