@@ -393,6 +393,21 @@ def test_an_encoder_decoder_model_is_refused_before_any_file(tiny_model, tmp_pat
     assert not os.path.exists(tmp_path / "f") or not os.listdir(tmp_path / "f")
 
 
+def test_a_model_folder_without_tokenizer_files_is_refused(tiny_model, tmp_path, data):
+    """transformers builds a tokenizer of special tokens only from a folder with weights and config.json but no
+    tokenizer files: every text became [CLS] [UNK]... [SEP] and extract cached those vectors without a word."""
+    import shutil
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_model, name), folder)
+    out = tmp_path / "f" / "x.h5"
+    r = run("extract", "-m", folder, "-d", data, "-o", out, "--device", "cpu")
+    one_line_error(r, "cannot load the tokenizer", "no tokenizer files", "tokenizer.save_pretrained", exit_code=2)
+    assert not os.path.exists(tmp_path / "f") or not os.listdir(tmp_path / "f")
+
+
 def test_modelscope_without_the_package_is_one_line(tmp_path, data):
     try:
         import modelscope  # noqa: F401
