@@ -238,7 +238,7 @@ class Encoder:
             self.prompt_tokens = max(0, len(self.tokenizer(self.prefix)["input_ids"]) - 1) if self.prefix else 0
         self.batch_tokens = int(batch_tokens or BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cpu"]))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.commit = getattr(cfg, "_commit_hash", None)
+        self.commit = getattr(cfg, "_commit_hash", None) or M.cached_commit(path, revision)
         self.model_fingerprint = self._fingerprint(path)
 
     # -- identity ---------------------------------------------------------------------------------

@@ -359,6 +359,30 @@ def test_unreachable_hub_fails_fast_and_says_what_was_tried(env, monkeypatch, tm
     assert "modelscope" not in str(e.value)  # it is for models
 
 
+def test_a_hub_models_fingerprint_follows_its_cached_snapshot(tiny_model, other_model, tmp_path, monkeypatch):
+    """A hub id is fingerprinted by the commit of the snapshot it is read from. transformers 5 no longer puts
+    `_commit_hash` in the config: the commit was None, and two revisions with the same config.json (new
+    weights) had the same fingerprint, so a head trained on one was accepted on the other."""
+    import shutil
+
+    cache = tmp_path / "hub" / "models--org--tiny"
+    (cache / "refs").mkdir(parents=True)
+    for commit, weights in (("a" * 40, tiny_model), ("b" * 40, other_model)):
+        shutil.copytree(tiny_model, cache / "snapshots" / commit)
+        shutil.copy(os.path.join(weights, "model.safetensors"), cache / "snapshots" / commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    seen = {}
+    for commit in ("a" * 40, "b" * 40):
+        (cache / "refs" / "main").write_text(commit)
+        enc = Encoder("org/tiny", device="cpu", precision="fp32")
+        assert enc.commit == commit and enc.settings()["commit"] == commit
+        seen[commit] = enc.model_fingerprint
+    assert seen["a" * 40] != seen["b" * 40]
+    assert Encoder("org/tiny", device="cpu", revision="a" * 40).model_fingerprint == seen["a" * 40]
+
+
 def test_a_checkpoint_or_a_file_given_as_the_model_is_named_so(tiny_model, tmp_path):
     """Checkpoints have a config.json too; an easy slip is --model CHECKPOINT. Say what it is and its encoder."""
     from pipeline.toy import toy_data
