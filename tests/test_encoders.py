@@ -236,6 +236,22 @@ def test_sentence_folder_matches_sentence_transformers_when_installed(tiny_model
     np.testing.assert_allclose(ours, model.encode(TEXTS), atol=1e-5)
 
 
+def test_excluded_prompt_of_a_tokenizer_without_a_closing_token_is_left_out_whole(qwen, tmp_path):
+    """include_prompt false leaves the prompt's tokens out of the pooling; sentence-transformers takes one off
+    the count only when the prompt ends with a special token ([SEP]). A decoder's tokenizer adds none: the
+    prompt's last token was pooled as if it were the text's."""
+    folder = write_sentence_folder(str(tmp_path / "st"), qwen, ["mean"], include_prompt=False,
+                                   prompts={"query": "query: "})
+    enc = Encoder(folder, device="cpu", precision="fp32")
+    assert enc.prefix == "query: " and enc.prompt_tokens == len(enc.tokenizer("query: ")["input_ids"]) == 7
+    try:
+        st = __import__("sentence_transformers")
+    except ImportError:
+        return
+    theirs = st.SentenceTransformer(folder, device="cpu").encode(TEXTS, prompt_name="query")
+    np.testing.assert_allclose(enc.encode(TEXTS)["sentence"], theirs, atol=1e-5)
+
+
 def test_sentence_folders_take_no_eos_of_ours_and_no_states(tiny_model, qwen, data, tmp_path):
     """A decoder in a sentence-transformers folder encodes as sentence-transformers does (no EOS appended
     by us); --states refuses a sentence-transformers folder (its `sentence` pooling is not tuned)."""
