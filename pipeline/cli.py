@@ -119,7 +119,7 @@ def cli(debug):
               "[a sentence-transformers folder's own prompt, else none].")
 @click.option("--instruction", help="Task instruction for instruction-following embedders (Qwen3-Embedding, "
                                     "gte-Qwen): texts become 'Instruct: <instruction>\\nQuery:<text>'.")
-@click.option("--layers", default=1, show_default=True, type=click.IntRange(min=1), help="Cache [CLS] and mean of the last K layers.")
+@click.option("--layers", default=1, show_default=True, type=click.IntRange(min=1), help="Cache the poolings (cls, mean, last) of the last K layers.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="The encoder's autocast dtype; auto: bf16 where the hardware has it (recent GPUs, CPUs with "

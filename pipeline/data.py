@@ -127,6 +127,8 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
             if text_pair_column not in columns:
                 raise UserError(f"split {split!r} of {source!r} has no text pair column {text_pair_column!r}; "
                                 f"columns are: {', '.join(columns)}; pass --text-pair-column")
+            _check_kind(split, col, range(len(col)), text_column)
+            _check_kind(split, columns[text_pair_column], range(len(col)), text_pair_column)
             keep, firsts, seconds = _pair_rows(split, col, columns[text_pair_column])
             texts[split], pairs[split] = firsts, seconds
         elif isinstance(col, TextColumn):
@@ -134,10 +136,7 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
             texts[split] = col if len(keep) == len(col) else col.take(keep)
         else:
             keep = [i for i, t in enumerate(col) if t is not None and not is_blank(str(t))]
-            odd = next((i for i in keep if isinstance(col[i], (list, dict))), None)
-            if odd is not None:
-                raise UserError(f"split {split!r}, row {odd}: the text is a JSON {type(col[odd]).__name__}, not a "
-                                f"string; give {text_column!r} as text")
+            _check_kind(split, col, keep, text_column)
             texts[split] = [str(col[i]) for i in keep]
             _check_unicode(split, texts[split], keep)
         label_values[split] = [labels[i] for i in keep]
@@ -182,6 +181,16 @@ def _pair_rows(split: str, firsts, seconds) -> tuple[list[int], list[str], list[
     for side, texts in (("first", a_out), ("second", b_out)):
         _check_unicode(split, texts, keep, f"the {side} text of the pair")
     return keep, a_out, b_out
+
+
+def _check_kind(split: str, values, rows, column: str) -> None:
+    """Refuse a text that is a list, an object or bytes: str() would cache its Python repr ("['a']", "b'a'")."""
+    if isinstance(values, TextColumn):
+        return
+    odd = next((i for i in rows if isinstance(values[i], (list, dict, bytes))), None)
+    if odd is not None:
+        kind = "bytes" if isinstance(values[odd], bytes) else f"a JSON {type(values[odd]).__name__}"
+        raise UserError(f"split {split!r}, row {odd}: the text is {kind}, not a string; give {column!r} as text")
 
 
 def _check_unicode(split: str, texts: list[str], rows, what: str = "the text") -> None:

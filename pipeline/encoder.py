@@ -234,11 +234,13 @@ class Encoder:
             self.sentence.load(self.device)
             if self.sentence.dim(self.hidden_size) != self.hidden_size:
                 self.feature_dims[SENTENCE] = self.sentence.dim(self.hidden_size)
-            # sentence-transformers counts the prompt's tokens less its closing special token
-            self.prompt_tokens = max(0, len(self.tokenizer(self.prefix)["input_ids"]) - 1) if self.prefix else 0
+            # sentence-transformers counts the prompt's tokens less its closing special token, where it has one
+            # ([SEP]; a decoder's tokenizer may add none)
+            prompt = self.tokenizer(self.prefix)["input_ids"] if self.prefix else []
+            self.prompt_tokens = len(prompt) - (1 if prompt and prompt[-1] in self.tokenizer.all_special_ids else 0)
         self.batch_tokens = int(batch_tokens or BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cpu"]))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.commit = getattr(cfg, "_commit_hash", None)
+        self.commit = getattr(cfg, "_commit_hash", None) or M.cached_commit(path, revision)
         self.model_fingerprint = self._fingerprint(path)
 
     # -- identity ---------------------------------------------------------------------------------

@@ -138,6 +138,24 @@ def local_folder(path: str, where: dict, filename: str) -> str | None:
     return os.path.dirname(hit) if isinstance(hit, str) else None
 
 
+def cached_commit(path: str, revision: str | None = None) -> str | None:
+    """The commit of the Hugging Face cache snapshot that from_pretrained(path, revision=revision) read a hub
+    model's config.json from (the snapshot folder is named by it); None for a folder, or nothing cached.
+    transformers 5 no longer records it in the config (`_commit_hash`).
+
+        >>> cached_commit("org/not-cached") is None
+        True
+    """
+    if os.path.isdir(path):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(path, "config.json", revision=revision)
+    except Exception:  # not a valid repo id, say: nothing cached under it
+        return None
+    return os.path.basename(os.path.dirname(hit)) if isinstance(hit, str) else None
+
+
 def hub_reachable() -> tuple[bool, str]:
     """(True, '') when the hub endpoint answers a TCP connection within PROBE_SECONDS, else (False, why).
 

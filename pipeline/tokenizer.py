@@ -80,6 +80,11 @@ def load_tokenizer(path: str, *, memo_home: str | None = None, min_seconds: floa
             return copy
     start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(path, **where)
+    if len(tok) <= len(set(tok.all_special_ids)):
+        # transformers builds a tokenizer from its class defaults when the folder has no tokenizer files: every
+        # text would become [UNK]s between its special tokens
+        raise OSError(f"it knows only its {len(tok)} special tokens: no tokenizer files (tokenizer.json, vocab.txt, "
+                      "...) were found; put the tokenizer's files beside the weights (tokenizer.save_pretrained)")
     name = type(tok).__name__
     least = MEMO_MIN_SECONDS if min_seconds is None else min_seconds
     if memo and time.perf_counter() - start >= least and _plain(type(tok)):

@@ -40,6 +40,25 @@ def test_files_that_would_be_read_wrong_are_refused(tmp_path, name, text, words)
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+def test_texts_that_are_bytes_or_json_pairs_are_refused(tmp_path):
+    """A binary column (parquet, a save_to_disk Dataset) and a JSON list or object as the second text of a pair
+    were cached as their Python repr ("b'a'", "['y']") instead of refused."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [b"good", b"bad"], "label": [1, 0]}), str(tmp_path / "train.parquet"))
+    saved = str(tmp_path / "saved")
+    datasets.Dataset.from_dict({"text": [b"good", b"bad"], "label": [1, 0]}).save_to_disk(saved)
+    for source in (str(tmp_path / "train.parquet"), saved):
+        with pytest.raises(UserError, match=r"row 0: the text is bytes, not a string; give 'text' as text"):
+            load_corpus(source)
+    pairs = write(tmp_path / "p", "train.jsonl", json.dumps({"a": "x", "b": "y", "label": 1}) + "\n"
+                  + json.dumps({"a": "z", "b": ["w"], "label": 0}) + "\n")
+    with pytest.raises(UserError, match=r"row 1: the text is a JSON list, not a string; give 'b' as text"):
+        load_corpus(pairs, text_column="a", text_pair_column="b")
+
+
 def test_pandas_csv_labels_long_fields_and_split_names(tmp_path):
     folder = tmp_path / "d"
     write(folder, "train.csv", "text,label\n" + "".join(f"t{i},{float(i % 3)}\n" for i in range(9))

@@ -236,6 +236,22 @@ def test_sentence_folder_matches_sentence_transformers_when_installed(tiny_model
     np.testing.assert_allclose(ours, model.encode(TEXTS), atol=1e-5)
 
 
+def test_excluded_prompt_of_a_tokenizer_without_a_closing_token_is_left_out_whole(qwen, tmp_path):
+    """include_prompt false leaves the prompt's tokens out of the pooling; sentence-transformers takes one off
+    the count only when the prompt ends with a special token ([SEP]). A decoder's tokenizer adds none: the
+    prompt's last token was pooled as if it were the text's."""
+    folder = write_sentence_folder(str(tmp_path / "st"), qwen, ["mean"], include_prompt=False,
+                                   prompts={"query": "query: "})
+    enc = Encoder(folder, device="cpu", precision="fp32")
+    assert enc.prefix == "query: " and enc.prompt_tokens == len(enc.tokenizer("query: ")["input_ids"]) == 7
+    try:
+        st = __import__("sentence_transformers")
+    except ImportError:
+        return
+    theirs = st.SentenceTransformer(folder, device="cpu").encode(TEXTS, prompt_name="query")
+    np.testing.assert_allclose(enc.encode(TEXTS)["sentence"], theirs, atol=1e-5)
+
+
 def test_sentence_folders_take_no_eos_of_ours_and_no_states(tiny_model, qwen, data, tmp_path):
     """A decoder in a sentence-transformers folder encodes as sentence-transformers does (no EOS appended
     by us); --states refuses a sentence-transformers folder (its `sentence` pooling is not tuned)."""
@@ -359,6 +375,30 @@ def test_unreachable_hub_fails_fast_and_says_what_was_tried(env, monkeypatch, tm
     assert "modelscope" not in str(e.value)  # it is for models
 
 
+def test_a_hub_models_fingerprint_follows_its_cached_snapshot(tiny_model, other_model, tmp_path, monkeypatch):
+    """A hub id is fingerprinted by the commit of the snapshot it is read from. transformers 5 no longer puts
+    `_commit_hash` in the config: the commit was None, and two revisions with the same config.json (new
+    weights) had the same fingerprint, so a head trained on one was accepted on the other."""
+    import shutil
+
+    cache = tmp_path / "hub" / "models--org--tiny"
+    (cache / "refs").mkdir(parents=True)
+    for commit, weights in (("a" * 40, tiny_model), ("b" * 40, other_model)):
+        shutil.copytree(tiny_model, cache / "snapshots" / commit)
+        shutil.copy(os.path.join(weights, "model.safetensors"), cache / "snapshots" / commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    seen = {}
+    for commit in ("a" * 40, "b" * 40):
+        (cache / "refs" / "main").write_text(commit)
+        enc = Encoder("org/tiny", device="cpu", precision="fp32")
+        assert enc.commit == commit and enc.settings()["commit"] == commit
+        seen[commit] = enc.model_fingerprint
+    assert seen["a" * 40] != seen["b" * 40]
+    assert Encoder("org/tiny", device="cpu", revision="a" * 40).model_fingerprint == seen["a" * 40]
+
+
 def test_a_checkpoint_or_a_file_given_as_the_model_is_named_so(tiny_model, tmp_path):
     """Checkpoints have a config.json too; an easy slip is --model CHECKPOINT. Say what it is and its encoder."""
     from pipeline.toy import toy_data
@@ -390,6 +430,21 @@ def test_an_encoder_decoder_model_is_refused_before_any_file(tiny_model, tmp_pat
     out = tmp_path / "f" / "x.h5"
     r = run("extract", "-m", folder, "-d", toy_data(str(tmp_path / "d")), "-o", out)
     one_line_error(r, "is an encoder-decoder (t5)", exit_code=2)
+    assert not os.path.exists(tmp_path / "f") or not os.listdir(tmp_path / "f")
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tiny_model, tmp_path, data):
+    """transformers builds a tokenizer of special tokens only from a folder with weights and config.json but no
+    tokenizer files: every text became [CLS] [UNK]... [SEP] and extract cached those vectors without a word."""
+    import shutil
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_model, name), folder)
+    out = tmp_path / "f" / "x.h5"
+    r = run("extract", "-m", folder, "-d", data, "-o", out, "--device", "cpu")
+    one_line_error(r, "cannot load the tokenizer", "no tokenizer files", "tokenizer.save_pretrained", exit_code=2)
     assert not os.path.exists(tmp_path / "f") or not os.listdir(tmp_path / "f")
 
 
