@@ -141,7 +141,9 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         raw_scores=(bool, Field(False, description="Logits instead of probabilities")),
         truncate=(Optional[bool], Field(None, description="Accepted; texts are always truncated to max_length "
                                                           "tokens")),
-        truncation_direction=(Optional[Literal["left", "right", "Left", "Right"]], None))
+        truncation_direction=(Optional[Literal["left", "right", "Left", "Right"]], None),
+        parameters=(Optional[dict], Field(None, description="Accepted and ignored, as TEI ignores it "
+                                                            "(huggingface_hub's InferenceClient sends it)")))
 
     def request_shape(body):
         return "tei" if isinstance(body, dict) and "inputs" in body else "bertcache"
@@ -489,6 +491,11 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
             msg = f'the body has no "{field}" field: {shape}'
         elif loc == [field] and kind == "too_short":
             msg = f'"{field}" is empty: send at least one ' + ("pair" if field == "pairs" else "text")
+        elif (loc == ["inputs"] and kind == "too_long" and ctx.get("max_length") != max_texts
+              and isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            # /predict's TEI inputs as a list of strings: one text or a pair, never a batch (TEI reads it so)
+            msg = (f'inputs holds {ctx.get("actual_length", "more than 2")} strings: TEI reads a list of strings as one '
+                   'text ["..."] or a pair ["...", "..."]; send a batch as [["..."], ["..."], ...]')
         elif loc == [field] and kind == "too_long":
             n = ctx.get("actual_length")
             msg = (f"too many texts{f' ({n})' if n is not None else ''}: at most {max_texts} per request; "
@@ -511,7 +518,8 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
             msg = f"{where} is not valid Unicode (it holds a lone surrogate escape such as \\ud800)"
         else:
             msg = f"{where}: {err.get('msg')}"
-        problems.append({"loc": loc, "msg": msg})
+        if {"loc": loc, "msg": msg} not in problems:  # two union branches can fail alike ("inputs": [])
+            problems.append({"loc": loc, "msg": msg})
     if not problems:
         problems.append({"loc": [], "msg": f"invalid request: {shape}"})
     detail = problems[0]["msg"]
