@@ -89,7 +89,6 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
     from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model
 
     check_ranges(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes,
@@ -297,7 +296,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
 
     async def vectors(texts: list, normalize: bool):
         if pair_mode:  # a pair head's batches hold pairs: one text's vector is the encoder's, apart from them
-            features = await run_in_threadpool(predictor.embed, texts)
+            features = await batcher.run_alone(predictor.embed, texts)
         else:
             features = (await batcher.predict_proba(texts))["features"]
         if normalize:
