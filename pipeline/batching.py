@@ -70,18 +70,30 @@ class MicroBatcher:
             self._executor.shutdown(wait=True)
         self._executor = self._task = self._wakeup = self._loop = None
 
-    async def predict_proba(self, texts: list):
+    async def _started(self):
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             # First use without the app's lifespan, or a new event loop (TestClient without `with`): the
             # old loop's task and waiters cannot be awaited from this one, so they are dropped.
             self._pending.clear()
             await self.start()
+        return loop
+
+    async def run_alone(self, fn, texts: list):
+        """`fn(texts)` as a call of its own on the worker thread, in turn with the gathered calls (what they
+        cannot hold, e.g. a pair head's single texts for /embed): the encoder is still entered from one thread."""
+        loop = await self._started()
         self.stats["requests"] += 1
         self.stats["texts"] += len(texts)
+        self._count_call(len(texts))
+        return await loop.run_in_executor(self._executor, fn, texts)
+
+    async def predict_proba(self, texts: list):
         if not self.batching:
-            self._count_call(len(texts))
-            return await loop.run_in_executor(self._executor, self._predict, texts)
+            return await self.run_alone(self._predict, texts)
+        loop = await self._started()
+        self.stats["requests"] += 1
+        self.stats["texts"] += len(texts)
         job = _Job(texts, sum(self._estimate(t) for t in texts), loop.create_future(), loop.time())
         self._pending.append(job)
         self._wakeup.set()

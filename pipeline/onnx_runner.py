@@ -164,6 +164,9 @@ def load_predictor(checkpoint: str, backend: str, *, model=None, device="auto", 
     if backend == "onnx":
         asked = [f"--{n}" for n, v in (("model", model), ("allow-pickle", allow_pickle), ("weights", weights != "best"),
                                         ("device", device not in ("auto", "cpu"))) if v]
+        if asked == ["--device"]:  # export has no --device: the graph is traced on the CPU and runs there
+            raise UserError("--device does not go with --backend onnx: onnxruntime runs the export on the CPU; "
+                            "leave --device out, or use the torch backend for a GPU")
         if asked:
             raise UserError(f"{asked[0]} does not go with --backend onnx: the export folder holds its encoder and "
                             "head; pass it to `bertcache export` instead")

@@ -53,7 +53,7 @@ INSTALL_HINT = "pip install 'bertcache[serve]'"
 LINGER_BYTES = 64 << 20
 LINGER_SECONDS = 10.0
 API_KEY_ENV = "BERTCACHE_API_KEY"
-OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and the static demo page (its calls need the key)
+OPEN_PATHS = ("/health", "/")  # no key needed to GET: liveness, and the static demo page (its calls need the key)
 DEMO_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "demo.html")
 
 
@@ -89,7 +89,6 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
     from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model
 
     check_ranges(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes,
@@ -141,7 +140,9 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         raw_scores=(bool, Field(False, description="Logits instead of probabilities")),
         truncate=(Optional[bool], Field(None, description="Accepted; texts are always truncated to max_length "
                                                           "tokens")),
-        truncation_direction=(Optional[Literal["left", "right", "Left", "Right"]], None))
+        truncation_direction=(Optional[Literal["left", "right", "Left", "Right"]], None),
+        parameters=(Optional[dict], Field(None, description="Accepted and ignored, as TEI ignores it "
+                                                            "(huggingface_hub's InferenceClient sends it)")))
 
     def request_shape(body):
         return "tei" if isinstance(body, dict) and "inputs" in body else "bertcache"
@@ -293,9 +294,14 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
                          key=lambda p: -p["score"]) for row in scores]
         return ranked[0] if single else ranked
 
+    # TEI answers POST / as its model's task (/predict for a classifier): huggingface_hub's InferenceClient given
+    # the server's address posts there. GET / stays the demo page.
+    app.add_api_route("/", predict, methods=["POST"], include_in_schema=False, response_model_exclude_none=True,
+                      response_model=Union[PredictResponse, list[TEIPrediction], list[list[TEIPrediction]]])
+
     async def vectors(texts: list, normalize: bool):
         if pair_mode:  # a pair head's batches hold pairs: one text's vector is the encoder's, apart from them
-            features = await run_in_threadpool(predictor.embed, texts)
+            features = await batcher.run_alone(predictor.embed, texts)
         else:
             features = (await batcher.predict_proba(texts))["features"]
         if normalize:
@@ -422,14 +428,14 @@ class _BodyLimit:
 
 
 class _BearerKey:
-    """ASGI middleware: every path but OPEN_PATHS needs `Authorization: Bearer <key>` (compared in constant
-    time); otherwise 401 before anything reads the body, so nothing reaches the encoder."""
+    """ASGI middleware: every request but a GET / HEAD of OPEN_PATHS needs `Authorization: Bearer <key>`
+    (compared in constant time); otherwise 401 before anything reads the body, so nothing reaches the encoder."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+        if scope["type"] != "http" or (scope.get("path") in OPEN_PATHS and scope.get("method") in ("GET", "HEAD")):
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, token = given.partition(b" ")
@@ -489,6 +495,11 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
             msg = f'the body has no "{field}" field: {shape}'
         elif loc == [field] and kind == "too_short":
             msg = f'"{field}" is empty: send at least one ' + ("pair" if field == "pairs" else "text")
+        elif (loc == ["inputs"] and kind == "too_long" and ctx.get("max_length") != max_texts
+              and isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            # /predict's TEI inputs as a list of strings: one text or a pair, never a batch (TEI reads it so)
+            msg = (f'inputs holds {ctx.get("actual_length", "more than 2")} strings: TEI reads a list of strings '
+                   'as one text ["..."] or a pair ["...", "..."]; send a batch as [["..."], ["..."], ...]')
         elif loc == [field] and kind == "too_long":
             n = ctx.get("actual_length")
             msg = (f"too many texts{f' ({n})' if n is not None else ''}: at most {max_texts} per request; "
@@ -511,7 +522,8 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
             msg = f"{where} is not valid Unicode (it holds a lone surrogate escape such as \\ud800)"
         else:
             msg = f"{where}: {err.get('msg')}"
-        problems.append({"loc": loc, "msg": msg})
+        if {"loc": loc, "msg": msg} not in problems:  # two union branches can fail alike ("inputs": [])
+            problems.append({"loc": loc, "msg": msg})
     if not problems:
         problems.append({"loc": [], "msg": f"invalid request: {shape}"})
     detail = problems[0]["msg"]

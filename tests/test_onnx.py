@@ -121,6 +121,9 @@ def test_export_errors_are_one_line(checkpoint, tmp_path):
                    "bertcache export", exit_code=2)
     one_line_error(run("predict", "--backend", "onnx", "-c", checkpoint, "--weights", "last", "好"),
                    "--weights does not go with --backend onnx", exit_code=2)
+    device = one_line_error(run("predict", "--backend", "onnx", "-c", checkpoint, "--device", "cuda", "好"),
+                            "--device does not go with --backend onnx", "CPU", exit_code=2)
+    assert "bertcache export" not in device  # export has no --device to pass it to
     assert not os.path.exists(tmp_path / "out")
 
 

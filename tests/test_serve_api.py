@@ -124,6 +124,43 @@ def test_tei_pairs_get_a_clear_422(predictor):
     assert calls == 0
 
 
+def test_tei_predict_takes_what_huggingface_hub_sends(predictor):
+    """InferenceClient.text_classification posts {"inputs": text, "parameters": {...}} (its top_k and
+    function_to_apply); TEI ignores `parameters`, so a TEI client must not get a 422 for it."""
+    with TestClient(create_app(predictor)) as client:
+        plain = client.post("/predict", json={"inputs": "I like you."})
+        hub = client.post("/predict", json={"inputs": "I like you.", "parameters": {}})
+        top = client.post("/predict", json={"inputs": "I like you.", "parameters": {"top_k": 1}})
+    assert hub.status_code == 200 and top.status_code == 200, hub.text
+    assert hub.json() == plain.json() == top.json()
+
+
+def test_post_to_the_root_is_teis_predict(predictor):
+    """TEI answers POST / as /predict for a classifier, and huggingface_hub's InferenceClient given the server's
+    address posts there (it got 405); GET / stays the demo page, open, while POST / needs the key."""
+    body = {"inputs": "I like you.", "parameters": {}}
+    with TestClient(create_app(predictor)) as client:
+        root, predict = client.post("/", json=body), client.post("/predict", json=body)
+        bad = client.post("/", json={"inputs": ["a", "b", "c"]})
+    assert root.status_code == 200 and root.json() == predict.json(), root.text
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("inputs holds 3 strings")
+    with TestClient(create_app(predictor, api_key="k")) as client:
+        assert client.get("/").status_code == 200
+        assert client.post("/", json=body).status_code == 401
+        assert client.post("/", json=body, headers={"Authorization": "Bearer k"}).json() == predict.json()
+
+
+def test_tei_list_of_strings_is_one_text_or_a_pair(predictor):
+    """TEI reads ["a", "b", "c"] as neither a text, a pair nor a batch: the message says so (it said "too many
+    texts (3): at most 64"), and one problem is one problem (an empty list failed two union branches alike)."""
+    with TestClient(create_app(predictor)) as client:
+        three = client.post("/predict", json={"inputs": ["a", "b", "c"]}).json()
+        empty = client.post("/predict", json={"inputs": []}).json()
+    assert three["detail"].startswith("inputs holds 3 strings") and "[[" in three["detail"], three
+    assert "too many" not in three["detail"]
+    assert empty["detail"] == '"inputs" is empty: send at least one text' and len(empty["errors"]) == 1, empty
+
+
 def test_tei_embed_and_openai_embeddings(predictor):
     texts = ["What is Deep Learning?", "这个东西真的很好"]
     features = build_features(predictor.encoder.encode(texts), predictor.pooling, predictor.layers)
@@ -237,7 +274,7 @@ def test_demo_page_and_no_ui(predictor):
     assert '<html lang="zh">' in html and '<label for="text">' in html
     assert "http://" not in html and "https://" not in html  # no external assets: works offline
     with TestClient(create_app(predictor, ui=False)) as client:
-        assert client.get("/").status_code == 404
+        assert client.get("/").status_code == 405  # no page; POST / is TEI's /predict
 
 
 def test_non_loopback_host_without_key_warns(tmp_path):

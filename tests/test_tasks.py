@@ -335,6 +335,40 @@ def test_bi_predict_and_serve(bi_cache, tmp_path):
         assert client.post("/predict", json={"inputs": [["好棒赞", "喜欢满意"]]}).status_code == 422
 
 
+def test_bi_serve_enters_the_encoder_from_one_thread(bi_cache, tmp_path):
+    """A pair head's /embed (single texts, outside the gathered batches of pairs) runs on the batcher's worker
+    thread, in turn with /predict's calls: it ran on the request threadpool, two threads in torch at once."""
+    import asyncio
+    import threading
+
+    pytest.importorskip("fastapi")
+    import httpx
+    from pipeline.serve import create_app
+
+    ckpt, _ = bc.fit_head(bi_cache, str(tmp_path / "ck"), pooling="cos:mean+pair:mean", epochs=2, device="cpu")
+    predictor = bc.Predictor(ckpt, device="cpu")
+    threads, encode_ids = set(), predictor.encoder.encode_ids
+
+    def recorded(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return encode_ids(*args, **kwargs)
+
+    predictor.encoder.encode_ids = recorded
+    app = create_app(predictor)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+                rs = await asyncio.gather(*(client.post("/embed", json={"inputs": ["好棒赞", "差烂坏"]}) for _ in range(3)),
+                                          client.post("/predict", json={"pairs": [["好棒赞", "喜欢满意"]]}))
+                return rs, (await client.get("/health")).json()
+
+    rs, health = asyncio.run(main())
+    assert [r.status_code for r in rs] == [200] * 4, [r.text for r in rs]
+    assert len(threads) == 1 and next(iter(threads)).startswith("bertcache-encoder"), threads
+    assert health["requests"] == 4 and health["texts"] == 7
+
+
 def test_cross_pairs_use_token_types(tiny_model, tmp_path):
     data = tmp_path / "data"
     write_jsonl(str(data / "train.jsonl"), paired_texts(60, 1))
