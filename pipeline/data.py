@@ -108,7 +108,7 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
     raw = {name: raw[name] for name in sorted(raw, key=_split_rank)}
     if not raw:
         raise UserError(f"no splits found in {source!r}")
-    texts, label_values, rows, skipped, pairs = {}, {}, {}, {}, {}
+    texts, label_values, rows, skipped, pairs, notes = {}, {}, {}, {}, {}, []
     for split, columns in raw.items():
         if not columns:
             raise UserError(f"split {split!r} of {source!r} is empty (no rows); give a file with rows of text")
@@ -118,6 +118,9 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
         if label_column not in columns and split == "train":
             raise UserError(f"split 'train' of {source!r} has no label column {label_column!r}; "
                             f"columns are: {', '.join(columns)}; pass --label-column")
+        if label_column not in columns:  # a GLUE-style test split, or a column spelt otherwise ("labels")
+            notes.append(f"note: split {split!r} has no label column {label_column!r} (columns: "
+                         f"{', '.join(columns)}): its rows are cached unlabelled")
         col = columns[text_column]
         labels = columns.get(label_column, [None] * len(col))
         labels = list(labels) if isinstance(labels, TextColumn) else labels
@@ -146,7 +149,6 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
         raise UserError(f"split 'train' of {source!r} is empty: there is nothing to train on")
     if all(len(t) == 0 for t in texts.values()):
         raise UserError(f"{source!r} has no rows with text")
-    notes = []
     if task is None:
         task, note = detect_task(label_values, label_sep)
         notes += [note] if note else []

@@ -151,3 +151,14 @@ def test_an_evaluation_file_with_some_of_the_classes_evaluates_by_name(tiny_mode
                        str(tmp_path / "o.h5"), precision="fp32", device="cpu", progress=False)
     with pytest.raises(UserError, match="--label-names 0,1,2"):
         evaluate(ck, features=other, split="test")
+
+
+def test_a_split_without_the_label_column_is_said_in_a_note(tmp_path):
+    """A misspelt column in one split ("labels") would otherwise cache it unlabelled without a word."""
+    folder = write(tmp_path / "n", "train.csv", "text,label\na,0\nb,1\n")
+    write(tmp_path / "n", "validation.csv", "text,labels\nc,0\nd,1\n")
+    corpus = load_corpus(folder)
+    assert corpus.splits["validation"].labels.tolist() == [-1, -1]
+    assert corpus.notes == ["note: split 'validation' has no label column 'label' (columns: text, labels): its rows "
+                            "are cached unlabelled"]
+    assert load_corpus(write(tmp_path / "ok", "train.csv", "text,label\na,0\nb,1\n")).notes == []
