@@ -82,11 +82,16 @@ class MicroBatcher:
     async def run_alone(self, fn, texts: list):
         """`fn(texts)` as a call of its own on the worker thread, in turn with the gathered calls (what they
         cannot hold, e.g. a pair head's single texts for /embed): the encoder is still entered from one thread."""
-        loop = await self._started()
         self.stats["requests"] += 1
         self.stats["texts"] += len(texts)
         self._count_call(len(texts))
-        return await loop.run_in_executor(self._executor, fn, texts)
+        return await self.call(fn, texts)
+
+    async def call(self, fn, *args):
+        """`fn(*args)` on the worker thread, in turn with the encoder's calls, counted nowhere (e.g. the token
+        count of /v1/embeddings' usage: a fast tokenizer may not be entered from two threads at once)."""
+        loop = await self._started()
+        return await loop.run_in_executor(self._executor, fn, *args)
 
     async def predict_proba(self, texts: list):
         if not self.batching:

@@ -325,7 +325,7 @@ def create_app(predictor, *, batching: bool = True, max_wait_ms: float | None = 
         if body.dimensions is not None and body.dimensions != width:
             return problem(f"dimensions is {body.dimensions}, but this model's vectors have {width}: leave "
                                  "it out", ["dimensions"])
-        tokens = sum(len(ids) for ids in encoder.tokenize(texts))
+        tokens = await batcher.call(lambda: sum(len(ids) for ids in encoder.tokenize(texts)))
         data = [{"object": "embedding", "index": i,
                  "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
                                else v.tolist())} for i, v in enumerate(features)]

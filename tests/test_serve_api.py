@@ -227,6 +227,25 @@ def test_embed_shares_the_micro_batches(predictor):
     assert health["requests"] == 3 and health["encoder_calls"] == 1
 
 
+def test_openai_usage_tokenizes_on_the_encoder_thread(named_checkpoint):
+    """/v1/embeddings' token count runs on the batcher's worker, as every encoder call does: a fast tokenizer
+    entered from two threads at once can fail ("Already borrowed"); it ran on the event loop's thread."""
+    import threading
+
+    p = bc.Predictor(named_checkpoint, device="cpu")
+    threads, tokenize = set(), p.encoder.tokenize
+
+    def recorded(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return tokenize(*args, **kwargs)
+
+    p.encoder.tokenize = recorded
+    with TestClient(create_app(p)) as client:
+        r = client.post("/v1/embeddings", json={"input": ["好", "差"]})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 0
+    assert len(threads) == 1 and next(iter(threads)).startswith("bertcache-encoder"), threads
+
+
 # -- access control, CORS, the page ------------------------------------------------------------------------
 
 def test_api_key_guards_every_endpoint_but_health(predictor):
