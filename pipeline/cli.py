@@ -306,6 +306,7 @@ def _report(path, metrics, as_json):
 
     best, score = metrics["best"], SCORE[metrics["task"]]
     done = ("ensemble" if metrics["best_epoch"] is None
+            else f"best C {best['C']:g} of {metrics['epochs_run']} fit" if best.get("C") is not None  # logreg
             else f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']}")
     line = f"{done} ({metrics['seconds']:.2f}s): {score.replace('_', ' ')} {best[score]:.4f} loss {best['val_loss']:.4f}"
     if "test" in metrics:

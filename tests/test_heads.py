@@ -115,6 +115,21 @@ def test_fit_head_logreg_cli(cache, tmp_path):
     assert bc.evaluate(str(out))["accuracy"] == json.loads(result.stdout)["test"]["accuracy"]
 
 
+def test_info_and_fit_head_name_a_logreg_heads_C_and_a_refit(cache, tmp_path):
+    """A logreg head's history is one fit per C: the chosen C is reported, not an "epoch"; a refit head
+    has trained on the validation rows, which info says."""
+    out = tmp_path / "lr"
+    result = cli_run("fit-head", "-f", cache, "-o", out, "--head", "logreg", "--pooling", "mean", "--refit",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    config = json.load(open(out / "config.json"))
+    c = config["training"]["C"]
+    assert f"best C {c:g} of {len(config['training']['Cs'])} fit" in result.stdout and "epoch" not in result.stdout
+    text = "\n".join(as_text(describe(str(out))))
+    assert f"best C       {c:g} (of {len(config['training']['Cs'])} fit)" in text and "best epoch" not in text
+    assert "refit        on train + validation" in text
+
+
 def test_greedy_ensemble_prefers_complementary_members():
     y = np.array([0, 0, 1, 1])
     right_on_0 = np.array([[.9, .1], [.9, .1], [.5, .5], [.5, .5]])
