@@ -130,6 +130,14 @@ def test_info_and_fit_head_name_a_logreg_heads_C_and_a_refit(cache, tmp_path):
     assert "refit        on train + validation" in text
 
 
+def test_label_smoothing_is_refused_for_a_logreg_head(cache, tmp_path):
+    """fit_logreg fits scikit-learn's plain log-loss: a smoothing asked for would be silently dropped."""
+    out = tmp_path / "lr"
+    one_line_error(cli_run("fit-head", "-f", cache, "-o", out, "--head", "logreg", "--label-smoothing", "0.1"),
+                   "--label-smoothing does not apply to --head logreg")
+    assert not out.exists()
+
+
 def test_greedy_ensemble_prefers_complementary_members():
     y = np.array([0, 0, 1, 1])
     right_on_0 = np.array([[.9, .1], [.9, .1], [.5, .5], [.5, .5]])
