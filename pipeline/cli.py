@@ -196,7 +196,8 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
 @click.option("--patience", default=D.PATIENCE, show_default=True, type=_range("patience"), help="Stop after this many epochs without "
                                                                         "a better validation score (0: never; "
                                                                         "10 with --sweep).")
-@click.option("--label-smoothing", default=0.0, show_default=True, type=_range("label_smoothing"))
+@click.option("--label-smoothing", default=0.0, show_default=True, type=_range("label_smoothing"),
+              help="Of the cross-entropy loss, for the linear and mlp heads (logreg fits unsmoothed log-loss).")
 @click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
 @click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay, and a greedy "
                                             "ensemble of them; keep the best by validation (--sweep-select).")
@@ -306,6 +307,7 @@ def _report(path, metrics, as_json):
 
     best, score = metrics["best"], SCORE[metrics["task"]]
     done = ("ensemble" if metrics["best_epoch"] is None
+            else f"best C {best['C']:g} of {metrics['epochs_run']} fit" if best.get("C") is not None  # logreg
             else f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']}")
     line = f"{done} ({metrics['seconds']:.2f}s): {score.replace('_', ' ')} {best[score]:.4f} loss {best['val_loss']:.4f}"
     if "test" in metrics:

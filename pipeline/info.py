@@ -102,6 +102,7 @@ def describe_checkpoint(path: str) -> dict:
             "tuned": ({k: config["tuned"][k] for k in ("k", "layer")} if config.get("tuned") else None),
             "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
             "seconds": metrics.get("seconds"), "validation": metrics.get("validation"), "best": metrics.get("best"),
+            "refit": metrics.get("refit"),
             "test": {k: metrics["test"][k] for k in (*headline, "n")} if "test" in metrics else None}
 
 
@@ -148,8 +149,14 @@ def as_text(info: dict) -> list[str]:
             score = SCORE[info["task"]]
             best = info["best"].get(score)
             value = f"{score.replace('_', ' ')} {'n/a' if best is None else format(best, '.4f')}"
-            lines.append(f"  best epoch   {info['best_epoch']}: {value}" if info["best_epoch"] is not None
-                         else f"  validation   {value} (an ensemble of trained heads: no epochs of its own)")
+            if info["best"].get("C") is not None:  # a logreg head: its history holds one fit per C, not epochs
+                lines.append(f"  best C       {info['best']['C']:g} (of {info['epochs_run']} fit): {value}")
+            else:
+                lines.append(f"  best epoch   {info['best_epoch']}: {value}" if info["best_epoch"] is not None
+                             else f"  validation   {value} (an ensemble of trained heads: no epochs of its own)")
+        if info.get("refit"):
+            lines.append(f"  refit        on train + validation ({info['refit']['rows']} rows) after that choice: "
+                         "the weights have seen the validation rows")
         if info["test"]:
             lines.append("  test         " + ", ".join(f"{_NAMES.get(k, k)} {v:.4f}" for k, v in info["test"].items()
                                                        if k != "n" and v is not None) + f", n {info['test']['n']}")

@@ -171,6 +171,8 @@ def sweep(features: str, out: str | None = None, *, poolings: list[str] | str | 
             heads = [h for h in heads if h != "logreg"]
             if log:
                 log("note: the cache is streamed from disk, so the grid leaves out logreg (it fits in memory)")
+        if label_smoothing and "logreg" in heads and log:
+            log("note: --label-smoothing applies to the linear and mlp heads; logreg fits unsmoothed log-loss")
         folds = resolve_folds(folds, data, refit)
         return _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patience, ensemble, refit,
                     folds, progress, log, options)

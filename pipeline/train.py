@@ -386,7 +386,7 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
         epochs, lr, weight_decay, batch_size: AdamW training.
         seed: seeds the initial weights, the batch order and the validation hold-out.
         patience: stop after this many epochs without a better validation score (None or 0: never).
-        label_smoothing: of the cross-entropy loss.
+        label_smoothing: of the cross-entropy loss (linear and mlp; refused for logreg).
         class_weights: None or "balanced" (weigh the loss by inverse class frequency).
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         max_memory: hold the features in memory up to this size (bytes or "8G"), else stream them from
@@ -417,6 +417,9 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
     """
     D.check_ranges(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, weight_decay=weight_decay,
                    batch_size=batch_size, patience=patience, label_smoothing=label_smoothing, seed=seed)
+    if head == "logreg" and label_smoothing:  # fit_logreg minimizes scikit-learn's objective: plain log-loss
+        raise UserError("--label-smoothing does not apply to --head logreg (it fits scikit-learn's unsmoothed "
+                        "log-loss); leave it out, or use --head linear or mlp")
     if pooling is None:
         with FeatureStore(features) as store:
             pooling = default_pooling(store.settings)

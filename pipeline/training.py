@@ -272,8 +272,11 @@ def fit_logreg(train, val, num_classes: int, *, cs=LOGREG_CS, max_iter: int = LO
     `cs`; keep the C with the best validation score (then loss).
 
     Multinomial logistic regression for classification, one per label for multilabel, ridge regression on
-    the standardized target for regression. The objective per C is scikit-learn's (LogisticRegression(C);
-    for ridge, alpha = 1 / (2 C)) divided by C * n: the mean loss + |W|^2 / (2 C n), the bias not penalized.
+    the standardized target for regression. The objective per C is scikit-learn's (LogisticRegression(C),
+    binomial for two classes and one per label for multilabel; for ridge, Ridge(alpha = 1 / (2 C))) divided
+    by C * n: the mean loss + |W|^2 / (2 C n), the bias not penalized. (Two classes: the softmax's two rows
+    are w / 2 and -w / 2 of the binomial's w, so their penalty counts twice; multilabel: the loss is summed
+    over the labels; ridge: the loss is the squared error, not half of it.)
     Cs run from strong to weak regularization, each warm-started from the previous solution; the path stops
     once `LOGREG_PATIENCE` Cs in a row have not beaten the best validation score. `history` has one row per
     C fit (its "epoch" is the C's position, "C" the value); "last" is the weakest fit C's weights. Options
@@ -299,7 +302,11 @@ def fit_logreg(train, val, num_classes: int, *, cs=LOGREG_CS, max_iter: int = LO
             return nn.functional.cross_entropy(out, y, weight=weight)
         if task == "multilabel":
             return nn.functional.binary_cross_entropy_with_logits(out, y)
-        return 0.5 * nn.functional.mse_loss(out[:, 0], (y - model.target_mean) / model.target_std)
+        return nn.functional.mse_loss(out[:, 0], (y - model.target_mean) / model.target_std)
+
+    # data_loss is what the rows report (the mean per output, as validation's); the objective is scikit-learn's
+    labels = num_classes if task == "multilabel" else 1
+    binomial = 2.0 if task == "classification" and num_classes == 2 else 1.0
 
     lin = model.net
     nn.init.zeros_(lin.weight)
@@ -311,14 +318,14 @@ def fit_logreg(train, val, num_classes: int, *, cs=LOGREG_CS, max_iter: int = LO
         for i, c in enumerate(sorted(float(c) for c in cs), 1):
             if val.n and i - best_epoch > LOGREG_PATIENCE:
                 break  # weaker L2 only overfits more from here: the path stops (the remaining Cs are not fit)
-            penalty = 1.0 / (c * len(y))
+            penalty = binomial / (c * len(y))
             # gradient tolerance as scikit-learn's lbfgs (tol 1e-4 on the same mean-scaled objective), tighter
             opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=max_iter, history_size=10,
                                     tolerance_grad=1e-5, tolerance_change=1e-9, line_search_fn="strong_wolfe")
 
             def closure():
                 opt.zero_grad(set_to_none=True)
-                loss = data_loss(lin(X)) + 0.5 * penalty * lin.weight.square().sum()
+                loss = labels * data_loss(lin(X)) + 0.5 * penalty * lin.weight.square().sum()
                 loss.backward()
                 return loss
 

@@ -59,6 +59,35 @@ def test_logreg_matches_scikit_learn_at_the_same_C():
         np.testing.assert_allclose(r.head.predict_proba(X), ref.predict_proba(scaler.transform(X)), atol=1e-3)
 
 
+def test_logreg_C_is_scikit_learns_for_two_classes_multilabel_and_ridge():
+    """Two classes (scikit-learn's binomial LogisticRegression), one LogisticRegression per label, and
+    Ridge(alpha = 1 / (2 C)) on the standardized target: the same C, the same fit."""
+    pytest.importorskip("sklearn")
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.preprocessing import StandardScaler
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(300, 6)) * rng.uniform(0.5, 3, 6) + 4).astype(np.float32)
+    Xs = StandardScaler().fit_transform(X)
+    cpu = torch.device("cpu")
+
+    def logreg(y, k, c, task):
+        return fit_logreg(ArrayRows(X, y, cpu), ArrayRows(X[:0], y[:0], cpu), k, cs=[c], task=task).head
+
+    def sk(y, c):
+        return LogisticRegression(C=c, max_iter=10000, tol=1e-10).fit(Xs, y).predict_proba(Xs)[:, 1]
+
+    y = (X[:, 0] + 2 * rng.normal(size=300) > 4).astype(np.int64)
+    Y = (X[:, :3] + 2 * rng.normal(size=(300, 3)) > 4).astype(np.int8)
+    t = X @ rng.normal(size=6) + 3 * rng.normal(size=300)
+    for c in (0.01, 0.1):
+        np.testing.assert_allclose(logreg(y, 2, c, "classification").predict_proba(X)[:, 1], sk(y, c), atol=1e-3)
+        np.testing.assert_allclose(logreg(Y, 3, c, "multilabel").predict_proba(X),
+                                   np.column_stack([sk(Y[:, j], c) for j in range(3)]), atol=1e-3)
+        ridge = Ridge(alpha=1 / (2 * c)).fit(Xs, (t - t.mean()) / t.std())
+        np.testing.assert_allclose(logreg(t, 1, c, "regression").predict(X),
+                                   ridge.predict(Xs) * t.std() + t.mean(), atol=1e-3 * t.std())
+
+
 def test_logreg_keeps_the_C_with_the_best_validation_score():
     X, y = _blobs(200, seed=1)
     Xv, yv = _blobs(200, seed=2)
@@ -84,6 +113,29 @@ def test_fit_head_logreg_cli(cache, tmp_path):
     config = json.load(open(out / "config.json"))
     assert config["head"]["type"] == "logreg" and config["training"]["C"] in config["training"]["Cs"]
     assert bc.evaluate(str(out))["accuracy"] == json.loads(result.stdout)["test"]["accuracy"]
+
+
+def test_info_and_fit_head_name_a_logreg_heads_C_and_a_refit(cache, tmp_path):
+    """A logreg head's history is one fit per C: the chosen C is reported, not an "epoch"; a refit head
+    has trained on the validation rows, which info says."""
+    out = tmp_path / "lr"
+    result = cli_run("fit-head", "-f", cache, "-o", out, "--head", "logreg", "--pooling", "mean", "--refit",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    config = json.load(open(out / "config.json"))
+    c = config["training"]["C"]
+    assert f"best C {c:g} of {len(config['training']['Cs'])} fit" in result.stdout and "epoch" not in result.stdout
+    text = "\n".join(as_text(describe(str(out))))
+    assert f"best C       {c:g} (of {len(config['training']['Cs'])} fit)" in text and "best epoch" not in text
+    assert "refit        on train + validation" in text
+
+
+def test_label_smoothing_is_refused_for_a_logreg_head(cache, tmp_path):
+    """fit_logreg fits scikit-learn's plain log-loss: a smoothing asked for would be silently dropped."""
+    out = tmp_path / "lr"
+    one_line_error(cli_run("fit-head", "-f", cache, "-o", out, "--head", "logreg", "--label-smoothing", "0.1"),
+                   "--label-smoothing does not apply to --head logreg")
+    assert not out.exists()
 
 
 def test_greedy_ensemble_prefers_complementary_members():
