@@ -157,8 +157,12 @@ class _TextEstimator(BaseEstimator):
         return val
 
     def _check_params(self) -> None:
-        """Refuse, before any encoding, a number outside the range its option takes (defaults.BOUNDS)."""
+        """Refuse, before any encoding, a number outside the range its option takes (defaults.BOUNDS), and
+        what a logreg head cannot do (as fit_head refuses it)."""
         D.check_ranges(**self.get_params())
+        if self.head == "logreg" and self.label_smoothing:
+            raise UserError("label_smoothing does not apply to head='logreg' (it fits scikit-learn's unsmoothed "
+                            "log-loss); leave it at 0, or use head='linear' or 'mlp'")
 
     # -- the encoder and its vectors ----------------------------------------------------------------
 

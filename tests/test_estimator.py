@@ -228,3 +228,9 @@ def test_targets_that_are_not_numbers_and_two_text_columns_are_named(tiny_model,
         E.TextRegressor(tiny_model, precision="fp32", device="cpu").fit(texts[:2], ["good", "bad"])
     with pytest.raises(E.UserError, match=r"^give one column of texts, not 2 columns"):
         make(tiny_model).fit(np.array([texts[:4], texts[4:8]]).T, y[:4])
+
+
+def test_label_smoothing_is_refused_for_a_logreg_head_as_fit_head_refuses_it(tiny_model, corpus):
+    texts, y = corpus
+    with pytest.raises(E.UserError, match="^label_smoothing does not apply to head='logreg'"):
+        make(tiny_model, head="logreg", label_smoothing=0.1).fit(texts, y)
