@@ -240,8 +240,12 @@ class Encoder:
             self.prompt_tokens = len(prompt) - (1 if prompt and prompt[-1] in self.tokenizer.all_special_ids else 0)
         self.batch_tokens = int(batch_tokens or BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cpu"]))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.commit = getattr(cfg, "_commit_hash", None) or M.cached_commit(path, revision)
-        self.model_fingerprint = self._fingerprint(path)
+        recorded = getattr(cfg, "_commit_hash", None)  # transformers 4; 5 records none: read from the hub cache
+        self.commit = recorded or M.cached_commit(path, revision)
+        self.model_fingerprint = self._fingerprint(path, self.commit)
+        # What caches and checkpoints made before the commit was read from the hub cache recorded (commit None):
+        # fingerprints.check_same_encoder still takes those, as they could not tell revisions apart either.
+        self.commitless_fingerprint = self._fingerprint(path, None) if self.commit and not recorded else None
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -255,7 +259,7 @@ class Encoder:
             limit = min(limit, int(tok_limit))
         return limit
 
-    def _fingerprint(self, path: str) -> str:
+    def _fingerprint(self, path: str, commit: str | None) -> str:
         """Identity of weights + config + tokenizer: the files' bytes locally, the commit for hub models."""
         cfg = json.dumps(self.config.to_diff_dict(), sort_keys=True, default=str)
         self.config_hash = hashlib.sha256(cfg.encode()).hexdigest()
@@ -268,7 +272,7 @@ class Encoder:
             h.update(hash_model_files(path, weights).encode())
             h.update(hash_model_files(path, tokenizer_files(path)).encode())
         else:
-            h.update(f"{self.model_ref}@{self.commit or self.revision or ''}".encode())
+            h.update(f"{self.model_ref}@{commit or self.revision or ''}".encode())
         return h.hexdigest()[:32]
 
     def settings(self) -> dict:

@@ -100,7 +100,7 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
                         "so far (a decoder's padding side, positions and appended EOS are not in the graph)")
     # The graph is float32; a head trained on bf16 / fp16 vectors still belongs to this encoder.
     check_same_encoder(config, {**encoder.settings(), "precision": enc.get("precision")},
-                       f"model {encoder.model_ref!r}")
+                       f"model {encoder.model_ref!r}", encoder.commitless_fingerprint)
     if enc.get("precision") not in (None, "fp32") and log:
         log(f"note: the head was trained on {enc['precision']} vectors; the ONNX graph runs in float32")
     _, head = load_checkpoint(checkpoint, weights, allow_pickle=allow_pickle)

@@ -168,9 +168,13 @@ VECTOR_SETTINGS = ("model", "model_fingerprint", "max_length", "prefix", "precis
                    "stride")
 
 
-def check_same_encoder(checkpoint: dict, settings: dict, what: str) -> None:
-    """Refuse an encoder (or a cache) whose vectors differ from those the head was trained on."""
+def check_same_encoder(checkpoint: dict, settings: dict, what: str, commitless: str | None = None) -> None:
+    """Refuse an encoder (or a cache) whose vectors differ from those the head was trained on. `commitless`: the
+    encoder's fingerprint without its hub commit (Encoder.commitless_fingerprint), which a checkpoint that
+    recorded no commit was made with."""
     trained = checkpoint["encoder"]
+    if commitless and trained.get("commit") is None and trained.get("model_fingerprint") == commitless:
+        trained = {**trained, "model_fingerprint": settings.get("model_fingerprint")}
     keys = [k for k in VECTOR_SETTINGS if k in trained]
     diffs = settings_differences(trained, settings, keys)
     if any(not d.startswith("model:") for d in diffs):  # a path alone is not a difference

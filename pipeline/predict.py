@@ -71,7 +71,8 @@ class Predictor:
                                           instruction=enc.get("instruction"), layers=len(enc["layers"]),
                                           revision=enc.get("revision"), batch_tokens=batch_tokens,
                                           long_texts=enc.get("long_texts") or "truncate", stride=enc.get("stride"))
-        check_same_encoder(self.config, self.encoder.settings(), f"model {self.encoder.model_ref!r}")
+        check_same_encoder(self.config, self.encoder.settings(), f"model {self.encoder.model_ref!r}",
+                           self.encoder.commitless_fingerprint)
         _, self.head = load_checkpoint(checkpoint, weights, device=self.encoder.device, allow_pickle=allow_pickle)
         self.label_names = self.config["label_names"]
         self.pooling = self.config["pooling"]

@@ -397,6 +397,18 @@ def test_a_hub_models_fingerprint_follows_its_cached_snapshot(tiny_model, other_
         seen[commit] = enc.model_fingerprint
     assert seen["a" * 40] != seen["b" * 40]
     assert Encoder("org/tiny", device="cpu", revision="a" * 40).model_fingerprint == seen["a" * 40]
+    # A checkpoint made before the commit was read (commit None, the fingerprint without it) is still taken;
+    # one of another model is not.
+    from pipeline.fingerprints import check_same_encoder
+
+    now = enc.settings()
+    old = {"encoder": {**now, "commit": None, "model_fingerprint": enc.commitless_fingerprint}}
+    check_same_encoder(old, now, "model 'org/tiny'", enc.commitless_fingerprint)
+    with pytest.raises(UserError, match="model_fingerprint"):
+        check_same_encoder({"encoder": {**old["encoder"], "model_fingerprint": "f" * 32}}, now, "model 'org/tiny'",
+                           enc.commitless_fingerprint)
+    with pytest.raises(UserError, match="model_fingerprint"):  # without the commitless one, as before
+        check_same_encoder(old, now, "model 'org/tiny'")
 
 
 def test_a_checkpoint_or_a_file_given_as_the_model_is_named_so(tiny_model, tmp_path):
