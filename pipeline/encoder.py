@@ -114,8 +114,26 @@ class Encoder:
     embeddings, as HF's `hidden_states` tuple does). Decoder-only models have no `cls`; a
     sentence-transformers folder adds `sentence` (its own pooling, Dense and Normalize modules).
 
-    `prefix` is put before every text; None takes a sentence-transformers folder's default prompt (said
-    on stderr), or `instruction` in the model's instruction format (models.instruction_prefix).
+    Args:
+        model: a model folder (sentence-transformers folders too), a hub id, "modelscope:ORG/NAME", or
+            "e5-small" (built from PyPI, no hub needed).
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        precision: "auto" (bf16 where the hardware has it), "fp32", "bf16" or "fp16".
+        max_length: tokens per text, capped by the model (`model_limit`).
+        prefix: put before every text [None: a sentence-transformers folder's default prompt (said through
+            `log`), or `instruction` in the model's instruction format (models.instruction_prefix); else none].
+        layers: pool the last `layers` layers (the feature names above).
+        revision: hub revision (branch, tag or commit) of the model.
+        batch_tokens: tokens per forward pass [1024 on CPU, 65536 on GPU, 16384 on MPS].
+        packing: "auto" (BERT/RoBERTa/XLM-R batches without padding) or "off" (padded batches).
+        workers: CPU threads running batches side by side, one torch thread each [`resolve_workers`].
+        instruction: for instruction-following embedders: the task, made the prefix in the model's format.
+        log: a callable given notes (the prompt taken as prefix, compile's fallbacks) [print to stderr].
+        long_texts: "truncate" cuts texts past max_length (counted in `truncated`); "chunk" encodes every
+            window of at most max_length tokens and averages the windows' vectors.
+        stride: tokens neighbouring windows share with long_texts="chunk" [max_length // 4].
+        compile: "auto" (torch.compile the packed layers when the run is long enough to pay back the compile
+            time, `compile_pays`), "on" or "off"; the vectors are the same either way.
 
         >>> enc = Encoder("path/to/qwen3-embedding", instruction="Classify the topic of a news title")  # doctest: +SKIP
         >>> enc.encode(["今天天气不错"])["last"].shape  # doctest: +SKIP
@@ -250,6 +268,14 @@ class Encoder:
     # -- identity ---------------------------------------------------------------------------------
 
     def model_limit(self) -> int:
+        """The most tokens the model takes in one text: its position embeddings (less the two that
+        RoBERTa-like models never use), capped by the tokenizer's model_max_length.
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> Encoder(toy_model(tempfile.mkdtemp()), precision="fp32").model_limit()
+            128
+        """
         cfg = self.config
         limit = int(getattr(cfg, "max_position_embeddings", DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH)
         if cfg.model_type in _OFFSET_POSITIONS:
@@ -276,7 +302,14 @@ class Encoder:
         return h.hexdigest()[:32]
 
     def settings(self) -> dict:
-        """Everything besides the data that determines the cached vectors."""
+        """Everything besides the data that determines the cached vectors (a features file's settings).
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> settings = Encoder(toy_model(tempfile.mkdtemp()), precision="fp32").settings()
+            >>> {key: settings[key] for key in ("max_length", "prefix", "layers", "hidden_size", "family")}
+            {'max_length': 128, 'prefix': '', 'layers': [3], 'hidden_size': 32, 'family': 'encoder'}
+        """
         out = {"model": self.model_ref, "model_path": self.model_path, "revision": self.revision,
                "commit": self.commit, "model_fingerprint": self.model_fingerprint, "config_hash": self.config_hash,
                "max_length": self.max_length, "prefix": self.prefix, "instruction": self.instruction,
@@ -299,10 +332,23 @@ class Encoder:
         return out
 
     def default_pooling(self) -> str:
-        """`sentence` for a sentence-transformers folder, `last` for a decoder, `cls` for the rest."""
+        """`sentence` for a sentence-transformers folder, `last` for a decoder, `cls` for the rest.
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> Encoder(toy_model(tempfile.mkdtemp()), precision="fp32").default_pooling()
+            'cls'
+        """
         return SENTENCE if self.sentence else ("last" if self.family == "decoder" else "cls")
 
     def feature_names(self) -> list[str]:
+        """The names of the vectors `encode` gives (the class's feature names), last layer first.
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> Encoder(toy_model(tempfile.mkdtemp()), precision="fp32", layers=2).feature_names()
+            ['cls', 'mean', 'last', 'cls_2', 'mean_2', 'last_2']
+        """
         return feature_names(self.layers, self.num_layers, self.pools, sentence=self.sentence is not None)
 
     def _eos_to_append(self) -> int | None:
@@ -319,7 +365,20 @@ class Encoder:
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> list[list[int]]:
         """Token ids per text (with `pairs`: per pair, the tokenizer's pair encoding, token types folded
         in, see `_fold_types`). Texts past max_length are cut (counted in `truncated`) or, with
-        long_texts="chunk", split into overlapping windows: a `Windows` list that `encode_ids` pools back."""
+        long_texts="chunk", split into overlapping windows: a `Windows` list that `encode_ids` pools back.
+
+        Args:
+            texts: a list of texts (`prefix` is put before each).
+            pairs: the second text of each pair, for a head on pairs encoded together [None: single texts].
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> enc = Encoder(toy_model(tempfile.mkdtemp()), precision="fp32")
+            >>> [len(ids) for ids in enc.tokenize(["很好", "这个东西真的很差"])]  # [CLS] and [SEP] too
+            [4, 10]
+            >>> [len(ids) for ids in enc.tokenize(["很好"], pairs=["很差"])]
+            [7]
+        """
         if not texts:
             return []
         room = self.max_length - (self.eos_id is not None)
@@ -383,7 +442,21 @@ class Encoder:
 
     def encode(self, texts: list[str], on_progress=None, pairs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Pooled float32 vectors for `texts` (or text pairs, one vector per pair), in their order:
-        feature name -> [len(texts), hidden]. One str is one text (a [1, hidden] row), not its characters."""
+        feature name -> [len(texts), hidden]. One str is one text (a [1, hidden] row), not its characters.
+
+        Args:
+            texts: one text, or a list (any iterable) of texts.
+            on_progress: optional callback, called with the number of distinct texts in each encoded batch.
+            pairs: the second text of each pair, encoded together with its first [None: single texts].
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> enc = Encoder(toy_model(tempfile.mkdtemp()), precision="fp32")
+            >>> {name: vectors.shape for name, vectors in enc.encode("很好").items()}
+            {'cls': (1, 32), 'mean': (1, 32), 'last': (1, 32)}
+            >>> enc.encode(["很好", "还可以"], pairs=["很差", "不错"])["mean"].shape
+            (2, 32)
+        """
         texts = as_texts(texts)[1]
         pairs = None if pairs is None else as_texts(pairs)[1]
         return self.encode_ids(self.tokenize(texts, pairs), on_progress)
@@ -392,8 +465,20 @@ class Encoder:
         """Pooled float32 vectors for already tokenized texts (`tokenize`'s output), in their order.
         For `Windows`, the mean of each text's window vectors, per feature.
 
-        `on_progress(n)` is called per batch with its distinct texts, or with its tokens (unpadded) when
-        `count="tokens"`: texts come longest first, so only tokens give a true ETA."""
+        Args:
+            ids: token ids per text, as `tokenize` gives them.
+            on_progress: optional callback, `on_progress(n)`, called per batch with its distinct texts.
+            count: "texts", or "tokens" to call on_progress with a batch's tokens (unpadded) instead: texts
+                come longest first, so only tokens give a true ETA.
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> enc = Encoder(toy_model(tempfile.mkdtemp()), precision="fp32")
+            >>> ids = enc.tokenize(["很好", "这个东西真的很差"])
+            >>> done = []
+            >>> enc.encode_ids(ids, done.append, count="tokens")["cls"].shape, sum(done)
+            ((2, 32), 14)
+        """
         if isinstance(ids, Windows):
             tokens = count == "tokens"
             per_window = self.encode_ids(list(ids), on_progress if tokens else None, count=count)
@@ -411,7 +496,21 @@ class Encoder:
     def encode_ids_with_states(self, ids: list[list[int]], layer: int, on_progress=None, *,
                                count: str = "texts") -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """`encode_ids`, plus every text's token states hidden_states[layer] (float32 [its tokens, hidden]),
-        from the same forward pass (extract --states, and a tuned checkpoint's predict)."""
+        from the same forward pass (extract --states, and a tuned checkpoint's predict).
+
+        Args:
+            ids: token ids per text, as `tokenize` gives them (whole texts: not long_texts="chunk" windows).
+            layer: which hidden_states to return (0 = embeddings, `num_layers` = the last layer).
+            on_progress, count: as in `encode_ids`.
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> enc = Encoder(toy_model(tempfile.mkdtemp()), precision="fp32")
+            >>> ids = enc.tokenize(["很好", "这个东西真的很差"])
+            >>> pooled, states = enc.encode_ids_with_states(ids, layer=2)
+            >>> pooled["cls"].shape, [s.shape for s in states]
+            ((2, 32), [(4, 32), (10, 32)])
+        """
         if isinstance(ids, Windows):
             raise UserError("cached states need whole texts: use --long-texts truncate with --states")
         return self._encode(ids, on_progress, count, layer)
@@ -463,7 +562,16 @@ class Encoder:
 
     def expect(self, tokens: int) -> None:
         """Say that the run will encode about `tokens` tokens in all (extract does, before its first chunk):
-        compile="auto" decides by the run, not by one call's share of it."""
+        compile="auto" decides by the run, not by one call's share of it.
+
+        Args:
+            tokens: the run's tokens, all calls together (the largest number said counts).
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> enc = Encoder(toy_model(tempfile.mkdtemp()), precision="fp32")
+            >>> enc.expect(2_000_000)  # then encode the run's texts, a chunk at a time
+        """
         self._expected_tokens = max(self._expected_tokens, int(tokens))
 
     def _maybe_compile(self, tokens: int) -> None:
@@ -483,7 +591,17 @@ class Encoder:
 
     def resolve_workers(self, n_batches: int) -> int:
         """Threads that run batches side by side (each with one torch thread): `workers` when given, else
-        on a CPU as many as torch has intra-op threads, when there are batches enough to share out."""
+        on a CPU as many as torch has intra-op threads, when there are batches enough to share out; 1 on a GPU.
+
+        Args:
+            n_batches: the batches of the call (never more workers than batches).
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> enc = Encoder(toy_model(tempfile.mkdtemp()), device="cpu", precision="fp32", workers=4)
+            >>> enc.resolve_workers(3), enc.resolve_workers(10)
+            (3, 4)
+        """
         if self.device.type != "cpu":
             return 1
         if self.workers:
@@ -511,7 +629,14 @@ class Encoder:
     def model(self):
         """The HF model (transformers' own modules: export traces it, the padded path runs it). Where the
         encoder runs from modules read straight from the folder (`packed.load_modules`), it is loaded on
-        first use."""
+        first use.
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_model
+            >>> model = Encoder(toy_model(tempfile.mkdtemp()), precision="fp32").model
+            >>> type(model).__name__, model.config.num_hidden_layers
+            ('BertModel', 3)
+        """
         if self._model is None:
             path, where = self._hf_load
             from transformers import AutoModel

@@ -8,7 +8,15 @@ import unicodedata
 
 
 class UserError(Exception):
-    """A problem with the user's input, named along with what to do about it."""
+    """A problem with the user's input, named along with what to do about it.
+
+        >>> import pipeline as bc
+        >>> try:
+        ...     bc.FeatureStore("no-such-file.h5")
+        ... except bc.UserError as e:
+        ...     print(e)
+        features file not found: no-such-file.h5
+    """
 
 
 # What no text is made of: Python's whitespace and the invisible format characters (category Cf: zero-width

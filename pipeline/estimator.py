@@ -243,6 +243,15 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
         Args:
             X: the training texts (a list, array or Series of str).
             y: their labels (ints or strings), one per text; or a 0/1 matrix [texts, labels] (multilabel).
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import make_texts, toy_model
+            >>> texts, y = zip(*make_texts(40))
+            >>> clf = TextClassifier(toy_model(tempfile.mkdtemp()), epochs=5)
+            >>> clf.fit(list(texts), ["neg pos".split()[i] for i in y]) is clf, clf.classes_.tolist()
+            (True, ['neg', 'pos'])
         """
         self._check_params()
         texts = _texts(X)
@@ -284,6 +293,15 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
 
         Args:
             X: texts (a list, array or Series of str; one str counts as one text).
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import make_texts, toy_model
+            >>> texts, y = zip(*make_texts(40))
+            >>> clf = TextClassifier(toy_model(tempfile.mkdtemp()), epochs=5).fit(list(texts), list(y))
+            >>> clf.predict_proba(["好棒", "太差", "还可以"]).shape, clf.predict_proba("好棒").shape
+            ((3, 2), (1, 2))
         """
         check_is_fitted(self, "head_")  # before classes_ is read: NotFittedError, as scikit-learn raises
         return self._apply_head(X, "predict_proba", len(self.classes_))
@@ -293,6 +311,17 @@ class TextClassifier(ClassifierMixin, _TextEstimator):
 
         Args:
             X: texts (a list, array or Series of str; one str counts as one text).
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import make_texts, toy_model
+            >>> texts, y = zip(*make_texts(40))
+            >>> labels = ["neg pos".split()[i] for i in y]
+            >>> clf = TextClassifier(toy_model(tempfile.mkdtemp()), epochs=5).fit(list(texts), labels)
+            >>> predicted = clf.predict(["好棒", "太差", "还可以"])
+            >>> predicted.shape, set(predicted) <= {"neg", "pos"}
+            ((3,), True)
         """
         probs = self.predict_proba(X)
         if self.thresholds_ is not None:  # multilabel: the indicator matrix
@@ -329,6 +358,15 @@ class TextRegressor(RegressorMixin, _TextEstimator):
         Args:
             X: the training texts (a list, array or Series of str).
             y: one finite number per text.
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import make_texts, toy_model
+            >>> texts, y = zip(*make_texts(40))
+            >>> reg = TextRegressor(toy_model(tempfile.mkdtemp()), epochs=5)
+            >>> reg.fit(list(texts), [1.0 + 4 * v for v in y]) is reg, 1 <= reg.best_epoch_ <= 5
+            (True, True)
         """
         self._check_params()
         texts = _texts(X)
@@ -350,6 +388,15 @@ class TextRegressor(RegressorMixin, _TextEstimator):
 
         Args:
             X: texts (a list, array or Series of str; one str counts as one text).
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import make_texts, toy_model
+            >>> texts, y = zip(*make_texts(40))
+            >>> reg = TextRegressor(toy_model(tempfile.mkdtemp()), epochs=5).fit(list(texts), [1.0 + 4 * v for v in y])
+            >>> reg.predict(["好棒", "太差"]).shape, reg.predict("好棒").dtype
+            ((2,), dtype('float64'))
         """
         return self._apply_head(X, "predict", None).astype(np.float64)
 

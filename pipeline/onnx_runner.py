@@ -160,7 +160,32 @@ def describe_export(folder: str) -> dict:
 def load_predictor(checkpoint: str, backend: str, *, model=None, device="auto", weights="best", batch_tokens=None,
                    allow_pickle=False, threads=None):
     """A `predict.Predictor` (backend "torch") or an `OnnxPredictor` (backend "onnx": `checkpoint` is then a
-    `bertcache export` folder); the CLI's predict and serve load through here."""
+    `bertcache export` folder); the CLI's predict and serve load through here.
+
+    Args:
+        checkpoint: a checkpoint folder (torch), or the folder `bertcache export` wrote (onnx).
+        backend: "torch" or "onnx".
+        model, device, weights, allow_pickle: as `Predictor`'s; torch only: the export holds its encoder and
+            head and runs on the CPU, so "onnx" refuses a model, weights other than "best", allow_pickle, and
+            a device other than "auto" or "cpu".
+        batch_tokens: padded tokens per forward pass (either backend).
+        threads: onnxruntime intra-op threads [one per core]; onnx only.
+
+    Example:
+
+        p = load_predictor("exported/snownlp", "onnx")   # after `bertcache export -c CHECKPOINT -o exported/snownlp`
+        p.predict("物流很快")["label"]
+
+    Runnable, on pipeline.toy's model and data (seconds):
+
+        >>> import tempfile
+        >>> from pipeline.toy import toy_features
+        >>> from pipeline.train import fit_head
+        >>> tmp = tempfile.mkdtemp()
+        >>> p = load_predictor(fit_head(toy_features(tmp), f"{tmp}/head", epochs=1)[0], "torch", device="cpu")
+        >>> type(p).__name__, sorted(p.predict("很好"))
+        ('Predictor', ['label', 'label_id', 'probabilities', 'text'])
+    """
     if backend == "onnx":
         asked = [f"--{n}" for n, v in (("model", model), ("allow-pickle", allow_pickle), ("weights", weights != "best"),
                                         ("device", device not in ("auto", "cpu"))) if v]

@@ -62,7 +62,21 @@ def curves_png(history: list[dict], best_epoch: int, path: str, score: str = "va
 
 
 def confusion_png(report: dict, path: str) -> str:
-    """The confusion matrix of an evaluation report (rows: truth), counts and row shares."""
+    """The confusion matrix of an evaluation report (rows: truth), counts and row shares, as a PNG; returns
+    `path`. Needs matplotlib (the extra `plots`; `available()`).
+
+    Args:
+        report: a classification report of `evaluate` (confusion_matrix, label_names, accuracy, n; split
+            in the title when it has one).
+        path: the PNG file to write (its folder is made if missing).
+
+        >>> import tempfile
+        >>> report = {"confusion_matrix": [[3, 1], [0, 4]], "label_names": ["neg", "pos"], "accuracy": 0.875,
+        ...           "n": 8, "split": "test"}
+        >>> path = os.path.join(tempfile.mkdtemp(), "confusion.png")
+        >>> if available():  # matplotlib is installed
+        ...     assert confusion_png(report, path) == path and os.path.getsize(path) > 0
+    """
     import numpy as np
     plt = _pyplot()
     cm = np.asarray(report["confusion_matrix"])

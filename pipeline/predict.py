@@ -93,6 +93,16 @@ class Predictor:
             texts: one text, or a list of texts, or of (text, text_pair) tuples for a pair head.
             on_progress: optional callback, called with the number of texts in each encoded batch.
             pairs: the second text of each pair (a pair head), in the same shape as `texts`.
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> from pipeline.train import fit_head
+            >>> tmp = tempfile.mkdtemp()
+            >>> p = Predictor(fit_head(toy_features(tmp), f"{tmp}/head", epochs=1)[0], device="cpu")
+            >>> p.outputs(["很好", "很差", "还可以"]).shape, p.outputs("很好").shape
+            ((3, 2), (2,))
         """
         one, texts, pairs = self._items(texts, pairs)
         if not texts:
@@ -123,9 +133,22 @@ class Predictor:
         or for a head on pairs encoded apart (`--pair-mode bi`) each text's own vector under its pooling
         (cos:mean -> mean). A head on pairs encoded together (`cross`) has no vector of one text: UserError.
 
+        Args:
+            texts: one text, or a list (any iterable) of texts.
+
         Example:
 
             Predictor("checkpoints/snownlp-e5-small-sweep").embed(["物流很快"]).shape  # (1, 384)
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> from pipeline.train import fit_head
+            >>> tmp = tempfile.mkdtemp()
+            >>> p = Predictor(fit_head(toy_features(tmp), f"{tmp}/head", epochs=1)[0], device="cpu")
+            >>> p.embed(["很好", "很差"]).shape, p.embed("很好").shape
+            ((2, 32), (32,))
         """
         one, texts = as_texts(texts)
         if self.pair_mode == "cross":
@@ -179,6 +202,16 @@ class Predictor:
         Example:
 
             Predictor("checkpoints/snownlp-e5-small-sweep").predict_proba(["物流很快", "质量太差了"])  # (2, 2)
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> from pipeline.train import fit_head
+            >>> tmp = tempfile.mkdtemp()
+            >>> p = Predictor(fit_head(toy_features(tmp), f"{tmp}/head", epochs=1)[0], device="cpu")
+            >>> p.predict_proba(["很好", "很差"]).shape, round(float(p.predict_proba("很好").sum()), 4)
+            ((2, 2), 1.0)
         """
         if self.task == "regression":
             raise UserError("a regression head predicts scores, not probabilities; use predict")
@@ -198,6 +231,16 @@ class Predictor:
 
             Predictor("checkpoints/snownlp-e5-small-sweep").predict("这本书写得真好")
             # {'text': '这本书写得真好', 'label': '正向评价', 'label_id': 1, 'probabilities': {'负向评价': 0.37, '正向评价': 0.63}}
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> from pipeline.train import fit_head
+            >>> tmp = tempfile.mkdtemp()
+            >>> p = Predictor(fit_head(toy_features(tmp), f"{tmp}/head", epochs=1)[0], device="cpu")
+            >>> sorted(p.predict("很好")), [row["text"] for row in p.predict(["很好", "很差"])]
+            (['label', 'label_id', 'probabilities', 'text'], ['很好', '很差'])
         """
         one, texts, pairs = self._items(texts, pairs)
         out = self.outputs(texts, on_progress, pairs)
@@ -207,7 +250,21 @@ class Predictor:
     def run(self, texts: list) -> dict[str, np.ndarray]:
         """outputs (the task's: class or label probabilities, or regression scores), logits and features (the
         pooled vectors the head reads) for a list of texts (or pairs), in order: what serve's endpoints
-        read (OnnxPredictor.run gives the same); `probabilities` too, except for regression."""
+        read (OnnxPredictor.run gives the same); `probabilities` too, except for regression.
+
+        Args:
+            texts: a list of texts (or of (text, text_pair) tuples, for a pair head).
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> from pipeline.train import fit_head
+            >>> tmp = tempfile.mkdtemp()
+            >>> p = Predictor(fit_head(toy_features(tmp), f"{tmp}/head", epochs=1)[0], device="cpu")
+            >>> {name: array.shape for name, array in p.run(["很好", "很差"]).items()}
+            {'outputs': (2, 2), 'logits': (2, 2), 'features': (2, 32), 'probabilities': (2, 2)}
+        """
         outputs, logits, features = self._scores(texts)
         out = {"outputs": outputs, "logits": logits, "features": features}
         if self.task != "regression":
@@ -217,7 +274,24 @@ class Predictor:
     def results(self, texts: list, outputs: np.ndarray) -> list[dict]:
         """`predict`'s dicts for items whose outputs were computed elsewhere (serve's micro-batches):
         text (and text_pair), then per task: classification label, label_id, probabilities (name -> probability);
-        multilabel labels (those over their threshold, most probable first) and probabilities; regression score."""
+        multilabel labels (those over their threshold, most probable first) and probabilities; regression score.
+
+        Args:
+            texts: the items: texts, or (text, text_pair) tuples.
+            outputs: their outputs, one row per item, as `outputs` gives them.
+
+        Runnable, on pipeline.toy's model and data (seconds):
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> from pipeline.train import fit_head
+            >>> tmp = tempfile.mkdtemp()
+            >>> p = Predictor(fit_head(toy_features(tmp), f"{tmp}/head", epochs=1)[0], device="cpu")
+            >>> import numpy as np
+            >>> p.label_names, p.results(["很好"], np.array([[0.25, 0.75]]))
+            (['正向', '负向'],
+             [{'text': '很好', 'label': '负向', 'label_id': 1, 'probabilities': {'正向': 0.25, '负向': 0.75}}])
+        """
         out = []
         for item, p in zip(texts, outputs):
             row = {"text": item} if isinstance(item, str) else {"text": item[0], "text_pair": item[1]}

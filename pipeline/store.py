@@ -211,20 +211,73 @@ class FeatureStore:
             raise _damaged(self.path, exc) from exc
 
     def close(self):
+        """Close the file (what leaving a `with FeatureStore(path) as store:` block does)."""
         self.file.close()
 
     def require_split(self, split: str) -> h5py.Group:
+        """The HDF5 group of a split; a UserError naming the file's splits when it has no such split.
+
+        Args:
+            split: a split of the file, e.g. "train" (see `splits`).
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> path = toy_features(tempfile.mkdtemp())
+            >>> with FeatureStore(path) as store:
+            ...     sorted(store.require_split("test"))
+            ['cls', 'label', 'last', 'mean', 'row', 'text_offsets', 'text_utf8']
+            >>> with FeatureStore(path) as store:
+            ...     store.require_split("dev")
+            Traceback (most recent call last):
+            pipeline.errors.UserError: split 'dev' is not in .../toy.h5; it has: train, validation, test
+        """
         if split not in self.splits:
             raise UserError(f"split {split!r} is not in {self.path}; it has: {', '.join(self.splits)}")
         return self.file[split]
 
     def rows(self, split: str) -> int:
+        """How many rows a split has (labelled or not).
+
+        Args:
+            split: a split of the file, e.g. "train".
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> with FeatureStore(toy_features(tempfile.mkdtemp())) as store:
+            ...     [store.rows(split) for split in store.splits]
+            [160, 40, 40]
+        """
         return int(self.require_split(split).attrs["rows"])
 
     def labels(self, split: str) -> np.ndarray:
+        """A split's labels, per task: classification int64 [rows] ids into `label_names` (-1: unlabelled),
+        regression float64 [rows] (NaN: unlabelled), multilabel int8 [rows, labels] (a row of -1: unlabelled).
+
+        Args:
+            split: a split of the file, e.g. "train".
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> with FeatureStore(toy_features(tempfile.mkdtemp())) as store:
+            ...     store.label_names, store.labels("test")[:4].tolist()
+            (['正向', '负向'], [1, 0, 1, 0])
+        """
         return self.require_split(split)["label"][:]
 
     def features(self, split: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """A split's pooled vectors, float32, by feature name: [rows, width] each ([rows, 2, width] in a pair
+        cache of `--pair-mode bi`: the first and second text of every row).
+
+        Args:
+            split: a split of the file, e.g. "train".
+            names: the features to read (see `feature_names`) [None: all]; one the file lacks is a UserError.
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> with FeatureStore(toy_features(tempfile.mkdtemp())) as store:
+            ...     {name: vectors.shape for name, vectors in store.features("test", ["cls", "mean"]).items()}
+            {'cls': (40, 32), 'mean': (40, 32)}
+        """
         group = self.require_split(split)
         names = names or self.feature_names
         missing = [n for n in names if n not in self.feature_names]
@@ -248,10 +301,33 @@ class FeatureStore:
         return self.file[TEXTS] if split == TEXTS and self.pair_mode == "bi" else self.require_split(split)
 
     def has_texts(self, split: str) -> bool:
+        """Whether the file keeps a split's texts (not when extracted with keep_texts=False, or by a version
+        from before texts were kept).
+
+        Args:
+            split: a split of the file, or in a pair cache of `--pair-mode bi` also "texts" (its distinct texts).
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> with FeatureStore(toy_features(tempfile.mkdtemp())) as store:
+            ...     store.has_texts("test")
+            True
+        """
         return "text_offsets" in self._text_group(split)
 
     def texts(self, split: str, index: np.ndarray | None = None) -> list[str] | None:
-        """Texts of a split's rows (all, or rows `index`, in that order); None for a file without texts."""
+        """Texts of a split's rows (all, or rows `index`, in that order); None for a file without texts.
+
+        Args:
+            split: a split of the file, or in a pair cache of `--pair-mode bi` also "texts" (its distinct texts).
+            index: row numbers to read [None: every row].
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> with FeatureStore(toy_features(tempfile.mkdtemp())) as store:
+            ...     len(store.texts("test")), store.texts("test", [1, 0])
+            (40, ['以退', '可不我得推'])
+        """
         group = self._text_group(split)
         if "text_offsets" not in group:
             return None
@@ -263,17 +339,50 @@ class FeatureStore:
 
     @property
     def states_settings(self) -> dict | None:
-        """{"layer", "k", "dtype"} of the cached token states (extract --states), None when there are none."""
+        """{"layer", "k", "dtype"} of the cached token states (extract --states), None when there are none.
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> with FeatureStore(toy_features(tempfile.mkdtemp())) as store:
+            ...     store.states_settings is None
+            True
+        """
         return self.settings.get("states")
 
     def states(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """A split's token states as stored (flat [tokens, hidden]; bfloat16 as uint16 bits) and its offsets."""
+        """A split's token states as stored (flat [tokens, hidden]; bfloat16 as uint16 bits) and its offsets
+        (int64 [rows + 1]: row i's tokens are states[offsets[i]:offsets[i + 1]]); a UserError for a file without.
+
+        Args:
+            split: a split of the file, e.g. "train".
+
+            >>> import tempfile
+            >>> from pipeline.extract import extract
+            >>> from pipeline.toy import toy_data, toy_model
+            >>> tmp = tempfile.mkdtemp()
+            >>> path = extract(toy_model(f"{tmp}/model"), toy_data(f"{tmp}/data", 8, 4, 4), f"{tmp}/states.h5",
+            ...                states=1, precision="fp32", device="cpu", progress=False, log=lambda msg: None)
+            >>> with FeatureStore(path) as store:
+            ...     states, offsets = store.states("train")
+            ...     store.states_settings, states.shape[1], states.dtype, offsets.shape
+            ({'dtype': 'bfloat16', 'k': 1, 'layer': 2}, 32, dtype('uint16'), (9,))
+        """
         if not self.states_settings:
             raise UserError(f"{self.path} holds no token states; extract with --states K")
         g = self.require_split(split)
         return g["states"][:], g["offsets"][:]
 
     def info(self) -> dict:
+        """What `bertcache info` shows: path, source, task, label_names, feature_names, settings, fingerprint,
+        shards, and per split its rows and labelled rows (and tokens, with cached states).
+
+            >>> import tempfile
+            >>> from pipeline.toy import toy_features
+            >>> with FeatureStore(toy_features(tempfile.mkdtemp())) as store:
+            ...     info = store.info()
+            >>> info["task"], info["splits"]["train"]
+            ('classification', {'rows': 160, 'labelled': 160})
+        """
         return {"path": self.path, "source": self.source, "task": self.task, "label_names": self.label_names,
                 "feature_names": self.feature_names, "settings": self.settings,
                 "fingerprint": self.file.attrs.get("fingerprint"), "shards": self.shards,

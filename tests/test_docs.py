@@ -1,7 +1,8 @@
 """The docs stay true to the code: docs/cli.md is what scripts/cli_docs.py generates from the click
 commands (the cog pattern), no option is missing from it, the README stays short, no relative link
-in README.md or docs/ points at a file or heading that is not there, and every `>>>` example in the
-package's docstrings runs and prints what it says."""
+in README.md or docs/ points at a file or heading that is not there, every `>>>` example in the
+package's docstrings runs and prints what it says, and the public API's docstrings state their arguments
+and show such an example."""
 from __future__ import annotations
 
 import doctest
@@ -191,3 +192,85 @@ def test_api_md_names_the_sweep_argument_of_every_sweep_option():
             assert name in arguments or re.search(rf"`{option}` is `(\w+)=`", text), option
             found = re.search(rf"`{option}` is `(\w+)=`", text)
             assert not found or found.group(1) in arguments, option
+
+
+# The public API: what `pipeline` exports, and the functions of other modules docs/api.md names beside them.
+API_MD_NAMES = ("tuned.fit_tuned", "onnx_runner.load_predictor", "plots.confusion_png", "toy.toy_model", "toy.toy_data")
+# Public methods whose docstring needs no runnable example, and why.
+NO_EXAMPLE = {
+    "FeatureStore.close": "what leaving `with FeatureStore(path) as store:` does, which the class's example shows",
+}
+
+
+def _public_api() -> list[tuple[str, object]]:
+    """(name, object) of every public function and class, and of every public method and property of those
+    classes: defined in them or in their bases within the package (scikit-learn's get_params etc. are its own)."""
+    import inspect
+
+    import pipeline
+
+    api = []
+    for name in pipeline.__all__:
+        try:
+            api.append((name, getattr(pipeline, name)))
+        except ImportError as e:  # a module of an optional extra (estimator: scikit-learn)
+            print(f"skipped {name}: {e}")
+    for spec in API_MD_NAMES:
+        module, attr = spec.split(".")
+        api.append((spec, getattr(importlib.import_module(f"pipeline.{module}"), attr)))
+    for name, cls in [entry for entry in api if inspect.isclass(entry[1])]:
+        seen = set()
+        for klass in cls.__mro__:
+            if not klass.__module__.startswith("pipeline."):
+                continue
+            for attr, value in vars(klass).items():
+                if attr.startswith("_") or attr in seen:
+                    continue
+                if isinstance(value, (staticmethod, classmethod)):
+                    value = value.__func__
+                if inspect.isfunction(value) or isinstance(value, property):
+                    seen.add(attr)
+                    api.append((f"{name}.{attr}", value))
+    return api
+
+
+def _named(parameter: str, doc: str) -> bool:
+    """Whether a docstring states `parameter`: an entry of its argument list (`name:`, `a, name:`, `name (...):`,
+    `**name:`), or the name in backticks or as `name=` in its text."""
+    entry = rf"^\s*(\*{{0,2}}\w+, )*\*{{0,2}}{parameter}(, \*{{0,2}}\w+)*( \([^)\n]*\))?:"
+    return bool(re.search(entry, doc, flags=re.M) or re.search(rf"`\*{{0,2}}{parameter}`|\b{parameter}=", doc))
+
+
+def test_the_public_api_states_its_arguments_and_shows_a_runnable_example():
+    """The package's standard (as embetter's): every public function, class, method and property of the API
+    (api.md) has a docstring that names each of its arguments and shows a `>>>` example (not all +SKIP), which
+    test_docstring_examples_run runs. A class names its constructor's arguments (or its package base class
+    that defines the constructor does, as TextClassifier's refers to _TextEstimator's)."""
+    import inspect
+
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    for spec in API_MD_NAMES:
+        assert re.search(rf"\b{spec.split('.')[1]}\b", text), f"docs/api.md no longer names {spec}: update API_MD_NAMES"
+    api = _public_api()
+    names = {name for name, _ in api}
+    assert not set(NO_EXAMPLE) - names, f"NO_EXAMPLE names what is not in the API: {set(NO_EXAMPLE) - names}"
+    problems = []
+    for name, obj in api:
+        doc = inspect.cleandoc(obj.__doc__ or "")  # its own: getdoc would take a base class's
+        function = obj.fget if isinstance(obj, property) else obj
+        if inspect.isclass(obj):
+            owner = next(k for k in obj.__mro__ if "__init__" in vars(k))
+            function = owner.__init__ if owner.__module__.startswith("pipeline.") else None
+            if function is not None and owner is not obj:
+                doc += "\n" + inspect.cleandoc(owner.__doc__ or "")
+        if not doc.strip():
+            problems.append(f"{name}: no docstring")
+            continue
+        parameters = [p for p in inspect.signature(function).parameters if p not in ("self", "cls")] if function else []
+        unnamed = [p for p in parameters if not _named(p, doc)]
+        if unnamed:
+            problems.append(f"{name}: the docstring does not state {', '.join(unnamed)}")
+        runnable = [line for line in doc.splitlines() if line.lstrip().startswith(">>>") and "+SKIP" not in line]
+        if not runnable and name not in NO_EXAMPLE:
+            problems.append(f"{name}: no runnable (>>>) example")
+    assert not problems, f"{len(problems)} gaps in the API's docstrings:\n" + "\n".join(problems)
