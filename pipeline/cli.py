@@ -370,6 +370,7 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
     matrix; for regression Pearson, Spearman, MSE, MAE; for multilabel micro / macro F1, subset accuracy and
     per-label precision / recall / F1."""
     from . import plots
+    from .info import finite  # a metric without a value (Pearson of one row) is NaN, not JSON: null
     from .predict import evaluate as run_evaluate
 
     report = run_evaluate(checkpoint, features, split, weights, allow_pickle=allow_pickle, errors=errors)
@@ -383,7 +384,7 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
         if confusion_png:
             _log(f"no {confusion_png}: a confusion matrix is for classification")
         if as_json:
-            click.echo(json.dumps(report, ensure_ascii=False))
+            click.echo(json.dumps(finite(report), ensure_ascii=False))
             return
         click.echo(f"split {split}: n {report['n']}  " + _summary(report, report["task"]))
         if report["task"] == "multilabel":
@@ -408,7 +409,7 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
     elif confusion_png:
         _log(f"no {confusion_png}: {plots.HINT}")
     if as_json:
-        click.echo(json.dumps(report, ensure_ascii=False))
+        click.echo(json.dumps(finite(report), ensure_ascii=False))
         return
     click.echo(f"split {split}: n {report['n']}  accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}")
     width = max(len(n) for n in report["label_names"])

@@ -124,6 +124,22 @@ def test_regression_end_to_end(regression_cache, regression_data, tmp_path):
     assert "spearman" in ok("info", ckpt).stdout
 
 
+def test_evaluate_json_has_null_not_nan(tiny_model, regression_cache, tmp_path):
+    """A split of one row has no Pearson / Spearman: evaluate --json says null, as fit-head --json and info
+    do (NaN is not JSON: strict parsers refuse it)."""
+    one = write_jsonl(str(tmp_path / "one" / "test.jsonl"), scored_texts(1, 4))
+    feats = str(tmp_path / "one.h5")
+    ok("extract", "-m", tiny_model, "-d", os.path.dirname(one), "-o", feats, "--task", "regression",
+       "--precision", "fp32", "--device", "cpu")
+    ckpt, _ = bc.fit_head(regression_cache, str(tmp_path / "ck"), epochs=2, device="cpu")
+
+    def refuse(token):
+        raise ValueError(f"{token} in --json output")
+
+    report = json.loads(ok("evaluate", "-c", ckpt, "-f", feats, "--json").stdout, parse_constant=refuse)
+    assert report["n"] == 1 and report["pearson"] is None and report["spearman"] is None
+
+
 def test_a_refit_regression_head_records_its_own_target_scale(regression_cache, tmp_path):
     ckpt, _ = bc.fit_head(regression_cache, str(tmp_path / "ck"), pooling="mean", epochs=5, device="cpu", refit=True)
     config, head = load_checkpoint(ckpt)
