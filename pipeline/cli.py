@@ -149,7 +149,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from .distributed import world
     from .extract import extract as run_extract
-    from .store import FeatureStore
+    from .info import describe
 
     if prefix is not None and instruction:
         raise UserError("give --prefix or --instruction, not both (the instruction becomes the prefix)")
@@ -165,8 +165,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
                        **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
     if world()[0] != 0:
         return
-    with FeatureStore(path) as store:
-        info = store.info()
+    info = describe(path)  # what `info PATH --json` prints: pair_mode, long_texts, distinct_texts too
     if as_json:
         click.echo(json.dumps(info, ensure_ascii=False))
     else:

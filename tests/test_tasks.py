@@ -288,6 +288,16 @@ def test_bi_cache_holds_each_text_once(bi_cache, pair_data, tiny_model):
     assert f"{first['a']}  |  {first['b']}" in ok("info", bi_cache, "--rows", "1").stdout
 
 
+def test_extract_json_describes_the_file_as_info_json_does(bi_cache, pair_data, tiny_model):
+    """One description of a features file: extract --json (here of the finished file) prints what info --json
+    does, with the pair mode and the distinct texts a script needs."""
+    again = ok("extract", "-m", tiny_model, "-d", pair_data, "--text-column", "a", "--text-pair-column", "b", "-o",
+               bi_cache, "--precision", "fp32", "--device", "cpu", "--json")
+    described = json.loads(again.stdout)
+    assert described == json.loads(ok("info", bi_cache, "--json").stdout)
+    assert described["kind"] == "features" and described["pair_mode"] == "bi" and described["distinct_texts"] > 0
+
+
 def test_bi_sweep_starts_from_the_cosine(bi_cache, tmp_path):
     # one split: the cosine is compared on the validation rows (cross-fitted, each fold's head starts from it)
     ckpt, ranked, metrics = bc.sweep(bi_cache, str(tmp_path / "sw"), heads=["linear"], lrs=[1e-3], epochs=10,
