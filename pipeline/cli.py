@@ -274,8 +274,11 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
                                   **{n: values[n] for n in given if n in values})
         _report(path, metrics, as_json)
         return
-    if init:
-        raise UserError("--init goes with --tune-layers")
+    # The tuning's own options would be ignored here (as the --sweep-* options without --sweep): refused
+    tuning = [n for n in ("init", "layer_lr", "head_lr", "batch_tokens", "precision")
+              if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if tuning:
+        raise UserError(f"--{tuning[0].replace('_', '-')} goes with --tune-layers")
 
     options = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, patience=patience or None,
                    label_smoothing=label_smoothing, class_weights=None if class_weights == "none" else class_weights,
