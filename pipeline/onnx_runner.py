@@ -152,7 +152,7 @@ def describe_export(folder: str) -> dict:
             "model_fingerprint": enc.get("model_fingerprint"), "pooling": meta["pooling"], "head": head,
             "label_names": meta["label_names"], "layers": enc.get("layers"), "max_length": int(tok["max_length"]),
             "prefix": tok["prefix"], "precision": "fp32", "opset": meta.get("opset"),
-            "exported_from": meta.get("checkpoint"), "weights": meta.get("weights"),
+            "checkpoint": meta.get("checkpoint"), "weights": meta.get("weights"),  # as bertcache.json names them
             "best_epoch": metrics.get("best_epoch"), "best": metrics.get("best"),
             "test": {k: test.get(k) for k in ("accuracy", "macro_f1", "n")} if test else None}
 

@@ -549,7 +549,7 @@ def _info(predictor, limits: dict, batching: dict) -> dict:
 
     if hasattr(predictor, "describe"):  # the ONNX runner
         return finite({**predictor.describe(), "weights_served": predictor.meta.get("weights"),
-                       "encoder": {"model": predictor.meta["encoder"].get("model"), "backend": "onnxruntime",
+                       "encoder": {"model": predictor.meta["encoder"].get("model"), "backend": "onnx",
                                    "device": "cpu", "precision": "fp32", "max_length": predictor.max_length,
                                    "prefix": predictor.prefix},
                        "limits": limits, "batching": batching, "version": __version__})

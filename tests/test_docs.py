@@ -70,6 +70,16 @@ def test_every_command_and_option_is_in_cli_md(cli_docs):
     assert seen > 50  # the walk reached the subcommands' options, not only the group's
 
 
+def test_every_shown_option_says_what_it_does(cli_docs):
+    """--help gives each option's meaning, not only its default (`--lr FLOAT [default: 0.001]` alone
+    leaves open which optimizer's, and `--class-weights balanced` what balanced is)."""
+    cli = cli_docs.load_cli()
+    bare = [f"{ctx.command_path} {param.opts[-1]}" for ctx, cmd in cli_docs.walk(cli, cli_docs.root_context(cli))
+            for param in cmd.get_params(ctx)
+            if isinstance(param, click.Option) and not param.hidden and not (param.help or "").strip()]
+    assert not bare, f"options without a help text: {', '.join(bare)}"
+
+
 def test_check_mode_fails_on_a_stale_file(cli_docs, tmp_path, monkeypatch):
     out = tmp_path / "cli.md"
     monkeypatch.setattr(cli_docs, "OUT", out)

@@ -13,7 +13,7 @@ import pipeline as bc  # noqa: E402
 from conftest import default_splits, make_texts, write_split_files  # noqa: E402
 from helpers import ok, one_line_error, python_lines, run  # noqa: E402
 from pipeline.checkpoint import read_config  # noqa: E402
-from pipeline.onnx_runner import OnnxPredictor  # noqa: E402
+from pipeline.onnx_runner import OnnxPredictor, read_meta  # noqa: E402
 from pipeline.poolings import build_features  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,7 +93,8 @@ def test_serve_runs_an_export(exported):
     assert [g["label"] for g in got.json()["predictions"]] == [w["label"] for w in want]
     assert np.allclose([list(g["probabilities"].values()) for g in got.json()["predictions"]],
                        [list(w["probabilities"].values()) for w in want], atol=1e-6)
-    assert info["encoder"]["backend"] == "onnxruntime" and info["kind"] == "export"  # as export --json says
+    # the backend as --backend names it; `kind` as export --json says
+    assert info["encoder"]["backend"] == "onnx" and info["kind"] == "export"
 
 
 def test_runner_tokenizes_as_the_encoder_and_gives_the_head_input(exported, checkpoint):
@@ -168,7 +169,8 @@ def test_info_describes_an_export_as_serve_does(exported, checkpoint):
     """`bertcache info EXPORT` (it used to refuse one) says what /info says; --rows on a folder says where rows are."""
     described = json.loads(ok("info", exported, "--json").stdout)
     assert described == json.loads(json.dumps(OnnxPredictor(exported).describe()))
-    assert described["kind"] == "export" and described["exported_from"] == checkpoint
+    # the checkpoint it was made from under the name bertcache.json and export --json give it
+    assert described["kind"] == "export" and described["checkpoint"] == checkpoint == read_meta(exported)["checkpoint"]
     text = ok("info", exported).stdout
     assert "ONNX export" in text and described["label_names"][0] in text
     note = ok("info", checkpoint, "--rows", "2").stderr

@@ -124,6 +124,22 @@ def test_regression_end_to_end(regression_cache, regression_data, tmp_path):
     assert "spearman" in ok("info", ckpt).stdout
 
 
+def test_evaluate_json_has_null_not_nan(tiny_model, regression_cache, tmp_path):
+    """A split of one row has no Pearson / Spearman: evaluate --json says null, as fit-head --json and info
+    do (NaN is not JSON: strict parsers refuse it)."""
+    one = write_jsonl(str(tmp_path / "one" / "test.jsonl"), scored_texts(1, 4))
+    feats = str(tmp_path / "one.h5")
+    ok("extract", "-m", tiny_model, "-d", os.path.dirname(one), "-o", feats, "--task", "regression",
+       "--precision", "fp32", "--device", "cpu")
+    ckpt, _ = bc.fit_head(regression_cache, str(tmp_path / "ck"), epochs=2, device="cpu")
+
+    def refuse(token):
+        raise ValueError(f"{token} in --json output")
+
+    report = json.loads(ok("evaluate", "-c", ckpt, "-f", feats, "--json").stdout, parse_constant=refuse)
+    assert report["n"] == 1 and report["pearson"] is None and report["spearman"] is None
+
+
 def test_a_refit_regression_head_records_its_own_target_scale(regression_cache, tmp_path):
     ckpt, _ = bc.fit_head(regression_cache, str(tmp_path / "ck"), pooling="mean", epochs=5, device="cpu", refit=True)
     config, head = load_checkpoint(ckpt)
@@ -270,6 +286,16 @@ def test_bi_cache_holds_each_text_once(bi_cache, pair_data, tiny_model):
     shown = json.loads(ok("info", bi_cache, "--json", "--rows", "1").stdout)["first_rows"]["train"][0]
     assert (shown["text"], shown["text_pair"]) == (first["a"], first["b"]) and shown["label"] == float(first["label"])
     assert f"{first['a']}  |  {first['b']}" in ok("info", bi_cache, "--rows", "1").stdout
+
+
+def test_extract_json_describes_the_file_as_info_json_does(bi_cache, pair_data, tiny_model):
+    """One description of a features file: extract --json (here of the finished file) prints what info --json
+    does, with the pair mode and the distinct texts a script needs."""
+    again = ok("extract", "-m", tiny_model, "-d", pair_data, "--text-column", "a", "--text-pair-column", "b", "-o",
+               bi_cache, "--precision", "fp32", "--device", "cpu", "--json")
+    described = json.loads(again.stdout)
+    assert described == json.loads(ok("info", bi_cache, "--json").stdout)
+    assert described["kind"] == "features" and described["pair_mode"] == "bi" and described["distinct_texts"] > 0
 
 
 def test_bi_sweep_starts_from_the_cosine(bi_cache, tmp_path):

@@ -138,6 +138,12 @@ def test_tune_layers_refusals(cache, tiny_cache, tmp_path):
     one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--max-memory", "1G", "-o", tmp_path / "x"),
                    "--max-memory does not apply with --tune-layers")
     assert cli_run("fit-head", "-f", cache, "--tune-layers", "-1").exit_code == 2
+    # the tuning's own options without --tune-layers are refused, not silently ignored (as --sweep-* without --sweep)
+    for option, value in (("--layer-lr", "1e-3"), ("--head-lr", "1e-3"), ("--batch-tokens", "512"),
+                          ("--precision", "fp32"), ("--init", tmp_path)):
+        one_line_error(cli_run("fit-head", "-f", tiny_cache, option, value, "-o", tmp_path / "y"),
+                       f"{option} goes with --tune-layers", exit_code=2)
+    assert not os.path.exists(tmp_path / "y")
 
 
 def test_tuned_checkpoints_are_not_exported_nor_taken_as_init(tuned, cache, tmp_path):
