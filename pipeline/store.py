@@ -260,7 +260,7 @@ class FeatureStore:
             >>> from pipeline.toy import toy_features
             >>> with FeatureStore(toy_features(tempfile.mkdtemp())) as store:
             ...     store.label_names, store.labels("test")[:4].tolist()
-            (['正向', '负向'], [1, 0, 1, 0])
+            (['正向', '负向'], [0, 1, 0, 1])
         """
         return self.require_split(split)["label"][:]
 

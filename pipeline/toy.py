@@ -2,7 +2,7 @@
 
 `toy_model(folder)` saves a tiny random BERT (3 layers, hidden 32) with a character tokenizer, as
 `save_pretrained` does; `toy_data(folder)` writes train / validation / test JSON-lines files of short
-Chinese texts whose label ("负向" or "正向") shows in some of their characters. The weights are random: a
+Chinese texts whose label ("正向" or "负向") shows in some of their characters. The weights are random: a
 head over them learns which characters a text has, not what it means. (Like scikit-learn's
 `make_classification`; the test suite builds its models and data with the same functions.)
 
@@ -23,7 +23,7 @@ POS = "好棒赞喜欢满意推荐快美"
 NEG = "差烂坏慢贵失望退糟破"
 FILLER = "这个东西我们买了一次觉得真的很还是不可以"
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-LABEL_NAMES = ("负向", "正向")  # label 0 and 1 of make_texts' two classes
+LABEL_NAMES = ("正向", "负向")  # label 0 and 1 of make_texts' two classes: POS and NEG characters
 
 
 def make_texts(n: int, num_classes: int = 2, seed: int = 0) -> list[tuple[str, int]]:
