@@ -25,7 +25,6 @@ DEFAULT_TASK = "classification"
 SCORE = {"classification": "val_accuracy", "multilabel": "val_micro_f1", "regression": "val_spearman"}
 # metrics.json written before the accuracy keys took the word the reports use ("accuracy"): old name -> new.
 OLD_SCORE_KEYS = {"train_acc": "train_accuracy", "val_acc": "val_accuracy"}
-MAIN_METRIC = {"classification": "accuracy", "multilabel": "micro_f1", "regression": "spearman"}
 UNLABELLED = -1
 _INT = re.compile(r"[+-]?\d+")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
