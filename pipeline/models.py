@@ -108,6 +108,18 @@ def resolve(model: str, revision: str | None = None) -> Source:
     return Source(model, None, "hub")
 
 
+def locate_model(encoder_settings: dict) -> str:
+    """Where a checkpoint's model is, from any working directory: the absolute folder it was loaded from
+    when that still exists, else the reference as typed (a hub id, a built-in name, a relative path)."""
+    folder, ref = encoder_settings.get("model_path"), encoder_settings["model"]
+    if folder and os.path.isdir(folder):
+        return folder
+    if folder and not os.path.isdir(ref) and ref != "e5-small" and not ref.startswith(MODELSCOPE):
+        raise UserError(f"the checkpoint's model folder {folder} is gone (moved or deleted); pass --model with "
+                        "where the model is now")
+    return ref
+
+
 def pinned(where: dict) -> bool:
     """Whether a hub id's files cannot change under a load with from_pretrained's keyword arguments `where`:
     offline, or a full commit hash asked for. Online, from_pretrained may fetch a newer revision than the

@@ -262,7 +262,7 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
             raise UserError(f"{init} was trained on another features file; --init needs a head of {features}")
         from transformers import AutoModel
 
-        from .predict import locate_model
+        from .models import locate_model
         # The folder the cache was extracted from (absolute), not the reference as typed: from another working
         # directory, a relative reference could name another model.
         path = resolve_model(model or locate_model(data.settings))
