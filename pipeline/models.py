@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 MODELSCOPE = "modelscope:"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -262,6 +262,5 @@ def _modelscope(name: str, revision: str | None) -> str:
     try:
         return snapshot_download(name, **({"revision": revision} if revision else {}))
     except Exception as e:  # network, unknown id, ...: all mean "could not get it"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot get {name} from ModelScope: {first}; check the id, or download the folder "
+        raise UserError(f"cannot get {name} from ModelScope: {first_line(e)}; check the id, or download the folder "
                         "and give its path") from e
