@@ -1,10 +1,10 @@
 """Checkpoints: a folder of safetensors weights + JSON. Nothing here unpickles unless asked to.
 
-    <folder>/best.safetensors   head weights with the best validation accuracy (+ standardization)
+    <folder>/best.safetensors   head weights of the best epoch on validation (tasks.SCORE) (+ standardization)
     <folder>/last.safetensors   head weights after the last epoch (not for an ensemble: best is its one state)
     <folder>/config.json        all predict needs: encoder reference + fingerprint, pooling, head shape, labels
     <folder>/metrics.json       per-epoch history, best epoch, test metrics
-    <folder>/curves.png         train / validation loss and accuracy per epoch (with matplotlib)
+    <folder>/curves.png         train / validation loss and validation score per epoch (with matplotlib)
     <folder>/sweep.json         the ranked table, when the head won `fit-head --sweep`
 
 A pickle (.pt, .pth, .bin, ...) is refused with a message. Only with `allow_pickle` (`--allow-pickle`)

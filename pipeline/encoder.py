@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .errors import UserError, as_texts
+from .errors import UserError, as_texts, first_line
 from .fingerprints import hash_model_files
 from . import defaults as D
 from . import models as M
@@ -172,11 +172,11 @@ class Encoder:
         try:
             self.tokenizer, self.tokenizer_class = load_tokenizer(path, **where)
         except Exception as e:  # OSError, ValueError, ...: transformers uses several for "cannot load"
-            raise UserError(f"cannot load the tokenizer of model {model!r}: {_first_line(e)}") from e
+            raise UserError(f"cannot load the tokenizer of model {model!r}: {first_line(e)}") from e
         try:
             self.config = AutoConfig.from_pretrained(path, **where)
         except Exception as e:
-            raise UserError(f"cannot load model {model!r}: {_first_line(e)}") from e
+            raise UserError(f"cannot load model {model!r}: {first_line(e)}") from e
         if getattr(self.config, "is_encoder_decoder", False):  # T5, BART, ...: their forward wants decoder inputs
             raise UserError(f"model {model!r} is an encoder-decoder ({self.config.model_type}); bertcache encodes with "
                             "encoder models (BERT-like, sentence-transformers folders) and decoder embedders")
@@ -650,7 +650,7 @@ class Encoder:
                         raise UserError(f"cannot load model {self.model_ref!r}: its .bin weights hold more than "
                                         "tensors, and bertcache never unpickles them; use the model saved as "
                                         "safetensors (save_pretrained's default)") from e
-                    raise UserError(f"cannot load model {self.model_ref!r}: {_first_line(e)}") from e
+                    raise UserError(f"cannot load model {self.model_ref!r}: {first_line(e)}") from e
             if getattr(model, "pooler", None) is not None:
                 model.pooler = None  # BERT's tanh pooler: a wasted matmul per batch, never cached
             self._model = self._prepare(model)
@@ -779,8 +779,3 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
         batches.append(order[start:start + size])
         start += size
     return batches
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -78,6 +78,12 @@ def as_texts(texts) -> tuple[bool, list[str]]:
     return one, texts
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (a library's can run to a traceback), for a UserError."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 _ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|os error (\d+)")
 
 

@@ -73,7 +73,7 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
     require_exporter()
     from .encoder import Encoder
     from .fingerprints import check_same_encoder
-    from .predict import locate_model
+    from .models import locate_model
 
     config = read_config(checkpoint, allow_pickle)
     check_out(out, kind="export", source=checkpoint)

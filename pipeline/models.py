@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 MODELSCOPE = "modelscope:"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -106,6 +106,18 @@ def resolve(model: str, revision: str | None = None) -> Source:
         raise UserError(f"model {model!r} not found: no folder {os.path.abspath(model)}, not in the Hugging Face "
                         f"cache ({_hf_cache_dir()}), and {why}; check the path, or {hub_fixes(why, model)}")
     return Source(model, None, "hub")
+
+
+def locate_model(encoder_settings: dict) -> str:
+    """Where a checkpoint's model is, from any working directory: the absolute folder it was loaded from
+    when that still exists, else the reference as typed (a hub id, a built-in name, a relative path)."""
+    folder, ref = encoder_settings.get("model_path"), encoder_settings["model"]
+    if folder and os.path.isdir(folder):
+        return folder
+    if folder and not os.path.isdir(ref) and ref != "e5-small" and not ref.startswith(MODELSCOPE):
+        raise UserError(f"the checkpoint's model folder {folder} is gone (moved or deleted); pass --model with "
+                        "where the model is now")
+    return ref
 
 
 def pinned(where: dict) -> bool:
@@ -250,6 +262,5 @@ def _modelscope(name: str, revision: str | None) -> str:
     try:
         return snapshot_download(name, **({"revision": revision} if revision else {}))
     except Exception as e:  # network, unknown id, ...: all mean "could not get it"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot get {name} from ModelScope: {first}; check the id, or download the folder "
+        raise UserError(f"cannot get {name} from ModelScope: {first_line(e)}; check the id, or download the folder "
                         "and give its path") from e

@@ -1,7 +1,8 @@
 """Run a `bertcache export` folder with onnxruntime: the `tokenizers` library + one session, numpy only.
 
-Nothing here imports torch or transformers: a service needs only `pip install onnxruntime tokenizers
-numpy` (or `bertcache[onnx]`) and the exported folder. `OnnxPredictor` answers like `Predictor`:
+Nothing here imports torch or transformers (but `load_predictor`, for the torch backend): a service needs
+only `pip install onnxruntime tokenizers numpy` (or `bertcache[onnx]`) and the exported folder.
+`OnnxPredictor` answers like `Predictor`:
 `predict_proba(texts)`, `predict(texts)` (the same dicts as `bertcache predict --json`), plus
 `embed(texts)` (the pooled vectors the head reads).
 """

@@ -115,11 +115,6 @@ def _cat(parts):
     return torch.cat(parts, 1)
 
 
-def is_pair_pooling(spec: str) -> bool:
-    """Whether a pooling reads u and v of a pair cache (every term has pair: or cos:)."""
-    return all(_split_term(t)[0] for t in _terms(spec))
-
-
 def single_text_pooling(spec: str) -> str:
     """The per-text pooling under a pair pooling (its terms without pair: / cos:, each once).
 

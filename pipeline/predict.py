@@ -1,7 +1,6 @@
 """Prediction: the full encoder plus a trained head on raw text, and evaluation over a cache."""
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,6 +13,7 @@ from .fingerprints import check_same_encoder
 from .heads import Ensemble, model_feature_names, predict_scores_features
 from .labels import prediction_dicts
 from .metrics import report
+from .models import locate_model
 from .poolings import build_features, single_text_pooling
 from .tasks import labelled
 
@@ -306,18 +306,6 @@ class Predictor:
                             if k != "text"})
             out.append(row)
         return out
-
-
-def locate_model(encoder_settings: dict) -> str:
-    """Where a checkpoint's model is, from any working directory: the absolute folder it was loaded from
-    when that still exists, else the reference as typed (a hub id, a built-in name, a relative path)."""
-    folder, ref = encoder_settings.get("model_path"), encoder_settings["model"]
-    if folder and os.path.isdir(folder):
-        return folder
-    if folder and not os.path.isdir(ref) and ref != "e5-small" and not ref.startswith("modelscope:"):
-        raise UserError(f"the checkpoint's model folder {folder} is gone (moved or deleted); pass --model with "
-                        "where the model is now")
-    return ref
 
 
 def evaluate(checkpoint: str, features: str | None = None, split: str = "test", weights: str = "best", *,

@@ -51,7 +51,7 @@ import h5py
 import numpy as np
 
 from ._version import __version__
-from .errors import UserError, write_error
+from .errors import UserError, first_line, write_error
 from .fingerprints import cache_fingerprint, describe_differences, json_attr
 from .poolings import feature_dim
 from .tasks import label_layout, labelled, task_of
@@ -161,7 +161,7 @@ class FeatureStore:
         try:
             self.file = h5py.File(path, "r")
         except OSError as e:
-            raise UserError(f"{path} is not a readable HDF5 file (truncated or another format): {_first_line(e)}") from e
+            raise UserError(f"{path} is not a readable HDF5 file (truncated or another format): {first_line(e)}") from e
         try:
             self._open(path)
         except OSError as e:  # HDF5's read errors: a file damaged after it opened
@@ -188,7 +188,7 @@ class FeatureStore:
         try:
             problem = layout_problem(self.file, complete=True)
         except OSError as e:  # a damaged file can open and still fail on the first read
-            problem = f"it cannot be read ({_first_line(e)})"
+            problem = f"it cannot be read ({first_line(e)})"
         if problem:
             self.file.close()
             raise UserError(f"{path} is not a consistent features file: {problem}; extract it again with --restart")
@@ -433,7 +433,7 @@ class StoreWriter:
                     old = _describe(f)
                     problem = layout_problem(f, complete=True)  # every row written? (a copied .partial: no)
             except (OSError, KeyError, ValueError, TypeError) as e:
-                raise UserError(f"{path} exists but is not a readable features file ({_first_line(e)}); "
+                raise UserError(f"{path} exists but is not a readable features file ({first_line(e)}); "
                                 "pass --restart to replace it, or choose another --out") from e
             diff = describe_differences(old, expected)
             if diff:
@@ -477,7 +477,7 @@ class StoreWriter:
         except (OSError, KeyError, ValueError, TypeError) as e:
             if isinstance(e, OSError):  # another extract has it open: never remove it under its feet
                 _raise_if_locked(e, self.tmp)
-            return f"it cannot be read ({_first_line(e)})"
+            return f"it cannot be read ({first_line(e)})"
         return problem
 
     def _create(self, settings, splits, label_names, feature_names, hidden_size, source, store_dtype, fingerprint):
@@ -717,12 +717,7 @@ def size_text(n: int) -> str:
 
 
 def _damaged(path: str, e: OSError) -> UserError:
-    return UserError(f"{path} cannot be read: {_first_line(e)}; the file is damaged: extract it again")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return UserError(f"{path} cannot be read: {first_line(e)}; the file is damaged: extract it again")
 
 
 def _describe(f: h5py.File) -> dict:

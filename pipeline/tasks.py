@@ -21,11 +21,11 @@ from .errors import UserError
 
 TASKS = ("classification", "multilabel", "regression")
 DEFAULT_TASK = "classification"
-# The validation score that picks the best epoch and the sweep's winner (ties: lower validation loss).
+# The validation score that picks the best epoch (ties: lower validation loss), and the sweep's winner
+# where it ranks by score (sweep.default_selection: not classification, which ranks by validation loss).
 SCORE = {"classification": "val_accuracy", "multilabel": "val_micro_f1", "regression": "val_spearman"}
 # metrics.json written before the accuracy keys took the word the reports use ("accuracy"): old name -> new.
 OLD_SCORE_KEYS = {"train_acc": "train_accuracy", "val_acc": "val_accuracy"}
-MAIN_METRIC = {"classification": "accuracy", "multilabel": "micro_f1", "regression": "spearman"}
 UNLABELLED = -1
 _INT = re.compile(r"[+-]?\d+")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)

@@ -13,9 +13,10 @@ epoch. The epoch-0 model (the probe, layers as the model has them) competes too:
 log-loss (then accuracy; as the sweep ranks) is kept, with the last.
 
 Checkpoint: the head as usual (best / last.safetensors) plus the tuned layers (best.top.safetensors,
-last.top.safetensors), and config["tuned"] = {"k", "layer", "model_config"}. Raw text (predict, serve)
-runs the whole frozen encoder for the pooled features and hidden_states[L-K], then the tuned top K and
-the head; evaluate runs over the cached states.
+last.top.safetensors), and config["tuned"] = {"k", "layer", "states_layer", "cached_k", "model_config"}:
+the copy spans the cached_k layers above the cached states (hidden_states[states_layer]), the lower
+cached_k - k of them frozen. Raw text (predict, serve) runs the whole frozen encoder for the pooled
+features and those states, then the copied layers and the head; evaluate runs over the cached states.
 
 Supported: BERT-family encoders (HF model_type "bert": bert-base-chinese, MacBERT / RoBERTa-wwm-ext
 checkpoints saved as BERT, multilingual-e5-small); others are refused in one line.
@@ -261,7 +262,7 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
             raise UserError(f"{init} was trained on another features file; --init needs a head of {features}")
         from transformers import AutoModel
 
-        from .predict import locate_model
+        from .models import locate_model
         # The folder the cache was extracted from (absolute), not the reference as typed: from another working
         # directory, a relative reference could name another model.
         path = resolve_model(model or locate_model(data.settings))
