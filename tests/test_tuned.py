@@ -120,6 +120,15 @@ def test_tuned_checkpoint_predict_equals_cached_states(tuned, data, cache):
     assert any("top 1 layers" in line for line in as_text(describe(ckpt)))
 
 
+def test_info_names_the_states_a_tuned_checkpoint_reads(tuned):
+    """Tuning 1 layer over states cached for the top 2 reads hidden_states[1] (evaluate refuses a cache of
+    hidden_states[2]); info said hidden_states[2], the input of the tuned layer, which no cache here holds."""
+    ckpt, _ = tuned
+    assert describe(ckpt)["tuned"] == {"k": 1, "layer": 2, "states_layer": 1}
+    line = next(line for line in as_text(describe(ckpt)) if line.lstrip().startswith("tuned"))
+    assert "the encoder's top 1 layers (trained over the cached states of hidden_states[1])" in line
+
+
 def test_tuning_changes_only_the_tuned_layer(tuned, tiny_model):
     from safetensors.torch import load_file
     from transformers import AutoModel
