@@ -253,7 +253,14 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
     try:
         st = store.states_settings
         if not st:
-            raise UserError(f"{features} holds no token states; extract it with --states {k} (or more)")
+            if store.pair_mode:
+                raise UserError(f"{features} holds sentence pairs; --tune-layers tunes over the token states of "
+                                "single texts (extract --states refuses pairs)")
+            chunk = " --long-texts truncate" if store.settings.get("long_texts") == "chunk" else ""
+            raise UserError(f"{features} holds no token states; extract it with{chunk} --states {k} (or more)")
+        model_layers = st["layer"] + st["k"]  # the states are hidden_states[L - K]
+        if k > model_layers:
+            raise UserError(f"--tune-layers K must be between 1 and the model's {model_layers} layers, not {k}")
         if k > st["k"]:
             raise UserError(f"--tune-layers {k} needs the states entering the top {k} layers; {features} holds them "
                             f"for the top {st['k']}: extract with --states {k}")

@@ -149,6 +149,22 @@ def test_tune_layers_refusals(cache, tiny_cache, tmp_path):
     assert cli_run("fit-head", "-f", cache, "--tune-layers", "-1").exit_code == 2
 
 
+def test_tune_layers_refusals_name_a_fix_that_works(tiny_model, cache, tmp_path):
+    """K past the model's layers, and a pair cache, were told to extract with --states K, which extract refuses."""
+    one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "4", "-o", tmp_path / "x"),
+                   "between 1 and the model's 3 layers, not 4")
+    rows = make_texts(40, seed=4)
+    os.makedirs(tmp_path / "pairs")
+    with open(tmp_path / "pairs" / "train.jsonl", "w", encoding="utf-8") as f:
+        for (a, y), (b, _) in zip(rows, rows[1:] + rows[:1]):
+            f.write(json.dumps({"text": a, "text_pair": b, "label": y}, ensure_ascii=False) + "\n")
+    pairs = bc.extract(tiny_model, str(tmp_path / "pairs"), str(tmp_path / "p.h5"), text_pair_column="text_pair",
+                       progress=False)
+    error = one_line_error(cli_run("fit-head", "-f", pairs, "--tune-layers", "1", "-o", tmp_path / "x"),
+                           "holds sentence pairs")
+    assert "--states 1" not in error and not (tmp_path / "x").exists()
+
+
 def test_tuned_checkpoints_are_not_exported_nor_taken_as_init(tuned, cache, tmp_path):
     ckpt, _ = tuned
     one_line_error(cli_run("export", "-c", ckpt, "-o", tmp_path / "exp"), "tunes the encoder's top 1 layers")
