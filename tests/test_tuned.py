@@ -175,6 +175,25 @@ def test_tuned_checkpoints_are_not_exported_nor_taken_as_init(tuned, cache, tmp_
     assert not (tmp_path / "exp").exists() and not (tmp_path / "x").exists()
 
 
+def test_fp16_tuning_skips_an_overflowing_step(cache, tmp_path):
+    """--precision fp16 (auto's pick on GPUs without bf16) scales the loss and skips a step whose gradients are not
+    finite: one token state past fp16's range (65504) made every weight NaN, unscaled."""
+    import shutil
+    from safetensors.torch import load_file
+    doctored = str(tmp_path / "inf.h5")
+    shutil.copy(cache, doctored)
+    with h5py.File(doctored, "r+") as f:
+        states = f["train"]["states"]
+        first = states[0]
+        first[0] = 1e5
+        states[0] = first
+    ckpt, metrics = fit_tuned(doctored, 1, str(tmp_path / "ck"), pooling="cls", head="logreg", epochs=1,
+                              batch_tokens=256, precision="fp16", device="cpu")
+    for name in ("last.top.safetensors", "last.safetensors"):
+        assert all(torch.isfinite(v).all() for v in load_file(os.path.join(ckpt, name)).values()), name
+    assert np.isfinite(metrics["history"][1]["val_loss"])
+
+
 def test_tuning_finds_the_model_a_relative_reference_named(tiny_model, data, tmp_path, monkeypatch):
     """A cache extracted with `-m model` (relative) tunes from another working directory: the recorded absolute
     folder is used, not whatever `model` means there."""
