@@ -268,8 +268,10 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
                                   **{n: values[n] for n in given if n in values})
         _report(path, metrics, as_json)
         return
-    if init:
-        raise UserError("--init goes with --tune-layers")
+    tuning_only = [n for n in ("init", "layer_lr", "head_lr", "batch_tokens", "precision")
+                   if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if tuning_only:  # not used without it: said, not ignored
+        raise UserError(f"--{tuning_only[0].replace('_', '-')} goes with --tune-layers")
 
     options = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, patience=patience or None,
                    label_smoothing=label_smoothing, class_weights=None if class_weights == "none" else class_weights,

@@ -165,6 +165,16 @@ def test_tune_layers_refusals_name_a_fix_that_works(tiny_model, cache, tmp_path)
     assert "--states 1" not in error and not (tmp_path / "x").exists()
 
 
+def test_tuning_options_without_tune_layers_are_refused(cache, tmp_path):
+    """--layer-lr, --head-lr, --batch-tokens and --precision only act with --tune-layers: a plain fit-head
+    ignored them without a word (as it refused --init)."""
+    for option, value in (("--layer-lr", "0.1"), ("--head-lr", "0.1"), ("--batch-tokens", "64"),
+                          ("--precision", "bf16"), ("--init", str(tmp_path))):
+        one_line_error(cli_run("fit-head", "-f", cache, option, value, "-o", tmp_path / "x"),
+                       f"{option} goes with --tune-layers")
+    assert not (tmp_path / "x").exists()
+
+
 def test_tuned_checkpoints_are_not_exported_nor_taken_as_init(tuned, cache, tmp_path):
     ckpt, _ = tuned
     one_line_error(cli_run("export", "-c", ckpt, "-o", tmp_path / "exp"), "tunes the encoder's top 1 layers")
