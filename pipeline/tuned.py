@@ -238,6 +238,10 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
         if init_config.get("tuned"):
             raise UserError(f"{init} is a tuned checkpoint; --init takes a head over frozen features (its tuned "
                             "layers would not be carried over)")
+        if (init_config.get("training") or {}).get("refit") or (init_config.get("training") or {}).get("folds"):
+            # the probe (epoch 0) competes with the tuned epochs on validation: it must not have seen those rows
+            raise UserError(f"{init} was trained on the validation rows too (--refit or cross-fitted); --init takes "
+                            "a head fit on train alone, which validation can rank against the tuned layers")
         pooling = init_config["pooling"]
     if pooling is None:
         from .poolings import default_pooling

@@ -175,6 +175,17 @@ def test_tuning_options_without_tune_layers_are_refused(cache, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_init_refuses_a_head_refit_on_validation(cache, tmp_path):
+    """The probe (epoch 0) competes with the tuned epochs on validation: a --refit head has been trained on those
+    rows, and was taken, scoring its own training rows (it won every time on the toy data)."""
+    refit = bc.fit_head(cache, str(tmp_path / "refit"), pooling="cls", head="logreg", refit=True)[0]
+    one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--init", refit, "-o", tmp_path / "x"),
+                   "was trained on the validation rows too")
+    held = bc.fit_head(cache, str(tmp_path / "held"), pooling="cls", head="logreg")[0]
+    ckpt, _ = fit_tuned(cache, 1, str(tmp_path / "x"), init=held, epochs=1, batch_tokens=512, precision="fp32")
+    assert load_checkpoint(ckpt)[0]["training"]["probe"] == held
+
+
 def test_tuned_checkpoints_are_not_exported_nor_taken_as_init(tuned, cache, tmp_path):
     ckpt, _ = tuned
     one_line_error(cli_run("export", "-c", ckpt, "-o", tmp_path / "exp"), "tunes the encoder's top 1 layers")
