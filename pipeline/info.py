@@ -99,7 +99,7 @@ def describe_checkpoint(path: str) -> dict:
             # the weight files there are (`weights` elsewhere, as in an export's meta, is the one chosen)
             "weights_available": sorted(n[:-12] for n in os.listdir(path)
                                         if n.endswith(".safetensors") and ".top." not in n),
-            "tuned": ({k: config["tuned"][k] for k in ("k", "layer")} if config.get("tuned") else None),
+            "tuned": ({k: config["tuned"][k] for k in ("k", "layer", "states_layer")} if config.get("tuned") else None),
             "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
             "seconds": metrics.get("seconds"), "validation": metrics.get("validation"), "best": metrics.get("best"),
             "refit": metrics.get("refit"),
@@ -142,8 +142,9 @@ def as_text(info: dict) -> list[str]:
             lines.append(f"  long texts   {info['long_texts']}: raw texts past max_length are encoded in windows")
         if info.get("tuned"):
             t = info["tuned"]
+            # the states it reads (evaluate's cache): they enter the cached K layers, which can be more than the tuned k
             lines.append(f"  tuned        the encoder's top {t['k']} layers (trained over the cached states of "
-                         f"hidden_states[{t['layer']}]); the layers below are frozen")
+                         f"hidden_states[{t['states_layer']}]); the layers below are frozen")
         if info["best"]:
             from .tasks import SCORE
             score = SCORE[info["task"]]

@@ -8,8 +8,8 @@ Recipe (linear probe, then fine-tune; Kumar et al. 2022): the head is first fit 
 features (or taken from an existing checkpoint, e.g. the sweep's best single head, with `init`), so the
 tuned layers start from a head that already works and fine-tuning does not distort them with the random
 head's gradients. Then layers and head train together: AdamW with separate learning rates, linear warmup
-and linear decay, gradient clipping, bf16 autocast where `--precision auto` picks it, validation every
-epoch. The epoch-0 model (the probe, layers as the model has them) competes too: the best by validation
+and linear decay, gradient clipping, bf16 autocast where `--precision auto` picks it (fp16 with a scaled loss,
+overflowing steps skipped), validation every epoch. The epoch-0 model (the probe, layers as the model has them) competes too: the best by validation
 log-loss (then accuracy; as the sweep ranks) is kept, with the last.
 
 Checkpoint: the head as usual (best / last.safetensors) plus the tuned layers (best.top.safetensors,
@@ -239,6 +239,10 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
         if init_config.get("tuned"):
             raise UserError(f"{init} is a tuned checkpoint; --init takes a head over frozen features (its tuned "
                             "layers would not be carried over)")
+        if (init_config.get("training") or {}).get("refit") or (init_config.get("training") or {}).get("folds"):
+            # the probe (epoch 0) competes with the tuned epochs on validation: it must not have seen those rows
+            raise UserError(f"{init} was trained on the validation rows too (--refit or cross-fitted); --init takes "
+                            "a head fit on train alone, which validation can rank against the tuned layers")
         pooling = init_config["pooling"]
     if pooling is None:
         from .poolings import default_pooling
@@ -254,7 +258,14 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
     try:
         st = store.states_settings
         if not st:
-            raise UserError(f"{features} holds no token states; extract it with --states {k} (or more)")
+            if store.pair_mode:
+                raise UserError(f"{features} holds sentence pairs; --tune-layers tunes over the token states of "
+                                "single texts (extract --states refuses pairs)")
+            chunk = " --long-texts truncate" if store.settings.get("long_texts") == "chunk" else ""
+            raise UserError(f"{features} holds no token states; extract it with{chunk} --states {k} (or more)")
+        model_layers = st["layer"] + st["k"]  # the states are hidden_states[L - K]
+        if k > model_layers:
+            raise UserError(f"--tune-layers K must be between 1 and the model's {model_layers} layers, not {k}")
         if k > st["k"]:
             raise UserError(f"--tune-layers {k} needs the states entering the top {k} layers; {features} holds them "
                             f"for the top {st['k']}: extract with --states {k}")
@@ -299,6 +310,9 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
     tuned_params = [p for p in top.top.parameters() if p.requires_grad]
     groups = [{"params": tuned_params, "lr": layer_lr}, {"params": list(top.head.parameters()), "lr": head_lr}]
     opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    # fp16 (auto's pick on GPUs without bf16): its narrow range needs the loss scaled, and a step whose gradients
+    # overflowed skipped, not applied (one inf made every weight NaN); bf16 and fp32 go as before (disabled)
+    scaler = torch.amp.GradScaler(dev.type, enabled=prec == "fp16")
     rng = np.random.default_rng(seed)
     steps_per_epoch = len(rows["train"].plan(np.arange(rows["train"].n), batch_tokens))
     total = max(1, steps_per_epoch * epochs)
@@ -336,11 +350,15 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
             with autocast:
                 logits = top(h, mask, fz)
             loss = loss_fn(logits.float(), y)
-            loss.backward()
+            scaler.scale(loss).backward()
             if clip:
+                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], clip)
-            opt.step()
-            sched.step()
+            scale = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            if scaler.get_scale() >= scale:  # the step was taken (a skipped one lowers the scale)
+                sched.step()
             opt.zero_grad(set_to_none=True)
             tot_loss += loss.item() * len(idx)
             tot_correct += (logits.argmax(1) == y).sum().item()

@@ -120,6 +120,15 @@ def test_tuned_checkpoint_predict_equals_cached_states(tuned, data, cache):
     assert any("top 1 layers" in line for line in as_text(describe(ckpt)))
 
 
+def test_info_names_the_states_a_tuned_checkpoint_reads(tuned):
+    """Tuning 1 layer over states cached for the top 2 reads hidden_states[1] (evaluate refuses a cache of
+    hidden_states[2]); info said hidden_states[2], the input of the tuned layer, which no cache here holds."""
+    ckpt, _ = tuned
+    assert describe(ckpt)["tuned"] == {"k": 1, "layer": 2, "states_layer": 1}
+    line = next(line for line in as_text(describe(ckpt)) if line.lstrip().startswith("tuned"))
+    assert "the encoder's top 1 layers (trained over the cached states of hidden_states[1])" in line
+
+
 def test_tuning_changes_only_the_tuned_layer(tuned, tiny_model):
     from safetensors.torch import load_file
     from transformers import AutoModel
@@ -146,6 +155,33 @@ def test_tune_layers_refusals(cache, tiny_cache, tmp_path):
     assert not os.path.exists(tmp_path / "y")
 
 
+def test_tune_layers_refusals_name_a_fix_that_works(tiny_model, cache, tmp_path):
+    """K past the model's layers, and a pair cache, were told to extract with --states K, which extract refuses."""
+    one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "4", "-o", tmp_path / "x"),
+                   "between 1 and the model's 3 layers, not 4")
+    rows = make_texts(40, seed=4)
+    os.makedirs(tmp_path / "pairs")
+    with open(tmp_path / "pairs" / "train.jsonl", "w", encoding="utf-8") as f:
+        for (a, y), (b, _) in zip(rows, rows[1:] + rows[:1]):
+            f.write(json.dumps({"text": a, "text_pair": b, "label": y}, ensure_ascii=False) + "\n")
+    pairs = bc.extract(tiny_model, str(tmp_path / "pairs"), str(tmp_path / "p.h5"), text_pair_column="text_pair",
+                       progress=False)
+    error = one_line_error(cli_run("fit-head", "-f", pairs, "--tune-layers", "1", "-o", tmp_path / "x"),
+                           "holds sentence pairs")
+    assert "--states 1" not in error and not (tmp_path / "x").exists()
+
+
+def test_init_refuses_a_head_refit_on_validation(cache, tmp_path):
+    """The probe (epoch 0) competes with the tuned epochs on validation: a --refit head has been trained on those
+    rows, and was taken, scoring its own training rows (it won every time on the toy data)."""
+    refit = bc.fit_head(cache, str(tmp_path / "refit"), pooling="cls", head="logreg", refit=True)[0]
+    one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--init", refit, "-o", tmp_path / "x"),
+                   "was trained on the validation rows too")
+    held = bc.fit_head(cache, str(tmp_path / "held"), pooling="cls", head="logreg")[0]
+    ckpt, _ = fit_tuned(cache, 1, str(tmp_path / "x"), init=held, epochs=1, batch_tokens=512, precision="fp32")
+    assert load_checkpoint(ckpt)[0]["training"]["probe"] == held
+
+
 def test_tuned_checkpoints_are_not_exported_nor_taken_as_init(tuned, cache, tmp_path):
     ckpt, _ = tuned
     one_line_error(cli_run("export", "-c", ckpt, "-o", tmp_path / "exp"), "tunes the encoder's top 1 layers")
@@ -154,6 +190,25 @@ def test_tuned_checkpoints_are_not_exported_nor_taken_as_init(tuned, cache, tmp_
     one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--init", ckpt, "--pooling", "cls",
                            "-o", tmp_path / "x"), "--pooling does not apply with --tune-layers --init")
     assert not (tmp_path / "exp").exists() and not (tmp_path / "x").exists()
+
+
+def test_fp16_tuning_skips_an_overflowing_step(cache, tmp_path):
+    """--precision fp16 (auto's pick on GPUs without bf16) scales the loss and skips a step whose gradients are not
+    finite: one token state past fp16's range (65504) made every weight NaN, unscaled."""
+    import shutil
+    from safetensors.torch import load_file
+    doctored = str(tmp_path / "inf.h5")
+    shutil.copy(cache, doctored)
+    with h5py.File(doctored, "r+") as f:
+        states = f["train"]["states"]
+        first = states[0]
+        first[0] = 1e5
+        states[0] = first
+    ckpt, metrics = fit_tuned(doctored, 1, str(tmp_path / "ck"), pooling="cls", head="logreg", epochs=1,
+                              batch_tokens=256, precision="fp16", device="cpu")
+    for name in ("last.top.safetensors", "last.safetensors"):
+        assert all(torch.isfinite(v).all() for v in load_file(os.path.join(ckpt, name)).values()), name
+    assert np.isfinite(metrics["history"][1]["val_loss"])
 
 
 def test_tuning_finds_the_model_a_relative_reference_named(tiny_model, data, tmp_path, monkeypatch):
