@@ -349,14 +349,16 @@ def _read_split_files(folder: str) -> dict[str, dict[str, list]]:
 
 
 def read_file(path: str, fmt: str) -> dict[str, list]:
-    """Columns of one data file, as lists. Rows are read one at a time into the columns: no copy of the
-    file, its lines or its records is held, so memory grows with the texts only."""
+    """Columns of one data file, as lists (a parquet file's string columns as `TextColumn`s). Rows are read one
+    at a time into the columns: no copy of the file, its lines or its records is held, so memory grows with
+    the texts only."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
         try:
-            return pq.read_table(path).to_pydict()
+            table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for a bad file
             raise UserError(f"{path}: not a readable parquet file ({e})") from e
+        return {c: _column(table[c]) for c in table.column_names}  # texts stay in Arrow, as a saved Dataset's
     columns: dict[str, list] = {}
     rows = 0
 

@@ -162,3 +162,26 @@ def test_a_split_without_the_label_column_is_said_in_a_note(tmp_path):
     assert corpus.notes == ["note: split 'validation' has no label column 'label' (columns: text, labels): its rows "
                             "are cached unlabelled"]
     assert load_corpus(write(tmp_path / "ok", "train.csv", "text,label\na,0\nb,1\n")).notes == []
+
+
+def test_a_parquet_file_reads_as_its_jsonl_with_texts_left_in_arrow(tmp_path):
+    """A parquet file's texts stay an Arrow column (as a save_to_disk Dataset's: no Python string per text for
+    corpora of millions), and the corpus is the one its JSON lines give: texts, labels, rows, blanks skipped,
+    fingerprint."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import TextColumn
+    from pipeline.extract import split_specs
+
+    texts = ["很好", " ", None, "还可以\u200b", "\u200b", "太差了"] + [f"评论 {i}" for i in range(20)]
+    labels = ["pos", "neg", None, "neg", None, "neg"] + ["pos", "neg"] * 10
+    pq.write_table(pa.table({"text": texts, "label": labels}), str(tmp_path / "train.parquet"))
+    jsonl = write(tmp_path / "j", "train.jsonl", "".join(json.dumps({"text": t, "label": lab}) + "\n"
+                                                        for t, lab in zip(texts, labels)))
+    arrow, plain = (load_corpus(str(tmp_path / "train.parquet")), load_corpus(os.path.join(jsonl, "train.jsonl")))
+    a, p = arrow.splits["train"], plain.splits["train"]
+    assert isinstance(a.texts, TextColumn) and isinstance(p.texts, list)
+    assert list(a.texts) == p.texts and a.labels.tolist() == p.labels.tolist() and a.rows.tolist() == p.rows.tolist()
+    assert (arrow.skipped, arrow.label_names) == (plain.skipped, plain.label_names) == ({"train": 3}, ["neg", "pos"])
+    assert split_specs(arrow) == split_specs(plain)
