@@ -17,6 +17,8 @@ from . import defaults as D
 from . import serve as S
 from .errors import UserError, is_blank
 
+PREDICT_BAR_TEXTS = 1000  # predict draws a progress bar on a terminal from this many distinct texts
+
 
 def _usage_error(ctx, e: click.UsageError):
     """A wrong option or value: one line, as every other user error."""
@@ -526,7 +528,19 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             encoder.truncated = 0
 
     if not interactive:
-        show(predictor.predict(items(texts)))
+        items_ = items(texts)
+        distinct = len(set(items_))
+        # Thousands of texts take a while: a bar on a terminal (results alone on stdout), counted as the
+        # encoder counts (distinct texts); not for pairs, whose count is the pair mode's, nor for the ONNX runner.
+        bar = distinct >= PREDICT_BAR_TEXTS and sys.stderr.isatty() and not getattr(predictor, "pair_mode", None) \
+            and hasattr(predictor, "encoder")
+        if bar:
+            from tqdm.auto import tqdm
+            with tqdm(total=distinct, unit="text", desc="predict", dynamic_ncols=True) as progress:
+                results = predictor.predict(items_, on_progress=progress.update)
+        else:
+            results = predictor.predict(items_)
+        show(results)
         return
     _log("type a text and press enter; q quits")
     while True:

@@ -342,6 +342,46 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.slow
+def test_predict_of_a_long_file_draws_a_bar_on_a_terminal_and_not_into_a_pipe(cache, tmp_path):
+    """Thousands of texts: a bar on stderr when it is a terminal, counted in distinct texts; stdout only results."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    from pipeline.cli import PREDICT_BAR_TEXTS
+    from pipeline.toy import make_texts
+
+    ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+    texts = [t for t, _ in make_texts(PREDICT_BAR_TEXTS + 300, seed=9)]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "pipeline", "predict", "-c", ckpt, "--file", str(tmp_path / "in.txt")]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=slave, stdin=subprocess.DEVNULL, env=child_env(),
+                                close_fds=True)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, seen[-500:]
+    distinct = len(set(texts))
+    assert b"predict: 100%" in seen and f"{distinct}/{distinct}".encode() in seen, seen[-300:]
+    assert len((tmp_path / "out.txt").read_text(encoding="utf-8").splitlines()) == len(texts)
+    piped = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), stdin=subprocess.DEVNULL)
+    assert piped.returncode == 0 and "predict:" not in piped.stderr and len(piped.stdout.splitlines()) == len(texts)
+
+
+@pytest.mark.slow
 def test_interactive_predict_loop_quits_on_q(cache, tmp_path):
     """With no texts on a terminal, predict reads lines at a prompt until `q`."""
     import pty
