@@ -107,11 +107,21 @@ def _drawable(names: list[str]) -> list[str]:
         return names
     import matplotlib
     from matplotlib import font_manager
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    for font in CJK_FONTS:
-        if font in installed:
-            matplotlib.rcParams["font.sans-serif"] = [font] + list(matplotlib.rcParams["font.sans-serif"])
-            return names
+    manager = font_manager.fontManager
+    for attempt in range(2):
+        installed = {f.name for f in manager.ttflist}
+        for font in CJK_FONTS:
+            if font in installed:
+                matplotlib.rcParams["font.sans-serif"] = [font] + list(matplotlib.rcParams["font.sans-serif"])
+                return names
+        if attempt == 0:  # matplotlib's font cache predates fonts installed since (e.g. after the hint below)
+            known = {f.fname for f in manager.ttflist}
+            for fname in font_manager.findSystemFonts():
+                if fname not in known:
+                    try:
+                        manager.addfont(fname)
+                    except Exception:  # a font file matplotlib cannot read: not one to draw with
+                        pass
     print("confusion.png: no installed font draws the label names; classes are shown by id "
           "(install e.g. fonts-noto-cjk)", file=sys.stderr)
     return [f"class {i}" for i in range(len(names))]

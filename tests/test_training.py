@@ -203,6 +203,28 @@ def test_curves_and_confusion_pngs(cache3, tmp_path):
     assert [p for p in os.listdir(png.parent)] == ["confusion.png"]
 
 
+@pytest.mark.skipif(not plots.available(), reason="matplotlib (extra `plots`) not installed")
+def test_confusion_png_finds_a_cjk_font_installed_after_matplotlibs_font_cache(monkeypatch, capsys):
+    """matplotlib caches its font list once: a CJK font installed since (as the hint says to) is still used."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    def family(path):
+        try:
+            return font_manager.ttfFontProperty(font_manager.get_font(path)).name
+        except Exception:
+            return None
+
+    if not any(family(p) in plots.CJK_FONTS for p in font_manager.findSystemFonts()):
+        pytest.skip("no CJK font installed")
+    manager = font_manager.fontManager
+    monkeypatch.setattr(manager, "ttflist", [f for f in manager.ttflist if f.name not in plots.CJK_FONTS])
+    monkeypatch.setitem(matplotlib.rcParams, "font.sans-serif", list(matplotlib.rcParams["font.sans-serif"]))
+    assert plots._drawable(["正向", "负向"]) == ["正向", "负向"]
+    assert matplotlib.rcParams["font.sans-serif"][0] in plots.CJK_FONTS
+    assert "no installed font" not in capsys.readouterr().err
+
+
 def test_commands_work_without_matplotlib(cache3, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, as when not installed
     assert not plots.available()
