@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import sys
+import unicodedata
 
 import click
 
@@ -401,10 +402,10 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
             return
         click.echo(f"split {split}: n {report['n']}  " + _summary(report, report["task"]))
         if report["task"] == "multilabel":
-            width = max(len(n) for n in report["label_names"])
+            width = max(_cells(n) for n in ["label", *report["label_names"]])
             click.echo(f"{'label':<{width}}  precision  recall  f1      support")
             for name, m in report["per_label"].items():
-                click.echo(f"{name:<{width}}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  "
+                click.echo(f"{_ljust(name, width)}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  "
                            f"{m['support']}")
             for name, rows in report.get("errors", {}).items():
                 click.echo(f"most confidently wrong on {name}: {len(rows)}")
@@ -425,19 +426,37 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
         click.echo(json.dumps(finite(report), ensure_ascii=False))
         return
     click.echo(f"split {split}: n {report['n']}  accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}")
-    width = max(len(n) for n in report["label_names"])
+    width = max(_cells(n) for n in ["class", *report["label_names"]])
     click.echo(f"{'class':<{width}}  precision  recall  f1      support")
     for name, m in report["per_class"].items():
-        click.echo(f"{name:<{width}}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  {m['support']}")
+        click.echo(f"{_ljust(name, width)}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  {m['support']}")
     click.echo("confusion matrix (rows: truth, columns: predicted)")
+    click.echo(" " * (width + 2) + " ".join(_clip(n, 6) for n in report["label_names"]))
     for name, row in zip(report["label_names"], report["confusion_matrix"]):
-        click.echo(f"{name:<{width}}  " + " ".join(f"{v:6d}" for v in row))
+        click.echo(f"{_ljust(name, width)}  " + " ".join(f"{v:6d}" for v in row))
     for name, rows in report.get("errors", {}).items():
         if not report["per_class"][name]["support"]:  # no text of that class in the split: nothing to list
             continue
         click.echo(f"most confidently wrong, true {name}: {len(rows)}")
         for r in rows:
             click.echo(f"  {r['probability']:.4f}  predicted {r['predicted']}  row {r['row']}  {_row_text(r)}")
+
+
+def _cells(text: str) -> int:
+    """The terminal columns a text takes: wide and fullwidth characters (Chinese) two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _ljust(text: str, width: int) -> str:
+    """`text` padded on the right to `width` terminal columns (f"{text:<{width}}" counts characters)."""
+    return text + " " * max(0, width - _cells(text))
+
+
+def _clip(text: str, width: int) -> str:
+    """`text` cut to at most `width` terminal columns, right-aligned in them: a column heading."""
+    while _cells(text) > width:
+        text = text[:-1]
+    return " " * (width - _cells(text)) + text
 
 
 def _row_text(r: dict) -> str:

@@ -17,7 +17,7 @@ from pipeline.poolings import build_features, pooling_features
 from pipeline.store import FeatureStore
 from pipeline.sweep import sweep
 from conftest import default_splits, write_split_files
-from helpers import run as cli_run
+from helpers import ok, run as cli_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PREFIX = "这"  # stored in the cache, applied again by predict
@@ -223,6 +223,24 @@ def test_confusion_png_finds_a_cjk_font_installed_after_matplotlibs_font_cache(m
     assert plots._drawable(["正向", "负向"]) == ["正向", "负向"]
     assert matplotlib.rcParams["font.sans-serif"][0] in plots.CJK_FONTS
     assert "no installed font" not in capsys.readouterr().err
+
+
+def test_evaluate_tables_align_wide_class_names(named_checkpoint):
+    """Chinese class names take two terminal columns a character: the tables stay aligned on a terminal."""
+    import re
+    import unicodedata
+
+    def cells(text):
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+    lines = ok("evaluate", "-c", named_checkpoint).stdout.splitlines()
+    table = lines[1:lines.index("confusion matrix (rows: truth, columns: predicted)")]
+    assert len(table) == 3 and "负向评价" in table[1]
+    starts = {cells(line[:re.search(r"precision|\d", line).start()]) for line in table}
+    assert len(starts) == 1, table  # every row's first number under `precision`
+    matrix = lines[len(table) + 2:len(table) + 5]
+    assert matrix[0].split() == ["负向评", "正向评"]  # the columns are named (cut to their 6 terminal columns)
+    assert len({cells(line) for line in matrix}) == 1, matrix  # right-aligned columns: rows end together
 
 
 def test_commands_work_without_matplotlib(cache3, tmp_path, monkeypatch):
