@@ -273,7 +273,7 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
                                   epochs=epochs if ctx.get_parameter_source("epochs") == src else EPOCHS,
                                   layer_lr=layer_lr, head_lr=head_lr, batch_tokens=batch_tokens, precision=precision,
                                   seed=seed, device=device, log=None if as_json else _log,
-                                  **{n: values[n] for n in given if n in values})
+                                  progress=sys.stderr.isatty(), **{n: values[n] for n in given if n in values})
         _report(path, metrics, as_json)
         return
     # The tuning's own options would be ignored here (as the --sweep-* options without --sweep): refused
