@@ -359,7 +359,8 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
     for r in ranked:
         click.echo(f"{r['rank']:>4}  {r['pooling']:<24} {r['head']:<8} {num(r['lr'], 7)} {num(r['weight_decay'], 6)} "
                    f"{num(r.get('C'), 6)}  {r[score]:>12.4f}  {r['val_loss']:>8.4f}  "
-                   f"{'-' if r['best_epoch'] is None else r['best_epoch']:>5}  {r['seconds']:>5.1f}")
+                   f"{'-' if r['best_epoch'] is None or r.get('C') is not None else r['best_epoch']:>5}  "
+                   f"{r['seconds']:>5.1f}")  # logreg: its C, not an epoch
     if metrics["sweep"]["folds"] > 1:
         click.echo(f"ranked {metrics['validation']}")
     click.echo(f"{metrics['sweep']['configurations']} heads in {metrics['sweep']['seconds']:.1f}s; "

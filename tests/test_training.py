@@ -173,6 +173,16 @@ def test_sweep_cli_prints_the_table(cache3, tmp_path):
     assert json.loads(as_json.stdout)["label_names"] == ["0", "1"]
 
 
+def test_sweep_lines_name_the_score_as_the_table_does(cache3, tmp_path):
+    """The per-head lines say `val accuracy` as the table heading does; a logreg row has a C, not an epoch."""
+    result = cli_run("fit-head", "-f", cache3, "-o", tmp_path / "sw", "--sweep", "--sweep-poolings", "mean",
+                     "--sweep-heads", "logreg,linear", "--sweep-lrs", "1e-2", "--epochs", 3, "--sweep-folds", 1)
+    assert result.exit_code == 0, result.output
+    assert "val_accuracy" not in result.stderr and result.stderr.count(" val accuracy ") >= 2
+    logreg = next(line.split() for line in result.stdout.splitlines() if " logreg " in line)
+    assert logreg[-2] == "-", logreg  # the epoch column
+
+
 def test_default_sweep_grid_on_a_layered_cache(cache3, tmp_path):
     ckpt, ranked, _ = sweep(cache3, str(tmp_path / "sw"), heads=["linear"], lrs=[1e-2], weight_decays=[0.0],
                             epochs=2, progress=False, ensemble=False)
