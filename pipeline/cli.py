@@ -343,8 +343,8 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
 
     path, ranked, metrics = sweep(features, out, poolings=poolings, heads=heads, lrs=lrs, weight_decays=weight_decays,
                                   seed=seed, ensemble=ensemble, selection=selection, folds=folds,
-                                  progress=not as_json or sys.stderr.isatty(), log=None if as_json else _log,
-                                  **options)
+                                  progress=sys.stderr.isatty(), log=None if as_json else _log,
+                                  **options)  # no bar in a log file: its per-head lines show the progress
     if as_json:
         metrics["ranked"] = ranked
         return path, metrics

@@ -147,6 +147,24 @@ def test_extract_bar_counts_tokens(tiny_model, data, tmp_path, capfd):
     assert m and m.group(1) == m.group(2), last
 
 
+def test_extract_bar_into_a_log_file_draws_a_frame_seldom(tiny_model, data, tmp_path, capfd, monkeypatch):
+    """stderr not a terminal: not tqdm's ten frames a second (thousands of \r-joined frames in a long run's log)."""
+    import time
+
+    from pipeline.encoder import Encoder
+    original = Encoder.encode_ids
+
+    def slow(self, ids, on_progress=None, **kwargs):  # every batch 0.15 s: as a real model on real data
+        def tick(n):
+            time.sleep(0.15)
+            on_progress(n)
+        return original(self, ids, on_progress=tick if on_progress else None, **kwargs)
+    monkeypatch.setattr(Encoder, "encode_ids", slow)
+    extract(tiny_model, data, str(tmp_path / "f.h5"), precision="fp32", progress=True, batch_tokens=128)
+    err = capfd.readouterr().err
+    assert err.count("\r") <= 8, err  # the bar's start, a frame per chunk of rows written (4 here), the end
+
+
 def test_quickstart_runs_its_steps(tiny_model, data, tmp_path):
     features, ckpt = tmp_path / "f.h5", tmp_path / "sweep"
     result = ok("quickstart", "--model", tiny_model, "--data", data, "--prefix", "这", "--layers", 2,

@@ -341,3 +341,12 @@ def test_a_train_split_of_one_class_is_refused(tiny_model, tmp_path):
         one_line_error(run("fit-head", "-f", cache, "-o", tmp_path / "ck", *extra), "one class only ('pos')",
                        exit_code=2)
         assert not os.path.exists(tmp_path / "ck")
+
+
+def test_sweep_draws_no_bar_into_a_log_file(cache3, tmp_path):
+    """stderr not a terminal (CliRunner's): the per-head lines only, no bar frames or blanked lines between them."""
+    result = cli_run("fit-head", "-f", cache3, "-o", tmp_path / "sw", "--sweep", "--sweep-poolings", "mean",
+                     "--sweep-heads", "linear", "--sweep-lrs", "1e-2,1e-3", "--epochs", 2, "--sweep-folds", 1)
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.stderr and "head/s" not in result.stderr
+    assert result.stderr.count(" val accuracy ") >= 2
