@@ -241,6 +241,8 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
         val_note = f"out of fold: train + validation, {len(y_val)} rows in {folds} folds"
     else:
         y_val, val_note = data.labels["validation"], data.val_note
+        if log and val_note != "validation":
+            log(f"validation: {val_note}")
     t0 = time.perf_counter()
     bar = tqdm(grid, desc="sweep", unit="head", disable=not progress, dynamic_ncols=True)
     for pooling, head, lr, wd in bar:

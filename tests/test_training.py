@@ -350,3 +350,20 @@ def test_sweep_draws_no_bar_into_a_log_file(cache3, tmp_path):
     assert result.exit_code == 0, result.output
     assert "\r" not in result.stderr and "head/s" not in result.stderr
     assert result.stderr.count(" val accuracy ") >= 2
+
+
+def test_fit_head_says_when_validation_is_held_out_of_train(tiny_model, tmp_path):
+    """No validation split: the 'val' figures are on 10% of train, and fit-head says so before printing them."""
+    splits = default_splits(n_train=60, n_val=0, n_test=20)
+    splits.pop("validation", None)
+    cache = bc.extract(tiny_model, write_split_files(str(tmp_path / "d"), "jsonl", splits), str(tmp_path / "f.h5"),
+                       precision="fp32", progress=False)
+    result = cli_run("fit-head", "-f", cache, "-o", tmp_path / "ck", "--epochs", 2)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == "validation: 10% of train held out (no labelled validation split)"
+    swept = cli_run("fit-head", "-f", cache, "-o", tmp_path / "sw", "--sweep", "--sweep-heads", "linear",
+                    "--sweep-poolings", "mean", "--sweep-lrs", "1e-2", "--epochs", 2, "--sweep-folds", 1)
+    assert swept.exit_code == 0 and "validation: 10% of train held out" in swept.stderr, swept.output
+    with_val = cli_run("fit-head", "-f", cache, "-o", tmp_path / "sw5", "--sweep", "--sweep-heads", "linear",
+                       "--sweep-poolings", "mean", "--sweep-lrs", "1e-2", "--epochs", 2, "--sweep-folds", 2)
+    assert with_val.exit_code == 0 and "held out" not in with_val.stderr  # folds of train + validation: no hold-out
