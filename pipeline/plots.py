@@ -44,16 +44,22 @@ def _save(fig, path: str) -> None:
 
 def curves_png(history: list[dict], best_epoch: int, path: str, score: str = "val_accuracy") -> str:
     """Train and validation loss (left) and the validation score (right: accuracy, with train's too;
-    micro-F1; Spearman) per epoch; the kept epoch marked."""
+    micro-F1; Spearman) per epoch; the kept epoch marked. A logreg head's rows are its fits, one per C:
+    plotted against C (log scale), the kept C marked."""
     plt = _pyplot()
-    epochs = [h["epoch"] for h in history]
+    by_c = all(h.get("C") is not None for h in history)  # logreg: `epoch` only numbers the C grid
+    xs = [h["C"] if by_c else h["epoch"] for h in history]
+    best = next(h["C"] for h in history if h["epoch"] == best_epoch) if by_c else best_epoch
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, what in zip(axes, ("loss", score[4:])):
         if f"train_{what}" in history[-1]:
-            ax.plot(epochs, [h.get(f"train_{what}", float("nan")) for h in history], label="train")
-        ax.plot(epochs, [h[f"val_{what}"] for h in history], label="validation")
-        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
-        ax.set_xlabel("epoch")
+            ax.plot(xs, [h.get(f"train_{what}", float("nan")) for h in history], label="train",
+                    marker="o" if by_c else None)
+        ax.plot(xs, [h[f"val_{what}"] for h in history], label="validation", marker="o" if by_c else None)
+        ax.axvline(best, color="grey", linestyle=":", label=f"best C {best:g}" if by_c else f"best epoch {best}")
+        if by_c:
+            ax.set_xscale("log")
+        ax.set_xlabel("C (inverse L2 strength)" if by_c else "epoch")
         ax.set_title({"micro_f1": "micro-F1"}.get(what, what))
         ax.grid(alpha=0.3)
         ax.legend()

@@ -367,3 +367,21 @@ def test_fit_head_says_when_validation_is_held_out_of_train(tiny_model, tmp_path
     with_val = cli_run("fit-head", "-f", cache, "-o", tmp_path / "sw5", "--sweep", "--sweep-heads", "linear",
                        "--sweep-poolings", "mean", "--sweep-lrs", "1e-2", "--epochs", 2, "--sweep-folds", 2)
     assert with_val.exit_code == 0 and "held out" not in with_val.stderr  # folds of train + validation: no hold-out
+
+
+@pytest.mark.skipif(not plots.available(), reason="matplotlib (extra `plots`) not installed")
+def test_logreg_curves_are_plotted_against_c(monkeypatch, tmp_path):
+    """A logreg head's history is one fit per C: curves.png's x axis is C, not an 'epoch' that numbers the grid."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    history = [{"epoch": i + 1, "C": c, "train_loss": 1 - i / 10, "train_accuracy": 0.5 + i / 10, "val_loss": 0.9,
+                "val_accuracy": 0.6, "iterations": 9} for i, c in enumerate([0.01, 0.1, 1.0])]
+    plots.curves_png(history, 2, str(tmp_path / "curves.png"))
+    loss = figures[0].axes[0]
+    assert loss.get_xscale() == "log" and loss.get_xlabel().startswith("C ")
+    assert list(loss.lines[0].get_xdata()) == [0.01, 0.1, 1.0]
+    assert "best C 0.1" in [t.get_text() for t in loss.get_legend().get_texts()]
+    plots.curves_png([{**h, "C": None} for h in history], 2, str(tmp_path / "curves.png"))  # epochs: as before
+    assert figures[1].axes[0].get_xlabel() == "epoch" and figures[1].axes[0].get_xscale() == "linear"
+    for fig in figures:
+        plots._pyplot().close(fig)
