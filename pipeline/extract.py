@@ -317,7 +317,7 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
                 bar.total = bar.n + tokens + eta.remaining(k, tokens)
                 if k == 0:
                     encoder.expect(bar.total - bar.n)  # the run's size, for compile="auto"
-                bar.set_postfix_str(f"{texts_done}/{total} texts", refresh=False)
+                bar.set_postfix_str(f"{texts_done}/{total} texts saved", refresh=False)  # per chunk written
                 bar.refresh()
                 chunk = {name: np.empty((n, encoder.feature_dims.get(name, encoder.hidden_size)), np.float32)
                          for name in names}
@@ -342,7 +342,7 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
                 flat = np.concatenate(row_states) if states and n else None
                 writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop], states=flat)
                 texts_done += n
-        bar.set_postfix_str(f"{texts_done}/{total} texts")
+        bar.set_postfix_str(f"{texts_done}/{total} texts saved")
     finally:
         bar.close()
 

@@ -143,7 +143,7 @@ def test_extract_bar_counts_tokens(tiny_model, data, tmp_path, capfd):
     err = capfd.readouterr().err
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     # tokens done / tokens in all: the estimate of the total is exact once every chunk is tokenized
-    m = re.search(r"extract: 100%.*?([\d.]+k?)/([\d.]+k?) \[.*tok/s, 160/160 texts\]", last)
+    m = re.search(r"extract: 100%.*?([\d.]+k?)/([\d.]+k?) \[.*tok/s, 160/160 texts saved\]", last)
     assert m and m.group(1) == m.group(2), last
 
 
