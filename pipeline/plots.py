@@ -86,7 +86,7 @@ def confusion_png(report: dict, path: str) -> str:
     import numpy as np
     plt = _pyplot()
     cm = np.asarray(report["confusion_matrix"])
-    names = _drawable(report["label_names"])
+    names = _drawable(report["label_names"], path)
     k = len(names)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = max(3.5, 0.6 * k + 2)
@@ -107,7 +107,7 @@ def confusion_png(report: dict, path: str) -> str:
     return path
 
 
-def _drawable(names: list[str]) -> list[str]:
+def _drawable(names: list[str], path: str = "confusion.png") -> list[str]:
     """The label names, with a CJK font when they need one; `class i` when no installed font can draw them."""
     if all(n.isascii() for n in names):
         return names
@@ -128,6 +128,6 @@ def _drawable(names: list[str]) -> list[str]:
                         manager.addfont(fname)
                     except Exception:  # a font file matplotlib cannot read: not one to draw with
                         pass
-    print("confusion.png: no installed font draws the label names; classes are shown by id "
-          "(install e.g. fonts-noto-cjk)", file=sys.stderr)
+    print(f"{path}: no installed font draws the label names; they are drawn as class 0 to class {len(names) - 1}, "
+          "in the order evaluate lists them (install a CJK font, e.g. fonts-noto-cjk)", file=sys.stderr)
     return [f"class {i}" for i in range(len(names))]

@@ -385,3 +385,12 @@ def test_logreg_curves_are_plotted_against_c(monkeypatch, tmp_path):
     assert figures[1].axes[0].get_xlabel() == "epoch" and figures[1].axes[0].get_xscale() == "linear"
     for fig in figures:
         plots._pyplot().close(fig)
+
+
+@pytest.mark.skipif(not plots.available(), reason="matplotlib (extra `plots`) not installed")
+def test_confusion_png_without_a_cjk_font_names_its_file_and_the_ids(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(plots, "CJK_FONTS", ("No Such Font",))
+    report = {"confusion_matrix": [[3, 1], [0, 4]], "label_names": ["负向", "正向"], "accuracy": 0.875, "n": 8}
+    plots.confusion_png(report, str(tmp_path / "cm.png"))
+    err = capsys.readouterr().err
+    assert err.startswith(f"{tmp_path / 'cm.png'}: no installed font") and "class 0 to class 1" in err
