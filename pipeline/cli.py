@@ -546,7 +546,15 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             encoder.truncated = 0
 
     if not interactive:
-        show(predictor.predict(items(texts)))
+        batch = items(texts)
+        if waiting and backend == "torch" and not getattr(predictor, "pair_mode", None):
+            from tqdm.auto import tqdm
+            # Thousands of texts take a minute on a CPU: a bar, drawn after half a second and cleared when done
+            with tqdm(total=len(batch), unit="text", desc="predict", leave=False, delay=0.5, dynamic_ncols=True) as bar:
+                results = predictor.predict(batch, on_progress=bar.update)
+        else:
+            results = predictor.predict(batch)
+        show(results)
         return
     _log("type a text and press enter; q quits")
     while True:

@@ -342,6 +342,57 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.slow
+def test_predict_shows_a_bar_on_a_terminal_for_a_long_run(cache, tmp_path):
+    """Thousands of texts take a minute: on a terminal a bar counts them (cleared after), the results on stdout."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import re
+    import sys
+    import termios
+    import threading
+    ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"好棒赞 {i}\n" for i in range(40)), encoding="utf-8")
+    # Every encoded batch takes 0.3 s here (a real model's pace): the run lasts past the bar's half-second delay.
+    code = ("import sys, time\nfrom pipeline.encoder import Encoder\nencode = Encoder.encode\n"
+            "def slow(self, texts, on_progress=None, **kw):\n"
+            "    return encode(self, texts, on_progress=lambda n: (time.sleep(0.3), on_progress and on_progress(n)), **kw)\n"
+            "Encoder.encode = slow\nfrom pipeline.cli import main\n"
+            f"sys.argv = ['bertcache', 'predict', '-c', {ckpt!r}, '--file', {str(texts)!r}, '--batch-tokens', '64']\n"
+            "main()\n")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's size: tqdm draws in it
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=slave, env=child_env(), close_fds=True)
+    os.close(slave)
+    chunks = []
+
+    def drain():  # read the terminal as it is written, or the child blocks on a full pty
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        out = proc.communicate(timeout=300)[0].decode()
+        reader.join(timeout=10)
+    finally:
+        proc.kill()
+        os.close(master)
+    seen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, seen[-2000:]
+    assert len(out.splitlines()) == 40 and "predict:" not in out
+    assert re.search(r"predict: +\d+%\|.*\d+/40 ", seen), seen[-2000:]
+
+
+@pytest.mark.slow
 def test_interactive_predict_loop_quits_on_q(cache, tmp_path):
     """With no texts on a terminal, predict reads lines at a prompt until `q`."""
     import pty
