@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import sys
+import unicodedata
 
 import click
 
@@ -16,8 +17,6 @@ from ._version import __version__
 from . import defaults as D
 from . import serve as S
 from .errors import UserError, is_blank
-
-PREDICT_BAR_TEXTS = 1000  # predict draws a progress bar on a terminal from this many distinct texts
 
 
 def _usage_error(ctx, e: click.UsageError):
@@ -274,7 +273,7 @@ def fit_head(ctx, features, out, pooling, head, hidden, dropout, epochs, lr, wei
                                   epochs=epochs if ctx.get_parameter_source("epochs") == src else EPOCHS,
                                   layer_lr=layer_lr, head_lr=head_lr, batch_tokens=batch_tokens, precision=precision,
                                   seed=seed, device=device, log=None if as_json else _log,
-                                  **{n: values[n] for n in given if n in values})
+                                  progress=sys.stderr.isatty(), **{n: values[n] for n in given if n in values})
         _report(path, metrics, as_json)
         return
     # The tuning's own options would be ignored here (as the --sweep-* options without --sweep): refused
@@ -344,8 +343,8 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
 
     path, ranked, metrics = sweep(features, out, poolings=poolings, heads=heads, lrs=lrs, weight_decays=weight_decays,
                                   seed=seed, ensemble=ensemble, selection=selection, folds=folds,
-                                  progress=not as_json or sys.stderr.isatty(), log=None if as_json else _log,
-                                  **options)
+                                  progress=sys.stderr.isatty(), log=None if as_json else _log,
+                                  **options)  # no bar in a log file: its per-head lines show the progress
     if as_json:
         metrics["ranked"] = ranked
         return path, metrics
@@ -360,7 +359,8 @@ def _sweep(features, out, seed, options, poolings, heads, lrs, weight_decays, en
     for r in ranked:
         click.echo(f"{r['rank']:>4}  {r['pooling']:<24} {r['head']:<8} {num(r['lr'], 7)} {num(r['weight_decay'], 6)} "
                    f"{num(r.get('C'), 6)}  {r[score]:>12.4f}  {r['val_loss']:>8.4f}  "
-                   f"{'-' if r['best_epoch'] is None else r['best_epoch']:>5}  {r['seconds']:>5.1f}")
+                   f"{'-' if r['best_epoch'] is None or r.get('C') is not None else r['best_epoch']:>5}  "
+                   f"{r['seconds']:>5.1f}")  # logreg: its C, not an epoch
     if metrics["sweep"]["folds"] > 1:
         click.echo(f"ranked {metrics['validation']}")
     click.echo(f"{metrics['sweep']['configurations']} heads in {metrics['sweep']['seconds']:.1f}s; "
@@ -403,10 +403,10 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
             return
         click.echo(f"split {split}: n {report['n']}  " + _summary(report, report["task"]))
         if report["task"] == "multilabel":
-            width = max(len(n) for n in report["label_names"])
+            width = max(_cells(n) for n in ["label", *report["label_names"]])
             click.echo(f"{'label':<{width}}  precision  recall  f1      support")
             for name, m in report["per_label"].items():
-                click.echo(f"{name:<{width}}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  "
+                click.echo(f"{_ljust(name, width)}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  "
                            f"{m['support']}")
             for name, rows in report.get("errors", {}).items():
                 click.echo(f"most confidently wrong on {name}: {len(rows)}")
@@ -427,19 +427,37 @@ def evaluate(checkpoint, features, split, weights, allow_pickle, confusion_png, 
         click.echo(json.dumps(finite(report), ensure_ascii=False))
         return
     click.echo(f"split {split}: n {report['n']}  accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}")
-    width = max(len(n) for n in report["label_names"])
+    width = max(_cells(n) for n in ["class", *report["label_names"]])
     click.echo(f"{'class':<{width}}  precision  recall  f1      support")
     for name, m in report["per_class"].items():
-        click.echo(f"{name:<{width}}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  {m['support']}")
+        click.echo(f"{_ljust(name, width)}  {m['precision']:.4f}     {m['recall']:.4f}  {m['f1']:.4f}  {m['support']}")
     click.echo("confusion matrix (rows: truth, columns: predicted)")
+    click.echo(" " * (width + 2) + " ".join(_clip(n, 6) for n in report["label_names"]))
     for name, row in zip(report["label_names"], report["confusion_matrix"]):
-        click.echo(f"{name:<{width}}  " + " ".join(f"{v:6d}" for v in row))
+        click.echo(f"{_ljust(name, width)}  " + " ".join(f"{v:6d}" for v in row))
     for name, rows in report.get("errors", {}).items():
         if not report["per_class"][name]["support"]:  # no text of that class in the split: nothing to list
             continue
         click.echo(f"most confidently wrong, true {name}: {len(rows)}")
         for r in rows:
             click.echo(f"  {r['probability']:.4f}  predicted {r['predicted']}  row {r['row']}  {_row_text(r)}")
+
+
+def _cells(text: str) -> int:
+    """The terminal columns a text takes: wide and fullwidth characters (Chinese) two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _ljust(text: str, width: int) -> str:
+    """`text` padded on the right to `width` terminal columns (f"{text:<{width}}" counts characters)."""
+    return text + " " * max(0, width - _cells(text))
+
+
+def _clip(text: str, width: int) -> str:
+    """`text` cut to at most `width` terminal columns, right-aligned in them: a column heading."""
+    while _cells(text) > width:
+        text = text[:-1]
+    return " " * (width - _cells(text)) + text
 
 
 def _row_text(r: dict) -> str:
@@ -528,18 +546,16 @@ def predict(checkpoint, texts, file_, model, device, weights, batch_tokens, allo
             encoder.truncated = 0
 
     if not interactive:
-        items_ = items(texts)
-        distinct = len(set(items_))
-        # Thousands of texts take a while: a bar on a terminal (results alone on stdout), counted as the
-        # encoder counts (distinct texts); not for pairs, whose count is the pair mode's, nor for the ONNX runner.
-        bar = distinct >= PREDICT_BAR_TEXTS and sys.stderr.isatty() and not getattr(predictor, "pair_mode", None) \
-            and hasattr(predictor, "encoder")
-        if bar:
+        batch = items(texts)
+        if waiting and backend == "torch" and not getattr(predictor, "pair_mode", None):
             from tqdm.auto import tqdm
-            with tqdm(total=distinct, unit="text", desc="predict", dynamic_ncols=True) as progress:
-                results = predictor.predict(items_, on_progress=progress.update)
+            # Thousands of texts take a minute on a CPU: a bar (distinct texts, as the encoder counts), drawn
+            # after half a second and cleared when done
+            with tqdm(total=len(set(batch)), unit="text", desc="predict", leave=False, delay=0.5,
+                      dynamic_ncols=True) as bar:
+                results = predictor.predict(batch, on_progress=bar.update)
         else:
-            results = predictor.predict(items_)
+            results = predictor.predict(batch)
         show(results)
         return
     _log("type a text and press enter; q quits")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -251,6 +252,9 @@ def first_occurrence(texts_per_split) -> np.ndarray:
     return first
 
 
+LOG_INTERVAL = 30  # seconds between the extract bar's frames when stderr is not a terminal
+
+
 def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_progress: bool,
          states: dict | None = None):
     from tqdm.auto import tqdm
@@ -273,8 +277,10 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
     # The bar counts tokens: the encoder runs each chunk longest text first, so texts per second swing
     # tenfold within a chunk (an ETA of hours for a job of minutes), while tokens per second hold steady.
     eta = TokenEstimate(corpus, splits, offsets, first, jobs)
+    # Into a log file (stderr not a terminal) a frame every LOG_INTERVAL seconds shows a long run's progress;
+    # tqdm's 10 a second would pile up thousands of \r-joined frames.
     bar = tqdm(total=0, unit="tok", unit_scale=True, desc="extract", disable=not show_progress,
-               dynamic_ncols=True, leave=True)
+               dynamic_ncols=True, leave=True, mininterval=0.1 if sys.stderr.isatty() else LOG_INTERVAL)
     texts_done = 0
 
     def plan(job):
@@ -311,7 +317,7 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
                 bar.total = bar.n + tokens + eta.remaining(k, tokens)
                 if k == 0:
                     encoder.expect(bar.total - bar.n)  # the run's size, for compile="auto"
-                bar.set_postfix_str(f"{texts_done}/{total} texts", refresh=False)
+                bar.set_postfix_str(f"{texts_done}/{total} texts saved", refresh=False)  # per chunk written
                 bar.refresh()
                 chunk = {name: np.empty((n, encoder.feature_dims.get(name, encoder.hidden_size)), np.float32)
                          for name in names}
@@ -336,7 +342,7 @@ def _run(corpus, encoder: Encoder, writer: StoreWriter, chunk_rows: int, show_pr
                 flat = np.concatenate(row_states) if states and n else None
                 writer.write(split, start, chunk, s.labels[start:stop], s.rows[start:stop], states=flat)
                 texts_done += n
-        bar.set_postfix_str(f"{texts_done}/{total} texts")
+        bar.set_postfix_str(f"{texts_done}/{total} texts saved")
     finally:
         bar.close()
 

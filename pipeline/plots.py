@@ -44,16 +44,22 @@ def _save(fig, path: str) -> None:
 
 def curves_png(history: list[dict], best_epoch: int, path: str, score: str = "val_accuracy") -> str:
     """Train and validation loss (left) and the validation score (right: accuracy, with train's too;
-    micro-F1; Spearman) per epoch; the kept epoch marked."""
+    micro-F1; Spearman) per epoch; the kept epoch marked. A logreg head's rows are its fits, one per C:
+    plotted against C (log scale), the kept C marked."""
     plt = _pyplot()
-    epochs = [h["epoch"] for h in history]
+    by_c = all(h.get("C") is not None for h in history)  # logreg: `epoch` only numbers the C grid
+    xs = [h["C"] if by_c else h["epoch"] for h in history]
+    best = next(h["C"] for h in history if h["epoch"] == best_epoch) if by_c else best_epoch
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, what in zip(axes, ("loss", score[4:])):
         if f"train_{what}" in history[-1]:
-            ax.plot(epochs, [h.get(f"train_{what}", float("nan")) for h in history], label="train")
-        ax.plot(epochs, [h[f"val_{what}"] for h in history], label="validation")
-        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
-        ax.set_xlabel("epoch")
+            ax.plot(xs, [h.get(f"train_{what}", float("nan")) for h in history], label="train",
+                    marker="o" if by_c else None)
+        ax.plot(xs, [h[f"val_{what}"] for h in history], label="validation", marker="o" if by_c else None)
+        ax.axvline(best, color="grey", linestyle=":", label=f"best C {best:g}" if by_c else f"best epoch {best}")
+        if by_c:
+            ax.set_xscale("log")
+        ax.set_xlabel("C (inverse L2 strength)" if by_c else "epoch")
         ax.set_title({"micro_f1": "micro-F1"}.get(what, what))
         ax.grid(alpha=0.3)
         ax.legend()
@@ -80,7 +86,7 @@ def confusion_png(report: dict, path: str) -> str:
     import numpy as np
     plt = _pyplot()
     cm = np.asarray(report["confusion_matrix"])
-    names = _drawable(report["label_names"])
+    names = _drawable(report["label_names"], path)
     k = len(names)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = max(3.5, 0.6 * k + 2)
@@ -101,17 +107,27 @@ def confusion_png(report: dict, path: str) -> str:
     return path
 
 
-def _drawable(names: list[str]) -> list[str]:
+def _drawable(names: list[str], path: str = "confusion.png") -> list[str]:
     """The label names, with a CJK font when they need one; `class i` when no installed font can draw them."""
     if all(n.isascii() for n in names):
         return names
     import matplotlib
     from matplotlib import font_manager
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    for font in CJK_FONTS:
-        if font in installed:
-            matplotlib.rcParams["font.sans-serif"] = [font] + list(matplotlib.rcParams["font.sans-serif"])
-            return names
-    print("confusion.png: no installed font draws the label names; classes are shown by id "
-          "(install e.g. fonts-noto-cjk)", file=sys.stderr)
+    manager = font_manager.fontManager
+    for attempt in range(2):
+        installed = {f.name for f in manager.ttflist}
+        for font in CJK_FONTS:
+            if font in installed:
+                matplotlib.rcParams["font.sans-serif"] = [font] + list(matplotlib.rcParams["font.sans-serif"])
+                return names
+        if attempt == 0:  # matplotlib's font cache predates fonts installed since (e.g. after the hint below)
+            known = {f.fname for f in manager.ttflist}
+            for fname in font_manager.findSystemFonts():
+                if fname not in known:
+                    try:
+                        manager.addfont(fname)
+                    except Exception:  # a font file matplotlib cannot read: not one to draw with
+                        pass
+    print(f"{path}: no installed font draws the label names; they are drawn as class 0 to class {len(names) - 1}, "
+          "in the order evaluate lists them (install a CJK font, e.g. fonts-noto-cjk)", file=sys.stderr)
     return [f"class {i}" for i in range(len(names))]

@@ -241,6 +241,8 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
         val_note = f"out of fold: train + validation, {len(y_val)} rows in {folds} folds"
     else:
         y_val, val_note = data.labels["validation"], data.val_note
+        if log and val_note != "validation":
+            log(f"validation: {val_note}")
     t0 = time.perf_counter()
     bar = tqdm(grid, desc="sweep", unit="head", disable=not progress, dynamic_ncols=True)
     for pooling, head, lr, wd in bar:
@@ -266,7 +268,7 @@ def _run(features, out, data, poolings, heads, lrs, weight_decays, seed, patienc
             best = candidate
         if log:
             with tqdm.external_write_mode(file=sys.stderr):  # the line above the bar, the bar drawn again below
-                log(f"{pooling:<24} {head:<6} {_settings(row):<18} {score} {row[score]:.4f} "
+                log(f"{pooling:<24} {head:<6} {_settings(row):<18} {score.replace('_', ' ')} {row[score]:.4f} "
                     f"loss {row['val_loss']:.4f} ({row['seconds']:.1f}s)")
     bar.close()
     if ensemble and len(fits) > 1:
@@ -378,7 +380,7 @@ def _ensemble(fits, data, y, best, log, options):
            "best_epoch": None, "epochs_run": None, "seconds": round(time.perf_counter() - t0, 3),
            "members": [{**d, "weight": w} for (_, _, d, _), w in zip(parts, model.weights)]}
     if log:
-        log(f"ensemble of {len(counts)} heads ({len(picks)} picks): {score} {row[score]:.4f} "
+        log(f"ensemble of {len(counts)} heads: {score.replace('_', ' ')} {row[score]:.4f} "
             f"loss {row['val_loss']:.4f}")
     return _as_candidate(row, model, best, out, data, y, {
         "method": "greedy ensemble selection (Caruana et al. 2004) on the validation loss", "rounds": ENSEMBLE_ROUNDS})

@@ -426,6 +426,8 @@ def fit_head(features: str, out: str | None = None, *, pooling: str | None = Non
     out = out or default_checkpoint_path(features, pooling, head)
     check_out(out, source=features)
     with load_cache(features, [pooling], seed, max_memory, device, log) as data:
+        if log and data.val_note != "validation":  # what the "val" figures below are measured on
+            log(f"validation: {data.val_note}")
         result, metrics, config = train(data, pooling=pooling, head=head, hidden=hidden, dropout=dropout,
                                         epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                                         seed=seed, patience=patience, label_smoothing=label_smoothing,

@@ -212,11 +212,12 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
          epochs: int = EPOCHS, layer_lr: float = LAYER_LR, head_lr: float = HEAD_LR,
          weight_decay: float = WEIGHT_DECAY, warmup: float = WARMUP, batch_tokens: int = BATCH_TOKENS,
          clip: float = CLIP, precision: str = "auto", seed: int = D.SEED, device: str = "auto", model: str | None = None,
-         log=None, **probe_options):
+         log=None, progress: bool = False, **probe_options):
     """LP-FT over cached states: returns (fit result with `.top`, metrics, config, the cached splits, states rows).
 
     `init`: a checkpoint folder whose single head (and pooling) is the probe; otherwise a `head` over
-    `pooling` is fit on the frozen pooled features first (`probe_options` go to train.train).
+    `pooling` is fit on the frozen pooled features first (`probe_options` go to train.train). `progress`:
+    a bar on stderr over each epoch's steps, cleared when the epoch's line is logged.
     """
     D.check_ranges(epochs=epochs, layer_lr=layer_lr, head_lr=head_lr, weight_decay=weight_decay,
                    batch_tokens=batch_tokens, seed=seed, **probe_options)
@@ -226,6 +227,7 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
     from .encoder import resolve_device, resolve_model, resolve_precision, _DTYPES
     from .heads import Ensemble
     from .training import FitResult
+    from tqdm.auto import tqdm
 
     log = log or (lambda msg: None)
     dev = resolve_device(device)
@@ -272,11 +274,13 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
         if init_config and init_config["features"]["fingerprint"] != data.fingerprint:
             raise UserError(f"{init} was trained on another features file; --init needs a head of {features}")
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
         from .models import locate_model
         # The folder the cache was extracted from (absolute), not the reference as typed: from another working
         # directory, a relative reference could name another model.
         path = resolve_model(model or locate_model(data.settings))
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar, as the encoder's loading shows none
         base = AutoModel.from_pretrained(path, attn_implementation="sdpa")
         check_supported(base.config, k)
         t0 = time.perf_counter()
@@ -346,6 +350,8 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
         t_epoch = time.perf_counter()
         tot_loss = tot_correct = seen = 0
         r = rows["train"]
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress,
+                   dynamic_ncols=True)
         for idx, h, mask, fz, y in r.batches(rng.permutation(r.n), batch_tokens, dev, shuffle=rng):
             with autocast:
                 logits = top(h, mask, fz)
@@ -363,6 +369,8 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
             tot_loss += loss.item() * len(idx)
             tot_correct += (logits.argmax(1) == y).sum().item()
             seen += len(idx)
+            bar.update()
+        bar.close()
         seconds = time.perf_counter() - t_epoch
         vloss, vacc, _ = evaluate("validation")
         history.append({"epoch": epoch, "train_loss": tot_loss / seen, "train_accuracy": tot_correct / seen,
@@ -403,7 +411,7 @@ def fit_tuned(features: str, k: int, out: str | None = None, log=None, **options
         log: a callable given a line per epoch (and the linear probe's score).
         **options: `tune`'s keyword arguments: pooling, head, init (a checkpoint whose head is the probe),
             epochs, layer_lr, head_lr, weight_decay, warmup, batch_tokens, clip, precision, seed, device,
-            model, and the probe's fit_head options (hidden, dropout, lr, batch_size, patience, ...).
+            model, progress (a bar over each epoch's steps on stderr), and the probe's fit_head options (hidden, dropout, lr, batch_size, patience, ...).
 
     Example:
 

@@ -143,8 +143,26 @@ def test_extract_bar_counts_tokens(tiny_model, data, tmp_path, capfd):
     err = capfd.readouterr().err
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     # tokens done / tokens in all: the estimate of the total is exact once every chunk is tokenized
-    m = re.search(r"extract: 100%.*?([\d.]+k?)/([\d.]+k?) \[.*tok/s, 160/160 texts\]", last)
+    m = re.search(r"extract: 100%.*?([\d.]+k?)/([\d.]+k?) \[.*tok/s, 160/160 texts saved\]", last)
     assert m and m.group(1) == m.group(2), last
+
+
+def test_extract_bar_into_a_log_file_draws_a_frame_seldom(tiny_model, data, tmp_path, capfd, monkeypatch):
+    """stderr not a terminal: not tqdm's ten frames a second (thousands of \r-joined frames in a long run's log)."""
+    import time
+
+    from pipeline.encoder import Encoder
+    original = Encoder.encode_ids
+
+    def slow(self, ids, on_progress=None, **kwargs):  # every batch 0.15 s: as a real model on real data
+        def tick(n):
+            time.sleep(0.15)
+            on_progress(n)
+        return original(self, ids, on_progress=tick if on_progress else None, **kwargs)
+    monkeypatch.setattr(Encoder, "encode_ids", slow)
+    extract(tiny_model, data, str(tmp_path / "f.h5"), precision="fp32", progress=True, batch_tokens=128)
+    err = capfd.readouterr().err
+    assert err.count("\r") <= 8, err  # the bar's start, a frame per chunk of rows written (4 here), the end
 
 
 def test_quickstart_runs_its_steps(tiny_model, data, tmp_path):

@@ -342,43 +342,54 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_of_a_long_file_draws_a_bar_on_a_terminal_and_not_into_a_pipe(cache, tmp_path):
-    """Thousands of texts: a bar on stderr when it is a terminal, counted in distinct texts; stdout only results."""
+def test_predict_shows_a_bar_on_a_terminal_for_a_long_run(cache, tmp_path):
+    """Thousands of texts take a minute: on a terminal a bar counts them (cleared after), the results on stdout."""
     import fcntl
     import pty
     import struct
     import subprocess
+    import re
     import sys
     import termios
-    from pipeline.cli import PREDICT_BAR_TEXTS
-    from pipeline.toy import make_texts
-
+    import threading
     ckpt, _ = bc.fit_head(cache, str(tmp_path / "ck"), epochs=2)
-    texts = [t for t, _ in make_texts(PREDICT_BAR_TEXTS + 300, seed=9)]
-    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    cmd = [sys.executable, "-m", "pipeline", "predict", "-c", ckpt, "--file", str(tmp_path / "in.txt")]
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"好棒赞 {i}\n" for i in range(40)), encoding="utf-8")
+    # Every encoded batch takes 0.3 s here (a real model's pace): the run lasts past the bar's half-second delay.
+    code = ("import sys, time\nfrom pipeline.encoder import Encoder\nencode = Encoder.encode\n"
+            "def slow(self, texts, on_progress=None, **kw):\n"
+            "    return encode(self, texts, on_progress=lambda n: (time.sleep(0.3), on_progress and on_progress(n)), **kw)\n"
+            "Encoder.encode = slow\nfrom pipeline.cli import main\n"
+            f"sys.argv = ['bertcache', 'predict', '-c', {ckpt!r}, '--file', {str(texts)!r}, '--batch-tokens', '64']\n"
+            "main()\n")
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
-    with open(tmp_path / "out.txt", "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=slave, stdin=subprocess.DEVNULL, env=child_env(),
-                                close_fds=True)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's size: tqdm draws in it
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=slave, env=child_env(), close_fds=True)
     os.close(slave)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(master)
-    assert proc.wait(timeout=120) == 0, seen[-500:]
-    distinct = len(set(texts))
-    assert b"predict: 100%" in seen and f"{distinct}/{distinct}".encode() in seen, seen[-300:]
-    assert len((tmp_path / "out.txt").read_text(encoding="utf-8").splitlines()) == len(texts)
-    piped = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), stdin=subprocess.DEVNULL)
-    assert piped.returncode == 0 and "predict:" not in piped.stderr and len(piped.stdout.splitlines()) == len(texts)
+    chunks = []
+
+    def drain():  # read the terminal as it is written, or the child blocks on a full pty
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        out = proc.communicate(timeout=300)[0].decode()
+        reader.join(timeout=10)
+    finally:
+        proc.kill()
+        os.close(master)
+    seen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, seen[-2000:]
+    assert len(out.splitlines()) == 40 and "predict:" not in out
+    assert re.search(r"predict: +\d+%\|.*\d+/40 ", seen), seen[-2000:]
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from pipeline.poolings import build_features, pooling_features
 from pipeline.store import FeatureStore
 from pipeline.sweep import sweep
 from conftest import default_splits, write_split_files
-from helpers import run as cli_run
+from helpers import ok, run as cli_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PREFIX = "这"  # stored in the cache, applied again by predict
@@ -173,6 +173,16 @@ def test_sweep_cli_prints_the_table(cache3, tmp_path):
     assert json.loads(as_json.stdout)["label_names"] == ["0", "1"]
 
 
+def test_sweep_lines_name_the_score_as_the_table_does(cache3, tmp_path):
+    """The per-head lines say `val accuracy` as the table heading does; a logreg row has a C, not an epoch."""
+    result = cli_run("fit-head", "-f", cache3, "-o", tmp_path / "sw", "--sweep", "--sweep-poolings", "mean",
+                     "--sweep-heads", "logreg,linear", "--sweep-lrs", "1e-2", "--epochs", 3, "--sweep-folds", 1)
+    assert result.exit_code == 0, result.output
+    assert "val_accuracy" not in result.stderr and result.stderr.count(" val accuracy ") >= 2
+    logreg = next(line.split() for line in result.stdout.splitlines() if " logreg " in line)
+    assert logreg[-2] == "-", logreg  # the epoch column
+
+
 def test_default_sweep_grid_on_a_layered_cache(cache3, tmp_path):
     ckpt, ranked, _ = sweep(cache3, str(tmp_path / "sw"), heads=["linear"], lrs=[1e-2], weight_decays=[0.0],
                             epochs=2, progress=False, ensemble=False)
@@ -201,6 +211,46 @@ def test_curves_and_confusion_pngs(cache3, tmp_path):
     assert result.exit_code == 0, result.output
     assert open(png, "rb").read(8) == PNG and "accuracy" in result.stdout
     assert [p for p in os.listdir(png.parent)] == ["confusion.png"]
+
+
+@pytest.mark.skipif(not plots.available(), reason="matplotlib (extra `plots`) not installed")
+def test_confusion_png_finds_a_cjk_font_installed_after_matplotlibs_font_cache(monkeypatch, capsys):
+    """matplotlib caches its font list once: a CJK font installed since (as the hint says to) is still used."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    def family(path):
+        try:
+            return font_manager.ttfFontProperty(font_manager.get_font(path)).name
+        except Exception:
+            return None
+
+    if not any(family(p) in plots.CJK_FONTS for p in font_manager.findSystemFonts()):
+        pytest.skip("no CJK font installed")
+    manager = font_manager.fontManager
+    monkeypatch.setattr(manager, "ttflist", [f for f in manager.ttflist if f.name not in plots.CJK_FONTS])
+    monkeypatch.setitem(matplotlib.rcParams, "font.sans-serif", list(matplotlib.rcParams["font.sans-serif"]))
+    assert plots._drawable(["正向", "负向"]) == ["正向", "负向"]
+    assert matplotlib.rcParams["font.sans-serif"][0] in plots.CJK_FONTS
+    assert "no installed font" not in capsys.readouterr().err
+
+
+def test_evaluate_tables_align_wide_class_names(named_checkpoint):
+    """Chinese class names take two terminal columns a character: the tables stay aligned on a terminal."""
+    import re
+    import unicodedata
+
+    def cells(text):
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+    lines = ok("evaluate", "-c", named_checkpoint).stdout.splitlines()
+    table = lines[1:lines.index("confusion matrix (rows: truth, columns: predicted)")]
+    assert len(table) == 3 and "负向评价" in table[1]
+    starts = {cells(line[:re.search(r"precision|\d", line).start()]) for line in table}
+    assert len(starts) == 1, table  # every row's first number under `precision`
+    matrix = lines[len(table) + 2:len(table) + 5]
+    assert matrix[0].split() == ["负向评", "正向评"]  # the columns are named (cut to their 6 terminal columns)
+    assert len({cells(line) for line in matrix}) == 1, matrix  # right-aligned columns: rows end together
 
 
 def test_commands_work_without_matplotlib(cache3, tmp_path, monkeypatch):
@@ -291,3 +341,56 @@ def test_a_train_split_of_one_class_is_refused(tiny_model, tmp_path):
         one_line_error(run("fit-head", "-f", cache, "-o", tmp_path / "ck", *extra), "one class only ('pos')",
                        exit_code=2)
         assert not os.path.exists(tmp_path / "ck")
+
+
+def test_sweep_draws_no_bar_into_a_log_file(cache3, tmp_path):
+    """stderr not a terminal (CliRunner's): the per-head lines only, no bar frames or blanked lines between them."""
+    result = cli_run("fit-head", "-f", cache3, "-o", tmp_path / "sw", "--sweep", "--sweep-poolings", "mean",
+                     "--sweep-heads", "linear", "--sweep-lrs", "1e-2,1e-3", "--epochs", 2, "--sweep-folds", 1)
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.stderr and "head/s" not in result.stderr
+    assert result.stderr.count(" val accuracy ") >= 2
+
+
+def test_fit_head_says_when_validation_is_held_out_of_train(tiny_model, tmp_path):
+    """No validation split: the 'val' figures are on 10% of train, and fit-head says so before printing them."""
+    splits = default_splits(n_train=60, n_val=0, n_test=20)
+    splits.pop("validation", None)
+    cache = bc.extract(tiny_model, write_split_files(str(tmp_path / "d"), "jsonl", splits), str(tmp_path / "f.h5"),
+                       precision="fp32", progress=False)
+    result = cli_run("fit-head", "-f", cache, "-o", tmp_path / "ck", "--epochs", 2)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == "validation: 10% of train held out (no labelled validation split)"
+    swept = cli_run("fit-head", "-f", cache, "-o", tmp_path / "sw", "--sweep", "--sweep-heads", "linear",
+                    "--sweep-poolings", "mean", "--sweep-lrs", "1e-2", "--epochs", 2, "--sweep-folds", 1)
+    assert swept.exit_code == 0 and "validation: 10% of train held out" in swept.stderr, swept.output
+    with_val = cli_run("fit-head", "-f", cache, "-o", tmp_path / "sw5", "--sweep", "--sweep-heads", "linear",
+                       "--sweep-poolings", "mean", "--sweep-lrs", "1e-2", "--epochs", 2, "--sweep-folds", 2)
+    assert with_val.exit_code == 0 and "held out" not in with_val.stderr  # folds of train + validation: no hold-out
+
+
+@pytest.mark.skipif(not plots.available(), reason="matplotlib (extra `plots`) not installed")
+def test_logreg_curves_are_plotted_against_c(monkeypatch, tmp_path):
+    """A logreg head's history is one fit per C: curves.png's x axis is C, not an 'epoch' that numbers the grid."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    history = [{"epoch": i + 1, "C": c, "train_loss": 1 - i / 10, "train_accuracy": 0.5 + i / 10, "val_loss": 0.9,
+                "val_accuracy": 0.6, "iterations": 9} for i, c in enumerate([0.01, 0.1, 1.0])]
+    plots.curves_png(history, 2, str(tmp_path / "curves.png"))
+    loss = figures[0].axes[0]
+    assert loss.get_xscale() == "log" and loss.get_xlabel().startswith("C ")
+    assert list(loss.lines[0].get_xdata()) == [0.01, 0.1, 1.0]
+    assert "best C 0.1" in [t.get_text() for t in loss.get_legend().get_texts()]
+    plots.curves_png([{**h, "C": None} for h in history], 2, str(tmp_path / "curves.png"))  # epochs: as before
+    assert figures[1].axes[0].get_xlabel() == "epoch" and figures[1].axes[0].get_xscale() == "linear"
+    for fig in figures:
+        plots._pyplot().close(fig)
+
+
+@pytest.mark.skipif(not plots.available(), reason="matplotlib (extra `plots`) not installed")
+def test_confusion_png_without_a_cjk_font_names_its_file_and_the_ids(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(plots, "CJK_FONTS", ("No Such Font",))
+    report = {"confusion_matrix": [[3, 1], [0, 4]], "label_names": ["负向", "正向"], "accuracy": 0.875, "n": 8}
+    plots.confusion_png(report, str(tmp_path / "cm.png"))
+    err = capsys.readouterr().err
+    assert err.startswith(f"{tmp_path / 'cm.png'}: no installed font") and "class 0 to class 1" in err

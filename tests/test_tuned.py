@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,6 +223,16 @@ def test_tuning_finds_the_model_a_relative_reference_named(tiny_model, data, tmp
     monkeypatch.chdir(tmp_path)  # no ./model here
     ckpt, _ = fit_tuned(cache, 1, str(tmp_path / "ck"), pooling="cls", head="logreg", epochs=1, precision="fp32")
     assert os.path.isfile(os.path.join(ckpt, "best.top.safetensors"))
+
+
+def test_tuning_shows_a_bar_per_epoch_and_not_transformers_loading_bar(cache, tmp_path, capfd):
+    """An epoch over real states takes minutes: a bar over its steps; loading the layers draws no bar of its own."""
+    lines = []
+    fit_tuned(cache, 1, str(tmp_path / "ck"), epochs=1, batch_tokens=512, precision="fp32", device="cpu",
+              log=lines.append, progress=True)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err
+    assert re.search(r"epoch 1: +\d+%\|.*step/s", err) and any(line.startswith("epoch 1: train loss") for line in lines)
 
 
 def test_tune_layers_takes_the_heads_options_and_prints_strict_json(cache, tmp_path):
