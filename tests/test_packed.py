@@ -85,6 +85,26 @@ def test_packed_matches_padded_fp32(family_model, device):
             np.testing.assert_allclose(a["mean"][i], ref.mean(0).numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-6), ("bf16", 2e-4)])
+def test_rows_padded_for_the_linears_change_nothing(family_model, precision, tol, monkeypatch):
+    """On the CPU the Linears see a batch's rows padded to a multiple of ROW_MULTIPLE (oneDNN keeps kernels per
+    shape: fewer shapes, less memory); the pad rows must not reach a real token's states."""
+    import pipeline.packed as P
+
+    enc = Encoder(family_model, device="cpu", precision=precision, layers=3, batch_tokens=256)
+    ids = ragged_ids(enc)
+    for seqs in (ids, ids[:1], ids[4:6]):  # ragged, one text, two short ones (far from a multiple)
+        p = Packing.of(seqs)
+        with torch.inference_mode(), enc._autocast():
+            padded = enc.packed.forward(p, [0, 1, 2, 3])
+            monkeypatch.setattr(P, "ROW_MULTIPLE", 1)
+            plain = enc.packed.forward(p, [0, 1, 2, 3])
+            monkeypatch.setattr(P, "ROW_MULTIPLE", 32)
+        assert sum(map(len, seqs)) % 32 and all(h.shape[0] == sum(map(len, seqs)) for h in padded.values())
+        for layer in plain:
+            np.testing.assert_allclose(padded[layer].float().numpy(), plain[layer].float().numpy(), atol=tol, rtol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("attention", ["auto", "sdpa", "matmul", "varlen"])
 def test_packed_matches_padded_bf16(family_model, device, attention):
