@@ -320,7 +320,8 @@ def _report(path, metrics, as_json):
     done = ("ensemble" if metrics["best_epoch"] is None
             else f"best C {best['C']:g} of {metrics['epochs_run']} fit" if best.get("C") is not None  # logreg
             else f"best epoch {metrics['best_epoch']}/{metrics['epochs_run']}")
-    line = f"{done} ({metrics['seconds']:.2f}s): {score.replace('_', ' ')} {best[score]:.4f} loss {best['val_loss']:.4f}"
+    took = "" if metrics["best_epoch"] is None else f" ({metrics['seconds']:.2f}s)"  # an ensemble's: its picking's
+    line = f"{done}{took}: {score.replace('_', ' ')} {best[score]:.4f} loss {best['val_loss']:.4f}"
     if "test" in metrics:
         line += "; test " + _summary(metrics["test"], metrics["task"])
     click.echo(line)

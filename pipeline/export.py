@@ -78,7 +78,7 @@ def export(checkpoint: str, out: str, *, format: str = "onnx", model: str | None
     config = read_config(checkpoint, allow_pickle)
     check_out(out, kind="export", source=checkpoint)
     if config.get("tuned"):
-        raise UserError(f"{checkpoint} tunes the encoder's top {config['tuned']['k']} layers; export covers heads over "
+        raise UserError(f"{checkpoint} tunes the encoder's top {config['tuned']['k']} layer(s); export covers heads over "
                         "the frozen encoder only (serve it with `bertcache serve`)")
     enc = config["encoder"]
     blocking = [what for what, beyond in (

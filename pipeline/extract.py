@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,6 +17,7 @@ from .store import TEXTS, StoreWriter
 from .tasks import DEFAULT_TASK
 
 CHUNK_ROWS = 2048  # rows per write; also the most work a killed run loses
+SAY_AFTER_SECONDS = 2.0  # reading the data took longer: say what was read (a million texts: seconds of silence)
 PAIR_MODES = ("bi", "cross")  # sentence pairs: each text encoded apart (u, v), or both through the encoder at once
 
 
@@ -127,8 +129,12 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     log = log or (lambda msg: None)
     if pair_mode not in PAIR_MODES:
         raise UserError(f"unknown --pair-mode {pair_mode!r}; use bi or cross")
+    started = time.perf_counter()
     corpus = corpus or load_corpus(data, text_column, label_column, label_names, task=task, label_sep=label_sep,
                                    text_pair_column=text_pair_column)
+    if time.perf_counter() - started >= SAY_AFTER_SECONDS:  # a big corpus: say what was read before the bar
+        log(f"read {corpus.source}: " + ", ".join(f"{name} {len(s.texts):,}" for name, s in corpus.splits.items())
+            + f" rows in {time.perf_counter() - started:.1f}s; loading the encoder")
     for note in corpus.notes:
         log(note)
     for name, n in corpus.skipped.items():
@@ -163,6 +169,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         check_supported(encoder.config, states)
         states_storage(states_dtype)
         settings["states"] = {"layer": encoder.num_layers - states, "k": states, "dtype": states_dtype}
+        if sum(len(s.texts) for s in corpus.splits.values()) >= 100_000:  # ~40 s per million texts
+            log("counting every text's tokens for the states' layout")
         for name, s in corpus.splits.items():  # the layout is allocated up front: every text's token count
             splits[name]["token_lengths"] = np.fromiter(
                 (len(ids) for a in range(0, len(s.texts), 8192) for ids in encoder.tokenize(list(s.texts[a:a + 8192]))),

@@ -143,7 +143,7 @@ def as_text(info: dict) -> list[str]:
         if info.get("tuned"):
             t = info["tuned"]
             # the states it reads (evaluate's cache): they enter the cached K layers, which can be more than the tuned k
-            lines.append(f"  tuned        the encoder's top {t['k']} layers (trained over the cached states of "
+            lines.append(f"  tuned        the encoder's top {t['k']} layer{'s' if t['k'] != 1 else ''} (trained over the cached states of "
                          f"hidden_states[{t['states_layer']}]); the layers below are frozen")
         if info["best"]:
             from .tasks import SCORE

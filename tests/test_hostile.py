@@ -89,6 +89,24 @@ def test_blank_texts_are_skipped_counted_on_stderr_and_rows_kept(tiny_model, tmp
         assert f["train/row"][:].tolist() == [i for i in range(12) if i not in (3, 7, 9)]
 
 
+def test_a_slow_read_is_said_before_the_encoder_loads(tiny_model, tmp_path, monkeypatch):
+    """A million texts take seconds to read: extract says what it read then, not only once the layout is written."""
+    import importlib
+
+    X = importlib.import_module("pipeline.extract")  # the module: pipeline.extract is also the function's name
+    data = write_rows(tmp_path / "d", {"train": make_texts(12, seed=1), "test": make_texts(5, seed=2)})
+    said = []
+    monkeypatch.setattr(X, "SAY_AFTER_SECONDS", 0.0)
+    bc.extract(tiny_model, data, str(tmp_path / "f.h5"), precision="fp32", progress=False, log=said.append)
+    reads = [line for line in said if line.startswith("read ")]
+    assert len(reads) == 1 and "train 12, test 5 rows in" in reads[0] and reads[0].endswith("loading the encoder")
+    assert said.index(reads[0]) < next(i for i, line in enumerate(said) if line.startswith("writing "))
+    monkeypatch.setattr(X, "SAY_AFTER_SECONDS", 60.0)
+    said.clear()
+    bc.extract(tiny_model, data, str(tmp_path / "g.h5"), precision="fp32", progress=False, log=said.append)
+    assert not any(line.startswith("read ") for line in said)  # a quick read says nothing more
+
+
 BLANKS = ["", " ", "\t\n", "\u3000", "\u200b", "\ufeff", "\u00ad", "\u200d\u200e \u2060", "\x1c\x85\u2028"]
 TRICKY = BLANKS + ["好", "\u200b好", "a\u200b", "\u3000 x", "。", "\U0001F600", "\u200bz\u200b"]
 

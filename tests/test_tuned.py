@@ -118,7 +118,7 @@ def test_tuned_checkpoint_predict_equals_cached_states(tuned, data, cache):
     live = bc.Predictor(ckpt, device="cpu").predict_proba(load_corpus(data).splits["test"].texts)
     np.testing.assert_allclose(live, cached, atol=1e-5)
     assert bc.evaluate(ckpt)["accuracy"] == metrics["test"]["accuracy"]
-    assert any("top 1 layers" in line for line in as_text(describe(ckpt)))
+    assert any("top 1 layer " in line for line in as_text(describe(ckpt)))
 
 
 def test_info_names_the_states_a_tuned_checkpoint_reads(tuned):
@@ -127,7 +127,7 @@ def test_info_names_the_states_a_tuned_checkpoint_reads(tuned):
     ckpt, _ = tuned
     assert describe(ckpt)["tuned"] == {"k": 1, "layer": 2, "states_layer": 1}
     line = next(line for line in as_text(describe(ckpt)) if line.lstrip().startswith("tuned"))
-    assert "the encoder's top 1 layers (trained over the cached states of hidden_states[1])" in line
+    assert "the encoder's top 1 layer (trained over the cached states of hidden_states[1])" in line
 
 
 def test_tuning_changes_only_the_tuned_layer(tuned, tiny_model):
@@ -185,7 +185,7 @@ def test_init_refuses_a_head_refit_on_validation(cache, tmp_path):
 
 def test_tuned_checkpoints_are_not_exported_nor_taken_as_init(tuned, cache, tmp_path):
     ckpt, _ = tuned
-    one_line_error(cli_run("export", "-c", ckpt, "-o", tmp_path / "exp"), "tunes the encoder's top 1 layers")
+    one_line_error(cli_run("export", "-c", ckpt, "-o", tmp_path / "exp"), "tunes the encoder's top 1 layer(s)")
     one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--init", ckpt, "-o", tmp_path / "x"),
                    "is a tuned checkpoint")
     one_line_error(cli_run("fit-head", "-f", cache, "--tune-layers", "1", "--init", ckpt, "--pooling", "cls",
