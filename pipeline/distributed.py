@@ -108,7 +108,12 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         extract_one(model, data, shard_path(out, rank, size), corpus=shard_corpus(corpus, rank, size),
                     encoder=encoder, store_dtype=store_dtype, restart=restart,
                     progress=progress and rank == 0, **kwargs)
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError as e:  # a rank that stopped (with its own error line) closed its connections
+            raise UserError(f"rank {rank} finished its shard {shard_path(out, rank, size)}, but another rank stopped "
+                            "before finishing its own (its error is above); fix that and run the same command "
+                            "again (complete shards are kept)") from e
         _agreed(lambda: _join(out, size, corpus, specs, settings, store_dtype) if rank == 0 else None)
     finally:
         if own_group:

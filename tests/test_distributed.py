@@ -109,3 +109,32 @@ def test_torchrun_two_ranks_join_equals_single_process_extract(tiny_model, tmp_p
     result = _torchrun([*args[:-1], 1], tmp_path, ok=False)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "different settings" in errors[0] and "--restart" in errors[0]
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_stops_every_rank_with_one_line_each(tiny_model, tmp_path):
+    # Rank 1's shard exists, made with other settings: rank 1 refuses it at once, while rank 0 encodes its
+    # shard and then waits at the barrier for it. Started without torchrun's agent (which would SIGTERM
+    # rank 0), rank 0 must still end by itself, with a line of its own rather than gloo's RuntimeError.
+    import socket
+    data = write_split_files(str(tmp_path / "data"), "jsonl", {"train": make_texts(6, seed=1)})
+    out = tmp_path / "f.h5"
+    bc.extract(tiny_model, data, str(out) + ".shard-1-of-2.h5", precision="fp32", device="cpu", layers=2,
+               progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--model", tiny_model, "--data", data,
+                               "--out", str(out), "--device", "cpu", "--precision", "fp32"], cwd=tmp_path,
+                              env=child_env(OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stderr.close()
+    for code, stderr in results:
+        assert code == 2, stderr[-2000:]
+        assert len([line for line in stderr.splitlines() if "error:" in line]) == 1, stderr[-2000:]
+        assert "Traceback" not in stderr and "unexpected" not in stderr, stderr[-2000:]
+    assert "different settings" in results[1][1]
+    assert "another rank stopped" in results[0][1]
