@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from datetime import timedelta
 
 import h5py
@@ -22,7 +23,7 @@ import numpy as np
 from .data import Corpus, load_corpus
 from .encoder import DEFAULT_MAX_LENGTH, Encoder
 from .errors import UserError, write_error
-from .extract import cache_settings, default_features_path, extract as extract_one, split_specs
+from .extract import cache_settings, default_features_path, extract as extract_one, say_read, split_specs
 from .fingerprints import cache_fingerprint
 from .store import FeatureStore, StoreWriter
 
@@ -57,7 +58,7 @@ def shard_corpus(corpus: Corpus, rank: int, size: int) -> Corpus:
     for name, s in corpus.splits.items():
         lo, hi = shard_range(len(s.texts), rank, size)
         splits[name] = dataclasses.replace(s, texts=s.texts[lo:hi], labels=s.labels[lo:hi], rows=s.rows[lo:hi])
-    return dataclasses.replace(corpus, splits=splits, skipped={})
+    return dataclasses.replace(corpus, splits=splits, skipped={}, notes=[])  # rank 0 says them, once
 
 
 def extract(model: str, data: str, out: str | None = None, *, text_column: str = "text",
@@ -76,8 +77,11 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     if kwargs.pop("text_pair_column", None):
         raise UserError("sentence pairs (--text-pair-column) are extracted in one process; run without torchrun")
     kwargs.pop("pair_mode", None)
+    started = time.perf_counter()
     corpus = load_corpus(data, text_column, label_column, label_names, task=kwargs.pop("task", None),
                          label_sep=kwargs.pop("label_sep", None))
+    if rank == 0:  # each shard's own run sees no blank texts (the corpus' are skipped before it is cut)
+        say_read(corpus, time.perf_counter() - started, kwargs.get("log") or (lambda msg: None))
     encoder = Encoder(model, device=device, precision=precision, max_length=max_length, prefix=prefix,
                       layers=layers, revision=revision, batch_tokens=batch_tokens, instruction=instruction,
                       workers=kwargs.pop("workers", None), packing=kwargs.pop("packing", "auto"),
@@ -104,6 +108,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         else:
             _agreed(lambda: None)
         if _broadcast(done):
+            if rank == 0 and kwargs.get("log"):
+                kwargs["log"](f"{out} is already complete")
             return out
         extract_one(model, data, shard_path(out, rank, size), corpus=shard_corpus(corpus, rank, size),
                     encoder=encoder, store_dtype=store_dtype, restart=restart,

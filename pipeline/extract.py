@@ -132,14 +132,7 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
     started = time.perf_counter()
     corpus = corpus or load_corpus(data, text_column, label_column, label_names, task=task, label_sep=label_sep,
                                    text_pair_column=text_pair_column)
-    if time.perf_counter() - started >= SAY_AFTER_SECONDS:  # a big corpus: say what was read before the bar
-        log(f"read {corpus.source}: " + ", ".join(f"{name} {len(s.texts):,}" for name, s in corpus.splits.items())
-            + f" rows in {time.perf_counter() - started:.1f}s; loading the encoder")
-    for note in corpus.notes:
-        log(note)
-    for name, n in corpus.skipped.items():
-        if n:
-            log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty, whitespace or invisible characters only)")
+    say_read(corpus, time.perf_counter() - started, log)
     out = out or default_features_path(model, data)
     check_new_file(out)
     encoder = encoder or Encoder(model, device=device, precision=precision, max_length=max_length,
@@ -203,6 +196,19 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         log(truncation_note(encoder.truncated, encoder.max_length, unit) + " (--long-texts chunk encodes them whole)")
     writer.finish()
     return out
+
+
+def say_read(corpus: Corpus, seconds: float, log) -> None:
+    """Through `log`: what was read when reading was slow (a big corpus: before the bar), the corpus' notes and
+    the blank texts skipped per split."""
+    if seconds >= SAY_AFTER_SECONDS:
+        log(f"read {corpus.source}: " + ", ".join(f"{name} {len(s.texts):,}" for name, s in corpus.splits.items())
+            + f" rows in {seconds:.1f}s; loading the encoder")
+    for note in corpus.notes:
+        log(note)
+    for name, n in corpus.skipped.items():
+        if n:
+            log(f"split {name!r}: skipped {n} blank text{'s' if n > 1 else ''} (empty, whitespace or invisible characters only)")
 
 
 def cache_settings(encoder: Encoder, task: str, pair_mode: str | None) -> dict:

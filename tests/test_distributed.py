@@ -138,3 +138,28 @@ def test_a_rank_that_fails_stops_every_rank_with_one_line_each(tiny_model, tmp_p
         assert "Traceback" not in stderr and "unexpected" not in stderr, stderr[-2000:]
     assert "different settings" in results[1][1]
     assert "another rank stopped" in results[0][1]
+
+
+def test_a_distributed_extract_says_what_one_process_says_of_the_corpus(tiny_model, tmp_path, monkeypatch):
+    # The blank texts skipped and the corpus' notes, once (rank 0), as a one-process extract says them; then
+    # "already complete". A world of one rank, in this process: distributed.extract as a torchrun rank runs it.
+    import socket
+    from pipeline import distributed
+    rows = make_texts(6, seed=3)
+    rows[2] = ("   ", 1)
+    data = write_split_files(str(tmp_path / "data"), "jsonl", {"train": rows, "test": make_texts(3, seed=4)})
+    with open(os.path.join(data, "test.jsonl"), "w", encoding="utf-8") as f:  # no label column: a note
+        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t, _ in make_texts(3, seed=4))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    for run in range(2):
+        said = []
+        distributed.extract(tiny_model, data, str(tmp_path / "f.h5"), device="cpu", precision="fp32",
+                            progress=False, log=said.append)
+        assert len([m for m in said if "skipped 1 blank text" in m]) == 1, said
+        assert len([m for m in said if m.startswith("note:") and "no label column" in m]) == 1, said
+    assert said[-1].endswith("f.h5 is already complete"), said
