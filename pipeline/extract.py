@@ -252,7 +252,8 @@ def bi_layout(corpus: Corpus) -> tuple[Corpus, dict[str, dict]]:
 def first_occurrence(texts_per_split) -> np.ndarray:
     """For every text (splits concatenated), the index of the first text with the same hash.
 
-    Arrays rather than a dict of texts: 24 bytes per text instead of ~100, for corpora of millions.
+    Arrays rather than a dict of texts, for corpora of millions: 8 bytes per text kept (the result), about
+    48 while the hashes are sorted, instead of ~100 for a dict.
     Equal texts always share a hash; a caller checks the texts are equal before copying vectors.
     """
     hashes = np.fromiter((hash(t) for texts in texts_per_split for t in texts), dtype=np.int64)
