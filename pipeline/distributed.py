@@ -170,20 +170,33 @@ def _join(out: str, size: int, corpus: Corpus, specs: dict, settings: dict, stor
 
 
 TEXT_DATASETS = ("text_utf8", "text_offsets")
+TEXT_PIECE = 1 << 26  # bytes the join copies at a time: rank 0 never holds every shard's texts at once
 
 
 def _join_texts(group, shard_files: list[str], split: str) -> None:
-    """The shards' texts copied into one real pair of datasets (a shard's offsets shifted by the bytes before it):
-    variable-length rows do not map onto a virtual layout, and the texts are small next to the vectors."""
-    offsets, blobs, base = [np.zeros(1, dtype=np.int64)], [], 0
+    """The shards' texts copied into one real pair of datasets (a shard's offsets shifted by the bytes before it),
+    a piece at a time: variable-length rows do not map onto a virtual layout, and the texts are small next to
+    the vectors, though not next to memory (100M short texts are 10-20 GB)."""
+    sizes = []
     for file in shard_files:
         with h5py.File(file, "r") as shard:
-            o, data = shard[split]["text_offsets"][:], shard[split]["text_utf8"][:]
-        offsets.append(o[1:] + base)
-        blobs.append(data)
-        base += int(o[-1])
-    group.create_dataset("text_offsets", data=np.concatenate(offsets))
-    group.create_dataset("text_utf8", data=np.concatenate(blobs) if blobs else np.zeros(0, np.uint8))
+            offsets = shard[split]["text_offsets"]
+            sizes.append((len(offsets) - 1, int(offsets[-1])))
+    offsets = group.create_dataset("text_offsets", shape=(1 + sum(n for n, _ in sizes),), dtype=np.int64)
+    data = group.create_dataset("text_utf8", shape=(sum(b for _, b in sizes),), dtype=np.uint8)
+    offsets[0] = 0
+    row = base = 0
+    for file, (n, size) in zip(shard_files, sizes):
+        with h5py.File(file, "r") as shard:
+            o, d = shard[split]["text_offsets"], shard[split]["text_utf8"]
+            step = max(1, TEXT_PIECE // 8)
+            for a in range(0, n, step):
+                b = min(a + step, n)
+                offsets[row + 1 + a:row + 1 + b] = o[1 + a:1 + b] + base
+            for a in range(0, size, TEXT_PIECE):
+                b = min(a + TEXT_PIECE, size)
+                data[base + a:base + b] = d[a:b]
+        row, base = row + n, base + size
 
 
 def write_joined(path: str, shards: list[dict], splits: dict[str, dict], fingerprint: str) -> None:

@@ -163,3 +163,35 @@ def test_a_distributed_extract_says_what_one_process_says_of_the_corpus(tiny_mod
         assert len([m for m in said if "skipped 1 blank text" in m]) == 1, said
         assert len([m for m in said if m.startswith("note:") and "no label column" in m]) == 1, said
     assert said[-1].endswith("f.h5 is already complete"), said
+
+
+def test_the_join_copies_the_shards_texts_a_piece_at_a_time(tiny_model, tmp_path, monkeypatch):
+    # 100M short texts are 10-20 GB: rank 0 must not read every shard's texts into memory (twice) to join them.
+    import random
+    import tracemalloc
+    from pipeline import distributed
+    from pipeline.data import load_corpus
+    from pipeline.extract import split_specs
+    rng = random.Random(0)
+    chars = "这个东西我们买了一次觉得真的很还是不可以好棒赞喜欢满意推荐快美差烂坏慢贵失望退糟破"
+    rows = [("".join(rng.choice(chars) for _ in range(1000)), i % 2) for i in range(120)]
+    data = write_split_files(str(tmp_path / "data"), "jsonl", {"train": rows})
+    corpus = load_corpus(data)
+    out = str(tmp_path / "f.h5")
+    shards = []
+    for rank in range(2):
+        path = distributed.shard_path(out, rank, 2)
+        bc.extract(tiny_model, data, path, corpus=distributed.shard_corpus(corpus, rank, 2), precision="fp32",
+                   device="cpu", max_length=8, progress=False)
+        shards.append({"file": os.path.basename(path), "rows": {"train": list(distributed.shard_range(120, rank, 2))}})
+    total = sum(len(t.encode("utf-8")) for t, _ in rows)  # 360 kB
+    monkeypatch.setattr(distributed, "TEXT_PIECE", 4096, raising=False)
+    tracemalloc.start()
+    try:
+        distributed.write_joined(out, shards, split_specs(corpus), "f")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < total / 4, (peak, total)
+    with FeatureStore(out) as store:
+        assert store.texts("train") == [t for t, _ in rows]
