@@ -104,7 +104,8 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
             done = _agreed(lambda: StoreWriter(
                 out, settings=settings, splits=specs, label_names=corpus.label_names,
                 feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size, source=corpus.source,
-                store_dtype=store_dtype).status == "complete")
+                store_dtype=store_dtype).status == "complete") and not _missing_shards(out)
+            # (a joined <out> that lost a shard is joined again, once the lost shard is encoded again)
         else:
             _agreed(lambda: None)
         if _broadcast(done):
@@ -125,6 +126,14 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         if own_group:
             dist.destroy_process_group()
     return out
+
+
+def _missing_shards(path: str) -> list[str]:
+    """The shard files a joined `path` names that are not beside it ([] for a one-process cache)."""
+    with h5py.File(path, "r") as f:
+        shards = json.loads(f.attrs.get("shards", "[]"))
+    folder = os.path.dirname(os.path.abspath(path))
+    return [s["file"] for s in shards if not os.path.exists(os.path.join(folder, s["file"]))]
 
 
 def _broadcast(value):

@@ -184,7 +184,8 @@ class FeatureStore:
         if missing:
             self.file.close()
             raise UserError(f"{path} is joined from shard files that are missing ({', '.join(missing)}); "
-                            "keep the .shard-* files in the same folder as the joined file")
+                            "keep the .shard-* files in the same folder as the joined file (a lost one: run the "
+                            "same torchrun extract again, which encodes it again)")
         try:
             problem = layout_problem(self.file, complete=True)
         except OSError as e:  # a damaged file can open and still fail on the first read

@@ -195,3 +195,29 @@ def test_the_join_copies_the_shards_texts_a_piece_at_a_time(tiny_model, tmp_path
     assert peak < total / 4, (peak, total)
     with FeatureStore(out) as store:
         assert store.texts("train") == [t for t, _ in rows]
+
+
+def test_running_again_encodes_a_lost_shard_and_joins_again(tiny_model, tmp_path, monkeypatch):
+    # The joined file stays, one of its shards is lost: the same command again encodes that shard (not
+    # "already complete" over a file every reader refuses). A world of one rank, in this process.
+    import socket
+    from pipeline import distributed
+    data = write_split_files(str(tmp_path / "data"), "jsonl", {"train": make_texts(6, seed=5)})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    out = str(tmp_path / "f.h5")
+    distributed.extract(tiny_model, data, out, device="cpu", precision="fp32", progress=False)
+    expected = _datasets(out)
+    os.remove(distributed.shard_path(out, 0, 1))
+    with pytest.raises(bc.UserError, match="missing"):
+        FeatureStore(out)
+    said = []
+    distributed.extract(tiny_model, data, out, device="cpu", precision="fp32", progress=False, log=said.append)
+    assert not any("already complete" in m for m in said), said
+    again = _datasets(out)
+    for key in expected:
+        np.testing.assert_array_equal(again[key], expected[key], err_msg=key)
