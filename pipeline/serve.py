@@ -53,6 +53,7 @@ INSTALL_HINT = "pip install 'bertcache[serve]'"
 LINGER_BYTES = 64 << 20
 LINGER_SECONDS = 10.0
 API_KEY_ENV = "BERTCACHE_API_KEY"
+MAX_PROBLEMS = 100  # problems listed in a 422's `errors` (its `detail` counts them all): 1 MB of unknown fields is 100k
 OPEN_PATHS = ("/health", "/")  # no key needed to GET: liveness, and the static demo page (its calls need the key)
 DEMO_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "demo.html")
 
@@ -465,7 +466,7 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
         takes = f'"{field}" (bertcache) or TEI\'s "inputs"'
     example = '[["...", "..."], ...]' if field == "pairs" else '["...", ...]'
     shape = f'send a JSON object {{"{field}": {example}}} with Content-Type: application/json'
-    problems, status = [], 422
+    problems, status, seen = [], 422, set()
     # A field that may be a string or a list (TEI's inputs, OpenAI's input) fails once per union branch: keep
     # the branches that got past the type check, when one did (a blank text, too many texts), over "not a string".
     errors = list(errors)
@@ -522,14 +523,15 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
             msg = f"{where} is not valid Unicode (it holds a lone surrogate escape such as \\ud800)"
         else:
             msg = f"{where}: {err.get('msg')}"
-        if {"loc": loc, "msg": msg} not in problems:  # two union branches can fail alike ("inputs": [])
+        if (tuple(loc), msg) not in seen:  # two union branches can fail alike ("inputs": []); a set: a body of
+            seen.add((tuple(loc), msg))   # 100k unknown fields is 100k errors, and a list's `in` took minutes
             problems.append({"loc": loc, "msg": msg})
     if not problems:
         problems.append({"loc": [], "msg": f"invalid request: {shape}"})
     detail = problems[0]["msg"]
     if len(problems) > 1:
         detail += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
-    return status, detail, problems
+    return status, detail, problems[:MAX_PROBLEMS]
 
 
 def place(loc) -> str:

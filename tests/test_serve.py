@@ -159,6 +159,23 @@ def test_malformed_bodies(predictor, content, headers, status, words):
         assert w in r.json()["detail"]
 
 
+def test_a_body_of_many_unknown_fields_is_answered_at_once():
+    """1 MB of `"kN": 1` is ~100k unknown fields, one validation error each: their messages were deduplicated
+    with a list's `in` (quadratic: minutes of the event loop, every other request waiting); the answer lists
+    the first MAX_PROBLEMS and counts the rest."""
+    import time
+
+    from pipeline.serve import MAX_PROBLEMS, describe_validation_errors
+    n = 30_000
+    errors = [{"type": "extra_forbidden", "loc": ("body", "bertcache", f"k{i}"), "msg": "Extra inputs are not permitted",
+               "input": 1} for i in range(n)]
+    start = time.perf_counter()
+    status, detail, problems = describe_validation_errors(errors, 64, 2000)
+    assert time.perf_counter() - start < 5  # about 0.2 s; the list took over a minute
+    assert status == 422 and f"(and {n - 1} more problems)" in detail
+    assert len(problems) == MAX_PROBLEMS and problems[0] == {"loc": ["k0"], "msg": problems[0]["msg"]}
+
+
 def test_body_size_is_checked_before_parsing(predictor):
     big = json.dumps({"texts": ["好"] * 200})  # 1.4 KB: over the 600-byte limit, and too many texts as well
     with client_for(predictor, **LIMITED) as client:
