@@ -21,6 +21,7 @@ import pytest
 import pipeline as bc
 from conftest import build_tiny_bert, default_splits, make_texts, write_split_files
 from helpers import child_env, one_line_error, run
+from pipeline.store import FeatureStore
 
 FAST = ["--device", "cpu", "--precision", "fp32"]
 
@@ -294,6 +295,47 @@ def test_a_cache_whose_splits_disagree_is_refused(tiny_cache, tmp_path, damage):
     out = tmp_path / "ck"
     refused(run("fit-head", "-f", bad, "-o", out, "--epochs", 2), "not a consistent features file")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("trick", ["billions-of-rows", "external-file", "virtual-elsewhere"])
+def test_a_features_file_that_does_not_hold_its_own_bytes_is_refused(tiny_cache, tmp_path, trick):
+    """A features file handed over by someone else: a few KB that declare 2**44 rows (reading the labels
+    would take 128 TiB of memory), a dataset kept in any other file through HDF5's external storage (the
+    texts `info --rows` prints and `evaluate --errors` writes out, read from a secret), or rows mapped from
+    a file outside its folder. extract writes none of these: each is refused before anything is read."""
+    secret = tmp_path / "secret" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    bad = tmp_path / "bad.h5"
+    shutil.copy(tiny_cache, bad)
+    with h5py.File(bad, "r+") as f:
+        g = f["train"]
+        if trick == "billions-of-rows":
+            rows = 2 ** 44
+            for name in list(g):
+                d = g[name]
+                shape, dtype = d.shape, d.dtype
+                del g[name]
+                if name not in ("text_offsets", "text_utf8"):
+                    g.create_dataset(name, shape=(rows, *shape[1:]), dtype=dtype, chunks=(1024, *shape[1:]))
+            g.attrs["rows"] = g.attrs["rows_done"] = rows
+        elif trick == "external-file":
+            n, size = int(g.attrs["rows"]), secret.stat().st_size
+            del g["text_offsets"], g["text_utf8"]
+            g["text_offsets"] = np.r_[0, np.full(n, size)].astype(np.int64)
+            g.create_dataset("text_utf8", shape=(size,), dtype="uint8", external=[(str(secret), 0, h5py.h5f.UNLIMITED)])
+        else:
+            other = tmp_path / "secret" / "other.h5"
+            shutil.copy(tiny_cache, other)
+            shape = g["cls"].shape
+            del g["cls"]
+            layout = h5py.VirtualLayout(shape=shape, dtype="float32")
+            layout[:] = h5py.VirtualSource(str(other), "train/cls", shape=shape)
+            g.create_virtual_dataset("cls", layout)
+    words = {"billions-of-rows": "declares", "external-file": "kept in another file",
+             "virtual-elsewhere": "not of a shard file beside it"}[trick]
+    with pytest.raises(bc.UserError, match=f"not a consistent features file: split 'train': .*{words}"):
+        FeatureStore(str(bad))
 
 
 # -- the output folder ----------------------------------------------------------------------------
