@@ -616,6 +616,20 @@ def test_evaluate_refuses_a_cache_made_with_other_settings(tiny_cache, tiny_mode
     assert "model:" not in line and "model_fingerprint" not in line  # the same model, wherever it lies
 
 
+def test_a_checkpoint_config_describing_a_huge_head_is_refused_without_building_it(tiny_cache, tmp_path):
+    """config.json is a few bytes, the head it describes is built before the weights are compared with it:
+    a checkpoint from someone else could ask predict / serve / evaluate for any amount of memory (here 8 PiB;
+    16 GB filled the machine). The shapes are read on the meta device; the head is built after they match."""
+    ck, _ = bc.fit_head(tiny_cache, str(tmp_path / "ck"), epochs=2)
+    config = json.load(open(os.path.join(ck, "config.json")))
+    config["head"] = {"type": "mlp", "in_features": 2 ** 31, "num_classes": 2, "hidden": 2 ** 20}
+    json.dump(config, open(os.path.join(ck, "config.json"), "w"))
+    from pipeline.checkpoint import load_checkpoint
+    with pytest.raises(bc.UserError, match="does not hold the weights of the head config.json describes: "
+                                           r"net.0.bias missing \(expected \[1048576\]\)"):
+        load_checkpoint(ck)
+
+
 def _malicious_pickle(path, marker):
     import pickle
 
