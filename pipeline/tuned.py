@@ -281,7 +281,7 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
         # directory, a relative reference could name another model.
         path = resolve_model(model or locate_model(data.settings))
         hf_logging.disable_progress_bar()  # its "Loading weights" bar, as the encoder's loading shows none
-        base = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+        base = AutoModel.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=False)
         check_supported(base.config, k)
         t0 = time.perf_counter()
         if init_config is None:

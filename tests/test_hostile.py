@@ -563,6 +563,29 @@ def test_a_home_relative_model_and_data_and_a_damaged_wheel(tiny_model, tmp_path
         E.ensure_e5_small()
 
 
+def test_a_model_folder_with_its_own_code_is_refused_without_asking(tiny_model, tmp_path):
+    """A model folder from someone else whose config.json names its own code (auto_map, a model_type
+    transformers does not know): with trust_remote_code left unset, transformers asked "Do you wish to run
+    the custom code? [y/N]" (on stdin, a terminal or not) and `y` ran evil.py. bertcache says False."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.load(open(model / "config.json"))
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    json.dump(config, open(model / "config.json", "w"))
+    marker = tmp_path / "pwned"
+    (model / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                   "from transformers import BertConfig, BertModel\n"
+                                   "class EvilConfig(BertConfig):\n    model_type = 'evil'\n"
+                                   "class EvilModel(BertModel):\n    config_class = EvilConfig\n")
+    data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits(n_train=8, n_val=4, n_test=4))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "extract", "-m", str(model), "-d", data, "-o",
+                             str(tmp_path / "f.h5"), *FAST], input="y\n" * 8, env=child_env(HF_HUB_OFFLINE="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert not marker.exists()
+    assert result.returncode == 2 and "[y/N]" not in result.stdout + result.stderr, result.stderr[-2000:]
+    assert "contains custom code" in result.stderr and not (tmp_path / "f.h5").exists()
+
+
 def test_a_model_folder_without_weights_is_refused(tiny_model, tmp_path):
     model = tmp_path / "noweights"
     shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
