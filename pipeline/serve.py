@@ -447,6 +447,37 @@ class _BearerKey:
         await refuse(scope, receive, send, 401, detail, {"www-authenticate": "Bearer"})
 
 
+class LoopbackHost:
+    """ASGI middleware for a server on loopback without a key: a request whose Host header names another
+    machine is refused (400). Without it, any web page the user opens could reach the server by DNS
+    rebinding (its own name, resolved again to 127.0.0.1: the browser then counts the server as that page's
+    origin, and reads /predict and /info). Browsers always send Host; localhost, *.localhost and loopback
+    addresses pass."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"host")
+            if given is not None and not is_loopback_name(given.decode("latin-1")):
+                return await refuse(scope, receive, send, 400, (
+                    f"this server listens on loopback only, and Host {given.decode('latin-1')[:100]!r} is not this "
+                    f"machine: use http://127.0.0.1 or http://localhost (a proxy that forwards Host: serve with "
+                    f"--api-key)"))
+        return await self.app(scope, receive, send)
+
+
+def is_loopback_name(host: str) -> bool:
+    """Whether a Host header (with or without its port) names this machine: localhost, *.localhost, 127.x, [::1]."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [::1]:8000
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
+
+
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
                bool: "a boolean", type(None): "null", bytes: "not JSON"}
 
@@ -607,6 +638,8 @@ def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | N
     predictor = load_predictor(checkpoint, backend, model=model, device=device, weights=weights,
                                batch_tokens=batch_tokens, allow_pickle=allow_pickle, threads=threads)
     app = create_app(predictor, **app_options)
+    if is_loopback(host) and not app_options.get("api_key"):
+        app = LoopbackHost(app)
     bound_host, bound_port = sock.getsockname()[:2]
     if log:
         ui = "demo page at /, " if app_options.get("ui", True) else ""

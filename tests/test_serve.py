@@ -322,6 +322,31 @@ def test_serve_command_end_to_end(checkpoint, predictor):
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in stderr()
 
 
+@pytest.mark.slow
+def test_a_loopback_server_without_a_key_refuses_other_hosts(checkpoint):
+    """DNS rebinding: a web page at http://attacker.example:PORT whose name then resolves to 127.0.0.1 is, to
+    the browser, the same origin as the server, and could read /info and /predict. A loopback server without a
+    key answers only requests whose Host names this machine."""
+    from pipeline.serve import is_loopback_name
+
+    assert all(map(is_loopback_name, ["127.0.0.1:8000", "localhost", "LOCALHOST:1", "a.localhost", "[::1]:80", "::1"]))
+    assert not any(map(is_loopback_name, ["attacker.example:8000", "127.0.0.1.nip.io", "localhost.evil.com", "0.0.0.0"]))
+    proc, url, _ = start_server(checkpoint)
+    try:
+        port = url.rsplit(":", 1)[1]
+        for host, status in ((f"attacker.example:{port}", 400), (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200)):
+            req = urllib.request.Request(url + "/info", headers={"Host": host})
+            try:
+                got = urllib.request.urlopen(req, timeout=30).status
+            except urllib.error.HTTPError as e:
+                got = e.code
+                assert "loopback only" in json.load(e)["detail"]
+            assert got == status, host
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_schemathesis_finds_no_server_errors(predictor, mode):
     """Bodies generated from the served OpenAPI schema (fitting it, and breaking it) never get a 5xx."""
