@@ -190,9 +190,13 @@ def load_checkpoint(folder: str, weights: str = "best", device="cpu",
     if weights == "last" and config.get("head", {}).get("type") == "ensemble" and os.path.isdir(folder) \
             and not os.path.exists(os.path.join(folder, "last.safetensors")):
         weights = "best"  # an ensemble has no epochs: one state, saved as best
+    import torch
+
     path = _weights_file(folder, weights, allow_pickle)
-    try:
-        head = model_from_shape(config["head"], config.get("task", "classification"))
+    task = config.get("task", "classification")
+    try:  # shapes only (no memory): a config.json of a few bytes can describe a head of any size
+        with torch.device("meta"):
+            shaped = model_from_shape(config["head"], task)
     except (KeyError, TypeError) as e:
         raise UserError(f"{folder}/config.json does not describe a head (missing {e})") from e
     try:
@@ -201,12 +205,13 @@ def load_checkpoint(folder: str, weights: str = "best", device="cpu",
         raise
     except Exception as e:  # safetensors raises several types for corrupt files
         raise UserError(f"{path} does not hold this head's weights: {str(e).splitlines()[0]}") from e
-    want = {k: list(v.shape) for k, v in head.state_dict().items()}
+    want = {k: list(v.shape) for k, v in shaped.state_dict().items()}
     got = {k: list(v.shape) for k, v in state.items()}
     if want != got:
         diff = [f"{k} {got.get(k, 'missing')} (expected {want.get(k, 'none')})" for k in sorted(set(want) | set(got))
                 if want.get(k) != got.get(k)]
         raise UserError(f"{path} does not hold the weights of the head config.json describes: {'; '.join(diff[:4])}")
+    head = model_from_shape(config["head"], task)  # as large as the weights the file holds
     head.load_state_dict(state)
     return config, head.to(device).eval()
 

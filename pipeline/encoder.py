@@ -168,7 +168,10 @@ class Encoder:
         path = self.sentence.transformer if self.sentence else source.path
         hf_logging.set_verbosity_error()  # "some weights unused (pooler)" is noise for a frozen encoder
         hf_logging.disable_progress_bar()
-        where = {"revision": revision, **({"local_files_only": True} if source.offline else {})}
+        # trust_remote_code=False said, not left unset: unset, transformers asks on a terminal "Do you wish to run
+        # the custom code? [y/N]" for a folder whose config names its own code (auto_map), and y runs it
+        where = {"revision": revision, "trust_remote_code": False,
+                 **({"local_files_only": True} if source.offline else {})}
         try:
             self.tokenizer, self.tokenizer_class = load_tokenizer(path, **where)
         except Exception as e:  # OSError, ValueError, ...: transformers uses several for "cannot load"

@@ -53,6 +53,7 @@ INSTALL_HINT = "pip install 'bertcache[serve]'"
 LINGER_BYTES = 64 << 20
 LINGER_SECONDS = 10.0
 API_KEY_ENV = "BERTCACHE_API_KEY"
+MAX_PROBLEMS = 100  # problems listed in a 422's `errors` (its `detail` counts them all): 1 MB of unknown fields is 100k
 OPEN_PATHS = ("/health", "/")  # no key needed to GET: liveness, and the static demo page (its calls need the key)
 DEMO_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "demo.html")
 
@@ -446,6 +447,37 @@ class _BearerKey:
         await refuse(scope, receive, send, 401, detail, {"www-authenticate": "Bearer"})
 
 
+class LoopbackHost:
+    """ASGI middleware for a server on loopback without a key: a request whose Host header names another
+    machine is refused (400). Without it, any web page the user opens could reach the server by DNS
+    rebinding (its own name, resolved again to 127.0.0.1: the browser then counts the server as that page's
+    origin, and reads /predict and /info). Browsers always send Host; localhost, *.localhost and loopback
+    addresses pass."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"host")
+            if given is not None and not is_loopback_name(given.decode("latin-1")):
+                return await refuse(scope, receive, send, 400, (
+                    f"this server listens on loopback only, and Host {given.decode('latin-1')[:100]!r} is not this "
+                    f"machine: use http://127.0.0.1 or http://localhost (a proxy that forwards Host: serve with "
+                    f"--api-key)"))
+        return await self.app(scope, receive, send)
+
+
+def is_loopback_name(host: str) -> bool:
+    """Whether a Host header (with or without its port) names this machine: localhost, *.localhost, 127.x, [::1]."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [::1]:8000
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
+
+
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
                bool: "a boolean", type(None): "null", bytes: "not JSON"}
 
@@ -465,7 +497,7 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
         takes = f'"{field}" (bertcache) or TEI\'s "inputs"'
     example = '[["...", "..."], ...]' if field == "pairs" else '["...", ...]'
     shape = f'send a JSON object {{"{field}": {example}}} with Content-Type: application/json'
-    problems, status = [], 422
+    problems, status, seen = [], 422, set()
     # A field that may be a string or a list (TEI's inputs, OpenAI's input) fails once per union branch: keep
     # the branches that got past the type check, when one did (a blank text, too many texts), over "not a string".
     errors = list(errors)
@@ -522,14 +554,15 @@ def describe_validation_errors(errors, max_texts: int, max_chars: int, field: st
             msg = f"{where} is not valid Unicode (it holds a lone surrogate escape such as \\ud800)"
         else:
             msg = f"{where}: {err.get('msg')}"
-        if {"loc": loc, "msg": msg} not in problems:  # two union branches can fail alike ("inputs": [])
+        if (tuple(loc), msg) not in seen:  # two union branches can fail alike ("inputs": []); a set: a body of
+            seen.add((tuple(loc), msg))   # 100k unknown fields is 100k errors, and a list's `in` took minutes
             problems.append({"loc": loc, "msg": msg})
     if not problems:
         problems.append({"loc": [], "msg": f"invalid request: {shape}"})
     detail = problems[0]["msg"]
     if len(problems) > 1:
         detail += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
-    return status, detail, problems
+    return status, detail, problems[:MAX_PROBLEMS]
 
 
 def place(loc) -> str:
@@ -605,6 +638,8 @@ def serve(checkpoint: str, *, host: str = HOST, port: int = PORT, model: str | N
     predictor = load_predictor(checkpoint, backend, model=model, device=device, weights=weights,
                                batch_tokens=batch_tokens, allow_pickle=allow_pickle, threads=threads)
     app = create_app(predictor, **app_options)
+    if is_loopback(host) and not app_options.get("api_key"):
+        app = LoopbackHost(app)
     bound_host, bound_port = sock.getsockname()[:2]
     if log:
         ui = "demo page at /, " if app_options.get("ui", True) else ""

@@ -127,6 +127,9 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
                 return f"split {s!r} has no valid states / offsets datasets"
             if st.shape[1:] != (hidden,) or st.dtype != np.dtype(states_storage(states["dtype"])):
                 return f"split {s!r}: states are {st.dtype}{list(st.shape)}, expected {states['dtype']} [*, {hidden}]"
+        storage = storage_problem(f, s)
+        if storage:
+            return storage
         if not 0 <= done <= rows or (complete and done != rows):
             return f"split {s!r} has {done} of {rows} rows written"
         if complete and rows and task == "classification" and not is_texts:
@@ -135,6 +138,42 @@ def layout_problem(f: h5py.File, complete: bool) -> str | None:
             if bad.any():
                 return (f"split {s!r} has label id {int(labels[bad][0])}, outside the {num_labels} label names "
                         "(-1 = unlabelled)")
+    return None
+
+
+def storage_problem(f: h5py.File, split: str) -> str | None:
+    """What is wrong with where a split's datasets keep their bytes (None: nothing). extract allocates every
+    dataset whole in the file (or, joined from shards, maps rows of the shard files beside it), so a dataset
+    whose declared size the file does not hold is refused: a file of a few KB can declare billions of rows,
+    and reading them would fill memory; HDF5's external storage (a dataset kept in any other file, such as
+    ~/.ssh/id_rsa) is refused too."""
+    folder = os.path.dirname(os.path.abspath(f.filename))
+    for name, d in f[split].items():
+        if not isinstance(d, h5py.Dataset):
+            continue
+        where = f"split {split!r}: {name!r}"
+        if d.external:
+            return f"{where} is kept in another file ({d.external[0][0]}), which bertcache never writes"
+        if not d.is_virtual:
+            held = d.id.get_storage_size()
+            if held < d.nbytes:
+                return f"{where} declares {list(d.shape)} ({d.nbytes} bytes) but the file holds {held} bytes of it"
+            continue
+        held, seen = 0, set()
+        for source in d.virtual_sources():
+            file = source.file_name
+            if os.path.basename(file) != file or file in (".", "..") or not os.path.isfile(os.path.join(folder, file)):
+                return f"{where} maps rows of {file!r}, not of a shard file beside it"
+            if (file, source.dset_name) in seen:
+                continue
+            seen.add((file, source.dset_name))
+            with h5py.File(os.path.join(folder, file), "r") as shard:
+                got = shard.get(source.dset_name)
+                if not isinstance(got, h5py.Dataset) or got.is_virtual or got.external:
+                    return f"{where} maps {file}:{source.dset_name}, which is not a plain dataset"
+                held += got.id.get_storage_size()
+        if held < d.nbytes:
+            return f"{where} declares {list(d.shape)} ({d.nbytes} bytes) but its shards hold {held} bytes of it"
     return None
 
 

@@ -281,7 +281,7 @@ def tune(features: str, k: int, *, pooling: str | None = None, head: str = "line
         # directory, a relative reference could name another model.
         path = resolve_model(model or locate_model(data.settings))
         hf_logging.disable_progress_bar()  # its "Loading weights" bar, as the encoder's loading shows none
-        base = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+        base = AutoModel.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=False)
         check_supported(base.config, k)
         t0 = time.perf_counter()
         if init_config is None:
@@ -456,11 +456,25 @@ def load_tuned(folder: str, config: dict, head: Head, weights: str = "best", dev
     """The tuned top of a checkpoint (config["tuned"]), around its loaded head."""
     from safetensors.torch import load_file
 
+    from safetensors import safe_open
+
     t = config["tuned"]
-    top = TunedTop(t["model_config"], t["cached_k"], config["pooling"], config["encoder"]["layers"], head)
     path = os.path.join(folder, f"{weights}.top.safetensors")
     if not os.path.exists(path):
         raise UserError(f"{folder} is a tuned checkpoint without {weights}.top.safetensors (its tuned layers)")
+    with torch.device("meta"):  # shapes only: config.json's model_config can describe layers of any size
+        shaped = TunedTop(t["model_config"], t["cached_k"], config["pooling"], config["encoder"]["layers"], head)
+    want = {k: list(v.shape) for k, v in shaped.top.state_dict().items()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            got = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"{path} does not hold the tuned layers config.json describes: {str(e).splitlines()[0]}") from e
+    if want != got:
+        diff = [f"{k} {got.get(k, 'missing')} (expected {want.get(k, 'none')})" for k in sorted(set(want) | set(got))
+                if want.get(k) != got.get(k)]
+        raise UserError(f"{path} does not hold the tuned layers config.json describes: {'; '.join(diff[:4])}")
+    top = TunedTop(t["model_config"], t["cached_k"], config["pooling"], config["encoder"]["layers"], head)
     try:
         top.top.load_state_dict(load_file(path))
     except Exception as e:

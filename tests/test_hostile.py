@@ -21,6 +21,7 @@ import pytest
 import pipeline as bc
 from conftest import build_tiny_bert, default_splits, make_texts, write_split_files
 from helpers import child_env, one_line_error, run
+from pipeline.store import FeatureStore
 
 FAST = ["--device", "cpu", "--precision", "fp32"]
 
@@ -296,6 +297,47 @@ def test_a_cache_whose_splits_disagree_is_refused(tiny_cache, tmp_path, damage):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("trick", ["billions-of-rows", "external-file", "virtual-elsewhere"])
+def test_a_features_file_that_does_not_hold_its_own_bytes_is_refused(tiny_cache, tmp_path, trick):
+    """A features file handed over by someone else: a few KB that declare 2**44 rows (reading the labels
+    would take 128 TiB of memory), a dataset kept in any other file through HDF5's external storage (the
+    texts `info --rows` prints and `evaluate --errors` writes out, read from a secret), or rows mapped from
+    a file outside its folder. extract writes none of these: each is refused before anything is read."""
+    secret = tmp_path / "secret" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    bad = tmp_path / "bad.h5"
+    shutil.copy(tiny_cache, bad)
+    with h5py.File(bad, "r+") as f:
+        g = f["train"]
+        if trick == "billions-of-rows":
+            rows = 2 ** 44
+            for name in list(g):
+                d = g[name]
+                shape, dtype = d.shape, d.dtype
+                del g[name]
+                if name not in ("text_offsets", "text_utf8"):
+                    g.create_dataset(name, shape=(rows, *shape[1:]), dtype=dtype, chunks=(1024, *shape[1:]))
+            g.attrs["rows"] = g.attrs["rows_done"] = rows
+        elif trick == "external-file":
+            n, size = int(g.attrs["rows"]), secret.stat().st_size
+            del g["text_offsets"], g["text_utf8"]
+            g["text_offsets"] = np.r_[0, np.full(n, size)].astype(np.int64)
+            g.create_dataset("text_utf8", shape=(size,), dtype="uint8", external=[(str(secret), 0, h5py.h5f.UNLIMITED)])
+        else:
+            other = tmp_path / "secret" / "other.h5"
+            shutil.copy(tiny_cache, other)
+            shape = g["cls"].shape
+            del g["cls"]
+            layout = h5py.VirtualLayout(shape=shape, dtype="float32")
+            layout[:] = h5py.VirtualSource(str(other), "train/cls", shape=shape)
+            g.create_virtual_dataset("cls", layout)
+    words = {"billions-of-rows": "declares", "external-file": "kept in another file",
+             "virtual-elsewhere": "not of a shard file beside it"}[trick]
+    with pytest.raises(bc.UserError, match=f"not a consistent features file: split 'train': .*{words}"):
+        FeatureStore(str(bad))
+
+
 # -- the output folder ----------------------------------------------------------------------------
 
 def test_a_full_disk_is_refused_before_encoding(tiny_model, tiny_cache, tmp_path):
@@ -521,6 +563,29 @@ def test_a_home_relative_model_and_data_and_a_damaged_wheel(tiny_model, tmp_path
         E.ensure_e5_small()
 
 
+def test_a_model_folder_with_its_own_code_is_refused_without_asking(tiny_model, tmp_path):
+    """A model folder from someone else whose config.json names its own code (auto_map, a model_type
+    transformers does not know): with trust_remote_code left unset, transformers asked "Do you wish to run
+    the custom code? [y/N]" (on stdin, a terminal or not) and `y` ran evil.py. bertcache says False."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.load(open(model / "config.json"))
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    json.dump(config, open(model / "config.json", "w"))
+    marker = tmp_path / "pwned"
+    (model / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                   "from transformers import BertConfig, BertModel\n"
+                                   "class EvilConfig(BertConfig):\n    model_type = 'evil'\n"
+                                   "class EvilModel(BertModel):\n    config_class = EvilConfig\n")
+    data = write_split_files(str(tmp_path / "data"), "jsonl", default_splits(n_train=8, n_val=4, n_test=4))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "extract", "-m", str(model), "-d", data, "-o",
+                             str(tmp_path / "f.h5"), *FAST], input="y\n" * 8, env=child_env(HF_HUB_OFFLINE="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert not marker.exists()
+    assert result.returncode == 2 and "[y/N]" not in result.stdout + result.stderr, result.stderr[-2000:]
+    assert "contains custom code" in result.stderr and not (tmp_path / "f.h5").exists()
+
+
 def test_a_model_folder_without_weights_is_refused(tiny_model, tmp_path):
     model = tmp_path / "noweights"
     shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
@@ -572,6 +637,20 @@ def test_evaluate_refuses_a_cache_made_with_other_settings(tiny_cache, tiny_mode
                        prefix="query: ", progress=False)
     line = refused(run("evaluate", "-c", ck, "-f", other), "max_length: 128 -> 16", "prefix: '' -> 'query: '")
     assert "model:" not in line and "model_fingerprint" not in line  # the same model, wherever it lies
+
+
+def test_a_checkpoint_config_describing_a_huge_head_is_refused_without_building_it(tiny_cache, tmp_path):
+    """config.json is a few bytes, the head it describes is built before the weights are compared with it:
+    a checkpoint from someone else could ask predict / serve / evaluate for any amount of memory (here 8 PiB;
+    16 GB filled the machine). The shapes are read on the meta device; the head is built after they match."""
+    ck, _ = bc.fit_head(tiny_cache, str(tmp_path / "ck"), epochs=2)
+    config = json.load(open(os.path.join(ck, "config.json")))
+    config["head"] = {"type": "mlp", "in_features": 2 ** 31, "num_classes": 2, "hidden": 2 ** 20}
+    json.dump(config, open(os.path.join(ck, "config.json"), "w"))
+    from pipeline.checkpoint import load_checkpoint
+    with pytest.raises(bc.UserError, match="does not hold the weights of the head config.json describes: "
+                                           r"net.0.bias missing \(expected \[1048576\]\)"):
+        load_checkpoint(ck)
 
 
 def _malicious_pickle(path, marker):

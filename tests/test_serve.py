@@ -159,6 +159,23 @@ def test_malformed_bodies(predictor, content, headers, status, words):
         assert w in r.json()["detail"]
 
 
+def test_a_body_of_many_unknown_fields_is_answered_at_once():
+    """1 MB of `"kN": 1` is ~100k unknown fields, one validation error each: their messages were deduplicated
+    with a list's `in` (quadratic: minutes of the event loop, every other request waiting); the answer lists
+    the first MAX_PROBLEMS and counts the rest."""
+    import time
+
+    from pipeline.serve import MAX_PROBLEMS, describe_validation_errors
+    n = 30_000
+    errors = [{"type": "extra_forbidden", "loc": ("body", "bertcache", f"k{i}"), "msg": "Extra inputs are not permitted",
+               "input": 1} for i in range(n)]
+    start = time.perf_counter()
+    status, detail, problems = describe_validation_errors(errors, 64, 2000)
+    assert time.perf_counter() - start < 5  # about 0.2 s; the list took over a minute
+    assert status == 422 and f"(and {n - 1} more problems)" in detail
+    assert len(problems) == MAX_PROBLEMS and problems[0] == {"loc": ["k0"], "msg": problems[0]["msg"]}
+
+
 def test_body_size_is_checked_before_parsing(predictor):
     big = json.dumps({"texts": ["好"] * 200})  # 1.4 KB: over the 600-byte limit, and too many texts as well
     with client_for(predictor, **LIMITED) as client:
@@ -303,6 +320,31 @@ def test_serve_command_end_to_end(checkpoint, predictor):
         code = proc.wait(timeout=30)
     # SIGTERM: uvicorn shuts the app down cleanly, then re-raises the signal as the exit status.
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in stderr()
+
+
+@pytest.mark.slow
+def test_a_loopback_server_without_a_key_refuses_other_hosts(checkpoint):
+    """DNS rebinding: a web page at http://attacker.example:PORT whose name then resolves to 127.0.0.1 is, to
+    the browser, the same origin as the server, and could read /info and /predict. A loopback server without a
+    key answers only requests whose Host names this machine."""
+    from pipeline.serve import is_loopback_name
+
+    assert all(map(is_loopback_name, ["127.0.0.1:8000", "localhost", "LOCALHOST:1", "a.localhost", "[::1]:80", "::1"]))
+    assert not any(map(is_loopback_name, ["attacker.example:8000", "127.0.0.1.nip.io", "localhost.evil.com", "0.0.0.0"]))
+    proc, url, _ = start_server(checkpoint)
+    try:
+        port = url.rsplit(":", 1)[1]
+        for host, status in ((f"attacker.example:{port}", 400), (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200)):
+            req = urllib.request.Request(url + "/info", headers={"Host": host})
+            try:
+                got = urllib.request.urlopen(req, timeout=30).status
+            except urllib.error.HTTPError as e:
+                got = e.code
+                assert "loopback only" in json.load(e)["detail"]
+            assert got == status, host
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])

@@ -121,6 +121,21 @@ def test_tuned_checkpoint_predict_equals_cached_states(tuned, data, cache):
     assert any("top 1 layer " in line for line in as_text(describe(ckpt)))
 
 
+def test_tuned_layers_of_a_huge_model_config_are_refused_without_building_them(tuned, tmp_path):
+    """config.json's model_config decides the size of the tuned layers, built before their weights were read:
+    a checkpoint from someone else could ask for any amount of memory. Shapes are compared first (meta device)."""
+    import shutil
+    ckpt = str(tmp_path / "ck")
+    shutil.copytree(tuned[0], ckpt)
+    config = json.load(open(os.path.join(ckpt, "config.json")))
+    config["tuned"]["model_config"]["intermediate_size"] = 2 ** 40
+    json.dump(config, open(os.path.join(ckpt, "config.json"), "w"))
+    _, head = load_checkpoint(ckpt)
+    with pytest.raises(bc.UserError, match="does not hold the tuned layers config.json describes: .*expected "
+                                           r"\[1099511627776"):
+        load_tuned(ckpt, config, head)
+
+
 def test_info_names_the_states_a_tuned_checkpoint_reads(tuned):
     """Tuning 1 layer over states cached for the top 2 reads hidden_states[1] (evaluate refuses a cache of
     hidden_states[2]); info said hidden_states[2], the input of the tuned layer, which no cache here holds."""
