@@ -39,6 +39,15 @@ def test_python_dash_m_help_loads_no_torch():
     assert "Usage: bertcache" in "\n".join(lines) and lines[-1] == "False"
 
 
+
+@pytest.mark.slow
+def test_profile_extract_times_the_imports_extract_pays():
+    """benchmarks/profile_extract.py's start-up phase counts torch's import, as extract pays it: timing
+    `import pipeline.cli` alone (lazy since) left torch out of the profile without a word."""
+    from benchmarks.profile_extract import IMPORTS
+
+    assert python_lines(f"import sys; {IMPORTS}; print('torch' in sys.modules)", timeout=120)[-1] == "True"
+
 def test_lazy_exports_resolve_to_the_public_objects():
     from pipeline.extract import extract
     from pipeline.predict import Predictor
