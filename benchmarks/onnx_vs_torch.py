@@ -15,9 +15,11 @@ Repeats are interleaved (torch, onnx, torch, onnx, ...) so machine load hits bot
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -50,7 +52,10 @@ def main():
     torch.set_num_threads(args.threads)
     folder = args.onnx
     if not folder or not os.path.exists(folder):
-        folder = folder or os.path.join(tempfile.mkdtemp(), "onnx")
+        if not folder:  # a temporary export (~475 MB for e5-small), removed at exit
+            scratch = tempfile.mkdtemp(prefix="bench-onnx-")
+            atexit.register(shutil.rmtree, scratch, True)
+            folder = os.path.join(scratch, "onnx")
         seconds, _ = timed(lambda: export(args.checkpoint, folder, log=lambda m: print(m, file=sys.stderr)))
         print(f"exported to {folder} in {seconds:.1f}s", file=sys.stderr)
     torch_p = Predictor(args.checkpoint, device="cpu")
