@@ -101,11 +101,12 @@ def extract(model: str, data: str, out: str | None = None, *, text_column: str =
         if rank == 0 and os.path.exists(out) and not restart:
             # Check an existing <out> before anyone spends hours encoding: StoreWriter refuses one made
             # with other settings or data (and creates nothing when <out> exists).
-            done = _agreed(lambda: StoreWriter(
+            # A joined <out> that lost a shard is joined again, once the lost shard is encoded again (its
+            # own check would refuse it: a virtual dataset mapping a file that is not there).
+            done = _agreed(lambda: not _missing_shards(out) and StoreWriter(
                 out, settings=settings, splits=specs, label_names=corpus.label_names,
                 feature_names=encoder.feature_names(), hidden_size=encoder.hidden_size, source=corpus.source,
-                store_dtype=store_dtype).status == "complete") and not _missing_shards(out)
-            # (a joined <out> that lost a shard is joined again, once the lost shard is encoded again)
+                store_dtype=store_dtype).status == "complete")
         else:
             _agreed(lambda: None)
         if _broadcast(done):
