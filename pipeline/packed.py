@@ -45,9 +45,10 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 _SLOT_MULTIPLE = 16
 # On the CPU a batch's packed rows are padded to a multiple of ROW_MULTIPLE for the Linears: oneDNN keeps
 # kernels per shape (up to 1024 of them, about a MiB each), and packed batches of every token count made
-# extract's memory grow with the run (e5-small, 6,000 reviews: 1.99 GB at 0, 1.64 GB at 32; the same
-# speed, benchmarks/RESULTS.md). Pad rows start as zeros, take no part in attention and are never pooled.
-ROW_MULTIPLE = 32
+# extract's memory grow with the run (toy model, 200k texts: +524 MiB unpadded, +219 at 8, +132 at 32;
+# benchmarks/RESULTS.md). 8, not 32: 32's extra rows cost the bert-base shape ~2% of its speed on one thread.
+# Pad rows start as zeros, take no part in attention and are never pooled.
+ROW_MULTIPLE = 8
 _QUERY_CHUNK = 64
 ATTENTIONS = ("sdpa", "matmul", "varlen")  # PackedEncoder(attention=...): None picks one per batch (`attention`)
 
