@@ -45,6 +45,19 @@ def one_line_error(result, *words, exit_code: int | None = None, ignore_case: bo
     return lines[0]
 
 
+def record_threads(obj, name: str) -> set:
+    """Wrap the method `name` of `obj` so that every call adds its thread's name to the set returned (which
+    threads enter the encoder under serve)."""
+    threads, method = set(), getattr(obj, name)
+
+    def recorded(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return method(*args, **kwargs)
+
+    setattr(obj, name, recorded)
+    return threads
+
+
 def child_env(**extra: str) -> dict:
     """The environment for a `python -m pipeline` child: this checkout first on PYTHONPATH (keeping the
     caller's entries: optional packages may live there), plus `extra`."""

@@ -143,19 +143,13 @@ def test_a_rank_that_fails_stops_every_rank_with_one_line_each(tiny_model, tmp_p
 def test_a_distributed_extract_says_what_one_process_says_of_the_corpus(tiny_model, tmp_path, monkeypatch):
     # The blank texts skipped and the corpus' notes, once (rank 0), as a one-process extract says them; then
     # "already complete". A world of one rank, in this process: distributed.extract as a torchrun rank runs it.
-    import socket
     from pipeline import distributed
     rows = make_texts(6, seed=3)
     rows[2] = ("   ", 1)
     data = write_split_files(str(tmp_path / "data"), "jsonl", {"train": rows, "test": make_texts(3, seed=4)})
     with open(os.path.join(data, "test.jsonl"), "w", encoding="utf-8") as f:  # no label column: a note
         f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t, _ in make_texts(3, seed=4))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(key, value)
+    one_rank_world(monkeypatch)
     for run in range(2):
         said = []
         distributed.extract(tiny_model, data, str(tmp_path / "f.h5"), device="cpu", precision="fp32",
@@ -200,15 +194,9 @@ def test_the_join_copies_the_shards_texts_a_piece_at_a_time(tiny_model, tmp_path
 def test_running_again_encodes_a_lost_shard_and_joins_again(tiny_model, tmp_path, monkeypatch):
     # The joined file stays, one of its shards is lost: the same command again encodes that shard (not
     # "already complete" over a file every reader refuses). A world of one rank, in this process.
-    import socket
     from pipeline import distributed
     data = write_split_files(str(tmp_path / "data"), "jsonl", {"train": make_texts(6, seed=5)})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(key, value)
+    one_rank_world(monkeypatch)
     out = str(tmp_path / "f.h5")
     distributed.extract(tiny_model, data, out, device="cpu", precision="fp32", progress=False)
     expected = _datasets(out)
@@ -221,3 +209,15 @@ def test_running_again_encodes_a_lost_shard_and_joins_again(tiny_model, tmp_path
     again = _datasets(out)
     for key in expected:
         np.testing.assert_array_equal(again[key], expected[key], err_msg=key)
+
+
+def one_rank_world(monkeypatch) -> None:
+    """The environment torchrun gives its one rank in a world of one, on a free port: distributed.extract then
+    runs as that rank, in this process."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import pipeline as bc  # noqa: E402
 from conftest import LABEL_NAMES  # noqa: E402
+from helpers import record_threads  # noqa: E402
 from pipeline import serve as S  # noqa: E402
 from pipeline.poolings import build_features  # noqa: E402
 from pipeline.serve import create_app  # noqa: E402
@@ -230,16 +231,8 @@ def test_embed_shares_the_micro_batches(predictor):
 def test_openai_usage_tokenizes_on_the_encoder_thread(named_checkpoint):
     """/v1/embeddings' token count runs on the batcher's worker, as every encoder call does: a fast tokenizer
     entered from two threads at once can fail ("Already borrowed"); it ran on the event loop's thread."""
-    import threading
-
     p = bc.Predictor(named_checkpoint, device="cpu")
-    threads, tokenize = set(), p.encoder.tokenize
-
-    def recorded(*args, **kwargs):
-        threads.add(threading.current_thread().name)
-        return tokenize(*args, **kwargs)
-
-    p.encoder.tokenize = recorded
+    threads = record_threads(p.encoder, "tokenize")
     with TestClient(create_app(p)) as client:
         r = client.post("/v1/embeddings", json={"input": ["好", "差"]})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 0

@@ -11,7 +11,7 @@ import pytest
 import pipeline as bc
 from pipeline.checkpoint import load_checkpoint
 from conftest import FILLER, NEG, POS, make_texts
-from helpers import ok, one_line_error, run
+from helpers import ok, one_line_error, record_threads, run
 from pipeline.tasks import multilabel_report, ranks, spearman, tune_thresholds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -365,7 +365,6 @@ def test_bi_serve_enters_the_encoder_from_one_thread(bi_cache, tmp_path):
     """A pair head's /embed (single texts, outside the gathered batches of pairs) runs on the batcher's worker
     thread, in turn with /predict's calls: it ran on the request threadpool, two threads in torch at once."""
     import asyncio
-    import threading
 
     pytest.importorskip("fastapi")
     import httpx
@@ -373,13 +372,7 @@ def test_bi_serve_enters_the_encoder_from_one_thread(bi_cache, tmp_path):
 
     ckpt, _ = bc.fit_head(bi_cache, str(tmp_path / "ck"), pooling="cos:mean+pair:mean", epochs=2, device="cpu")
     predictor = bc.Predictor(ckpt, device="cpu")
-    threads, encode_ids = set(), predictor.encoder.encode_ids
-
-    def recorded(*args, **kwargs):
-        threads.add(threading.current_thread().name)
-        return encode_ids(*args, **kwargs)
-
-    predictor.encoder.encode_ids = recorded
+    threads = record_threads(predictor.encoder, "encode_ids")
     app = create_app(predictor)
 
     async def main():
